@@ -1,0 +1,40 @@
+"""The `jackpot` command line: one subcommand per module, each exposing add_arguments(parser) and main(args)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Modules are imported only when their subcommand runs or is listed.
+COMMANDS = {
+    "simulate": ("jackpot.simulate", "reproduce the paper's numerical OBRS study (Figure 2) plus a budget sweep"),
+    "pretrain": ("jackpot.models.pretrain", "warm-start a tiny model on a task by supervised fine-tuning"),
+    "train": ("jackpot.train.cli", "RL-train a policy on rollouts from a (smaller) rollout model"),
+    "plot": ("jackpot.plot", "overlay the metrics of one or more run directories into a PNG"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jackpot", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

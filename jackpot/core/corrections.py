@@ -1,0 +1,215 @@
+"""Actor-policy mismatch corrections behind one interface: none, TIS, IcePop/MIS and Jackpot (OBRS).
+
+Every correction maps the same `CorrectionInputs` (sampled-token log-probs of the rollout model,
+the old/proximal policy and optionally the current policy, all (B, T)) to a `CorrectionResult`:
+a detached per-token weight, a per-token mask (1 = keep the token in the loss) and statistics.
+The policy loss is then `mask * weight * PPO_clip(p_new/p_ref, A)` for every variant, so the
+training loop never branches on the correction's name: it looks it up in `CORRECTIONS`.
+
+    none     weight 1, mask = response mask (off-policy, uncorrected)
+    tis      weight min(p_ref/p_inf, cap) at token, sequence or geometric-mean level
+             (Yao et al., "Your efficient RL framework secretly brings you off-policy RL training")
+    icepop   weight r if r in [low, high] else masked (IcePop / masked IS), same three levels
+    jackpot  OBRS (METHOD.md §4): a = min(1, r/lam), Mask = 1[u < a] with one uniform per token
+             drawn once per batch, weight min(Z * max(lam, r), c1) * min(p_ref/p_tgt, c2).
+
+Jackpot decisions (METHOD.md §4): the mask of eq. 5 is applied (Algorithm 1 omits it); c1 clips the
+OBRS factor and c2 clips p_ref/p_tgt (c2 = None recovers eq. 5); lam is either fixed or solved per
+batch for a target acceptance `budget` (then Z = budget, the (state, token)-space normaliser); a
+per-state Z (exact or top-k + kappa) is passed in by the caller, who owns the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from jackpot.core._checks import (
+    SAFETY_BOUND,
+    check_budget,
+    check_logp,
+    check_optional_cap,
+    check_positive,
+    check_same_shape,
+    log_ratio,
+    masked_mean,
+)
+from jackpot.core.obrs import batch_lambda
+
+LEVELS = ("token", "sequence", "geometric")
+TARGETS = ("ref", "new")
+
+
+@dataclass(frozen=True)
+class CorrectionInputs:
+    """Sampled-token quantities of one batch, each (B, T).
+
+    rollout_logp: log p_inf(x_t), the distribution the rollout engine actually sampled from.
+    ref_logp:     log p_ref(x_t), the trained policy when the batch was collected (PPO "old").
+    mask:         response mask (1 for generated tokens).
+    new_logp:     log p_new(x_t), the current policy (needed only for target="new"); detached here.
+    uniforms:     U(0,1) per token, drawn once per batch (Jackpot's mask); None -> expected mask.
+    z:            per-state OBRS normaliser Z_t for the chosen target and lam (Jackpot, fixed lam).
+    """
+
+    rollout_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    mask: torch.Tensor
+    new_logp: torch.Tensor | None = None
+    uniforms: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_logp("rollout_logp", self.rollout_logp)
+        check_logp("ref_logp", self.ref_logp)
+        if self.new_logp is not None:
+            check_logp("new_logp", self.new_logp)
+        check_same_shape(rollout_logp=self.rollout_logp, ref_logp=self.ref_logp, mask=self.mask,
+                         new_logp=self.new_logp, uniforms=self.uniforms, z=self.z)
+        if self.rollout_logp.dim() != 2:
+            raise ValueError(f"rollout_logp must be (B, T), got shape {tuple(self.rollout_logp.shape)}")
+
+
+@dataclass
+class CorrectionResult:
+    """weights (B, T) detached; mask (B, T) float, 1 = token enters the loss; stats: 0-dim tensors."""
+
+    weights: torch.Tensor
+    mask: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _level_log_ratio(lr: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """Per-token log-ratio lifted to `level`: token as is; sequence sum or mean over the response."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if level == "token":
+        return lr
+    m = mask.to(lr.dtype)
+    seq = (torch.where(m > 0, lr, torch.zeros_like(lr)) * m).sum(-1, keepdim=True)
+    if level == "geometric":
+        seq = seq / m.sum(-1, keepdim=True).clamp_min(1.0)
+    return seq.expand_as(lr)
+
+
+def _base_stats(name: str, log_r: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
+                keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    m = mask > 0
+    w = weights[m] if m.any() else weights.new_ones(1)
+    return {
+        f"{name}/weight_mean": masked_mean(weights * keep, mask),
+        f"{name}/weight_max": w.max(),
+        f"{name}/weight_min": w.min(),
+        f"{name}/masked_frac": 1.0 - masked_mean(keep, mask),
+        f"{name}/log_ratio_mean": masked_mean(log_r.clamp(-SAFETY_BOUND, SAFETY_BOUND), mask),
+    }
+
+
+def no_correction(inp: CorrectionInputs) -> CorrectionResult:
+    """Off-policy, uncorrected: every response token kept with weight 1."""
+    mask = inp.mask.to(inp.rollout_logp.dtype)
+    return CorrectionResult(torch.ones_like(mask), mask, {})
+
+
+def tis(inp: CorrectionInputs, *, cap: float = 2.0, level: str = "token") -> CorrectionResult:
+    """Truncated importance sampling: weight min(p_ref/p_inf, cap) at `level`."""
+    check_positive("cap", cap)
+    mask = inp.mask.to(inp.rollout_logp.dtype)
+    lr = _level_log_ratio(log_ratio(inp.ref_logp, inp.rollout_logp).detach(), mask, level)
+    w = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(cap)
+    stats = _base_stats("tis", lr, w, mask, mask)
+    stats["tis/clipped_frac"] = masked_mean((lr.exp() > cap).to(mask.dtype), mask)
+    return CorrectionResult(w, mask, stats)
+
+
+def icepop(inp: CorrectionInputs, *, low: float = 0.5, high: float = 2.0, level: str = "token") -> CorrectionResult:
+    """IcePop / masked IS: weight r = p_ref/p_inf where low <= r <= high, token masked otherwise."""
+    check_positive("low", low)
+    check_positive("high", high)
+    if low > high:
+        raise ValueError(f"low ({low}) must be <= high ({high})")
+    mask = inp.mask.to(inp.rollout_logp.dtype)
+    lr = _level_log_ratio(log_ratio(inp.ref_logp, inp.rollout_logp).detach(), mask, level)
+    r = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
+    keep = ((r >= low) & (r <= high)).to(mask.dtype) * mask
+    return CorrectionResult(r * keep, keep, _base_stats("icepop", lr, r * keep, keep, keep))
+
+
+def jackpot(
+    inp: CorrectionInputs,
+    *,
+    lam: float = 1.0,
+    budget: float | None = None,
+    target: str = "ref",
+    c1: float | None = None,
+    c2: float | None = None,
+) -> CorrectionResult:
+    """Jackpot / OBRS weights and mask (paper eq. 5, Algorithm 1; METHOD.md §4).
+
+    lam: fixed lam > 0, used when budget is None.
+    budget: if set, lam is solved over this batch's tokens so the mean acceptance equals it
+        (batch_lambda) and Z = budget; `inp.z` is then ignored.
+    target: "ref" aligns p_inf to p_ref; "new" to the current policy (needs inp.new_logp).
+    c1: clip of the OBRS weight Z * max(lam, r) (None: no clip).
+    c2: clip of p_ref/p_tgt (only matters for target="new"; None: no clip).
+    With inp.uniforms None the expected mask is used instead of a sampled one: keep every token,
+    weight multiplied by a (an ablation with lower variance).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    check_optional_cap("c1", c1)
+    check_optional_cap("c2", c2)
+    mask = inp.mask.to(inp.rollout_logp.dtype)
+    if target == "new" and inp.new_logp is None:
+        raise ValueError("target='new' needs new_logp in CorrectionInputs")
+    tgt = (inp.ref_logp if target == "ref" else inp.new_logp).detach()
+    lr = log_ratio(tgt, inp.rollout_logp).detach()
+    if budget is not None:
+        check_budget("budget", budget)
+        lam_t = batch_lambda(lr, mask, budget)
+        log_z = torch.full_like(lr, float(budget)).log()
+    else:
+        check_positive("lam", lam)
+        lam_t = torch.tensor(float(lam), dtype=lr.dtype, device=lr.device)
+        if inp.z is None:  # (state, token)-space normaliser for a fixed lam: the batch's mean acceptance
+            a_bar = masked_mean((lr - lam_t.log()).clamp_max(0.0).exp(), mask)
+            log_z = a_bar.clamp_min(torch.finfo(lr.dtype).tiny).log().expand_as(lr)
+        else:
+            log_z = inp.z.detach().clamp_min(torch.finfo(lr.dtype).tiny).log()
+    log_lam = lam_t.log()
+    accept_prob = (lr - log_lam).clamp_max(0.0).exp()
+    log_w = (log_z + torch.maximum(lr, log_lam.expand_as(lr))).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    w = log_w.exp() if c1 is None else log_w.exp().clamp_max(c1)
+    if target == "new":
+        second = log_ratio(inp.ref_logp, tgt).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
+        w = w * (second if c2 is None else second.clamp_max(c2))
+    if inp.uniforms is None:
+        keep, w = mask, w * accept_prob
+    else:
+        keep = (inp.uniforms < accept_prob).to(mask.dtype) * mask
+    stats = _base_stats("obrs", lr, w, mask, keep)
+    stats.update({
+        "obrs/accept_rate": masked_mean(keep, mask),
+        "obrs/accept_prob_mean": masked_mean(accept_prob, mask),
+        "obrs/lambda": lam_t,
+        "obrs/z_mean": masked_mean(log_z.exp(), mask),
+        "obrs/c1_clipped_frac": masked_mean((log_w.exp() > c1).to(mask.dtype), mask) if c1 else lr.new_zeros(()),
+    })
+    return CorrectionResult(w.detach(), keep, stats)
+
+
+CORRECTIONS: dict[str, Callable[..., CorrectionResult]] = {
+    "none": no_correction,
+    "tis": tis,
+    "icepop": icepop,
+    "jackpot": jackpot,
+}
+
+
+def apply_correction(name: str, inp: CorrectionInputs, **kwargs) -> CorrectionResult:
+    """Look up `name` in CORRECTIONS and call it; a clear error for an unknown name."""
+    if name not in CORRECTIONS:
+        raise ValueError(f"unknown correction {name!r}; choose one of {sorted(CORRECTIONS)}")
+    return CORRECTIONS[name](inp, **kwargs)

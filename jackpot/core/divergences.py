@@ -1,0 +1,95 @@
+"""Mismatch diagnostics in the field's vocabulary (verl's rollout_corr/*), plus exact divergences.
+
+Sampled-token estimators of KL(p_sample || p_other) from tokens x ~ p_sample, with
+log_rho = log p_other(x) - log p_sample(x)  (Schulman, "Approximating KL divergence", 2020):
+    k1 = -log_rho            unbiased, high variance, can be negative
+    k2 = (log_rho)^2 / 2     biased, low variance
+    k3 = (rho - 1) - log_rho unbiased, >= 0
+chi2 = E[rho^2] - 1 (token and sequence level), ESS = (sum w)^2 / (n * sum w^2) in (0, 1], and the
+log-perplexity difference between the two models on the sampled responses.
+Exact KL and total variation when full log-prob vectors are given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from jackpot.core._checks import SAFETY_BOUND, check_logp, check_positive, check_same_shape, log_ratio, masked_mean
+
+
+def kl_estimators(other_logp: torch.Tensor, sample_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """k1, k2, k3 estimates of KL(p_sample || p_other) over masked tokens. Inputs (B, T); outputs 0-dim."""
+    check_logp("other_logp", other_logp)
+    check_logp("sample_logp", sample_logp)
+    check_same_shape(other_logp=other_logp, sample_logp=sample_logp, mask=mask)
+    lr = log_ratio(other_logp, sample_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    return {
+        "kl_k1": masked_mean(-lr, mask),
+        "kl_k2": masked_mean(0.5 * lr.square(), mask),
+        "kl_k3": masked_mean(lr.exp() - 1.0 - lr, mask),
+    }
+
+
+def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised ESS (sum w)^2 / (n sum w^2) over masked entries, in (0, 1]; 1 for uniform weights."""
+    check_same_shape(weights=weights, mask=mask)
+    m = mask.to(weights.dtype)
+    w = weights * m
+    n = m.sum().clamp_min(1.0)
+    return w.sum().square() / (n * w.square().sum()).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def mismatch_metrics(target_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                     *, low: float = 0.5, high: float = 2.0) -> dict[str, torch.Tensor]:
+    """The usual rollout-vs-trainer mismatch metrics on sampled tokens x ~ p_inf. Inputs (B, T).
+
+    Keys: kl_k1/k2/k3 (of KL(p_inf || p_tgt)), chi2_token, chi2_seq, ess, ratio_min/max,
+    frac_above/below (ratio outside [low, high]), log_ppl_diff (rollout minus target).
+    """
+    out = kl_estimators(target_logp, rollout_logp, mask)
+    m = mask.to(target_logp.dtype)
+    lr = log_ratio(target_logp, rollout_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    rho = lr.exp()
+    seq_lr = (torch.where(m > 0, lr, torch.zeros_like(lr)) * m).sum(-1).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    seq_len = m.sum(-1).clamp_min(1.0)
+    sel = rho[m > 0] if (m > 0).any() else rho.new_ones(1)
+    out.update({
+        "chi2_token": masked_mean(rho.square(), m) - 1.0,
+        "chi2_seq": (2 * seq_lr).exp().mean() - 1.0,
+        "ess": effective_sample_size(rho, m),
+        "ratio_min": sel.min(),
+        "ratio_max": sel.max(),
+        "frac_above": masked_mean((rho > high).to(m.dtype), m),
+        "frac_below": masked_mean((rho < low).to(m.dtype), m),
+        "log_ppl_diff": ((-(rollout_logp * m).sum(-1) + (target_logp * m).sum(-1)) / seq_len).mean(),
+    })
+    return out
+
+
+def exact_kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim from full log-prob vectors; +inf where q = 0 < p. (..., V) -> (...)."""
+    check_logp("p_logp", p_logp)
+    check_logp("q_logp", q_logp)
+    check_same_shape(p_logp=p_logp, q_logp=q_logp)
+    p = p_logp.exp()
+    terms = torch.where(p > 0, p * log_ratio(p_logp, q_logp), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def total_variation(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """TV(p, q) = 1/2 sum |p - q| over the last dim. (..., V) -> (...)."""
+    check_logp("p_logp", p_logp)
+    check_logp("q_logp", q_logp)
+    check_same_shape(p_logp=p_logp, q_logp=q_logp)
+    return 0.5 * (p_logp.exp() - q_logp.exp()).abs().sum(-1)
+
+
+def post_rejection_logp(target_logp: torch.Tensor, rollout_logp: torch.Tensor, lam: float) -> torch.Tensor:
+    """log p'_inf = log(min(p_inf, p_tgt/lam) / Z), the distribution of accepted tokens. (..., V)."""
+    check_logp("target_logp", target_logp)
+    check_logp("rollout_logp", rollout_logp)
+    check_positive("lam", lam)
+    m = torch.minimum(rollout_logp, target_logp - math.log(lam))
+    return m - torch.logsumexp(m, dim=-1, keepdim=True)

@@ -1,0 +1,195 @@
+"""Policy-gradient and distillation losses, per token, with explicit aggregation.
+
+PPO (Schulman et al. 2017), per token, to be *minimised*:
+    ratio = p_new / p_ref
+    clipped:   -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    unclipped: -ratio * A          (pure importance-sampled policy gradient; the paper's "no-clip")
+The correction's weight and mask multiply this per-token loss (see corrections.py).
+
+Aggregation (`aggregate`) is a named choice because rejection changes the scale (METHOD.md §4):
+    token-mean          sum(loss * keep) / sum(keep)       mean over *kept* (accepted) tokens
+    token-mean-all      sum(loss * keep) / sum(response)   mean over all response tokens
+    seq-mean-token-mean mean over sequences of the per-sequence token mean (over kept tokens)
+    seq-sum-norm        sum(loss * keep) / (num_seqs * norm_len)   (Dr.GRPO's constant normaliser)
+For gradient accumulation, pass the *global* denominator of the whole mini-batch so that the sum
+of micro-batch losses equals the mini-batch loss (1 x 8 == 8 x 1).
+
+Distillation of the rollout model toward the policy (paper eq. 7-8), per position:
+    forward  KL(SG(p_new) || p_omega)   (eq. 7, default)     reverse  KL(p_omega || SG(p_new))
+estimators: "full" (exact over the vocabulary, streamed in chunks with a custom backward so no
+(B, T, V) probability tensor beyond the logits and their gradient is held), "topk" (the teacher's
+top-k tokens only) and "sampled" (the sampled tokens only: k3 for reverse, k1 with a truncated
+importance weight for forward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jackpot.core._checks import SAFETY_BOUND, check_logp, check_same_shape
+from jackpot.core.obrs import DEFAULT_VOCAB_CHUNK, _chunked_logsumexp, _compute_dtype, _upcast
+
+AGGREGATIONS = ("token-mean", "token-mean-all", "seq-mean-token-mean", "seq-sum-norm")
+KL_DIRECTIONS = ("forward", "reverse")
+KL_ESTIMATORS = ("full", "topk", "sampled")
+
+
+def ppo_token_loss(
+    new_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_eps: float | None = 0.2,
+    clip_eps_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token PPO loss (B, T) and detached per-token diagnostics.
+
+    new_logp (B, T) carries the gradient; ref_logp (B, T) is treated as a constant; advantages (B, T)
+    or (B,) (broadcast over T). clip_eps None gives the unclipped loss -ratio * A.
+    Returns (loss, {"ratio", "clipped"}) — diagnostics are per-token tensors, reduce them with a mask.
+    """
+    check_logp("new_logp", new_logp)
+    check_logp("ref_logp", ref_logp)
+    check_same_shape(new_logp=new_logp, ref_logp=ref_logp)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(new_logp)
+    check_same_shape(new_logp=new_logp, advantages=advantages)
+    log_ratio = (new_logp - ref_logp.detach()).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    ratio = log_ratio.exp()
+    unclipped = -ratio * advantages
+    if clip_eps is None:
+        return unclipped, {"ratio": ratio.detach(), "clipped": torch.zeros_like(ratio)}
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantages
+    loss = torch.maximum(unclipped, clipped)
+    return loss, {"ratio": ratio.detach(), "clipped": (clipped > unclipped).to(ratio.dtype).detach()}
+
+
+def aggregate(
+    loss: torch.Tensor,
+    keep: torch.Tensor,
+    mode: str = "token-mean",
+    *,
+    response_mask: torch.Tensor | None = None,
+    denominator: torch.Tensor | float | None = None,
+    norm_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss (B, T) to a scalar; see the module docstring for the modes.
+
+    keep: (B, T) tokens that enter the loss (response mask times the correction's mask).
+    response_mask: (B, T) all response tokens (needed for token-mean-all; defaults to keep).
+    denominator: overrides the computed denominator (token modes) — pass the mini-batch total when
+        accumulating gradients over micro-batches.
+    norm_len: the constant length for seq-sum-norm (defaults to T).
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    check_same_shape(loss=loss, keep=keep, response_mask=response_mask)
+    keep = keep.to(loss.dtype)
+    total = (torch.where(keep > 0, loss, torch.zeros_like(loss)) * keep).sum()
+    if mode == "seq-mean-token-mean":
+        per_seq = (loss * keep).sum(-1) / keep.sum(-1).clamp_min(1.0)
+        return per_seq.sum() / (denominator if denominator is not None else loss.shape[0])
+    if denominator is None:
+        if mode == "token-mean":
+            denominator = keep.sum()
+        elif mode == "token-mean-all":
+            denominator = (keep if response_mask is None else response_mask.to(loss.dtype)).sum()
+        else:
+            denominator = loss.shape[0] * (norm_len or loss.shape[-1])
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.clamp_min(1.0)
+    else:
+        denominator = max(float(denominator), 1.0)
+    return total / denominator
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Exact per-position KL between softmax(student) and softmax(teacher), gradient to the student only.
+
+    forward direction: KL(p_t || p_s) = sum p_t (log p_t - log p_s);  d/ds = p_s - p_t
+    reverse direction: KL(p_s || p_t) = sum p_s (log p_s - log p_t);  d/ds = p_s * (log p_s - log p_t - KL)
+    Both passes stream over vocabulary chunks; memory beyond the inputs is O(rows * chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, reverse: bool, chunk: int):
+        lse_s = _chunked_logsumexp(student, chunk).unsqueeze(-1)
+        lse_t = _chunked_logsumexp(teacher, chunk).unsqueeze(-1)
+        kl = torch.zeros(student.shape[:-1], dtype=_compute_dtype(student), device=student.device)
+        for start in range(0, student.shape[-1], chunk):
+            ls = _upcast(student[..., start:start + chunk]) - lse_s
+            lt = _upcast(teacher[..., start:start + chunk]) - lse_t
+            p, d = (ls.exp(), ls - lt) if reverse else (lt.exp(), lt - ls)
+            kl += torch.where(p > 0, p * d, torch.zeros_like(p)).sum(-1)
+        ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
+        ctx.reverse, ctx.chunk = reverse, chunk
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, lse_s, lse_t, kl = ctx.saved_tensors
+        grad = torch.empty_like(student)
+        g = grad_out.unsqueeze(-1)
+        for start in range(0, student.shape[-1], ctx.chunk):
+            sl = slice(start, start + ctx.chunk)
+            ls = _upcast(student[..., sl]) - lse_s
+            lt = _upcast(teacher[..., sl]) - lse_t
+            ps = ls.exp()
+            part = ps * (ls - lt - kl.unsqueeze(-1)) if ctx.reverse else ps - lt.exp()
+            grad[..., sl] = (g * part).to(grad.dtype)
+        return grad, None, None, None
+
+
+def distill_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    direction: str = "forward",
+    estimator: str = "full",
+    chunk_size: int = DEFAULT_VOCAB_CHUNK,
+    teacher_topk_ids: torch.Tensor | None = None,
+    teacher_topk_logp: torch.Tensor | None = None,
+    sampled_ids: torch.Tensor | None = None,
+    teacher_sampled_logp: torch.Tensor | None = None,
+    behaviour_sampled_logp: torch.Tensor | None = None,
+    is_cap: float = 2.0,
+) -> torch.Tensor:
+    """Per-position distillation KL (B, T) with gradient to the student (rollout model) only.
+
+    student_logits: (B, T, V) the rollout model's logits (temperature already applied).
+    estimator "full": teacher_logits (B, T, V) required; exact KL in the chosen direction.
+    estimator "topk": teacher_topk_ids/logp (B, T, K) required; the KL terms restricted to the
+        teacher's top-k tokens (forward: sum_k p_t (log p_t - log p_s); reverse: sum_k p_s (log p_s - log p_t)).
+    estimator "sampled": sampled_ids (B, T), teacher_sampled_logp (B, T) and behaviour_sampled_logp
+        (B, T) (log p_inf, the distribution that sampled the token) required. reverse: k3 estimator
+        (rho - 1) - log rho with rho = p_t / p_s; forward: min(p_t / p_inf, is_cap) * (log p_t - log p_s).
+    """
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    check_logp("student_logits", student_logits)
+    reverse = direction == "reverse"
+    if estimator == "full":
+        if teacher_logits is None:
+            raise ValueError("estimator='full' needs teacher_logits")
+        check_same_shape(student_logits=student_logits, teacher_logits=teacher_logits)
+        return _ChunkedKL.apply(student_logits, teacher_logits.detach(), reverse, chunk_size)
+    log_ps = torch.log_softmax(_upcast(student_logits), dim=-1)
+    if estimator == "topk":
+        if teacher_topk_ids is None or teacher_topk_logp is None:
+            raise ValueError("estimator='topk' needs teacher_topk_ids and teacher_topk_logp")
+        ls = log_ps.gather(-1, teacher_topk_ids)
+        lt = _upcast(teacher_topk_logp.detach())
+        terms = ls.exp() * (ls - lt) if reverse else lt.exp() * (lt - ls)
+        return terms.sum(-1)
+    if sampled_ids is None or teacher_sampled_logp is None or behaviour_sampled_logp is None:
+        raise ValueError("estimator='sampled' needs sampled_ids, teacher_sampled_logp and behaviour_sampled_logp")
+    ls = log_ps.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+    lt = _upcast(teacher_sampled_logp.detach())
+    if reverse:
+        log_rho = (lt - ls).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        return log_rho.exp() - 1.0 - log_rho
+    w = (lt - _upcast(behaviour_sampled_logp.detach())).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(is_cap)
+    return w * (lt - ls)

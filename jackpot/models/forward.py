@@ -1,0 +1,66 @@
+"""Teacher-forced scoring of sampled responses: the logits and log-probs a model assigns to them.
+
+One forward pass over `prompt + response` (prompts left-padded, responses right-padded) gives, at
+position `P - 1 + t`, the logits that predict response token `t`. Left padding shifts the real
+tokens, so position ids are recomputed from the mask, `position_ids = cumsum(mask) - 1` (clamped
+at 0 on pad positions) — the same positions `generate` uses, so the teacher-forced logits match
+the ones seen during generation (to ~1e-6 in float32).
+
+Dividing by the sampling temperature reproduces the distribution rollouts were drawn from when no
+other logits processing (top-p, top-k) was applied.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def response_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Logits predicting each response token, divided by `temperature`: (B, T, V) float32.
+
+    Args:
+        model: a Hugging Face causal LM (called with `input_ids`, `attention_mask`, `position_ids`).
+        input_ids: (B, P + T) prompt (left-padded) followed by the response (right-padded).
+        attention_mask: (B, P + T), 1 on real tokens, 0 on padding.
+        response_len: T, the number of trailing columns that are the response (T >= 1, P >= 1).
+        temperature: > 0.
+    Row t of the result is the model's output at position P - 1 + t.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, P + T), got shape {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    if not 1 <= response_len < input_ids.shape[1]:
+        raise ValueError(f"response_len must be in [1, {input_ids.shape[1] - 1}] (at least one prompt "
+                         f"column), got {response_len}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    # Only the last T + 1 positions are needed; logits_to_keep skips the (B, P, V) prompt logits.
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=response_len + 1)
+    logits = out.logits[:, :-1, :].float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids]: (B, T, V), (B, T) -> (B, T) float32.
+
+    Memory: the logsumexp materialises one more (B, T, V) float32 buffer. That is fine for small
+    vocabularies; with a 150k vocabulary, call this on chunks of the batch (or of T).
+    """
+    if logits.dim() != 3 or ids.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be (B, T, V) and ids (B, T); got {tuple(logits.shape)} and "
+                         f"{tuple(ids.shape)}")
+    logits = logits.float()
+    picked = logits.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,67 @@
+"""What a task is: prompts with reference answers, and a verifiable reward for a completion.
+
+A task knows nothing about models or tokens. `reward(example, completion)` returns 1.0 when the
+completion's answer is correct and 0.0 otherwise; the completion is the decoded response text,
+with or without a trailing end-of-sequence marker.
+
+Train and eval splits are disjoint by construction: each task assigns a problem to a split from a
+stable hash of its prompt (`split_of`), never from Python's salted `hash`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+SPLITS = ("train", "eval")
+# Decoded completions end at the first of these; the answer is what precedes it, stripped.
+STOP_STRINGS = ("\n", "<eos>", "<|endoftext|>", "<|im_end|>", "</s>")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem: the text shown to the model and the reference answer."""
+
+    prompt: str
+    answer: str
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A source of examples with a verifiable reward."""
+
+    name: str
+
+    def examples(self, split: str, n: int, seed: int) -> list[Example]:
+        """`n` examples of `split` ("train" or "eval"), reproducible given `seed`."""
+        ...
+
+    def reward(self, example: Example, completion: str) -> float:
+        """1.0 if `completion` answers `example` correctly, else 0.0."""
+        ...
+
+
+def check_split(split: str, n: int) -> None:
+    """ValueError unless `split` is "train"/"eval" and `n` >= 0."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+
+
+def split_of(prompt: str, eval_fraction: float) -> str:
+    """"eval" for a stable `eval_fraction` of prompts (by BLAKE2 hash), "train" for the rest."""
+    digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    return "eval" if u < eval_fraction else "train"
+
+
+def extract_answer(completion: str) -> str:
+    """The characters before the first newline / EOS marker, stripped of surrounding whitespace."""
+    cut = len(completion)
+    for stop in STOP_STRINGS:
+        i = completion.find(stop)
+        if i != -1:
+            cut = min(cut, i)
+    return completion[:cut].strip()
