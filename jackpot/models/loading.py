@@ -125,8 +125,12 @@ def save_model_and_tokenizer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     directory: str | os.PathLike,
+    *,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write model (safetensors) and tokenizer to `directory` atomically; returns the directory.
+
+    `extra_files` maps file names to text written alongside (e.g. metadata as JSON).
 
     Everything is written into a temporary sibling first. An existing `directory` is moved aside,
     the new one renamed into place, then the old one deleted.
@@ -134,9 +138,12 @@ def save_model_and_tokenizer(
     target = Path(directory).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0o700; the final directory should be readable like any other
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))

@@ -1,0 +1,208 @@
+"""Rollouts with Hugging Face `model.generate` (sampling, KV cache), recording token log-probs.
+
+The recorded `logprobs` / `topk_logprobs` are those of the distribution tokens were actually drawn
+from, q = softmax(top_p(logits / temperature)), not of the raw model softmax: importance weights
+between rollout model and policy must use q.
+
+How q is obtained: we run `generate` with HF's own warpers switched off (temperature 1, top_k 0,
+top_p 1) and pass our own processor list [Temperature, TopP, _Recorder]. `generate` appends custom
+processors after its defaults and samples from softmax of the last processor's output, so the
+recorder, last in line, sees exactly the scores that are sampled from. The model's own
+`generation_config` (hub checkpoints ship e.g. temperature 0.6, top_k 20) is swapped for a neutral
+one during the call so none of its fields leak into sampling.
+
+Memory: unlike `output_scores=True`, which keeps T tensors of (B, V) float32 (T * B * 150k floats
+for a real vocabulary), the recorder keeps only one step's (B, V) log-probs plus (B, K) per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from jackpot.rollout.base import FILL_LOGPROB, RolloutBatch
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize and left-pad: list of B strings -> prompt_ids (B, P) long, prompt_mask (B, P) long."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before encoding prompts")
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    if enc["input_ids"].shape[1] == 0:
+        raise ValueError("prompts encode to zero tokens; every prompt needs at least one token")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+class _Recorder(LogitsProcessor):
+    """Records log q of each sampled token and the top-k of q, step by step (see module docstring).
+
+    At step t the sampled token of step t - 1 is the last column of `input_ids`, so the previous
+    step's (B, V) log-probs are kept until then; `finish` handles the last step.
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self.sampled: list[torch.Tensor] = []
+        self.topk_ids: list[torch.Tensor] = []
+        self.topk_logprobs: list[torch.Tensor] = []
+        self._prev: torch.Tensor | None = None
+
+    def _gather_prev(self, tokens: torch.Tensor) -> None:
+        self.sampled.append(self._prev.gather(-1, tokens.view(-1, 1)).squeeze(-1))
+        self._prev = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._prev is not None:
+            self._gather_prev(input_ids[:, -1])
+        logq = torch.log_softmax(scores.float(), dim=-1)
+        values, ids = logq.topk(min(self.k, logq.shape[-1]), dim=-1)  # sorted, descending
+        self.topk_ids.append(ids)
+        self.topk_logprobs.append(values)
+        self._prev = logq
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> None:
+        if self._prev is not None:
+            self._gather_prev(last_tokens)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """(B, T) float32: 1.0 up to and including the first EOS of each row, 0.0 after."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).long()
+    eos_before = is_eos.cumsum(dim=1) - is_eos
+    return (eos_before == 0).float()
+
+
+class HFRolloutEngine:
+    """A `RolloutEngine` over a Hugging Face causal LM and its tokenizer."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 eos_token_ids: list[int] | None = None):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+        eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
+        if not eos or any(e is None for e in eos):
+            raise ValueError(f"eos_token_ids must be a non-empty list of ids, got {eos}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos)
+        self.model_version = 0
+
+    def set_version(self, version: int) -> None:
+        """Tag subsequent rollouts with `version` (call after loading new weights into the model)."""
+        self.model_version = int(version)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        topk: int = 20,
+        seed: int | None = None,
+    ) -> RolloutBatch:
+        """Sample one response per row of prompt_ids (B, P) / prompt_mask (B, P), left-padded.
+
+        `seed` makes the call reproducible without changing the global RNG state afterwards.
+        Returns a `RolloutBatch` with T <= max_new_tokens (generation stops once all rows hit EOS).
+        """
+        _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, topk)
+        device = self.model.device
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        recorder = _Recorder(topk)
+        processors = LogitsProcessorList(
+            ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+            + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+            + [recorder]
+        )
+        config = GenerationConfig(
+            do_sample=True, num_beams=1, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0,
+            top_p=1.0, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_ids,
+        )
+        with _seeded(seed, device), _neutral_generation_config(self.model):
+            sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                            generation_config=config, logits_processor=processors)
+        response_ids = sequences[:, prompt_ids.shape[1]:]
+        recorder.finish(response_ids[:, -1])
+        return self._assemble(prompt_ids, prompt_mask, response_ids, recorder)
+
+    def _assemble(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                  recorder: _Recorder) -> RolloutBatch:
+        T = response_ids.shape[1]
+        if len(recorder.sampled) != T:
+            raise RuntimeError(f"recorder saw {len(recorder.sampled)} steps for {T} generated tokens; "
+                               "was generate run with a non-sampling strategy?")
+        mask = response_mask_from_ids(response_ids, self.eos_token_ids)
+        keep = mask.bool()
+        pad = self.tokenizer.pad_token_id
+        logprobs = torch.stack(recorder.sampled, dim=1).masked_fill(~keep, FILL_LOGPROB)
+        topk_ids = torch.stack(recorder.topk_ids, dim=1).masked_fill(~keep[..., None], pad)
+        topk_logprobs = torch.stack(recorder.topk_logprobs, dim=1).masked_fill(~keep[..., None], FILL_LOGPROB)
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask.long(),
+            response_ids=response_ids.masked_fill(~keep, pad), response_mask=mask,
+            logprobs=logprobs, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+            model_version=self.model_version, pad_token_id=pad,
+        )
+
+
+def _check_args(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                temperature: float, top_p: float, topk: int) -> None:
+    if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must both be (B, P); got {tuple(prompt_ids.shape)} "
+                         f"and {tuple(prompt_mask.shape)}")
+    if (prompt_mask[:, -1] == 0).any():
+        raise ValueError("prompts must be left-padded: prompt_mask[:, -1] must be 1 for every row")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (rollouts are sampled), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Seed torch's RNG for the block and restore the previous state afterwards (no-op for None)."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model: PreTrainedModel):
+    """Temporarily replace the model's generation_config by one carrying only its special token ids."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        pad_token_id=saved.pad_token_id, eos_token_id=saved.eos_token_id, bos_token_id=saved.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor,
+                     response_mask: torch.Tensor) -> list[str]:
+    """Decode each row's unmasked tokens, dropping special tokens (EOS, pad): (B, T), (B, T) -> B strings."""
+    if response_ids.dim() != 2 or response_mask.shape != response_ids.shape:
+        raise ValueError(f"response_ids and response_mask must both be (B, T); got "
+                         f"{tuple(response_ids.shape)} and {tuple(response_mask.shape)}")
+    keep = response_mask.bool().cpu()
+    rows = response_ids.cpu()
+    return [tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(rows, keep)]

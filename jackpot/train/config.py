@@ -1,0 +1,324 @@
+"""Configuration of a training run: frozen dataclasses, one docstring per field, the only source of truth.
+
+A run is configured by, in order of precedence: command-line overrides `section.field=value`
+(values parsed as YAML), a YAML file (`--config FILE`, may name a `preset` it extends), and the
+defaults below — which are the offline default: a tiny rollout model training a ~4x larger tiny
+policy on 2-digit addition with Jackpot, on CPU, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS
+from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+MODES = ("decoupled", "on-policy")
+Z_MODES = ("exact", "topk", "batch")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None
+    """Hugging Face checkpoint (local directory or hub id). None: build a tiny Qwen3 model from the
+    fields below and pre-train it on the task (cached on disk)."""
+    hidden_size: int = 128
+    """Tiny model only: hidden width."""
+    num_layers: int = 4
+    """Tiny model only: transformer layers."""
+    num_heads: int = 4
+    """Tiny model only: attention heads."""
+    sft_steps: int = 300
+    """Tiny model only: supervised warm-start steps (0: random initialisation)."""
+    sft_lr: float = 3e-3
+    """Tiny model only: supervised warm-start learning rate."""
+    seed: int = 0
+    """Tiny model only: initialisation and warm-start seed."""
+    lr: float = 1e-4
+    """RL learning rate (AdamW) of this model."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "addition"
+    """Task name (see jackpot.tasks.TASKS) or 'jsonl' with options.path."""
+    options: dict = field(default_factory=lambda: {"digits": 2})
+    """Keyword arguments of the task's constructor."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    """Sampling temperature of the rollout engine (the policy's log-probs use the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling; < 1 makes p_inf sparse, so exact Z needs z='topk' or 'batch'."""
+    max_new_tokens: int = 6
+    """Maximum response length."""
+    topk: int = 20
+    """How many top log-probs of p_inf the rollout records per position (paper: 20)."""
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    name: str = "jackpot"
+    """Correction of the policy loss: one of jackpot.core.corrections.CORRECTIONS."""
+    lam: float = 1.0
+    """Jackpot: fixed lambda (the paper's figures use 1)."""
+    budget: float | None = None
+    """Jackpot: solve lambda per batch for this mean acceptance (METHOD.md §4.2); None: fixed lam."""
+    target: str = "ref"
+    """Jackpot: align p_inf to 'ref' (policy at collection) or 'new' (current policy)."""
+    z: str = "exact"
+    """Jackpot per-state normaliser: 'exact' (streamed over the vocabulary), 'topk' (+ kappa) or
+    'batch' (the batch's mean acceptance). Ignored when budget is set."""
+    c1: float | None = None
+    """Jackpot: clip of the OBRS weight (None: no clip)."""
+    c2: float | None = None
+    """Jackpot, target='new': clip of p_ref/p_new (None: no clip)."""
+    sampled_mask: bool = True
+    """Jackpot: sample Mask ~ Bernoulli(a) once per batch (paper); False: expected mask (weight a)."""
+    cap: float = 2.0
+    """TIS: truncation of the importance weight."""
+    low: float = 0.5
+    """IcePop: lower bound of the kept ratio."""
+    high: float = 2.0
+    """IcePop: upper bound of the kept ratio."""
+    level: str = "token"
+    """TIS / IcePop: 'token', 'sequence' or 'geometric'."""
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments the chosen correction function accepts, taken from these fields."""
+        import inspect
+
+        params = inspect.signature(CORRECTIONS[self.name]).parameters
+        return {k: getattr(self, k) for k in params if k != "inp"}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    rollout_model: str = "joint"
+    """'joint': train the rollout model on the same trajectories (PPO + distillation, eq. 8);
+    'frozen': never update it."""
+    coef: float = 1.0
+    """Weight of the distillation loss toward the policy (0: PPO only)."""
+    ppo: bool = True
+    """Include the rollout model's own PPO loss L_PPO(omega)."""
+    direction: str = "forward"
+    """'forward' KL(SG(p_new) || p_omega) (eq. 7) or 'reverse'."""
+    estimator: str = "full"
+    """'full' vocabulary (streamed), 'topk' or 'sampled'."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "decoupled"
+    """'decoupled': the rollout model generates; 'on-policy': the policy generates its own rollouts."""
+    steps: int = 30
+    """Rollout phases (each followed by `minibatches` x `ppo_epochs` optimizer steps)."""
+    prompts_per_step: int = 16
+    """Prompts per rollout phase."""
+    group_size: int = 8
+    """Responses per prompt (GRPO group)."""
+    minibatches: int = 1
+    """Optimizer steps per epoch over one rollout batch; > 1 is the staleness setting (rollout batch
+    = minibatches x train batch, p_ref fixed at collection)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward (gradient accumulation); None: a whole mini-batch."""
+    clip_eps: float | None = 0.2
+    """PPO clip range; None: no clip (pure importance-weighted policy gradient)."""
+    clip_eps_high: float | None = None
+    """Upper clip range (DAPO's clip-higher); None: same as clip_eps."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation, see jackpot.core.losses.AGGREGATIONS."""
+    advantages: str = "grpo"
+    """'grpo', 'drgrpo' or 'rloo'."""
+    kl_coef: float = 0.0
+    """Coefficient of a k3 KL penalty to the initial policy (0: none, no reference model kept)."""
+    grad_clip: float | None = 1.0
+    """Gradient-norm clip for both models (None: none)."""
+    seed: int = 0
+    """Seeds prompts, sampling and the rejection uniforms of every step."""
+    eval_every: int = 10
+    """Evaluate the policy every this many steps (and before and after training)."""
+    eval_prompts: int = 100
+    """Evaluation prompts from the task's held-out split."""
+    eval_samples: int = 4
+    """Samples per evaluation prompt (Mean@k / Pass@k)."""
+    eval_temperature: float = 0.6
+    """Sampling temperature for evaluation."""
+    checkpoint_every: int = 10
+    """Save both models every this many steps (and at the end / on Ctrl-C)."""
+    device: str = "cpu"
+    """Torch device, e.g. 'cpu' or 'cuda'."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    rollout_model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        hidden_size=64, num_layers=2, num_heads=4, sft_steps=300, seed=1, lr=1e-4))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache_dir: str = "~/.cache/jackpot"
+    """Where pre-trained tiny models are cached."""
+    tensorboard: bool = True
+    """Write TensorBoard event files next to metrics.jsonl."""
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (needs `wandb` installed)."""
+
+    def validate(self) -> Config:
+        _check_choice("train.mode", self.train.mode, MODES)
+        _check_choice("correction.name", self.correction.name, tuple(CORRECTIONS))
+        _check_choice("correction.target", self.correction.target, TARGETS)
+        _check_choice("correction.z", self.correction.z, Z_MODES)
+        _check_choice("correction.level", self.correction.level, LEVELS)
+        _check_choice("train.loss_agg", self.train.loss_agg, AGGREGATIONS)
+        _check_choice("train.advantages", self.train.advantages, ("grpo", "drgrpo", "rloo"))
+        _check_choice("distill.rollout_model", self.distill.rollout_model, ("joint", "frozen"))
+        _check_choice("distill.direction", self.distill.direction, KL_DIRECTIONS)
+        _check_choice("distill.estimator", self.distill.estimator, KL_ESTIMATORS)
+        for name in ("train.steps", "train.prompts_per_step", "train.minibatches", "train.ppo_epochs",
+                     "train.eval_every", "train.eval_prompts", "train.eval_samples", "train.checkpoint_every",
+                     "sampling.max_new_tokens", "sampling.topk"):
+            _check_positive_int(name, _get(self, name))
+        if self.train.group_size < 2:
+            raise ValueError(f"train.group_size must be >= 2 for group-relative advantages, got {self.train.group_size}")
+        total = self.train.prompts_per_step * self.train.group_size
+        if total % self.train.minibatches:
+            raise ValueError(f"train.minibatches ({self.train.minibatches}) must divide the rollout batch "
+                             f"prompts_per_step x group_size = {total}")
+        for name in ("sampling.temperature", "correction.lam", "correction.cap", "correction.low",
+                     "correction.high", "policy.lr", "rollout_model.lr"):
+            if not _get(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {_get(self, name)!r}")
+        if not 0 < self.sampling.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.sampling.top_p!r}")
+        if self.correction.budget is not None and not 0 < self.correction.budget <= 1:
+            raise ValueError(f"correction.budget must be in (0, 1] or null, got {self.correction.budget!r}")
+        if self.correction.name == "jackpot" and self.correction.budget is None:
+            if self.correction.z == "exact" and self.sampling.top_p < 1:
+                raise ValueError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
+                                 "give p_inf exactly); use correction.z='topk' or 'batch' with nucleus sampling")
+            if self.correction.z == "exact" and self.correction.target == "new":
+                raise ValueError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
+                                 "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
+        return self
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- building from dicts
+def _from_dict(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {where + key!r}; known keys: {sorted(known)}")
+        sub = hints[key]
+        kwargs[key] = _from_dict(sub, value, f"{where}{key}.") if is_dataclass(sub) else _coerce(where + key, sub, value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """YAML reads '1e-4' as a string and '2' as an int: convert where the field is a float."""
+    args = set(getattr(hint, "__args__", ()) or (hint,))
+    if value is None:
+        if type(None) not in args:
+            raise ValueError(f"{name} may not be null")
+        return None
+    if float in args and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if int in args and not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if bool in args and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if str in args and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# fields holding free-form mappings: an update replaces them whole instead of merging into them
+_LEAF_MAPPINGS = ("options",)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _LEAF_MAPPINGS
+        out[k] = _deep_merge(out[k], v) if nested else v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config; `preset: NAME` (a file in configs/ or a path) is merged underneath it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    preset = data.pop("preset", None)
+    if preset is not None:
+        base_path = Path(preset) if Path(preset).suffix else CONFIG_DIR / f"{preset}.yaml"
+        data = _deep_merge(load_yaml(base_path if base_path.is_absolute() or base_path.exists()
+                                     else path.parent / base_path), data)
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['train.steps=5', 'correction.name=tis'] -> nested dict, values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def build_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (and its preset) <- command-line overrides, validated."""
+    data = load_yaml(config_file) if config_file else {}
+    data = _deep_merge(_deep_merge(to_dict(Config()), data), parse_overrides(overrides or []))
+    return _from_dict(Config, data, "").validate()

@@ -1,0 +1,225 @@
+"""The training loop: rollout -> score -> prepare -> update -> evaluate -> log -> checkpoint.
+
+Decoupled mode (the paper's setting): the rollout model samples every trajectory, the policy learns
+from them through a correction (Jackpot by default), and the rollout model is trained on the same
+trajectories (PPO + distillation toward the policy, eq. 8) unless frozen. On-policy mode: the policy
+samples its own rollouts (the ideal the decoupled run is compared with). Every random draw of a step
+is seeded from (seed, step), so a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from jackpot.metrics import MetricLogger, scalars
+from jackpot.models.loading import load_model, load_tokenizer
+from jackpot.models.pretrain import TinyModelSpec, pretrained_model
+from jackpot.models.tokenizer import check_same_tokenizer
+from jackpot.rollout.base import RolloutBatch
+from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts
+from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
+from jackpot.train import checkpoint as ckpt
+from jackpot.train.config import Config, ModelConfig, to_dict
+from jackpot.train.update import prepare, step_seed, update
+
+
+@dataclass
+class Run:
+    """Everything a run holds between steps."""
+
+    cfg: Config
+    out: Path
+    task: Task
+    tokenizer: object
+    policy: torch.nn.Module
+    rollout_model: torch.nn.Module | None      # None in on-policy mode
+    init_policy: torch.nn.Module | None         # frozen copy for the KL penalty (kl_coef > 0)
+    policy_opt: torch.optim.Optimizer
+    rollout_opt: torch.optim.Optimizer | None
+    logger: MetricLogger | None = None
+    start_step: int = 1
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy, **({"rollout_model": self.rollout_model} if self.rollout_model else {})}
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"policy": self.policy_opt, **({"rollout_model": self.rollout_opt} if self.rollout_opt else {})}
+
+
+# ----------------------------------------------------------------------------- set-up
+def _model_dir(role: str, mc: ModelConfig, cfg: Config) -> str:
+    if mc.path is not None:
+        return mc.path
+    spec = TinyModelSpec(name=role, task=cfg.task.name, task_kwargs=dict(cfg.task.options),
+                         hidden=mc.hidden_size, layers=mc.num_layers, heads=mc.num_heads,
+                         steps=mc.sft_steps, lr=mc.sft_lr, seed=mc.seed)
+    return str(pretrained_model(spec, Path(cfg.cache_dir).expanduser()))
+
+
+def setup(cfg: Config, out: str | Path, *, resume: bool = False) -> Run:
+    out = Path(out)
+    if resume and ckpt.latest_checkpoint(out) is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    task = make_task(cfg.task.name, **cfg.task.options)
+    device = torch.device(cfg.train.device)
+    policy_dir = _model_dir("policy", cfg.policy, cfg)
+    tokenizer = load_tokenizer(policy_dir)
+    policy = load_model(policy_dir, device=device)
+    rollout_model = rollout_opt = None
+    if cfg.train.mode == "decoupled":
+        rollout_dir = _model_dir("rollout", cfg.rollout_model, cfg)
+        check_same_tokenizer(load_tokenizer(rollout_dir), tokenizer, names=("rollout_model", "policy"))
+        rollout_model = load_model(rollout_dir, device=device)
+        rollout_opt = torch.optim.AdamW(rollout_model.parameters(), lr=cfg.rollout_model.lr)
+    init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy.lr)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt)
+    if resume:
+        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), run.models, run.optimizers)
+        run.start_step = state["step"] + 1
+    _write_config(cfg, out)
+    run.logger = MetricLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                              config=to_dict(cfg), resume_step=run.start_step - 1 if resume else None)
+    return run
+
+
+def _write_config(cfg: Config, out: Path) -> None:
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(out / "config.yaml")
+
+
+# ----------------------------------------------------------------------------- phases
+def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
+    """Sample prompts_per_step prompts x group_size responses and score them: (batch, rewards (N, G))."""
+    cfg, t, s = run.cfg, run.cfg.train, run.cfg.sampling
+    examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, 0))
+    repeated = [ex for ex in examples for _ in range(t.group_size)]
+    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated])
+    actor = run.rollout_model if run.rollout_model is not None else run.policy
+    engine = HFRolloutEngine(actor, run.tokenizer)
+    engine.set_version(step)
+    batch = engine.generate(prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                            top_p=s.top_p, topk=s.topk, seed=step_seed(t.seed, step, 3))
+    completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
+    rewards = torch.tensor([run.task.reward(ex, c) for ex, c in zip(repeated, completions)])
+    return batch, rewards.reshape(t.prompts_per_step, t.group_size).to(batch.logprobs.device)
+
+
+@torch.no_grad()
+def evaluate(run: Run, model: torch.nn.Module, step: int) -> dict[str, float]:
+    """Mean@k and Pass@k of `model` on the task's held-out split (k = eval_samples)."""
+    t = run.cfg.train
+    examples = run.task.examples("eval", t.eval_prompts, t.seed)
+    repeated = [ex for ex in examples for _ in range(t.eval_samples)]
+    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated])
+    batch = HFRolloutEngine(model, run.tokenizer).generate(
+        prompt_ids, prompt_mask, max_new_tokens=run.cfg.sampling.max_new_tokens,
+        temperature=t.eval_temperature, topk=1, seed=step_seed(t.seed, 0, 4))
+    completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
+    rewards = torch.tensor([run.task.reward(ex, c) for ex, c in zip(repeated, completions)])
+    rewards = rewards.reshape(len(examples), t.eval_samples)
+    return {"accuracy": mean_at_k(rewards), f"pass@{t.eval_samples}": pass_at_k(rewards, t.eval_samples)}
+
+
+def _train_step(run: Run, step: int) -> dict[str, float]:
+    cfg = run.cfg
+    # ---- rollout + score
+    t0 = time.perf_counter()
+    batch, rewards = collect(run, step)
+    t1 = time.perf_counter()
+    # ---- prepare: p_ref, p_omega_old, Z, uniforms, diagnostics (no gradients)
+    run.policy.eval()
+    prep = prepare(cfg, batch, rewards, policy=run.policy, rollout_model=run.rollout_model,
+                   init_policy=run.init_policy, step=step)
+    t2 = time.perf_counter()
+    # ---- update: policy (and rollout model) optimizer steps
+    run.policy.train()
+    upd = update(cfg, prep, policy=run.policy, rollout_model=run.rollout_model, policy_opt=run.policy_opt,
+                 rollout_opt=run.rollout_opt if cfg.distill.rollout_model == "joint" else None, step=step)
+    t3 = time.perf_counter()
+    tokens = batch.response_mask.sum()
+    values = scalars({"reward/mean": rewards.mean(), "response/length": tokens / len(batch),
+                      **prep.metrics, **upd})
+    values.update({"perf/rollout_s": t1 - t0, "perf/prepare_s": t2 - t1, "perf/update_s": t3 - t2,
+                   "perf/step_s": t3 - t0, "perf/rollout_tokens_per_s": float(tokens) / max(t1 - t0, 1e-9)})
+    return values
+
+
+def _evaluate_all(run: Run, step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    out = {f"eval/{k}": v for k, v in evaluate(run, run.policy, step).items()}
+    if run.rollout_model is not None:
+        out.update({f"eval_rollout_model/{k}": v for k, v in evaluate(run, run.rollout_model, step).items()})
+    out["perf/eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training into `out`; returns the run directory.
+
+    Ctrl-C finishes the step in progress, saves a checkpoint and raises KeyboardInterrupt (a second
+    Ctrl-C stops at once, keeping the previous checkpoint): a checkpoint never holds a half-done step.
+    """
+    run = setup(cfg, out, resume=resume)
+    t = cfg.train
+    if run.start_step == 1:
+        run.logger.log(0, _evaluate_all(run, 0))
+    bar = tqdm(range(run.start_step, t.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
+    try:
+        with _deferred_interrupt() as interrupted:
+            for step in bar:
+                values = _train_step(run, step)
+                if step % t.eval_every == 0 or step == t.steps:
+                    values.update(_evaluate_all(run, step))
+                run.logger.log(step, values)
+                bar.set_postfix(_postfix(values))
+                if step % t.checkpoint_every == 0 or step == t.steps or interrupted():
+                    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers)
+                if interrupted():
+                    raise KeyboardInterrupt(f"interrupted after step {step}; checkpoint saved in {run.out}")
+    finally:
+        run.logger.close()
+    return run.out
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Turn the first SIGINT into a flag checked between steps; the second one interrupts at once."""
+    state = {"hit": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if state["hit"]:
+            raise KeyboardInterrupt
+        state["hit"] = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop now)", flush=True)
+
+    installed = threading.current_thread() is threading.main_thread()
+    if installed:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: state["hit"]
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _postfix(values: dict[str, float]) -> dict[str, str]:
+    keys = {"reward": "reward/mean", "accept": "obrs/accept_rate", "kl": "mismatch/kl_k3", "acc": "eval/accuracy"}
+    return {short: f"{values[k]:.3g}" for short, k in keys.items() if k in values}

@@ -1,0 +1,357 @@
+"""Slow, obvious reference implementations of the core math, written from METHOD.md (§3-§4, §7).
+
+Pure Python floats (IEEE float64) and explicit loops, one state / one token / one group at a time,
+so that a reader can check each line against the paper's formulas. Nothing here imports `jackpot`.
+The vectorised functions in `jackpot.core` are tested against these in tests/test_core_*.py.
+
+Conventions (the same as the package's documented ones):
+  * probabilities are given as log-probabilities; -inf means probability 0;
+  * the ratio r = p_tgt / p_inf at a token where both are 0 is taken as 1 (0/0 -> 1);
+    p_tgt > 0 = p_inf gives r = +inf (such a token is never proposed), p_tgt = 0 < p_inf gives r = 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+INF = math.inf
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------------
+def rows(x) -> list[list[float]]:
+    """A tensor (..., V) as a list of float64 Python rows (leading dims flattened)."""
+    x = x.detach().double()
+    return x.reshape(-1, x.shape[-1]).tolist() if x.dim() > 0 else [[x.item()]]
+
+
+def flat(x) -> list[float]:
+    return x.detach().double().reshape(-1).tolist()
+
+
+def exp(v: float) -> float:
+    return 0.0 if v == -INF else math.exp(v)
+
+
+def log(v: float) -> float:
+    return -INF if v == 0.0 else math.log(v)
+
+
+def softmax(logits: list[float]) -> list[float]:
+    m = max(logits)
+    e = [exp(v - m) for v in logits]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def log_softmax(logits: list[float]) -> list[float]:
+    m = max(logits)
+    s = sum(exp(v - m) for v in logits)
+    return [v - m - math.log(s) for v in logits]
+
+
+def ratio(lt: float, li: float) -> float:
+    """p_tgt / p_inf from log-probs with 0/0 -> 1."""
+    pt, pi = exp(lt), exp(li)
+    if pi == 0.0:
+        return 1.0 if pt == 0.0 else INF
+    return pt / pi
+
+
+# --------------------------------------------------------------------------------------------------
+# OBRS at one state (METHOD.md §3)
+# --------------------------------------------------------------------------------------------------
+def acceptance(lt: float, li: float, lam: float) -> float:
+    """a = min(1, p_tgt / (lam p_inf)) for one token; a token with p_inf = 0 is never proposed: a = 1."""
+    if exp(li) == 0.0:
+        return 1.0
+    return min(1.0, ratio(lt, li) / lam)
+
+
+def z_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> float:
+    """Z = sum_x min(p_inf(x), p_tgt(x)/lam)."""
+    total = 0.0
+    for lt, li in zip(tgt_logp, inf_logp):
+        total += min(exp(li), exp(lt) / lam)
+    return total
+
+
+def post_rejection_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> list[float]:
+    """p'_inf(x) = min(p_inf(x), p_tgt(x)/lam) / Z, as probabilities."""
+    z = z_row(tgt_logp, inf_logp, lam)
+    return [min(exp(li), exp(lt) / lam) / z for lt, li in zip(tgt_logp, inf_logp)]
+
+
+def kl_probs(p: list[float], q: list[float]) -> float:
+    """KL(p || q) = sum p log(p/q); 0 log 0 = 0; +inf where q = 0 < p."""
+    total = 0.0
+    for pv, qv in zip(p, q):
+        if pv == 0.0:
+            continue
+        if qv == 0.0:
+            return INF
+        total += pv * math.log(pv / qv)
+    return total
+
+
+def tv_probs(p: list[float], q: list[float]) -> float:
+    return 0.5 * sum(abs(pv - qv) for pv, qv in zip(p, q))
+
+
+def obrs_kl_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> tuple[float, float, float]:
+    """(Z, KL(p_tgt || p_inf), KL(p_tgt || p'_inf)) with p'_inf built explicitly."""
+    p_tgt = [exp(v) for v in tgt_logp]
+    p_inf = [exp(v) for v in inf_logp]
+    z = z_row(tgt_logp, inf_logp, lam)
+    return z, kl_probs(p_tgt, p_inf), kl_probs(p_tgt, post_rejection_row(tgt_logp, inf_logp, lam))
+
+
+def r_min_row(tgt_logp: list[float], inf_logp: list[float]) -> float:
+    """Smallest ratio over tokens where both p_tgt and p_inf are positive."""
+    return min(exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp) if exp(lt) > 0 and exp(li) > 0)
+
+
+def _bisect_decreasing(f, target: float, lo: float, hi: float, iters: int = 200) -> float:
+    """x in [lo, hi] with f(x) = target for a continuous non-increasing f, f(lo) >= target >= f(hi).
+
+    Bisects on log x (lam spans many orders of magnitude)."""
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(iters):
+        mid = 0.5 * (a + b)
+        if f(math.exp(mid)) >= target:
+            a = mid
+        else:
+            b = mid
+    return math.exp(0.5 * (a + b))
+
+
+def lambda_bisect_row(tgt_logp: list[float], inf_logp: list[float], budget: float) -> float:
+    """lam with Z(lam) = budget, by bisection (as the OBRS authors do).
+
+    Z(lam) is the largest (= p_inf(supp p_tgt)) for lam <= r_min and strictly decreasing after, so:
+    a budget at or above that maximum returns r_min (the package's documented choice)."""
+    r_lo = r_min_row(tgt_logp, inf_logp)
+    z_max = z_row(tgt_logp, inf_logp, r_lo)
+    if budget >= z_max:
+        return r_lo
+    # for lam >= r_max, Z = (p_tgt mass on supp p_inf) / lam, so this hi has Z(hi) <= budget
+    r_hi = max(exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp) if exp(li) > 0)
+    hi = max(r_hi, 1.0 / budget) * 2.0
+    return _bisect_decreasing(lambda lam: z_row(tgt_logp, inf_logp, lam), budget, r_lo, hi)
+
+
+def batch_acceptance(ratios: list[float], lam: float) -> float:
+    """mean_t min(1, r_t / lam) over the given (already masked) sampled-token ratios."""
+    return sum(min(1.0, r / lam) for r in ratios) / len(ratios)
+
+
+def batch_lambda_bisect(ratios: list[float], budget: float) -> float:
+    """Scalar lam with mean_t min(1, r_t/lam) = budget (METHOD.md §4.2), by bisection."""
+    positive = [r for r in ratios if 0.0 < r < INF]
+    r_lo = min(positive)
+    if budget >= batch_acceptance(ratios, r_lo):
+        return r_lo
+    hi = max(max(positive), 1.0 / budget) * 2.0
+    return _bisect_decreasing(lambda lam: batch_acceptance(ratios, lam), budget, r_lo, hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# Corrections, one token at a time (METHOD.md §4 and §7)
+# --------------------------------------------------------------------------------------------------
+def jackpot_row_major(
+    rollout_logp: list[list[float]],
+    ref_logp: list[list[float]],
+    mask: list[list[float]],
+    *,
+    new_logp: list[list[float]] | None = None,
+    uniforms: list[list[float]] | None = None,
+    z: list[list[float]] | None = None,
+    lam: float = 1.0,
+    budget: float | None = None,
+    target: str = "ref",
+    c1: float | None = None,
+    c2: float | None = None,
+) -> tuple[list[list[float]], list[list[float]], float]:
+    """Jackpot weights and keep-mask, Algorithm 1 with the METHOD.md decisions. Returns (w, keep, lam).
+
+    per token:  r = p_tgt/p_inf;  a = min(1, r/lam);  Mask = 1[u < a]  (u drawn once per batch)
+                w = Z * max(lam, r);  rho = min(w, c1) * min(p_ref/p_tgt, c2)
+    Z: the per-state normaliser if given; in budget mode lam solves mean a = budget and Z = budget;
+    for a fixed lam without per-state Z, the (state, token)-space normaliser mean_t a_t.
+    Without uniforms, the expected-mask ablation: keep every response token, weight rho * a.
+    """
+    tgt = ref_logp if target == "ref" else new_logp
+    n_rows, n_cols = len(rollout_logp), len(rollout_logp[0])
+    cells = [(b, t) for b in range(n_rows) for t in range(n_cols)]
+    r = {(b, t): ratio(tgt[b][t], rollout_logp[b][t]) for b, t in cells}
+    counted = [(b, t) for b, t in cells if mask[b][t] > 0]
+    if budget is not None:
+        lam = batch_lambda_bisect([r[c] for c in counted], budget)
+        z_of = {c: budget for c in cells}
+    elif z is not None:
+        z_of = {(b, t): z[b][t] for b, t in cells}
+    else:
+        a_bar = sum(min(1.0, r[c] / lam) for c in counted) / len(counted)
+        z_of = {c: a_bar for c in cells}
+    w_out = [[0.0] * n_cols for _ in range(n_rows)]
+    keep_out = [[0.0] * n_cols for _ in range(n_rows)]
+    for b, t in cells:
+        a = min(1.0, r[(b, t)] / lam)
+        w = z_of[(b, t)] * max(lam, r[(b, t)])
+        if c1 is not None:
+            w = min(w, c1)
+        if target == "new":
+            second = ratio(ref_logp[b][t], new_logp[b][t])
+            w *= second if c2 is None else min(second, c2)
+        if uniforms is None:
+            keep, w = mask[b][t], w * a
+        else:
+            keep = mask[b][t] * (1.0 if uniforms[b][t] < a else 0.0)
+        w_out[b][t], keep_out[b][t] = w, keep
+    return w_out, keep_out, lam
+
+
+def _level_log_ratios(rollout_logp, ref_logp, mask, level: str) -> list[list[float]]:
+    """log(p_ref/p_inf) per token, or its sum (sequence) / mean (geometric) over the response."""
+    out = []
+    for li_row, lr_row, m_row in zip(rollout_logp, ref_logp, mask):
+        per_tok = [math.log(ratio(lr, li)) if ratio(lr, li) > 0 else -INF for li, lr in zip(li_row, lr_row)]
+        if level == "token":
+            out.append(per_tok)
+            continue
+        s, n = 0.0, 0
+        for v, m in zip(per_tok, m_row):
+            if m > 0:
+                s += v
+                n += 1
+        if level == "geometric":
+            s = s / max(n, 1)
+        out.append([s] * len(li_row))
+    return out
+
+
+def tis_ref(rollout_logp, ref_logp, mask, *, cap: float, level: str):
+    """TIS: weight min(p_ref/p_inf, cap) at token/sequence/geometric level; mask = response mask."""
+    lrs = _level_log_ratios(rollout_logp, ref_logp, mask, level)
+    w = [[min(exp(v), cap) for v in row] for row in lrs]
+    return w, [list(m) for m in mask]
+
+
+def icepop_ref(rollout_logp, ref_logp, mask, *, low: float, high: float, level: str):
+    """IcePop / MIS: weight r if low <= r <= high else 0 (token masked)."""
+    lrs = _level_log_ratios(rollout_logp, ref_logp, mask, level)
+    w, keep = [], []
+    for row, m_row in zip(lrs, mask):
+        w_row, k_row = [], []
+        for v, m in zip(row, m_row):
+            r = exp(v)
+            k = 1.0 if (m > 0 and low <= r <= high) else 0.0
+            w_row.append(r * k)
+            k_row.append(k)
+        w.append(w_row)
+        keep.append(k_row)
+    return w, keep
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses and aggregation
+# --------------------------------------------------------------------------------------------------
+def ppo_loss_token(new_lp: float, ref_lp: float, adv: float, eps_low: float | None, eps_high: float | None) -> float:
+    """-min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A); -ratio A without a clip."""
+    ratio_v = math.exp(new_lp - ref_lp)
+    if eps_low is None:
+        return -ratio_v * adv
+    clipped = min(max(ratio_v, 1.0 - eps_low), 1.0 + eps_high)
+    return -min(ratio_v * adv, clipped * adv)
+
+
+def aggregate_ref(loss, keep, mode: str, *, response_mask=None, norm_len: int | None = None) -> float:
+    """The four aggregation modes, by loops over (B, T) lists."""
+    n_rows, n_cols = len(loss), len(loss[0])
+    resp = keep if response_mask is None else response_mask
+    total = sum(loss[b][t] for b in range(n_rows) for t in range(n_cols) if keep[b][t] > 0)
+    n_keep = sum(1 for b in range(n_rows) for t in range(n_cols) if keep[b][t] > 0)
+    if mode == "token-mean":
+        return total / max(n_keep, 1)
+    if mode == "token-mean-all":
+        return total / max(sum(1 for b in range(n_rows) for t in range(n_cols) if resp[b][t] > 0), 1)
+    if mode == "seq-mean-token-mean":
+        per_seq = []
+        for b in range(n_rows):
+            kept = [loss[b][t] for t in range(n_cols) if keep[b][t] > 0]
+            per_seq.append(sum(kept) / max(len(kept), 1))
+        return sum(per_seq) / n_rows
+    if mode == "seq-sum-norm":
+        return total / (n_rows * (norm_len or n_cols))
+    raise ValueError(mode)
+
+
+def group_advantages_ref(rewards: list[list[float]], mode: str, eps: float) -> list[list[float]]:
+    out = []
+    for group in rewards:
+        g = len(group)
+        mean = sum(group) / g
+        if mode == "grpo":
+            std = math.sqrt(sum((x - mean) ** 2 for x in group) / (g - 1))
+            out.append([(x - mean) / (std + eps) for x in group])
+        elif mode == "drgrpo":
+            out.append([x - mean for x in group])
+        elif mode == "rloo":
+            out.append([x - (sum(group) - x) / (g - 1) for x in group])
+        else:
+            raise ValueError(mode)
+    return out
+
+
+def distill_full_row(student_logits: list[float], teacher_logits: list[float], direction: str) -> float:
+    """Forward KL(p_teacher || p_student) or reverse KL(p_student || p_teacher) for one position."""
+    ps, pt = softmax(student_logits), softmax(teacher_logits)
+    return kl_probs(pt, ps) if direction == "forward" else kl_probs(ps, pt)
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergences and diagnostics
+# --------------------------------------------------------------------------------------------------
+def kl_estimators_ref(other_logp, sample_logp, mask) -> dict[str, float]:
+    """k1 = -log rho, k2 = (log rho)^2/2, k3 = rho - 1 - log rho, rho = p_other/p_sample, averaged over mask."""
+    k1 = k2 = k3 = 0.0
+    n = 0
+    for lo, ls, m in zip(flat(other_logp), flat(sample_logp), flat(mask)):
+        if m <= 0:
+            continue
+        lr = lo - ls
+        k1 += -lr
+        k2 += 0.5 * lr * lr
+        k3 += math.exp(lr) - 1.0 - lr
+        n += 1
+    return {"kl_k1": k1 / n, "kl_k2": k2 / n, "kl_k3": k3 / n}
+
+
+def ess_ref(weights, mask) -> float:
+    """(sum w)^2 / (n sum w^2) over masked entries."""
+    ws = [w for w, m in zip(flat(weights), flat(mask)) if m > 0]
+    return sum(ws) ** 2 / (len(ws) * sum(w * w for w in ws))
+
+
+# --------------------------------------------------------------------------------------------------
+# Random test inputs (torch tensors; shared by the test files)
+# --------------------------------------------------------------------------------------------------
+def make_logits(gen, shape, *, dtype=None, scale: float = 2.0, zero_frac: float = 0.0):
+    """Random logits (..., V); a fraction `zero_frac` of entries set to -inf, never column 0."""
+    import torch
+
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    if zero_frac > 0:
+        drop = torch.rand(shape, generator=gen, dtype=torch.float64) < zero_frac
+        drop[..., 0] = False  # column 0 keeps mass in every row, so supports always overlap
+        x = x.masked_fill(drop, -INF)
+    return x if dtype is None else x.to(dtype)
+
+
+def make_logp(gen, shape, *, dtype=None, scale: float = 2.0, zero_frac: float = 0.0):
+    """Random normalised log-probabilities (..., V), computed in float64 then cast to `dtype`."""
+    import torch
+
+    lp = torch.log_softmax(make_logits(gen, shape, scale=scale, zero_frac=zero_frac), dim=-1)
+    return lp if dtype is None else lp.to(dtype)

@@ -1,0 +1,212 @@
+"""Tests for jackpot.models: char tokenizer, tiny Qwen3 building/loading/saving, teacher-forced scoring, SFT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.loading import build_tiny_qwen, load_model, load_tokenizer, save_model_and_tokenizer
+from jackpot.models.pretrain import (
+    IGNORE_INDEX,
+    TinyModelSpec,
+    add_arguments,
+    evaluate_accuracy,
+    main,
+    pretrain,
+    pretrained_model,
+    sft_batch,
+)
+from jackpot.models.tokenizer import build_char_tokenizer, check_same_tokenizer
+from jackpot.tasks import AdditionTask, Example
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def tiny(tok, seed=0, hidden=32, layers=1):
+    return build_tiny_qwen(len(tok), hidden_size=hidden, num_layers=layers, num_heads=2, seed=seed,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           bos_token_id=tok.bos_token_id)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def test_char_tokenizer_one_token_per_character_and_decode_roundtrip(tok):
+    text = "what is (12+34)*5?\nanswer: 230."
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text)
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
+
+
+def test_char_tokenizer_left_pads_batches(tok):
+    enc = tok(["1+2=", "10+20="], padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape == (2, 6)
+    assert enc["attention_mask"][0].tolist() == [0, 0, 1, 1, 1, 1]
+    assert enc["input_ids"][0, :2].tolist() == [tok.pad_token_id] * 2
+
+
+def test_char_tokenizer_save_and_autotokenizer_roundtrip(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    check_same_tokenizer(tok, loaded)
+    assert loaded("12+34=\n")["input_ids"] == tok("12+34=\n")["input_ids"]
+    assert loaded.padding_side == "left"
+
+
+def test_check_same_tokenizer_names_the_difference(tok):
+    bigger = build_char_tokenizer()
+    bigger.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match="vocabulary size: 56 vs 57"):
+        check_same_tokenizer(tok, bigger)
+    other_pad = build_char_tokenizer()
+    other_pad.pad_token = "<eos>"
+    with pytest.raises(ValueError, match="pad_token_id: 0 vs 1"):
+        check_same_tokenizer(tok, other_pad, names=("a", "b"))
+
+
+# --------------------------------------------------------------------------------------------- models
+
+def test_build_tiny_qwen_is_deterministic_and_leaves_global_rng_alone(tok):
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = tiny(tok, seed=7), tiny(tok, seed=7)
+    assert torch.equal(torch.rand(1), before)  # initialisation ran under a forked RNG
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.model.embed_tokens.weight, tiny(tok, seed=8).model.embed_tokens.weight)
+    assert a.lm_head.weight is a.model.embed_tokens.weight  # tied
+    assert a.config.head_dim == 16 and a.config.num_key_value_heads == 2
+    assert a.config.intermediate_size == 96
+
+
+def test_build_tiny_qwen_rejects_bad_sizes(tok):
+    with pytest.raises(ValueError, match="hidden_size .* divisible by num_heads"):
+        build_tiny_qwen(len(tok), hidden_size=30, num_layers=1, num_heads=4, seed=0,
+                        pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    with pytest.raises(ValueError, match="num_layers"):
+        build_tiny_qwen(len(tok), hidden_size=32, num_layers=0, num_heads=2, seed=0,
+                        pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def test_save_and_load_roundtrip_is_atomic_and_overwrites(tok, tmp_path):
+    model = tiny(tok)
+    target = tmp_path / "ckpt"
+    save_model_and_tokenizer(tiny(tok, seed=1), tok, target)  # an older checkpoint to replace
+    save_model_and_tokenizer(model, tok, target, extra_files={"note.json": "{}"})
+    assert (target / "model.safetensors").is_file() and (target / "note.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp/backup left behind
+    loaded, loaded_tok = load_model(target), load_tokenizer(target)
+    check_same_tokenizer(tok, loaded_tok)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["./missing-dir", "/nonexistent/model", "a/b/c"])
+def test_load_missing_local_path_raises_file_not_found(path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(path)
+
+
+def test_load_model_rejects_unknown_dtype(tok, tmp_path):
+    save_model_and_tokenizer(tiny(tok), tok, tmp_path / "m")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(tmp_path / "m", dtype="float8")
+    assert load_model(tmp_path / "m", dtype="bfloat16").dtype == torch.bfloat16
+
+
+# -------------------------------------------------------------------------------------------- forward
+
+def test_response_logits_align_with_plain_forward_and_ignore_left_padding(tok):
+    """Row t of response_logits is the logit at position P-1+t; left padding does not change it."""
+    model = tiny(tok, layers=2)
+    prompt, response = tok("12+3=")["input_ids"], tok("15")["input_ids"]
+    full = torch.tensor([prompt + response])
+    with torch.no_grad():
+        plain = model(full).logits[0, len(prompt) - 1:-1]
+        padded = torch.tensor([[tok.pad_token_id] * 3 + prompt + response])
+        mask = (padded != tok.pad_token_id).long()
+        got = response_logits(model, padded, mask, response_len=2, temperature=0.5)
+    assert got.shape == (1, 2, len(tok)) and got.dtype == torch.float32
+    torch.testing.assert_close(got[0], plain / 0.5, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_matches_log_softmax_reference():
+    logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    ids = torch.tensor([[0, 6, 2], [3, 3, 1]])
+    expected = torch.tensor([[torch.log_softmax(logits[b, t], -1)[ids[b, t]].item() for t in range(3)]
+                             for b in range(2)], dtype=torch.float32)
+    torch.testing.assert_close(token_logprobs(logits, ids), expected, atol=1e-6, rtol=0)
+
+
+def test_forward_shape_checks(tok):
+    model = tiny(tok)
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="response_len"):
+        response_logits(model, ids, torch.ones_like(ids), response_len=5)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        response_logits(model, ids, torch.ones(2, 4), response_len=2)
+    with pytest.raises(ValueError, match="ids"):
+        token_logprobs(torch.zeros(2, 5, 3), torch.zeros(2, 4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------- pretrain
+
+def test_sft_batch_masks_prompt_and_padding(tok):
+    batch = sft_batch(tok, [Example("1+2=", "3"), Example("10+20=", "30")])
+    assert batch["input_ids"].shape == (2, 9)
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 4 + [tok.convert_tokens_to_ids("3"), tok.eos_token_id] \
+        + [IGNORE_INDEX] * 3
+    assert batch["attention_mask"][0].tolist() == [1] * 6 + [0] * 3
+    assert batch["labels"][1, -3:].tolist() == [tok.convert_tokens_to_ids("3"), tok.convert_tokens_to_ids("0"),
+                                                tok.eos_token_id]
+
+
+def test_pretrain_lowers_loss_and_changes_parameters(tok):
+    model = tiny(tok)
+    before = model.model.embed_tokens.weight.detach().clone()
+    stats = pretrain(AdditionTask(digits=1), tok, model, steps=30, batch_size=16, lr=3e-3, seed=0,
+                     progress=False)
+    assert stats["sft/loss_last"] < stats["sft/loss_first"]
+    assert not torch.equal(before, model.model.embed_tokens.weight)
+    assert not model.training
+    acc = evaluate_accuracy(AdditionTask(digits=1), tok, model, n=8)
+    assert 0.0 <= acc <= 1.0
+
+
+def test_pretrained_model_caches_by_settings(tmp_path):
+    spec = TinyModelSpec(name="t", hidden=32, layers=1, heads=2, steps=2, batch_size=4,
+                         task_kwargs={"digits": 1})
+    path = pretrained_model(spec, tmp_path, eval_n=4, progress=False)
+    assert path.name == f"t-{spec.cache_key()}"
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert pretrained_model(spec, tmp_path, eval_n=4, progress=False) == path  # reused, not rebuilt
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((path / "spec.json").read_text())["hidden"] == 32
+    other = TinyModelSpec(**{**spec.__dict__, "steps": 3})
+    assert other.cache_key() != spec.cache_key()
+    load_model(path), load_tokenizer(path)
+
+
+def test_pretrain_cli_main_prints_accuracy(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--task", "addition", "--task-arg", "digits=1", "--hidden", "32", "--layers", "1",
+                              "--heads", "2", "--steps", "2", "--batch-size", "4", "--eval-n", "4",
+                              "--out", str(tmp_path / "out"), "--no-progress"])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "eval/greedy_acc_after" in out and "eval/sampled_acc_before" in out
+    assert (tmp_path / "out" / "stats.json").is_file()

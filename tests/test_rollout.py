@@ -1,0 +1,202 @@
+"""Tests for jackpot.rollout: RolloutBatch plumbing and HFRolloutEngine's recorded log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.loading import build_tiny_qwen
+from jackpot.models.tokenizer import build_char_tokenizer
+from jackpot.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine, decode_responses, encode_prompts
+from jackpot.rollout.hf import response_mask_from_ids
+
+PROMPTS = ["12+34=", "1+2=", "what is 3*4?", "9+9+9="]
+# Teacher-forced and cached-generation logits are the same math in float32; they agree to ~1e-6.
+LOGPROB_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    m = build_tiny_qwen(len(tok), hidden_size=32, num_layers=2, num_heads=2, seed=0,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                        bos_token_id=tok.bos_token_id)
+    with torch.no_grad():  # make EOS likely enough that some rows stop early
+        m.lm_head.weight[tok.eos_token_id] *= 0.0
+        m.model.norm.weight.mul_(4.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def engine(model, tok):
+    return HFRolloutEngine(model, tok)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return encode_prompts(tok, PROMPTS)
+
+
+def rollout(engine, prompts, **kw):
+    ids, mask = prompts
+    args = dict(max_new_tokens=10, temperature=1.0, top_p=1.0, topk=5, seed=0) | kw
+    return engine.generate(ids, mask, **args)
+
+
+def test_encode_prompts_left_pads(tok, prompts):
+    ids, mask = prompts
+    assert ids.shape == mask.shape == (4, len(PROMPTS[2]))
+    assert mask[:, -1].all() and mask[1].tolist() == [0] * 8 + [1] * 4
+    with pytest.raises(ValueError, match="prompts"):
+        encode_prompts(tok, [])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_teacher_forced_forward(engine, model, prompts, temperature):
+    batch = rollout(engine, prompts, temperature=temperature, seed=1)
+    with torch.no_grad():
+        logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.response_len,
+                                 temperature=temperature)
+    expected = token_logprobs(logits, batch.response_ids)
+    m = batch.response_mask.bool()
+    torch.testing.assert_close(batch.logprobs[m], expected[m], atol=LOGPROB_TOL, rtol=0)
+    # the top-k are the K largest of the same distribution
+    full = torch.log_softmax(logits, -1).topk(5, dim=-1).values
+    torch.testing.assert_close(batch.topk_logprobs[m], full[m], atol=LOGPROB_TOL, rtol=0)
+
+
+def test_matches_hf_processed_scores_with_top_p(engine, model, tok, prompts):
+    """With top-p, the record equals generate's own processed `scores` (HF warpers), same seed, same tokens."""
+    batch = rollout(engine, prompts, temperature=0.7, top_p=0.3, seed=5)
+    ids, mask = prompts
+    torch.manual_seed(5)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_p=0.3,
+                         top_k=0, max_new_tokens=10, output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    hf_response = out.sequences[:, ids.shape[1]:]
+    m = batch.response_mask.bool()
+    assert torch.equal(hf_response[m], batch.response_ids[m])
+    hf_logq = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1)
+    expected = hf_logq.gather(-1, hf_response.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(batch.logprobs[m], expected[m], atol=1e-6, rtol=0)
+    assert torch.isfinite(batch.logprobs[m]).all()
+    assert torch.isinf(batch.topk_logprobs[m]).any()  # top-p removed some of the top-5 somewhere
+
+
+def test_topk_sorted_and_contains_sampled_token(engine, prompts):
+    batch = rollout(engine, prompts, temperature=1.3, seed=2)
+    m = batch.response_mask.bool()
+    lp = batch.topk_logprobs[m]
+    assert batch.topk_ids.shape == (*batch.response_ids.shape, 5) and batch.topk_ids.dtype == torch.long
+    assert (lp[:, :-1] >= lp[:, 1:]).all()
+    hit = batch.topk_ids[m] == batch.response_ids[m].unsqueeze(-1)
+    in_topk = hit.any(-1)
+    assert in_topk.any() and (~in_topk).any()  # both cases occur at this temperature
+    torch.testing.assert_close(lp[hit], batch.logprobs[m][in_topk], atol=1e-6, rtol=0)
+    assert (batch.logprobs[m][~in_topk] <= lp[~in_topk, -1] + 1e-6).all()
+
+
+def test_response_mask_zero_after_eos(engine, tok, prompts):
+    batch = rollout(engine, prompts, seed=3)
+    eos = batch.response_ids == tok.eos_token_id
+    assert eos.any(), "fixture model should stop some rows early"
+    for row, mask, ids in zip(eos, batch.response_mask, batch.response_ids):
+        if row.any():
+            first = int(row.nonzero()[0])
+            assert mask[: first + 1].eq(1).all() and mask[first + 1:].eq(0).all()
+            assert ids[first + 1:].eq(tok.pad_token_id).all()
+        else:
+            assert mask.eq(1).all()
+    assert batch.response_mask.dtype == torch.float32 and batch.logprobs.dtype == torch.float32
+    assert (batch.logprobs[batch.response_mask == 0] == 0).all()
+
+
+def test_response_mask_from_ids_handles_pad_equal_to_eos():
+    ids = torch.tensor([[5, 1, 1, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    assert response_mask_from_ids(ids, [1]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_same_seed_same_rollout_and_global_rng_untouched(engine, prompts):
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a, b = rollout(engine, prompts, seed=11), rollout(engine, prompts, seed=11)
+    assert torch.equal(torch.get_rng_state(), state)
+    for name in ("response_ids", "response_mask", "logprobs", "topk_ids", "topk_logprobs"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    c = rollout(engine, prompts, seed=12)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_engine_protocol_version_and_argument_checks(engine, prompts):
+    assert isinstance(engine, RolloutEngine)
+    engine.set_version(3)
+    try:
+        assert rollout(engine, prompts).model_version == 3
+    finally:
+        engine.set_version(0)
+    ids, mask = prompts
+    with pytest.raises(ValueError, match="temperature"):
+        rollout(engine, prompts, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        rollout(engine, prompts, top_p=1.5)
+    with pytest.raises(ValueError, match="left-padded"):
+        engine.generate(ids.flip(1), mask.flip(1), max_new_tokens=2, temperature=1.0, top_p=1.0, topk=2, seed=0)
+
+
+def test_model_generation_config_does_not_leak(engine, model, prompts):
+    """A checkpoint's own sampling defaults (e.g. top_k=3) must not alter the recorded distribution."""
+    plain = rollout(engine, prompts, seed=4)
+    saved_top_k = model.generation_config.top_k
+    model.generation_config.top_k = 3
+    try:
+        assert torch.equal(rollout(engine, prompts, seed=4).logprobs, plain.logprobs)
+    finally:
+        model.generation_config.top_k = saved_top_k
+
+
+def test_decode_responses_drops_eos_and_padding(tok):
+    ids = torch.tensor([[5, 6, tok.eos_token_id, 0], [7, 7, 7, 7]])
+    mask = response_mask_from_ids(ids, [tok.eos_token_id])
+    assert decode_responses(tok, ids, mask) == ["12", "3333"]
+
+
+# -------------------------------------------------------------------------------------------- batches
+
+def make_batch(B, P, T, K=3, version=0, fill=1.0):
+    return RolloutBatch(
+        prompt_ids=torch.full((B, P), 5), prompt_mask=torch.ones(B, P, dtype=torch.long),
+        response_ids=torch.full((B, T), 6), response_mask=torch.ones(B, T),
+        logprobs=torch.full((B, T), -fill), topk_ids=torch.full((B, T, K), 7),
+        topk_logprobs=torch.full((B, T, K), -fill), model_version=version,
+    )
+
+
+def test_rollout_batch_properties_select_and_to():
+    batch = make_batch(3, 2, 4)
+    assert len(batch) == 3 and batch.input_ids.shape == (3, 6) and batch.attention_mask.dtype == torch.long
+    sub = batch.select(torch.tensor([2, 0]))
+    assert len(sub) == 2 and sub.topk_ids.shape == (2, 4, 3)
+    assert len(batch.select(torch.tensor([True, False, True]))) == 2
+    assert batch.to("cpu").logprobs.device.type == "cpu"
+
+
+def test_rollout_batch_cat_pads_prompts_left_and_responses_right():
+    merged = RolloutBatch.cat([make_batch(2, 3, 2), make_batch(1, 1, 4)])
+    assert merged.prompt_ids.shape == (3, 3) and merged.response_ids.shape == (3, 4)
+    assert merged.prompt_mask[2].tolist() == [0, 0, 1] and merged.prompt_ids[2].tolist() == [0, 0, 5]
+    assert merged.response_mask[0].tolist() == [1, 1, 0, 0] and merged.response_ids[0].tolist() == [6, 6, 0, 0]
+    assert merged.topk_logprobs.shape == (3, 4, 3) and merged.topk_logprobs[0, 3].tolist() == [0.0] * 3
+
+
+def test_rollout_batch_validates_shapes():
+    with pytest.raises(ValueError, match="topk_logprobs must have shape"):
+        RolloutBatch(**{**make_batch(2, 3, 4).__dict__, "topk_logprobs": torch.zeros(2, 4, 2)})
+    with pytest.raises(ValueError, match="model_version"):
+        RolloutBatch.cat([make_batch(1, 1, 1, version=0), make_batch(1, 1, 1, version=1)])
+    with pytest.raises(ValueError, match="non-empty"):
+        RolloutBatch.cat([])
