@@ -42,8 +42,10 @@ TOY_P_INF = (0.45, 0.30, 0.15, 0.10)
 TOY_P_TGT = (0.25, 0.35, 0.25, 0.15)
 SWEEP_KL = 0.05  # KL before of the budget-sweep pair (lognormal family)
 SWEEP_BUDGET_MIN = 0.5
-BISECT_SIGMA = (1e-5, 10.0)  # bracket for sigma
-BISECT_ITERS = 30
+SOLVE_BRACKET = (1e-4, 10.0)  # sigma bracket of solve_sigma
+SOLVE_RTOL = 1e-4  # |log KL - log target| at which solve_sigma stops
+SOLVE_MAX_ITERS = 60
+KL_FLOOR = 1e-30  # float32 rounding can make a tiny KL <= 0; floored before the log
 
 
 def _draw_noise(family: str, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -59,11 +61,14 @@ FAMILIES = ("lognormal", "gaussian")
 
 
 def draw_states(vocab: int, states: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Target logits z (states, vocab) and one noise draw xi (states, vocab) per family, float64."""
+    """Target logits z (states, vocab) and one noise draw xi (states, vocab) per family.
+
+    Drawn in float64 and stored in float32, the precision obrs_kl_from_logits computes in anyway.
+    """
     gen = torch.Generator().manual_seed(seed)
     scale = torch.tensor([SCALES[i % len(SCALES)] for i in range(states)], dtype=torch.float64)
     z = torch.randn((states, vocab), generator=gen, dtype=torch.float64) * scale.unsqueeze(-1)
-    return z, {f: _draw_noise(f, (states, vocab), gen) for f in FAMILIES}
+    return z.float(), {f: _draw_noise(f, (states, vocab), gen).float() for f in FAMILIES}
 
 
 def evaluate(z: torch.Tensor, xi: torch.Tensor, sigma: float, lam: float) -> dict[str, float]:
@@ -73,14 +78,37 @@ def evaluate(z: torch.Tensor, xi: torch.Tensor, sigma: float, lam: float) -> dic
             "acceptance": acc.mean().item()}
 
 
+def _mean_kl_before(z: torch.Tensor, xi: torch.Tensor, log_sigma: float) -> float:
+    _, kl, _ = obrs_kl_from_logits(z, z + math.exp(log_sigma) * xi, 1.0)
+    return kl.mean().item()
+
+
 def solve_sigma(z: torch.Tensor, xi: torch.Tensor, target_kl: float) -> float:
-    """sigma whose mean KL(p_tgt || p_inf) equals target_kl, by bisection on log sigma."""
-    lo, hi = (math.log(s) for s in BISECT_SIGMA)
-    for _ in range(BISECT_ITERS):
-        mid = 0.5 * (lo + hi)
-        _, kl, _ = obrs_kl_from_logits(z, z + math.exp(mid) * xi, 1.0)
-        lo, hi = (mid, hi) if kl.mean().item() < target_kl else (lo, mid)
-    return math.exp(0.5 * (lo + hi))
+    """sigma whose mean KL(p_tgt || p_inf) equals target_kl (relative tolerance SOLVE_RTOL).
+
+    Regula falsi with the Illinois fix on f(log sigma) = log KL - log target, which is increasing
+    and nearly linear (KL ~ sigma^2 for small sigma); a handful of evaluations instead of ~30.
+    """
+    def f(u: float) -> float:
+        return math.log(max(_mean_kl_before(z, xi, u), KL_FLOOR)) - math.log(target_kl)
+
+    a, b = (math.log(s) for s in SOLVE_BRACKET)
+    fa, fb = f(a), f(b)
+    if fa > 0 or fb < 0:
+        raise ValueError(f"KL {target_kl} is outside KL(sigma) for sigma in {SOLVE_BRACKET}")
+    side, c = 0, a
+    for _ in range(SOLVE_MAX_ITERS):
+        c = (a * fb - b * fa) / (fb - fa)
+        fc = f(c)
+        if abs(fc) < SOLVE_RTOL:
+            break
+        if fc > 0:
+            b, fb = c, fc
+            fa, side = (fa / 2, -1) if side == -1 else (fa, -1)
+        else:
+            a, fa = c, fc
+            fb, side = (fb / 2, 1) if side == 1 else (fb, 1)
+    return math.exp(c)
 
 
 def run_family(z: torch.Tensor, xi: torch.Tensor, n_sigma: int, lam: float) -> tuple[list[dict], list[dict]]:

@@ -138,6 +138,7 @@ def lambda_bisect_row(tgt_logp: list[float], inf_logp: list[float], budget: floa
     # for lam >= r_max, Z = (p_tgt mass on supp p_inf) / lam, so this hi has Z(hi) <= budget
     r_hi = max(exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp) if exp(li) > 0)
     hi = max(r_hi, 1.0 / budget) * 2.0
+    assert z_row(tgt_logp, inf_logp, hi) < budget
     return _bisect_decreasing(lambda lam: z_row(tgt_logp, inf_logp, lam), budget, r_lo, hi)
 
 
@@ -152,7 +153,9 @@ def batch_lambda_bisect(ratios: list[float], budget: float) -> float:
     r_lo = min(positive)
     if budget >= batch_acceptance(ratios, r_lo):
         return r_lo
-    hi = max(max(positive), 1.0 / budget) * 2.0
+    hi = max(positive)
+    while batch_acceptance(ratios, hi) >= budget:  # for lam >= r_max the acceptance is mean(r)/lam
+        hi *= 2.0
     return _bisect_decreasing(lambda lam: batch_acceptance(ratios, lam), budget, r_lo, hi)
 
 
@@ -355,3 +358,31 @@ def make_logp(gen, shape, *, dtype=None, scale: float = 2.0, zero_frac: float = 
 
     lp = torch.log_softmax(make_logits(gen, shape, scale=scale, zero_frac=zero_frac), dim=-1)
     return lp if dtype is None else lp.to(dtype)
+
+
+def mismatch_ref(target_logp, rollout_logp, mask, *, low: float, high: float) -> dict[str, float]:
+    """The sampled-token mismatch diagnostics, rho = p_tgt/p_inf at x ~ p_inf, by loops over (B, T)."""
+    out = kl_estimators_ref(target_logp, rollout_logp, mask)
+    rhos, seq_terms, ppl = [], [], []
+    for t_row, r_row, m_row in zip(rows(target_logp), rows(rollout_logp), rows(mask)):
+        s, n, lt_sum, lr_sum = 0.0, 0, 0.0, 0.0
+        for lt, li, m in zip(t_row, r_row, m_row):
+            if m > 0:
+                rhos.append(math.exp(lt - li))
+                s += lt - li
+                n += 1
+                lt_sum += lt
+                lr_sum += li
+        seq_terms.append(math.exp(2 * s))
+        ppl.append((-lr_sum + lt_sum) / max(n, 1))  # log-ppl(rollout) - log-ppl(target)
+    out.update({
+        "chi2_token": sum(r * r for r in rhos) / len(rhos) - 1.0,
+        "chi2_seq": sum(seq_terms) / len(seq_terms) - 1.0,
+        "ess": sum(rhos) ** 2 / (len(rhos) * sum(r * r for r in rhos)),
+        "ratio_min": min(rhos),
+        "ratio_max": max(rhos),
+        "frac_above": sum(1 for r in rhos if r > high) / len(rhos),
+        "frac_below": sum(1 for r in rhos if r < low) / len(rhos),
+        "log_ppl_diff": sum(ppl) / len(ppl),
+    })
+    return out
