@@ -83,7 +83,8 @@ def _mean_kl_before(z: torch.Tensor, xi: torch.Tensor, log_sigma: float) -> floa
     return kl.mean().item()
 
 
-def solve_sigma(z: torch.Tensor, xi: torch.Tensor, target_kl: float) -> float:
+def solve_sigma(z: torch.Tensor, xi: torch.Tensor, target_kl: float,
+                bracket: tuple[float, float] = SOLVE_BRACKET) -> float:
     """sigma whose mean KL(p_tgt || p_inf) equals target_kl (relative tolerance SOLVE_RTOL).
 
     Regula falsi with the Illinois fix on f(log sigma) = log KL - log target, which is increasing
@@ -92,10 +93,10 @@ def solve_sigma(z: torch.Tensor, xi: torch.Tensor, target_kl: float) -> float:
     def f(u: float) -> float:
         return math.log(max(_mean_kl_before(z, xi, u), KL_FLOOR)) - math.log(target_kl)
 
-    a, b = (math.log(s) for s in SOLVE_BRACKET)
+    a, b = (math.log(s) for s in bracket)
     fa, fb = f(a), f(b)
     if fa > 0 or fb < 0:
-        raise ValueError(f"KL {target_kl} is outside KL(sigma) for sigma in {SOLVE_BRACKET}")
+        raise ValueError(f"KL {target_kl} is outside KL(sigma) for sigma in {bracket}")
     side, c = 0, a
     for _ in range(SOLVE_MAX_ITERS):
         c = (a * fb - b * fa) / (fb - fa)
@@ -116,7 +117,7 @@ def run_family(z: torch.Tensor, xi: torch.Tensor, n_sigma: int, lam: float) -> t
     s_lo, s_hi = (solve_sigma(z, xi, kl) for kl in KL_SPAN)
     step = (math.log(s_hi) - math.log(s_lo)) / max(n_sigma - 1, 1)
     grid = [math.exp(math.log(s_lo) + i * step) for i in range(n_sigma)]
-    anchor_sigmas = [solve_sigma(z, xi, kl) for kl in ANCHOR_KLS]
+    anchor_sigmas = [solve_sigma(z, xi, kl, (s_lo, s_hi)) for kl in ANCHOR_KLS]
     points = [evaluate(z, xi, s, lam) for s in sorted(grid + anchor_sigmas)]
     anchors = []
     for kl, s in zip(ANCHOR_KLS, anchor_sigmas):
@@ -301,6 +302,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--states", type=int, default=64,
                         help="independent (p_tgt, p_inf) pairs averaged per grid point (s alternates 2, 3)")
     parser.add_argument("--n-budgets", type=int, default=21, help="budget-sweep points (two interleaved grids)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads while simulating "
+                        "(the tensors are small, so 1 is fastest on a shared CPU); restored afterwards")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
 
 
@@ -309,7 +312,12 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("need --vocab >= 4, --states >= 1, --n-sigma >= 2, --n-budgets >= 2")
     if not (math.isfinite(args.lam) and args.lam > 0):
         raise SystemExit(f"--lam must be a finite number > 0, got {args.lam}")
-    result = simulate(args.vocab, args.states, args.n_sigma, args.lam, args.seed, args.n_budgets)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(args.threads, 1))
+    try:
+        result = simulate(args.vocab, args.states, args.n_sigma, args.lam, args.seed, args.n_budgets)
+    finally:
+        torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "simulation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1, allow_nan=False)))

@@ -1,4 +1,4 @@
-"""Tests for jackpot.models: char tokenizer, tiny Qwen3 building/loading/saving, teacher-forced scoring, SFT."""
+"""Tests for jackpot.models: char tokenizer, tiny Qwen3 build/load/save, teacher-forced scoring, SFT."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_build_tiny_qwen_is_deterministic_and_leaves_global_rng_alone(tok):
     torch.manual_seed(123)
     a, b = tiny(tok, seed=7), tiny(tok, seed=7)
     assert torch.equal(torch.rand(1), before)  # initialisation ran under a forked RNG
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert not torch.equal(a.model.embed_tokens.weight, tiny(tok, seed=8).model.embed_tokens.weight)
     assert a.lm_head.weight is a.model.embed_tokens.weight  # tied
@@ -167,11 +167,10 @@ def test_forward_shape_checks(tok):
 def test_sft_batch_masks_prompt_and_padding(tok):
     batch = sft_batch(tok, [Example("1+2=", "3"), Example("10+20=", "30")])
     assert batch["input_ids"].shape == (2, 9)
-    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 4 + [tok.convert_tokens_to_ids("3"), tok.eos_token_id] \
-        + [IGNORE_INDEX] * 3
+    three, zero, eos = tok.convert_tokens_to_ids("3"), tok.convert_tokens_to_ids("0"), tok.eos_token_id
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 4 + [three, eos] + [IGNORE_INDEX] * 3
     assert batch["attention_mask"][0].tolist() == [1] * 6 + [0] * 3
-    assert batch["labels"][1, -3:].tolist() == [tok.convert_tokens_to_ids("3"), tok.convert_tokens_to_ids("0"),
-                                                tok.eos_token_id]
+    assert batch["labels"][1, -3:].tolist() == [three, zero, eos]
 
 
 def test_pretrain_lowers_loss_and_changes_parameters(tok):
@@ -203,9 +202,9 @@ def test_pretrained_model_caches_by_settings(tmp_path):
 def test_pretrain_cli_main_prints_accuracy(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--task", "addition", "--task-arg", "digits=1", "--hidden", "32", "--layers", "1",
-                              "--heads", "2", "--steps", "2", "--batch-size", "4", "--eval-n", "4",
-                              "--out", str(tmp_path / "out"), "--no-progress"])
+    args = parser.parse_args(["--task", "addition", "--task-arg", "digits=1", "--hidden", "32",
+                              "--layers", "1", "--heads", "2", "--steps", "2", "--batch-size", "4",
+                              "--eval-n", "4", "--out", str(tmp_path / "out"), "--no-progress"])
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "eval/greedy_acc_after" in out and "eval/sampled_acc_before" in out

@@ -71,7 +71,7 @@ def test_logprobs_match_teacher_forced_forward(engine, model, prompts, temperatu
 
 
 def test_matches_hf_processed_scores_with_top_p(engine, model, tok, prompts):
-    """With top-p, the record equals generate's own processed `scores` (HF warpers), same seed, same tokens."""
+    """With top-p, the record equals generate's processed `scores` (HF's warpers): same seed, same tokens."""
     batch = rollout(engine, prompts, temperature=0.7, top_p=0.3, seed=5)
     ids, mask = prompts
     torch.manual_seed(5)
@@ -105,7 +105,7 @@ def test_response_mask_zero_after_eos(engine, tok, prompts):
     batch = rollout(engine, prompts, seed=3)
     eos = batch.response_ids == tok.eos_token_id
     assert eos.any(), "fixture model should stop some rows early"
-    for row, mask, ids in zip(eos, batch.response_mask, batch.response_ids):
+    for row, mask, ids in zip(eos, batch.response_mask, batch.response_ids, strict=True):
         if row.any():
             first = int(row.nonzero()[0])
             assert mask[: first + 1].eq(1).all() and mask[first + 1:].eq(0).all()
@@ -145,7 +145,8 @@ def test_engine_protocol_version_and_argument_checks(engine, prompts):
     with pytest.raises(ValueError, match="top_p"):
         rollout(engine, prompts, top_p=1.5)
     with pytest.raises(ValueError, match="left-padded"):
-        engine.generate(ids.flip(1), mask.flip(1), max_new_tokens=2, temperature=1.0, top_p=1.0, topk=2, seed=0)
+        engine.generate(ids.flip(1), mask.flip(1), max_new_tokens=2, temperature=1.0, top_p=1.0, topk=2,
+                        seed=0)
 
 
 def test_model_generation_config_does_not_leak(engine, model, prompts):
@@ -189,7 +190,8 @@ def test_rollout_batch_cat_pads_prompts_left_and_responses_right():
     merged = RolloutBatch.cat([make_batch(2, 3, 2), make_batch(1, 1, 4)])
     assert merged.prompt_ids.shape == (3, 3) and merged.response_ids.shape == (3, 4)
     assert merged.prompt_mask[2].tolist() == [0, 0, 1] and merged.prompt_ids[2].tolist() == [0, 0, 5]
-    assert merged.response_mask[0].tolist() == [1, 1, 0, 0] and merged.response_ids[0].tolist() == [6, 6, 0, 0]
+    assert merged.response_mask[0].tolist() == [1, 1, 0, 0]
+    assert merged.response_ids[0].tolist() == [6, 6, 0, 0]
     assert merged.topk_logprobs.shape == (3, 4, 3) and merged.topk_logprobs[0, 3].tolist() == [0.0] * 3
 
 

@@ -29,7 +29,10 @@ from jackpot.tasks import files as files_module
 # ------------------------------------------------------------------------------------------ arithmetic
 
 
-@pytest.mark.parametrize("task", [AdditionTask(digits=2), ChainSumTask(terms=3, digits=1), MultiplyTask(digits=1)])
+ALL_TASKS = [AdditionTask(digits=2), ChainSumTask(terms=3, digits=1), MultiplyTask(digits=1)]
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_examples_are_correct_reproducible_and_satisfy_protocol(task):
     assert isinstance(task, Task)
     train = task.examples("train", 50, seed=3)
@@ -96,7 +99,8 @@ def write_jsonl(path, rows):
 
 def test_jsonl_task_reads_splits_and_rewards(tmp_path):
     rows = [{"q": f"what is {i}+1?", "a": str(i + 1)} for i in range(40)]
-    task = JsonlTask(write_jsonl(tmp_path / "d.jsonl", rows), prompt_key="q", answer_key="a", eval_fraction=0.5)
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    task = JsonlTask(path, prompt_key="q", answer_key="a", eval_fraction=0.5)
     train, evals = task.examples("train", 100, 0), task.examples("eval", 5, 0)
     assert len(train) == 100 and len(evals) == 5
     assert not {e.prompt for e in train} & {e.prompt for e in evals}
@@ -112,7 +116,8 @@ def test_jsonl_task_errors(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}])
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing key\(s\) \['answer'\]"):
         JsonlTask(bad)
-    only_train = JsonlTask(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "answer": "1"}]), eval_fraction=0.0)
+    one_row = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "answer": "1"}])
+    only_train = JsonlTask(one_row, eval_fraction=0.0)
     with pytest.raises(ValueError, match="no examples in split 'eval'"):
         only_train.examples("eval", 1, 0)
 
@@ -129,7 +134,8 @@ def test_jsonl_math_verify_equivalence_when_available(tmp_path):
 
 def test_jsonl_exact_match_without_math_verify(tmp_path, monkeypatch):
     monkeypatch.setattr(files_module, "math_verify", None)
-    task = JsonlTask(write_jsonl(tmp_path / "m.jsonl", [{"prompt": "p", "answer": " 72 "}]), eval_fraction=1.0)
+    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "p", "answer": " 72 "}])
+    task = JsonlTask(path, eval_fraction=1.0)
     ex = task.examples("eval", 1, 0)[0]
     assert task.reward(ex, "72") == 1.0 and task.reward(ex, "72.0") == 0.0
 

@@ -159,7 +159,8 @@ def evaluate_accuracy(
     max_new = max_new_tokens or getattr(task, "max_answer_len", 15) + 1
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples])
     if temperature is None:
-        out = model.generate(input_ids=prompt_ids.to(model.device), attention_mask=prompt_mask.to(model.device),
+        device = model.device
+        out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
                              do_sample=False, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
         response = out[:, prompt_ids.shape[1]:]
@@ -169,7 +170,7 @@ def evaluate_accuracy(
                                                            temperature=temperature, seed=seed)
         response, mask = batch.response_ids, batch.response_mask
     completions = decode_responses(tokenizer, response, mask)
-    return sum(task.reward(ex, c) for ex, c in zip(examples, completions)) / len(examples)
+    return sum(task.reward(ex, c) for ex, c in zip(examples, completions, strict=True)) / len(examples)
 
 
 def train_tiny_model(

@@ -58,7 +58,8 @@ class RolloutBatch:
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
-                raise ValueError(f"{name} must have shape {shape} (B, P, T, K = {B}, {P}, {T}, {K}), got {got}")
+                raise ValueError(f"{name} must have shape {shape} (B, P, T, K = {B}, {P}, {T}, {K}), "
+                                 f"got {got}")
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -82,7 +83,8 @@ class RolloutBatch:
         return self.prompt_ids.shape[0]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         """A copy with every tensor on `device`."""

@@ -21,12 +21,19 @@ import contextlib
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from jackpot.rollout.base import FILL_LOGPROB, RolloutBatch
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize and left-pad: list of B strings -> prompt_ids (B, P) long, prompt_mask (B, P) long."""
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
@@ -205,4 +212,5 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Ten
                          f"{tuple(response_ids.shape)} and {tuple(response_mask.shape)}")
     keep = response_mask.bool().cpu()
     rows = response_ids.cpu()
-    return [tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(rows, keep)]
+    return [tokenizer.decode(row[k].tolist(), skip_special_tokens=True)
+            for row, k in zip(rows, keep, strict=True)]

@@ -57,7 +57,8 @@ class JsonlTask:
         check_split(split, n)
         pool = self._pool[split]
         if n and not pool:
-            raise ValueError(f"{self.path}: no examples in split {split!r} (eval_fraction={self.eval_fraction})")
+            raise ValueError(f"{self.path}: no examples in split {split!r} "
+                             f"(eval_fraction={self.eval_fraction})")
         out: list[Example] = []
         rng = random.Random(f"jsonl/{split}/{seed}")
         while len(out) < n:

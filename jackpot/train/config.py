@@ -172,7 +172,7 @@ class Config:
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    cache_dir: str = "~/.cache/jackpot"
+    cache_dir: str = ".cache/jackpot/models"
     """Where pre-trained tiny models are cached."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.jsonl."""

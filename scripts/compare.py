@@ -1,0 +1,108 @@
+"""Run the paper's comparison on the offline task for several seeds and write docs/RESULTS.md.
+
+    python scripts/compare.py                       # every preset below, seeds 0 1 2
+    python scripts/compare.py --seeds 0 --presets jackpot on-policy train.steps=10
+
+Groups (each a figure and a table):
+  decoupled  on-policy vs decoupled (rollout model samples): no correction, only reverse KL,
+             TIS + reverse KL, Jackpot — the paper's Figure 1 / Table 1 setting
+  staleness  the policy samples, but the rollout batch is 8x the train batch: PPO clip, no clip,
+             no clip + Jackpot (target = new) — the paper's Table 3 setting
+Every run uses the same pre-trained tiny models (cached) and differs only in its RL seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jackpot.plot import plot_runs  # noqa: E402
+from jackpot.train.cli import summarize  # noqa: E402
+from jackpot.train.config import build_config  # noqa: E402
+from jackpot.train.loop import train  # noqa: E402
+
+GROUPS = {
+    "decoupled": ["on-policy", "decoupled-none", "reverse-kl-only", "tis-reverse-kl", "jackpot"],
+    "staleness": ["staleness-clip", "staleness-noclip", "staleness-jackpot"],
+}
+
+
+def run_all(presets: list[str], seeds: list[int], out: Path, overrides: list[str]) -> dict[str, list[Path]]:
+    runs: dict[str, list[Path]] = {}
+    for preset in presets:
+        for seed in seeds:
+            run_dir = out / f"{preset}-seed{seed}"
+            if not (run_dir / "summary.json").is_file():
+                cfg = build_config(str(ROOT / "configs" / f"{preset}.yaml"), [*overrides, f"train.seed={seed}"])
+                t0 = time.perf_counter()
+                train(cfg, run_dir, progress=False)
+                (run_dir / "summary.json").write_text(json.dumps(summarize(run_dir), indent=2))
+                print(f"{preset} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+            runs.setdefault(preset, []).append(run_dir)
+    return runs
+
+
+def _stat(values: list[float | None], spec: str = ".3f") -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return format(vals[0], spec)
+    return f"{statistics.mean(vals):{spec}} ± {statistics.stdev(vals):{spec}}"
+
+
+def table(runs: dict[str, list[Path]]) -> str:
+    head = ("| preset | policy eval before | policy eval after | Δ | acceptance | actor–policy KL k3 (mean) "
+            "| rollout s/step | update s/step |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for preset, dirs in runs.items():
+        s = [json.loads((d / "summary.json").read_text()) for d in dirs]
+        delta = [x["eval_after"] - x["eval_before"] for x in s]
+        rows.append(f"| {preset} | {_stat([x['eval_before'] for x in s])} | {_stat([x['eval_after'] for x in s])} "
+                    f"| {_stat(delta, '+.3f')} | {_stat([x['accept_rate_mean'] for x in s])} "
+                    f"| {_stat([x['actor_policy_kl_k3_mean'] for x in s], '.4f')} "
+                    f"| {_stat([x['rollout_s_mean'] for x in s], '.2f')} | {_stat([x['update_s_mean'] for x in s], '.2f')} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: list[int], overrides: list[str]) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    parts = ["# Results\n",
+             f"Produced by `python scripts/compare.py{' ' + ' '.join(overrides) if overrides else ''}` "
+             f"(seeds {seeds}, commit {commit or 'unknown'}). Mean ± standard deviation over seeds; "
+             "'eval' is Mean@k accuracy on held-out problems; times are seconds per training step on the "
+             "machine that ran it.\n"]
+    for name, runs in groups.items():
+        figure = path.parent / f"results-{name}.png"
+        plot_runs([d for dirs in runs.values() for d in dirs], figure, title=name)
+        parts += [f"\n## {name}\n\n", table(runs), f"\n![{name}]({figure.name})\n"]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(parts))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
+    ap.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    args = ap.parse_args()
+    groups = {g: run_all(GROUPS[g], args.seeds, Path(args.out), args.overrides) for g in args.groups}
+    write_results(groups, Path(args.results), args.seeds, args.overrides)
+    print(Path(args.results).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Tests of jackpot.core.corrections: none / TIS / IcePop / Jackpot behind one interface.
+
+Vectorised ≡ the per-token loops of tests/reference.py (Algorithm 1 with the METHOD.md decisions),
+hand-worked weights, properties (identical models ⇒ weight 1 and every token accepted), the Jackpot
+mask's consistency and frequency, the target="new" importance weight, edges and bad input.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from jackpot.core.corrections import CORRECTIONS, CorrectionInputs, apply_correction, icepop, jackpot, tis
+from jackpot.core.obrs import normalizer
+
+INF = math.inf
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def sampled_logp(g, shape, dtype=torch.float64):
+    """Log-probabilities of sampled tokens: log U(0.02, 1)."""
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * 0.98 + 0.02).log().to(dtype)
+
+
+def batch(seed: int, dtype=torch.float64, shape=(4, 7), with_new: bool = True, with_z: bool = False):
+    g = gen(seed)
+    mask = (torch.rand(shape, generator=g) < 0.85).to(dtype)
+    mask[0, -2:] = 0.0  # some padding
+    mask[1, 0] = 1.0
+    return CorrectionInputs(
+        rollout_logp=sampled_logp(g, shape, dtype),
+        ref_logp=sampled_logp(g, shape, dtype),
+        mask=mask,
+        new_logp=sampled_logp(g, shape, dtype) if with_new else None,
+        uniforms=torch.rand(shape, generator=g, dtype=torch.float64).to(dtype),
+        z=(torch.rand(shape, generator=g, dtype=torch.float64) * 0.8 + 0.2).to(dtype) if with_z else None,
+    )
+
+
+def close(actual: torch.Tensor, expected, dtype) -> None:
+    expected = torch.as_tensor(expected, dtype=torch.float64).reshape(actual.shape)
+    torch.testing.assert_close(actual.double(), expected, **TOL[dtype])
+
+
+def as_lists(inp: CorrectionInputs) -> dict:
+    out = dict(rollout_logp=ref.rows(inp.rollout_logp), ref_logp=ref.rows(inp.ref_logp), mask=ref.rows(inp.mask))
+    for name in ("new_logp", "uniforms", "z"):
+        v = getattr(inp, name)
+        out[name] = None if v is None else ref.rows(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# vectorised == reference
+# --------------------------------------------------------------------------------------------------
+JACKPOT_CASES = list(itertools.product(
+    ["ref", "new"],                                         # target
+    ["fixed", "z", "budget"],                               # how lam and Z are set
+    [True, False],                                          # sampled mask (uniforms) or expected mask
+    [(None, None), (1.5, None), (None, 0.8), (1.2, 1.1)],   # (c1, c2)
+))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("target", "zmode", "sampled", "clips"), JACKPOT_CASES)
+def test_jackpot_matches_reference(dtype, target, zmode, sampled, clips):
+    inp = batch(1, dtype, with_z=zmode == "z")
+    if not sampled:
+        inp = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, new_logp=inp.new_logp, z=inp.z)
+    c1, c2 = clips
+    kw = dict(target=target, c1=c1, c2=c2)
+    kw.update(dict(budget=0.6) if zmode == "budget" else dict(lam=0.7))
+    res = jackpot(inp, **kw)
+    w, keep, lam = ref.jackpot_row_major(**as_lists(inp), **kw)
+    assert res.weights.shape == inp.mask.shape and res.weights.dtype == dtype and not res.weights.requires_grad
+    close(res.weights, w, dtype)
+    assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
+    close(res.stats["obrs/lambda"], lam, dtype)
+    n = inp.mask.sum()
+    assert res.stats["obrs/accept_rate"].item() == pytest.approx((res.mask.sum() / n).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
+@pytest.mark.parametrize("cap", [0.9, 2.0, 50.0])
+def test_tis_matches_reference(dtype, level, cap):
+    inp = batch(2, dtype, shape=(3, 5))
+    res = tis(inp, cap=cap, level=level)
+    w, keep = ref.tis_ref(ref.rows(inp.rollout_logp), ref.rows(inp.ref_logp), ref.rows(inp.mask), cap=cap, level=level)
+    close(res.weights, w, dtype)
+    assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
+@pytest.mark.parametrize(("low", "high"), [(0.5, 2.0), (0.1, 10.0), (0.9, 1.1)])
+def test_icepop_matches_reference(dtype, level, low, high):
+    inp = batch(3, dtype, shape=(6, 4))
+    res = icepop(inp, low=low, high=high, level=level)
+    w, keep = ref.icepop_ref(ref.rows(inp.rollout_logp), ref.rows(inp.ref_logp), ref.rows(inp.mask),
+                             low=low, high=high, level=level)
+    close(res.weights, w, dtype)
+    assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("none", {}), ("tis", dict(cap=1.5, level="geometric")), ("icepop", dict(low=0.4, high=3.0)),
+    ("jackpot", dict(lam=0.9, c1=2.0)), ("jackpot", dict(budget=0.5, target="new", c2=1.5)),
+])
+def test_apply_correction_dispatches_through_the_table(name, kwargs):
+    inp = batch(4)
+    via_table = apply_correction(name, inp, **kwargs)
+    direct = CORRECTIONS[name](inp, **kwargs)
+    assert torch.equal(via_table.weights, direct.weights) and torch.equal(via_table.mask, direct.mask)
+    assert via_table.weights.shape == inp.mask.shape and via_table.mask.shape == inp.mask.shape
+    assert all(v.dim() == 0 for v in via_table.stats.values())
+
+
+def test_none_keeps_every_response_token_with_weight_one():
+    inp = batch(5)
+    res = apply_correction("none", inp)
+    assert torch.equal(res.mask, inp.mask) and (res.weights == 1).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# hand-worked cases
+# --------------------------------------------------------------------------------------------------
+def test_hand_jackpot_weights_with_exact_z():
+    # One state, p_inf = (.5, .3, .2), p_tgt = p_ref = (.2, .3, .5), lam = 1 -> Z = 0.7 (test_core_obrs).
+    # Two sampled tokens at this state: x = 2 (r = 2.5) and x = 0 (r = 0.4).
+    #   x = 2: a = min(1, 2.5) = 1;  w = Z max(1, 2.5) = 1.75 = p_tgt/p'_inf = .5 / (.2/.7)
+    #   x = 0: a = 0.4;              w = Z max(1, 0.4) = 0.70 = .2 / (.2/.7)
+    # u = (0.99, 0.39): token 0 kept (0.99 < 1), token 1 kept (0.39 < 0.4). c1 = 1.5 clips 1.75 -> 1.5.
+    inp = CorrectionInputs(
+        rollout_logp=torch.tensor([[0.2, 0.5]], dtype=torch.float64).log(),
+        ref_logp=torch.tensor([[0.5, 0.2]], dtype=torch.float64).log(),
+        mask=torch.ones(1, 2, dtype=torch.float64),
+        uniforms=torch.tensor([[0.99, 0.39]], dtype=torch.float64),
+        z=torch.full((1, 2), 0.7, dtype=torch.float64),
+    )
+    res = jackpot(inp, lam=1.0)
+    torch.testing.assert_close(res.weights, torch.tensor([[1.75, 0.7]], dtype=torch.float64))
+    torch.testing.assert_close(res.mask, torch.ones(1, 2, dtype=torch.float64))
+    torch.testing.assert_close(res.stats["obrs/accept_prob_mean"], torch.tensor(0.7, dtype=torch.float64))
+    torch.testing.assert_close(jackpot(inp, lam=1.0, c1=1.5).weights, torch.tensor([[1.5, 0.7]], dtype=torch.float64))
+    # u = 0.41 for the second token rejects it (0.41 >= 0.4)
+    inp2 = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=inp.z,
+                            uniforms=torch.tensor([[0.5, 0.41]], dtype=torch.float64))
+    torch.testing.assert_close(jackpot(inp2, lam=1.0).mask, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    # expected-mask ablation: weight a * w = (1 * 1.75, 0.4 * 0.7) = (1.75, 0.28), both kept
+    inp3 = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=inp.z)
+    torch.testing.assert_close(jackpot(inp3, lam=1.0).weights, torch.tensor([[1.75, 0.28]], dtype=torch.float64))
+
+
+def test_hand_jackpot_budget_mode():
+    # sampled-token ratios (0.5, 1, 2, 4) with budget 0.75 -> lam = 1.5 (test_core_obrs: hand batch lambda);
+    # Z = budget = 0.75; w = .75 * max(1.5, r) = (1.125, 1.125, 1.5, 3.0); a = min(1, r/1.5) = (1/3, 2/3, 1, 1)
+    inp = CorrectionInputs(rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
+                           ref_logp=(torch.tensor([[0.5, 1.0, 2.0, 4.0]], dtype=torch.float64) * 0.25).log(),
+                           mask=torch.ones(1, 4, dtype=torch.float64))
+    res = jackpot(inp, budget=0.75)
+    torch.testing.assert_close(res.stats["obrs/lambda"], torch.tensor(1.5, dtype=torch.float64))
+    torch.testing.assert_close(res.weights, torch.tensor([[1.125 / 3, 1.125 * 2 / 3, 1.5, 3.0]], dtype=torch.float64))
+    torch.testing.assert_close(res.stats["obrs/accept_prob_mean"], torch.tensor(0.75, dtype=torch.float64))
+
+
+def test_hand_tis_and_icepop_levels():
+    # one sequence, ratios p_ref/p_inf = (4, 0.25, 2) on its three response tokens, a padded 4th token.
+    # token: TIS cap 2 -> (2, .25, 2); sequence: prod = 2 -> min(2, 2) = 2; geometric: 2^(1/3) = 1.259921
+    # IcePop [0.5, 2]: token keeps (0, 1, 1) with weights (0, .25, 2)... 0.25 < 0.5 so (0, 0, 1): weight (0, 0, 2)
+    inp = CorrectionInputs(rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
+                           ref_logp=(torch.tensor([[4.0, 0.25, 2.0, 3.0]], dtype=torch.float64) * 0.25).log(),
+                           mask=torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64))
+    t = tis(inp, cap=2.0, level="token")
+    torch.testing.assert_close(t.weights[0, :3], torch.tensor([2.0, 0.25, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(t.mask, inp.mask)
+    torch.testing.assert_close(tis(inp, cap=2.0, level="sequence").weights[0, :3], torch.full((3,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(tis(inp, cap=3.0, level="sequence").weights[0, :3], torch.full((3,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(tis(inp, cap=2.0, level="geometric").weights[0, :3],
+                               torch.full((3,), 2.0 ** (1 / 3), dtype=torch.float64))
+    ip = icepop(inp, low=0.5, high=2.0, level="token")
+    torch.testing.assert_close(ip.mask, torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(ip.weights, torch.tensor([[0.0, 0.0, 2.0, 0.0]], dtype=torch.float64))
+    # sequence level: ratio 2 in [0.5, 2] -> every response token kept with weight 2; [0.5, 1.5] masks all
+    ip = icepop(inp, low=0.5, high=2.0, level="sequence")
+    torch.testing.assert_close(ip.mask, inp.mask)
+    torch.testing.assert_close(ip.weights, torch.tensor([[2.0, 2.0, 2.0, 0.0]], dtype=torch.float64))
+    assert icepop(inp, low=0.5, high=1.5, level="sequence").mask.sum().item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# properties and invariants
+# --------------------------------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(DTYPES), st.sampled_from(["ref", "new"]))
+def test_property_identical_models_accept_every_token_with_weight_one(seed, dtype, target):
+    g = gen(seed)
+    lp = sampled_logp(g, (3, 6), dtype)
+    mask = (torch.rand(3, 6, generator=g) < 0.8).to(dtype)
+    mask[0, 0] = 1.0
+    u = torch.rand(3, 6, generator=g, dtype=torch.float64).to(dtype) * 0.999999
+    inp = CorrectionInputs(lp, lp.clone(), mask, new_logp=lp.clone(), uniforms=u)
+    inp_z = CorrectionInputs(lp, lp.clone(), mask, new_logp=lp.clone(), uniforms=u, z=torch.ones_like(lp))
+    for res in (jackpot(inp, lam=1.0, target=target), jackpot(inp_z, lam=1.0, target=target),
+                jackpot(inp, budget=1.0, target=target), jackpot(inp, lam=1.0, target=target, c1=1.0, c2=1.0)):
+        assert torch.equal(res.mask, mask)
+        assert (res.weights[mask > 0] == 1.0).all()
+        assert res.stats["obrs/accept_rate"].item() == 1.0
+    for res in (tis(inp, level="sequence"), icepop(inp, level="geometric")):
+        assert torch.equal(res.mask, mask) and (res.weights[mask > 0] == 1.0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.05, 0.95), st.floats(0.05, 0.95))
+def test_property_larger_budget_never_lowers_jackpot_acceptance(seed, b1, b2):
+    inp = batch(seed)
+    lo, hi = min(b1, b2), max(b1, b2)
+    r_lo, r_hi = jackpot(inp, budget=lo), jackpot(inp, budget=hi)
+    assert r_hi.stats["obrs/accept_prob_mean"].item() >= r_lo.stats["obrs/accept_prob_mean"].item() - 1e-12
+    assert (r_hi.mask >= r_lo.mask).all()  # the same uniforms: a token kept at the lower budget stays kept
+    assert r_lo.stats["obrs/accept_prob_mean"].item() == pytest.approx(lo, abs=1e-6)  # budget hit
+
+
+def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance():
+    """Same uniforms ⇒ the same mask on every call (and across mini-batches as p_new moves, the mask
+    only changes where a crosses u). On 200,000 tokens the accept frequency equals mean a within
+    0.006 = 5 sigma (sigma <= 0.5/sqrt(200000) = 0.0011)."""
+    g = gen(6)
+    shape = (400, 500)
+    inp = CorrectionInputs(rollout_logp=sampled_logp(g, shape), ref_logp=sampled_logp(g, shape),
+                           mask=torch.ones(shape, dtype=torch.float64), new_logp=sampled_logp(g, shape),
+                           uniforms=torch.rand(shape, generator=g, dtype=torch.float64))
+    for kw in (dict(lam=1.0), dict(lam=3.0, target="new"), dict(budget=0.4)):
+        first, second = jackpot(inp, **kw), jackpot(inp, **kw)
+        assert torch.equal(first.mask, second.mask) and torch.equal(first.weights, second.weights)
+        freq = first.stats["obrs/accept_rate"].item()
+        assert freq == pytest.approx(first.stats["obrs/accept_prob_mean"].item(), abs=0.006)
+        assert 0.05 < freq < 0.95  # a non-trivial rate, so the check has teeth
+    # p_new moves a little: with the same uniforms, a token whose a did not change keeps its mask value
+    moved = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, uniforms=inp.uniforms,
+                             new_logp=inp.new_logp + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64))
+    a_before = (inp.new_logp - inp.rollout_logp - math.log(3.0)).clamp_max(0).exp()
+    a_after = (moved.new_logp - moved.rollout_logp - math.log(3.0)).clamp_max(0).exp()
+    m_before = jackpot(inp, lam=3.0, target="new").mask
+    m_after = jackpot(moved, lam=3.0, target="new").mask
+    u = inp.uniforms
+    same_side = ((u < a_before) == (u < a_after))
+    assert torch.equal(m_before[same_side], m_after[same_side])
+    assert 0 < (m_before != m_after).sum() < 0.01 * m_before.numel()
+
+
+@pytest.mark.parametrize("target", ["ref", "new"])
+@pytest.mark.parametrize("lam", [0.5, 1.0, 2.5])
+def test_jackpot_total_weight_is_the_importance_weight_against_p_prime(target, lam):
+    """METHOD.md §4: the weight of an accepted token is p_tgt/p'_inf = Z max(lam, r); with p_tgt = p_new
+    the loss weight rho = w * p_ref/p_new multiplies PPO's ratio p_new/p_ref, so the total gradient
+    weight rho * p_new/p_ref is the importance weight p_new/p'_inf. Checked against p'_inf built from the
+    full distributions (unclipped, exact per-state Z passed in)."""
+    g = gen(7)
+    B, T, V = 3, 5, 11
+    p_inf = ref.make_logp(g, (B, T, V))
+    p_ref = ref.make_logp(g, (B, T, V))
+    p_new = torch.log_softmax(p_ref + 0.5 * torch.randn((B, T, V), generator=g, dtype=torch.float64), -1)
+    x = torch.multinomial(p_inf.exp().reshape(-1, V), 1, generator=g).reshape(B, T, 1)
+    p_tgt = p_ref if target == "ref" else p_new
+    at = lambda lp: lp.gather(-1, x).squeeze(-1)  # noqa: E731
+    inp = CorrectionInputs(rollout_logp=at(p_inf), ref_logp=at(p_ref), new_logp=at(p_new),
+                           mask=torch.ones(B, T, dtype=torch.float64), z=normalizer(p_tgt, p_inf, lam),
+                           uniforms=torch.rand(B, T, generator=g, dtype=torch.float64))  # sampled mask: w not scaled by a
+    res = jackpot(inp, lam=lam, target=target)
+    total = res.weights * (at(p_new) - at(p_ref)).exp()  # rho * PPO ratio
+    expected = []
+    for (b, t), xi in zip(itertools.product(range(B), range(T)), x.reshape(-1).tolist()):
+        p_prime = ref.post_rejection_row(p_tgt[b, t].tolist(), p_inf[b, t].tolist(), lam)
+        p_new_x = math.exp(p_new[b, t, xi].item())
+        p_tgt_x = math.exp(p_tgt[b, t, xi].item())
+        # target new: the total weight is p_new/p'_inf; target ref: rho = w = p_ref/p'_inf
+        expected.append(p_new_x / p_prime[xi] if target == "new" else p_tgt_x / p_prime[xi] * p_new_x
+                        / math.exp(p_ref[b, t, xi].item()))
+    torch.testing.assert_close(total, torch.tensor(expected, dtype=torch.float64).reshape(B, T), rtol=1e-10, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# edges
+# --------------------------------------------------------------------------------------------------
+def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
+    g = gen(8)
+    inp = batch(8)
+    roll, refl, new = inp.rollout_logp.clone(), inp.ref_logp.clone(), inp.new_logp.clone()
+    roll[0, -2:], refl[0, -2:], new[0, -2:] = -INF, -INF, -INF   # padding: every log-prob -inf
+    refl[1, 1], new[1, 1] = -INF, -INF                          # p_tgt = 0 at a sampled token
+    refl[2, 2] = -INF                                            # p_ref = 0 < p_new
+    new[3, 3] = -INF                                             # p_new = 0 < p_ref
+    roll[3, 4] = -INF  # p_inf = 0 at a response token (cannot be sampled; a sequence holding it and a
+    # p_ref = 0 token has the undefined sequence ratio inf * 0, so it is kept to a row without one)
+    inp = CorrectionInputs(roll, refl, inp.mask, new_logp=new, uniforms=torch.rand(roll.shape, generator=g,
+                                                                                    dtype=torch.float64))
+    results = [apply_correction("none", inp)]
+    for level in ("token", "sequence", "geometric"):
+        results += [tis(inp, level=level), icepop(inp, level=level)]
+    for target in ("ref", "new"):
+        for kw in (dict(lam=1.0), dict(lam=0.3, c1=2.0, c2=2.0), dict(budget=0.5), dict(budget=1.0)):
+            results.append(jackpot(inp, target=target, **kw))
+    for res in results:
+        assert not res.weights.isnan().any() and not res.mask.isnan().any()
+        assert torch.isfinite(res.weights).all()
+        assert all(not v.isnan().any() for v in res.stats.values()), res.stats
+        assert (res.mask <= inp.mask).all()
+    # p_tgt = 0 at a sampled token: acceptance 0, so the token is always rejected
+    assert jackpot(inp, lam=1.0).mask[1, 1].item() == 0.0
+
+
+def test_empty_mask_gives_finite_stats_for_fixed_lam():
+    inp = batch(9)
+    empty = CorrectionInputs(inp.rollout_logp, inp.ref_logp, torch.zeros_like(inp.mask), uniforms=inp.uniforms)
+    for res in (jackpot(empty, lam=1.0), tis(empty), icepop(empty)):
+        assert res.mask.sum().item() == 0.0
+        assert all(torch.isfinite(v).all() for v in res.stats.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------
+def test_bad_input_raises_value_error_naming_the_argument():
+    inp = batch(10)
+    lp, mask = inp.rollout_logp, inp.mask
+    nan_lp = lp.clone()
+    nan_lp[0, 0] = math.nan
+    with pytest.raises(ValueError, match="shape mismatch"):
+        CorrectionInputs(lp, lp[:, :3], mask)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        CorrectionInputs(lp, lp, mask, uniforms=torch.rand(2, 2))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        CorrectionInputs(lp, lp, mask, z=torch.rand(4, 6))
+    with pytest.raises(ValueError, match=r"rollout_logp must be \(B, T\)"):
+        CorrectionInputs(lp[0], lp[0], mask[0])
+    with pytest.raises(ValueError, match="rollout_logp contains NaN"):
+        CorrectionInputs(nan_lp, lp, mask)
+    with pytest.raises(ValueError, match="ref_logp contains NaN"):
+        CorrectionInputs(lp, nan_lp, mask)
+    with pytest.raises(ValueError, match="new_logp contains NaN"):
+        CorrectionInputs(lp, lp, mask, new_logp=nan_lp)
+    with pytest.raises(ValueError, match="unknown correction 'obrs'"):
+        apply_correction("obrs", inp)
+    for fn in (tis, icepop):
+        with pytest.raises(ValueError, match="level must be one of"):
+            fn(inp, level="seq")
+    with pytest.raises(ValueError, match="target must be one of"):
+        jackpot(inp, target="old")
+    with pytest.raises(ValueError, match="target='new' needs new_logp"):
+        jackpot(CorrectionInputs(lp, lp, mask), target="new")
+    for lam in (0.0, -2.0, math.nan, INF):
+        with pytest.raises(ValueError, match="lam"):
+            jackpot(inp, lam=lam)
+    for budget in (0.0, 1.5, -0.2, math.nan):
+        with pytest.raises(ValueError, match="budget"):
+            jackpot(inp, budget=budget)
+    for name in ("c1", "c2"):
+        with pytest.raises(ValueError, match=name):
+            jackpot(inp, **{name: 0.0})
+    with pytest.raises(ValueError, match="cap"):
+        tis(inp, cap=-1.0)
+    with pytest.raises(ValueError, match="low"):
+        icepop(inp, low=0.0)
+    with pytest.raises(ValueError, match="high"):
+        icepop(inp, high=-1.0)
+    with pytest.raises(ValueError, match=r"low \(3.0\) must be <= high \(2.0\)"):
+        icepop(inp, low=3.0, high=2.0)
+    with pytest.raises(ValueError, match="mask selects no token"):
+        jackpot(CorrectionInputs(lp, lp, torch.zeros_like(mask)), budget=0.5)
