@@ -43,8 +43,10 @@ TOY_P_TGT = (0.25, 0.35, 0.25, 0.15)
 SWEEP_KL = 0.05  # KL before of the budget-sweep pair (lognormal family)
 SWEEP_BUDGET_MIN = 0.5
 SOLVE_BRACKET = (1e-4, 10.0)  # sigma bracket of solve_sigma
-SOLVE_RTOL = 1e-4  # |log KL - log target| at which solve_sigma stops
+SOLVE_RTOL = 1e-3  # solve_sigma stops at |log KL - log target| < SOLVE_RTOL ...
+SOLVE_XTOL = 1e-6  # ... or when the bracket on log sigma is this narrow (float32 noise of a tiny KL)
 SOLVE_MAX_ITERS = 60
+KL_NOISE_FLOOR = 1e-6  # KL values below this are float32 rounding of the closed form (not drawn on log axes)
 KL_FLOOR = 1e-30  # float32 rounding can make a tiny KL <= 0; floored before the log
 
 
@@ -85,7 +87,7 @@ def _mean_kl_before(z: torch.Tensor, xi: torch.Tensor, log_sigma: float) -> floa
 
 def solve_sigma(z: torch.Tensor, xi: torch.Tensor, target_kl: float,
                 bracket: tuple[float, float] = SOLVE_BRACKET) -> float:
-    """sigma whose mean KL(p_tgt || p_inf) equals target_kl (relative tolerance SOLVE_RTOL).
+    """sigma whose mean KL(p_tgt || p_inf) equals target_kl (to a relative SOLVE_RTOL).
 
     Regula falsi with the Illinois fix on f(log sigma) = log KL - log target, which is increasing
     and nearly linear (KL ~ sigma^2 for small sigma); a handful of evaluations instead of ~30.
@@ -101,7 +103,7 @@ def solve_sigma(z: torch.Tensor, xi: torch.Tensor, target_kl: float,
     for _ in range(SOLVE_MAX_ITERS):
         c = (a * fb - b * fa) / (fb - fa)
         fc = f(c)
-        if abs(fc) < SOLVE_RTOL:
+        if abs(fc) < SOLVE_RTOL or b - a < SOLVE_XTOL:
             break
         if fc > 0:
             b, fb = c, fc
@@ -120,7 +122,7 @@ def run_family(z: torch.Tensor, xi: torch.Tensor, n_sigma: int, lam: float) -> t
     anchor_sigmas = [solve_sigma(z, xi, kl, (s_lo, s_hi)) for kl in ANCHOR_KLS]
     points = [evaluate(z, xi, s, lam) for s in sorted(grid + anchor_sigmas)]
     anchors = []
-    for kl, s in zip(ANCHOR_KLS, anchor_sigmas):
+    for kl, s in zip(ANCHOR_KLS, anchor_sigmas, strict=True):
         p = next(p for p in points if p["sigma"] == s)
         anchors.append({"target_kl_before": kl, **p, "reduction": _reduction(p)})
     return points, anchors
@@ -165,13 +167,15 @@ def budget_sweep(z: torch.Tensor, xi: torch.Tensor, n_budgets: int) -> dict:
     r_max = (logp_t - logp_r).max().exp().item()
     # budgets: an even grid from SWEEP_BUDGET_MIN, densified between classic rejection and 1
     lo = min(SWEEP_BUDGET_MIN, 1.0 / r_max)
-    budgets = sorted({round(lo + (1 - lo) * i / (n_budgets - 1), 6) for i in range(n_budgets)}
-                     | {round(1 / r_max + (1 - 1 / r_max) * i / (n_budgets - 1), 6) for i in range(n_budgets)})
+    steps = [i / (n_budgets - 1) for i in range(n_budgets)]
+    budgets = sorted({round(lo + (1 - lo) * t, 6) for t in steps} | {round(1 / r_max + (1 - 1 / r_max) * t, 6)
+                                                                     for t in steps})
     points = [_sweep_point(z, zr, b, lambda_for_budget(logp_t, logp_r, b).item()) for b in budgets]
     classic = _sweep_point(z, zr, None, r_max)
-    return {"family": "lognormal", "scale": SCALES[0], "sigma": sigma, "kl_before": kl_before.item(),
+    return {"family": "lognormal", "scale": SCALES[0], "vocab": z.shape[-1], "sigma": sigma,
+            "kl_before": kl_before.item(),
             "points": points, "no_rejection": {"acceptance": 1.0, "kl_after": kl_before.item()},
-            "classic": {**classic, "budget": 1.0 / r_max},
+            "classic": {**classic, "budget": 1.0 / r_max}, "lam_one": _sweep_point(z, zr, None, 1.0),
             "max_budget_error": max(abs(p["acceptance"] - p["budget"]) for p in points)}
 
 
@@ -231,7 +235,8 @@ def print_table(result: dict) -> None:
 
 def _plot_toy(ax, t: dict) -> None:
     x = range(len(t["p_inf"]))
-    for i, (key, label) in enumerate((("p_inf", "p_inf"), ("p_tgt", "p_tgt"), ("p_inf_after", "p'_inf (OBRS)"))):
+    bars = (("p_inf", "p_inf"), ("p_tgt", "p_tgt"), ("p_inf_after", "p'_inf (OBRS)"))
+    for i, (key, label) in enumerate(bars):
         ax.bar([j + (i - 1) * 0.27 for j in x], t[key], width=0.27, label=label)
     ax.set_xticks(list(x), [f"token {j}" for j in x])
     ax.set_ylabel("probability")
@@ -251,12 +256,13 @@ def plot_main(result: dict, path: Path) -> None:
         kb = [p["kl_before"] for p in points]
         ax_b.plot(kb, [p["acceptance"] for p in points], "o-", ms=3, label=family)
         ax_c.plot(kb, [p["kl_after"] for p in points], "o-", ms=3, label=family)
-    ax_b.plot(*zip(*PAPER_FIG2B), "kx", ms=8, label="paper Fig. 2b")
+    ax_b.plot(*zip(*PAPER_FIG2B, strict=True), "kx", ms=8, label="paper Fig. 2b")
     ax_b.set(xscale="log", xlabel="KL(p_tgt || p_inf)", ylabel="acceptance Z", title="(b) acceptance")
     span = [min(p["kl_before"] for ps in result["families"].values() for p in ps),
             max(p["kl_before"] for ps in result["families"].values() for p in ps)]
     ax_c.plot(span, span, "k--", lw=1, label="y = x (no correction)")
-    ax_c.plot(span, [s / PAPER_REDUCTION for s in span], "k:", lw=1, label=f"y = x/{PAPER_REDUCTION:g} (paper)")
+    ax_c.plot(span, [s / PAPER_REDUCTION for s in span], "k:", lw=1,
+              label=f"y = x/{PAPER_REDUCTION:g} (paper)")
     ax_c.set(xscale="log", yscale="log", xlabel="KL(p_tgt || p_inf)", ylabel="KL(p_tgt || p'_inf)",
              title="(c) KL after OBRS")
     for ax in (ax_b, ax_c):
@@ -270,23 +276,32 @@ def plot_main(result: dict, path: Path) -> None:
 
 
 def plot_sweep(sweep: dict, path: Path) -> None:
+    """KL after vs acceptance, linear and log y, with no rejection, lam = 1 and classic RS marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    pts = sweep["points"]
-    ax.plot([p["acceptance"] for p in pts], [p["kl_after"] for p in pts], "o-", ms=3,
-            label="OBRS, lam = lambda_for_budget(budget)")
-    ax.axhline(sweep["kl_before"], color="gray", ls="--", lw=1, label="no correction / uniform thinning")
-    nr, cl = sweep["no_rejection"], sweep["classic"]
-    ax.plot(nr["acceptance"], nr["kl_after"], "s", ms=9, color="C3", label="no rejection (budget 1)")
-    ax.plot(cl["acceptance"], cl["kl_after"], "*", ms=13, color="C2",
-            label=f"classic rejection (lam = max r = {cl['lambda']:.3g})")
-    ax.set(xlabel="acceptance (budget)", ylabel="KL(p_tgt || p'_inf)",
-           title=f"Budget sweep, lognormal pair, KL before {sweep['kl_before']:.3f}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    pts, nr, one, cl = sweep["points"], sweep["no_rejection"], sweep["lam_one"], sweep["classic"]
+    for ax, yscale in zip(axes, ("linear", "log"), strict=True):
+        # beyond classic rejection KL is 0; what the float32 closed form returns there is rounding
+        shown = [p for p in pts if yscale == "linear" or p["kl_after"] > KL_NOISE_FLOOR]
+        ax.plot([p["acceptance"] for p in shown], [p["kl_after"] for p in shown], "o-", ms=3,
+                label="OBRS, lam = lambda_for_budget(budget)")
+        ax.axhline(sweep["kl_before"], color="gray", ls="--", lw=1, label="no correction / uniform thinning")
+        ax.plot(nr["acceptance"], nr["kl_after"], "s", ms=9, color="C3", label="no rejection (budget 1)")
+        ax.plot(one["acceptance"], one["kl_after"], "D", ms=7, color="C1", label="lam = 1 (Fig. 2 setting)")
+        if yscale == "linear":  # KL after classic rejection is 0: off a log axis
+            ax.plot(cl["acceptance"], cl["kl_after"], "*", ms=13, color="C2",
+                    label=f"classic rejection (lam = max r = {cl['lambda']:.3g})")
+        else:
+            ax.axvline(cl["acceptance"], color="C2", ls=":", label="classic rejection (KL 0)")
+            ax.axhspan(KL_NOISE_FLOOR / 10, KL_NOISE_FLOOR, color="gray", alpha=0.15,
+                       label="float32 rounding")
+        ax.set(xlabel="acceptance (budget)", ylabel="KL(p_tgt || p'_inf)", yscale=yscale)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Budget sweep: one lognormal pair, V={sweep['vocab']}, KL before {sweep['kl_before']:.3f}")
     fig.tight_layout()
     _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
@@ -301,7 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(the two anchor points KL 0.001 and 0.009 are added)")
     parser.add_argument("--states", type=int, default=64,
                         help="independent (p_tgt, p_inf) pairs averaged per grid point (s alternates 2, 3)")
-    parser.add_argument("--n-budgets", type=int, default=21, help="budget-sweep points (two interleaved grids)")
+    parser.add_argument("--n-budgets", type=int, default=21,
+                        help="budget-sweep points (two interleaved grids)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads while simulating "
                         "(the tensors are small, so 1 is fastest on a shared CPU); restored afterwards")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
@@ -320,7 +336,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "simulation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1, allow_nan=False)))
+    text = json.dumps(result, indent=1, allow_nan=False)
+    _write_atomic(out / "simulation.json", lambda tmp: tmp.write_text(text))
     print_table(result)
     if not args.no_plot:
         plot_main(result, out / "simulation.png")

@@ -70,7 +70,8 @@ def table(runs: dict[str, list[Path]]) -> str:
         rows.append(f"| {preset} | {_stat([x['eval_before'] for x in s])} | {_stat([x['eval_after'] for x in s])} "
                     f"| {_stat(delta, '+.3f')} | {_stat([x['accept_rate_mean'] for x in s])} "
                     f"| {_stat([x['actor_policy_kl_k3_mean'] for x in s], '.4f')} "
-                    f"| {_stat([x['rollout_s_mean'] for x in s], '.2f')} | {_stat([x['update_s_mean'] for x in s], '.2f')} |")
+                    f"| {_stat([x['rollout_s_mean'] for x in s], '.2f')} "
+                    f"| {_stat([x['update_s_mean'] for x in s], '.2f')} |")
     return head + "\n".join(rows) + "\n"
 
 

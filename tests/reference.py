@@ -72,7 +72,7 @@ def acceptance(lt: float, li: float, lam: float) -> float:
 def z_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> float:
     """Z = sum_x min(p_inf(x), p_tgt(x)/lam)."""
     total = 0.0
-    for lt, li in zip(tgt_logp, inf_logp):
+    for lt, li in zip(tgt_logp, inf_logp, strict=True):
         total += min(exp(li), exp(lt) / lam)
     return total
 
@@ -80,13 +80,13 @@ def z_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> float:
 def post_rejection_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> list[float]:
     """p'_inf(x) = min(p_inf(x), p_tgt(x)/lam) / Z, as probabilities."""
     z = z_row(tgt_logp, inf_logp, lam)
-    return [min(exp(li), exp(lt) / lam) / z for lt, li in zip(tgt_logp, inf_logp)]
+    return [min(exp(li), exp(lt) / lam) / z for lt, li in zip(tgt_logp, inf_logp, strict=True)]
 
 
 def kl_probs(p: list[float], q: list[float]) -> float:
     """KL(p || q) = sum p log(p/q); 0 log 0 = 0; +inf where q = 0 < p."""
     total = 0.0
-    for pv, qv in zip(p, q):
+    for pv, qv in zip(p, q, strict=True):
         if pv == 0.0:
             continue
         if qv == 0.0:
@@ -96,7 +96,7 @@ def kl_probs(p: list[float], q: list[float]) -> float:
 
 
 def tv_probs(p: list[float], q: list[float]) -> float:
-    return 0.5 * sum(abs(pv - qv) for pv, qv in zip(p, q))
+    return 0.5 * sum(abs(pv - qv) for pv, qv in zip(p, q, strict=True))
 
 
 def obrs_kl_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> tuple[float, float, float]:
@@ -109,7 +109,9 @@ def obrs_kl_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> tup
 
 def r_min_row(tgt_logp: list[float], inf_logp: list[float]) -> float:
     """Smallest ratio over tokens where both p_tgt and p_inf are positive."""
-    return min(exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp) if exp(lt) > 0 and exp(li) > 0)
+    return min(
+        exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp, strict=True) if exp(lt) > 0 and exp(li) > 0
+    )
 
 
 def _bisect_decreasing(f, target: float, lo: float, hi: float, iters: int = 200) -> float:
@@ -136,7 +138,7 @@ def lambda_bisect_row(tgt_logp: list[float], inf_logp: list[float], budget: floa
     if budget >= z_max:
         return r_lo
     # for lam >= r_max, Z = (p_tgt mass on supp p_inf) / lam, so this hi has Z(hi) <= budget
-    r_hi = max(exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp) if exp(li) > 0)
+    r_hi = max(exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp, strict=True) if exp(li) > 0)
     hi = max(r_hi, 1.0 / budget) * 2.0
     assert z_row(tgt_logp, inf_logp, hi) < budget
     return _bisect_decreasing(lambda lam: z_row(tgt_logp, inf_logp, lam), budget, r_lo, hi)
@@ -218,13 +220,16 @@ def jackpot_row_major(
 def _level_log_ratios(rollout_logp, ref_logp, mask, level: str) -> list[list[float]]:
     """log(p_ref/p_inf) per token, or its sum (sequence) / mean (geometric) over the response."""
     out = []
-    for li_row, lr_row, m_row in zip(rollout_logp, ref_logp, mask):
-        per_tok = [math.log(ratio(lr, li)) if ratio(lr, li) > 0 else -INF for li, lr in zip(li_row, lr_row)]
+    for li_row, lr_row, m_row in zip(rollout_logp, ref_logp, mask, strict=True):
+        per_tok = [
+            math.log(ratio(lr, li)) if ratio(lr, li) > 0 else -INF
+            for li, lr in zip(li_row, lr_row, strict=True)
+        ]
         if level == "token":
             out.append(per_tok)
             continue
         s, n = 0.0, 0
-        for v, m in zip(per_tok, m_row):
+        for v, m in zip(per_tok, m_row, strict=True):
             if m > 0:
                 s += v
                 n += 1
@@ -245,9 +250,9 @@ def icepop_ref(rollout_logp, ref_logp, mask, *, low: float, high: float, level: 
     """IcePop / MIS: weight r if low <= r <= high else 0 (token masked)."""
     lrs = _level_log_ratios(rollout_logp, ref_logp, mask, level)
     w, keep = [], []
-    for row, m_row in zip(lrs, mask):
+    for row, m_row in zip(lrs, mask, strict=True):
         w_row, k_row = [], []
-        for v, m in zip(row, m_row):
+        for v, m in zip(row, m_row, strict=True):
             r = exp(v)
             k = 1.0 if (m > 0 and low <= r <= high) else 0.0
             w_row.append(r * k)
@@ -260,7 +265,9 @@ def icepop_ref(rollout_logp, ref_logp, mask, *, low: float, high: float, level: 
 # --------------------------------------------------------------------------------------------------
 # Losses and aggregation
 # --------------------------------------------------------------------------------------------------
-def ppo_loss_token(new_lp: float, ref_lp: float, adv: float, eps_low: float | None, eps_high: float | None) -> float:
+def ppo_loss_token(
+    new_lp: float, ref_lp: float, adv: float, eps_low: float | None, eps_high: float | None
+) -> float:
     """-min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A); -ratio A without a clip."""
     ratio_v = math.exp(new_lp - ref_lp)
     if eps_low is None:
@@ -317,10 +324,10 @@ def distill_full_row(student_logits: list[float], teacher_logits: list[float], d
 # Divergences and diagnostics
 # --------------------------------------------------------------------------------------------------
 def kl_estimators_ref(other_logp, sample_logp, mask) -> dict[str, float]:
-    """k1 = -log rho, k2 = (log rho)^2/2, k3 = rho - 1 - log rho, rho = p_other/p_sample, averaged over mask."""
+    """k1 = -log rho, k2 = (log rho)^2/2, k3 = rho - 1 - log rho (rho = p_other/p_sample), mean over mask."""
     k1 = k2 = k3 = 0.0
     n = 0
-    for lo, ls, m in zip(flat(other_logp), flat(sample_logp), flat(mask)):
+    for lo, ls, m in zip(flat(other_logp), flat(sample_logp), flat(mask), strict=True):
         if m <= 0:
             continue
         lr = lo - ls
@@ -333,7 +340,7 @@ def kl_estimators_ref(other_logp, sample_logp, mask) -> dict[str, float]:
 
 def ess_ref(weights, mask) -> float:
     """(sum w)^2 / (n sum w^2) over masked entries."""
-    ws = [w for w, m in zip(flat(weights), flat(mask)) if m > 0]
+    ws = [w for w, m in zip(flat(weights), flat(mask), strict=True) if m > 0]
     return sum(ws) ** 2 / (len(ws) * sum(w * w for w in ws))
 
 
@@ -364,9 +371,9 @@ def mismatch_ref(target_logp, rollout_logp, mask, *, low: float, high: float) ->
     """The sampled-token mismatch diagnostics, rho = p_tgt/p_inf at x ~ p_inf, by loops over (B, T)."""
     out = kl_estimators_ref(target_logp, rollout_logp, mask)
     rhos, seq_terms, ppl = [], [], []
-    for t_row, r_row, m_row in zip(rows(target_logp), rows(rollout_logp), rows(mask)):
+    for t_row, r_row, m_row in zip(rows(target_logp), rows(rollout_logp), rows(mask), strict=True):
         s, n, lt_sum, lr_sum = 0.0, 0, 0.0, 0.0
-        for lt, li, m in zip(t_row, r_row, m_row):
+        for lt, li, m in zip(t_row, r_row, m_row, strict=True):
             if m > 0:
                 rhos.append(math.exp(lt - li))
                 s += lt - li
@@ -375,14 +382,16 @@ def mismatch_ref(target_logp, rollout_logp, mask, *, low: float, high: float) ->
                 lr_sum += li
         seq_terms.append(math.exp(2 * s))
         ppl.append((-lr_sum + lt_sum) / max(n, 1))  # log-ppl(rollout) - log-ppl(target)
-    out.update({
-        "chi2_token": sum(r * r for r in rhos) / len(rhos) - 1.0,
-        "chi2_seq": sum(seq_terms) / len(seq_terms) - 1.0,
-        "ess": sum(rhos) ** 2 / (len(rhos) * sum(r * r for r in rhos)),
-        "ratio_min": min(rhos),
-        "ratio_max": max(rhos),
-        "frac_above": sum(1 for r in rhos if r > high) / len(rhos),
-        "frac_below": sum(1 for r in rhos if r < low) / len(rhos),
-        "log_ppl_diff": sum(ppl) / len(ppl),
-    })
+    out.update(
+        {
+            "chi2_token": sum(r * r for r in rhos) / len(rhos) - 1.0,
+            "chi2_seq": sum(seq_terms) / len(seq_terms) - 1.0,
+            "ess": sum(rhos) ** 2 / (len(rhos) * sum(r * r for r in rhos)),
+            "ratio_min": min(rhos),
+            "ratio_max": max(rhos),
+            "frac_above": sum(1 for r in rhos if r > high) / len(rhos),
+            "frac_below": sum(1 for r in rhos if r < low) / len(rhos),
+            "log_ppl_diff": sum(ppl) / len(ppl),
+        }
+    )
     return out

@@ -11,11 +11,11 @@ import itertools
 import math
 
 import pytest
+import reference as ref
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference as ref
 from jackpot.core.corrections import CORRECTIONS, CorrectionInputs, apply_correction, icepop, jackpot, tis
 from jackpot.core.obrs import normalizer
 
@@ -54,7 +54,9 @@ def close(actual: torch.Tensor, expected, dtype) -> None:
 
 
 def as_lists(inp: CorrectionInputs) -> dict:
-    out = dict(rollout_logp=ref.rows(inp.rollout_logp), ref_logp=ref.rows(inp.ref_logp), mask=ref.rows(inp.mask))
+    out = dict(
+        rollout_logp=ref.rows(inp.rollout_logp), ref_logp=ref.rows(inp.ref_logp), mask=ref.rows(inp.mask)
+    )
     for name in ("new_logp", "uniforms", "z"):
         v = getattr(inp, name)
         out[name] = None if v is None else ref.rows(v)
@@ -64,12 +66,14 @@ def as_lists(inp: CorrectionInputs) -> dict:
 # --------------------------------------------------------------------------------------------------
 # vectorised == reference
 # --------------------------------------------------------------------------------------------------
-JACKPOT_CASES = list(itertools.product(
-    ["ref", "new"],                                         # target
-    ["fixed", "z", "budget"],                               # how lam and Z are set
-    [True, False],                                          # sampled mask (uniforms) or expected mask
-    [(None, None), (1.5, None), (None, 0.8), (1.2, 1.1)],   # (c1, c2)
-))
+JACKPOT_CASES = list(
+    itertools.product(
+        ["ref", "new"],  # target
+        ["fixed", "z", "budget"],  # how lam and Z are set
+        [True, False],  # sampled mask (uniforms) or expected mask
+        [(None, None), (1.5, None), (None, 0.8), (1.2, 1.1)],  # (c1, c2)
+    )
+)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -83,7 +87,9 @@ def test_jackpot_matches_reference(dtype, target, zmode, sampled, clips):
     kw.update(dict(budget=0.6) if zmode == "budget" else dict(lam=0.7))
     res = jackpot(inp, **kw)
     w, keep, lam = ref.jackpot_row_major(**as_lists(inp), **kw)
-    assert res.weights.shape == inp.mask.shape and res.weights.dtype == dtype and not res.weights.requires_grad
+    assert (
+        res.weights.shape == inp.mask.shape and res.weights.dtype == dtype and not res.weights.requires_grad
+    )
     close(res.weights, w, dtype)
     assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
     close(res.stats["obrs/lambda"], lam, dtype)
@@ -97,7 +103,9 @@ def test_jackpot_matches_reference(dtype, target, zmode, sampled, clips):
 def test_tis_matches_reference(dtype, level, cap):
     inp = batch(2, dtype, shape=(3, 5))
     res = tis(inp, cap=cap, level=level)
-    w, keep = ref.tis_ref(ref.rows(inp.rollout_logp), ref.rows(inp.ref_logp), ref.rows(inp.mask), cap=cap, level=level)
+    w, keep = ref.tis_ref(
+        ref.rows(inp.rollout_logp), ref.rows(inp.ref_logp), ref.rows(inp.mask), cap=cap, level=level
+    )
     close(res.weights, w, dtype)
     assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
 
@@ -108,16 +116,28 @@ def test_tis_matches_reference(dtype, level, cap):
 def test_icepop_matches_reference(dtype, level, low, high):
     inp = batch(3, dtype, shape=(6, 4))
     res = icepop(inp, low=low, high=high, level=level)
-    w, keep = ref.icepop_ref(ref.rows(inp.rollout_logp), ref.rows(inp.ref_logp), ref.rows(inp.mask),
-                             low=low, high=high, level=level)
+    w, keep = ref.icepop_ref(
+        ref.rows(inp.rollout_logp),
+        ref.rows(inp.ref_logp),
+        ref.rows(inp.mask),
+        low=low,
+        high=high,
+        level=level,
+    )
     close(res.weights, w, dtype)
     assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [
-    ("none", {}), ("tis", dict(cap=1.5, level="geometric")), ("icepop", dict(low=0.4, high=3.0)),
-    ("jackpot", dict(lam=0.9, c1=2.0)), ("jackpot", dict(budget=0.5, target="new", c2=1.5)),
-])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("none", {}),
+        ("tis", dict(cap=1.5, level="geometric")),
+        ("icepop", dict(low=0.4, high=3.0)),
+        ("jackpot", dict(lam=0.9, c1=2.0)),
+        ("jackpot", dict(budget=0.5, target="new", c2=1.5)),
+    ],
+)
 def test_apply_correction_dispatches_through_the_table(name, kwargs):
     inp = batch(4)
     via_table = apply_correction(name, inp, **kwargs)
@@ -153,42 +173,65 @@ def test_hand_jackpot_weights_with_exact_z():
     torch.testing.assert_close(res.weights, torch.tensor([[1.75, 0.7]], dtype=torch.float64))
     torch.testing.assert_close(res.mask, torch.ones(1, 2, dtype=torch.float64))
     torch.testing.assert_close(res.stats["obrs/accept_prob_mean"], torch.tensor(0.7, dtype=torch.float64))
-    torch.testing.assert_close(jackpot(inp, lam=1.0, c1=1.5).weights, torch.tensor([[1.5, 0.7]], dtype=torch.float64))
+    torch.testing.assert_close(
+        jackpot(inp, lam=1.0, c1=1.5).weights, torch.tensor([[1.5, 0.7]], dtype=torch.float64)
+    )
     # u = 0.41 for the second token rejects it (0.41 >= 0.4)
-    inp2 = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=inp.z,
-                            uniforms=torch.tensor([[0.5, 0.41]], dtype=torch.float64))
+    inp2 = CorrectionInputs(
+        inp.rollout_logp,
+        inp.ref_logp,
+        inp.mask,
+        z=inp.z,
+        uniforms=torch.tensor([[0.5, 0.41]], dtype=torch.float64),
+    )
     torch.testing.assert_close(jackpot(inp2, lam=1.0).mask, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
     # expected-mask ablation: weight a * w = (1 * 1.75, 0.4 * 0.7) = (1.75, 0.28), both kept
     inp3 = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=inp.z)
-    torch.testing.assert_close(jackpot(inp3, lam=1.0).weights, torch.tensor([[1.75, 0.28]], dtype=torch.float64))
+    torch.testing.assert_close(
+        jackpot(inp3, lam=1.0).weights, torch.tensor([[1.75, 0.28]], dtype=torch.float64)
+    )
 
 
 def test_hand_jackpot_budget_mode():
     # sampled-token ratios (0.5, 1, 2, 4) with budget 0.75 -> lam = 1.5 (test_core_obrs: hand batch lambda);
-    # Z = budget = 0.75; w = .75 * max(1.5, r) = (1.125, 1.125, 1.5, 3.0); a = min(1, r/1.5) = (1/3, 2/3, 1, 1)
-    inp = CorrectionInputs(rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
-                           ref_logp=(torch.tensor([[0.5, 1.0, 2.0, 4.0]], dtype=torch.float64) * 0.25).log(),
-                           mask=torch.ones(1, 4, dtype=torch.float64))
+    # Z = budget = 0.75; w = .75 * max(1.5, r) = (1.125, 1.125, 1.5, 3.0)
+    # a = min(1, r/1.5) = (1/3, 2/3, 1, 1)
+    # no uniforms -> the expected mask: weights a * w = (0.375, 0.75, 1.5, 3.0)
+    inp = CorrectionInputs(
+        rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
+        ref_logp=(torch.tensor([[0.5, 1.0, 2.0, 4.0]], dtype=torch.float64) * 0.25).log(),
+        mask=torch.ones(1, 4, dtype=torch.float64),
+    )
     res = jackpot(inp, budget=0.75)
     torch.testing.assert_close(res.stats["obrs/lambda"], torch.tensor(1.5, dtype=torch.float64))
-    torch.testing.assert_close(res.weights, torch.tensor([[1.125 / 3, 1.125 * 2 / 3, 1.5, 3.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        res.weights, torch.tensor([[1.125 / 3, 1.125 * 2 / 3, 1.5, 3.0]], dtype=torch.float64)
+    )
     torch.testing.assert_close(res.stats["obrs/accept_prob_mean"], torch.tensor(0.75, dtype=torch.float64))
 
 
 def test_hand_tis_and_icepop_levels():
     # one sequence, ratios p_ref/p_inf = (4, 0.25, 2) on its three response tokens, a padded 4th token.
     # token: TIS cap 2 -> (2, .25, 2); sequence: prod = 2 -> min(2, 2) = 2; geometric: 2^(1/3) = 1.259921
-    # IcePop [0.5, 2]: token keeps (0, 1, 1) with weights (0, .25, 2)... 0.25 < 0.5 so (0, 0, 1): weight (0, 0, 2)
-    inp = CorrectionInputs(rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
-                           ref_logp=(torch.tensor([[4.0, 0.25, 2.0, 3.0]], dtype=torch.float64) * 0.25).log(),
-                           mask=torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64))
+    # IcePop [0.5, 2] at token level: 4 > 2 and 0.25 < 0.5 are masked -> keep (0, 0, 1), weights (0, 0, 2)
+    inp = CorrectionInputs(
+        rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
+        ref_logp=(torch.tensor([[4.0, 0.25, 2.0, 3.0]], dtype=torch.float64) * 0.25).log(),
+        mask=torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64),
+    )
     t = tis(inp, cap=2.0, level="token")
     torch.testing.assert_close(t.weights[0, :3], torch.tensor([2.0, 0.25, 2.0], dtype=torch.float64))
     torch.testing.assert_close(t.mask, inp.mask)
-    torch.testing.assert_close(tis(inp, cap=2.0, level="sequence").weights[0, :3], torch.full((3,), 2.0, dtype=torch.float64))
-    torch.testing.assert_close(tis(inp, cap=3.0, level="sequence").weights[0, :3], torch.full((3,), 2.0, dtype=torch.float64))
-    torch.testing.assert_close(tis(inp, cap=2.0, level="geometric").weights[0, :3],
-                               torch.full((3,), 2.0 ** (1 / 3), dtype=torch.float64))
+    torch.testing.assert_close(
+        tis(inp, cap=2.0, level="sequence").weights[0, :3], torch.full((3,), 2.0, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        tis(inp, cap=3.0, level="sequence").weights[0, :3], torch.full((3,), 2.0, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        tis(inp, cap=2.0, level="geometric").weights[0, :3],
+        torch.full((3,), 2.0 ** (1 / 3), dtype=torch.float64),
+    )
     ip = icepop(inp, low=0.5, high=2.0, level="token")
     torch.testing.assert_close(ip.mask, torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(ip.weights, torch.tensor([[0.0, 0.0, 2.0, 0.0]], dtype=torch.float64))
@@ -212,8 +255,12 @@ def test_property_identical_models_accept_every_token_with_weight_one(seed, dtyp
     u = torch.rand(3, 6, generator=g, dtype=torch.float64).to(dtype) * 0.999999
     inp = CorrectionInputs(lp, lp.clone(), mask, new_logp=lp.clone(), uniforms=u)
     inp_z = CorrectionInputs(lp, lp.clone(), mask, new_logp=lp.clone(), uniforms=u, z=torch.ones_like(lp))
-    for res in (jackpot(inp, lam=1.0, target=target), jackpot(inp_z, lam=1.0, target=target),
-                jackpot(inp, budget=1.0, target=target), jackpot(inp, lam=1.0, target=target, c1=1.0, c2=1.0)):
+    for res in (
+        jackpot(inp, lam=1.0, target=target),
+        jackpot(inp_z, lam=1.0, target=target),
+        jackpot(inp, budget=1.0, target=target),
+        jackpot(inp, lam=1.0, target=target, c1=1.0, c2=1.0),
+    ):
         assert torch.equal(res.mask, mask)
         assert (res.weights[mask > 0] == 1.0).all()
         assert res.stats["obrs/accept_rate"].item() == 1.0
@@ -238,9 +285,13 @@ def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance()
     0.006 = 5 sigma (sigma <= 0.5/sqrt(200000) = 0.0011)."""
     g = gen(6)
     shape = (400, 500)
-    inp = CorrectionInputs(rollout_logp=sampled_logp(g, shape), ref_logp=sampled_logp(g, shape),
-                           mask=torch.ones(shape, dtype=torch.float64), new_logp=sampled_logp(g, shape),
-                           uniforms=torch.rand(shape, generator=g, dtype=torch.float64))
+    inp = CorrectionInputs(
+        rollout_logp=sampled_logp(g, shape),
+        ref_logp=sampled_logp(g, shape),
+        mask=torch.ones(shape, dtype=torch.float64),
+        new_logp=sampled_logp(g, shape),
+        uniforms=torch.rand(shape, generator=g, dtype=torch.float64),
+    )
     for kw in (dict(lam=1.0), dict(lam=3.0, target="new"), dict(budget=0.4)):
         first, second = jackpot(inp, **kw), jackpot(inp, **kw)
         assert torch.equal(first.mask, second.mask) and torch.equal(first.weights, second.weights)
@@ -248,14 +299,19 @@ def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance()
         assert freq == pytest.approx(first.stats["obrs/accept_prob_mean"].item(), abs=0.006)
         assert 0.05 < freq < 0.95  # a non-trivial rate, so the check has teeth
     # p_new moves a little: with the same uniforms, a token whose a did not change keeps its mask value
-    moved = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, uniforms=inp.uniforms,
-                             new_logp=inp.new_logp + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64))
+    moved = CorrectionInputs(
+        inp.rollout_logp,
+        inp.ref_logp,
+        inp.mask,
+        uniforms=inp.uniforms,
+        new_logp=inp.new_logp + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64),
+    )
     a_before = (inp.new_logp - inp.rollout_logp - math.log(3.0)).clamp_max(0).exp()
     a_after = (moved.new_logp - moved.rollout_logp - math.log(3.0)).clamp_max(0).exp()
     m_before = jackpot(inp, lam=3.0, target="new").mask
     m_after = jackpot(moved, lam=3.0, target="new").mask
     u = inp.uniforms
-    same_side = ((u < a_before) == (u < a_after))
+    same_side = (u < a_before) == (u < a_after)
     assert torch.equal(m_before[same_side], m_after[same_side])
     assert 0 < (m_before != m_after).sum() < 0.01 * m_before.numel()
 
@@ -275,20 +331,30 @@ def test_jackpot_total_weight_is_the_importance_weight_against_p_prime(target, l
     x = torch.multinomial(p_inf.exp().reshape(-1, V), 1, generator=g).reshape(B, T, 1)
     p_tgt = p_ref if target == "ref" else p_new
     at = lambda lp: lp.gather(-1, x).squeeze(-1)  # noqa: E731
-    inp = CorrectionInputs(rollout_logp=at(p_inf), ref_logp=at(p_ref), new_logp=at(p_new),
-                           mask=torch.ones(B, T, dtype=torch.float64), z=normalizer(p_tgt, p_inf, lam),
-                           uniforms=torch.rand(B, T, generator=g, dtype=torch.float64))  # sampled mask: w not scaled by a
+    inp = CorrectionInputs(
+        rollout_logp=at(p_inf),
+        ref_logp=at(p_ref),
+        new_logp=at(p_new),
+        mask=torch.ones(B, T, dtype=torch.float64),
+        z=normalizer(p_tgt, p_inf, lam),
+        uniforms=torch.rand(B, T, generator=g, dtype=torch.float64),
+    )  # sampled mask: w not scaled by a
     res = jackpot(inp, lam=lam, target=target)
     total = res.weights * (at(p_new) - at(p_ref)).exp()  # rho * PPO ratio
     expected = []
-    for (b, t), xi in zip(itertools.product(range(B), range(T)), x.reshape(-1).tolist()):
+    for (b, t), xi in zip(itertools.product(range(B), range(T)), x.reshape(-1).tolist(), strict=True):
         p_prime = ref.post_rejection_row(p_tgt[b, t].tolist(), p_inf[b, t].tolist(), lam)
         p_new_x = math.exp(p_new[b, t, xi].item())
         p_tgt_x = math.exp(p_tgt[b, t, xi].item())
         # target new: the total weight is p_new/p'_inf; target ref: rho = w = p_ref/p'_inf
-        expected.append(p_new_x / p_prime[xi] if target == "new" else p_tgt_x / p_prime[xi] * p_new_x
-                        / math.exp(p_ref[b, t, xi].item()))
-    torch.testing.assert_close(total, torch.tensor(expected, dtype=torch.float64).reshape(B, T), rtol=1e-10, atol=0)
+        expected.append(
+            p_new_x / p_prime[xi]
+            if target == "new"
+            else p_tgt_x / p_prime[xi] * p_new_x / math.exp(p_ref[b, t, xi].item())
+        )
+    torch.testing.assert_close(
+        total, torch.tensor(expected, dtype=torch.float64).reshape(B, T), rtol=1e-10, atol=0
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,14 +364,15 @@ def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
     g = gen(8)
     inp = batch(8)
     roll, refl, new = inp.rollout_logp.clone(), inp.ref_logp.clone(), inp.new_logp.clone()
-    roll[0, -2:], refl[0, -2:], new[0, -2:] = -INF, -INF, -INF   # padding: every log-prob -inf
-    refl[1, 1], new[1, 1] = -INF, -INF                          # p_tgt = 0 at a sampled token
-    refl[2, 2] = -INF                                            # p_ref = 0 < p_new
-    new[3, 3] = -INF                                             # p_new = 0 < p_ref
+    roll[0, -2:], refl[0, -2:], new[0, -2:] = -INF, -INF, -INF  # padding: every log-prob -inf
+    refl[1, 1], new[1, 1] = -INF, -INF  # p_tgt = 0 at a sampled token
+    refl[2, 2] = -INF  # p_ref = 0 < p_new
+    new[3, 3] = -INF  # p_new = 0 < p_ref
     roll[3, 4] = -INF  # p_inf = 0 at a response token (cannot be sampled; a sequence holding it and a
     # p_ref = 0 token has the undefined sequence ratio inf * 0, so it is kept to a row without one)
-    inp = CorrectionInputs(roll, refl, inp.mask, new_logp=new, uniforms=torch.rand(roll.shape, generator=g,
-                                                                                    dtype=torch.float64))
+    inp = CorrectionInputs(
+        roll, refl, inp.mask, new_logp=new, uniforms=torch.rand(roll.shape, generator=g, dtype=torch.float64)
+    )
     results = [apply_correction("none", inp)]
     for level in ("token", "sequence", "geometric"):
         results += [tis(inp, level=level), icepop(inp, level=level)]
@@ -323,7 +390,9 @@ def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
 
 def test_empty_mask_gives_finite_stats_for_fixed_lam():
     inp = batch(9)
-    empty = CorrectionInputs(inp.rollout_logp, inp.ref_logp, torch.zeros_like(inp.mask), uniforms=inp.uniforms)
+    empty = CorrectionInputs(
+        inp.rollout_logp, inp.ref_logp, torch.zeros_like(inp.mask), uniforms=inp.uniforms
+    )
     for res in (jackpot(empty, lam=1.0), tis(empty), icepop(empty)):
         assert res.mask.sum().item() == 0.0
         assert all(torch.isfinite(v).all() for v in res.stats.values())

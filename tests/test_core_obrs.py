@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference as ref
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference as ref
 from jackpot.core.obrs import (
     acceptance_prob,
     batch_lambda,
@@ -46,8 +46,10 @@ def close(actual: torch.Tensor, expected, dtype: torch.dtype) -> None:
 
 def pair(seed: int, shape, dtype, zero_frac: float = 0.2):
     g = gen(seed)
-    return (ref.make_logp(g, shape, dtype=dtype, zero_frac=zero_frac),
-            ref.make_logp(g, shape, dtype=dtype, zero_frac=zero_frac))
+    return (
+        ref.make_logp(g, shape, dtype=dtype, zero_frac=zero_frac),
+        ref.make_logp(g, shape, dtype=dtype, zero_frac=zero_frac),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,12 +62,14 @@ def test_acceptance_and_normalizer_match_reference(dtype, lead, lam):
     tgt, inf = pair(1, (*lead, V), dtype)
     a = acceptance_prob(tgt, inf, lam)
     assert a.shape == tgt.shape and a.dtype == dtype
-    expected_a = [[ref.acceptance(lt, li, lam) for lt, li in zip(rt, ri)]
-                  for rt, ri in zip(ref.rows(tgt), ref.rows(inf))]
+    expected_a = [
+        [ref.acceptance(lt, li, lam) for lt, li in zip(rt, ri, strict=True)]
+        for rt, ri in zip(ref.rows(tgt), ref.rows(inf), strict=True)
+    ]
     close(a, expected_a, dtype)
     z = normalizer(tgt, inf, lam)
     assert z.shape == tgt.shape[:-1]
-    close(z, [ref.z_row(rt, ri, lam) for rt, ri in zip(ref.rows(tgt), ref.rows(inf))], dtype)
+    close(z, [ref.z_row(rt, ri, lam) for rt, ri in zip(ref.rows(tgt), ref.rows(inf), strict=True)], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -73,7 +77,9 @@ def test_normalizer_with_per_state_lambda_tensor(dtype):
     tgt, inf = pair(2, (3, 4, V), dtype)
     lam = torch.rand(3, 4, 1, generator=gen(3), dtype=dtype) * 3 + 0.1
     z = normalizer(tgt, inf, lam)
-    expected = [ref.z_row(rt, ri, lv) for rt, ri, lv in zip(ref.rows(tgt), ref.rows(inf), ref.flat(lam))]
+    expected = [
+        ref.z_row(rt, ri, lv) for rt, ri, lv in zip(ref.rows(tgt), ref.rows(inf), ref.flat(lam), strict=True)
+    ]
     close(z, expected, dtype)
 
 
@@ -87,7 +93,7 @@ def test_chunked_z_and_kl_from_logits_match_reference(dtype, lead, chunk):
     lam = 1.7
     t_rows = [ref.log_softmax(row) for row in ref.rows(t_logits)]
     r_rows = [ref.log_softmax(row) for row in ref.rows(r_logits)]
-    expected = [ref.obrs_kl_row(rt, ri, lam) for rt, ri in zip(t_rows, r_rows)]
+    expected = [ref.obrs_kl_row(rt, ri, lam) for rt, ri in zip(t_rows, r_rows, strict=True)]
 
     z = normalizer_from_logits(t_logits, r_logits, lam, chunk_size=chunk)
     assert z.shape == t_logits.shape[:-1] and z.dtype == dtype
@@ -107,10 +113,14 @@ def test_chunked_paths_upcast_bfloat16_chunk_by_chunk():
     r_rows = [ref.log_softmax(row) for row in ref.rows(r_logits)]
     z = normalizer_from_logits(t_logits, r_logits, 1.0, chunk_size=16)
     assert z.dtype == torch.float32  # half precision is computed (and returned) in float32
-    close(z, [ref.z_row(a, b, 1.0) for a, b in zip(t_rows, r_rows)], torch.float32)
+    close(z, [ref.z_row(a, b, 1.0) for a, b in zip(t_rows, r_rows, strict=True)], torch.float32)
     _, kl_before, kl_after = obrs_kl_from_logits(t_logits, r_logits, 1.0, chunk_size=16)
-    close(kl_before, [ref.obrs_kl_row(a, b, 1.0)[1] for a, b in zip(t_rows, r_rows)], torch.float32)
-    close(kl_after, [ref.obrs_kl_row(a, b, 1.0)[2] for a, b in zip(t_rows, r_rows)], torch.float32)
+    close(
+        kl_before, [ref.obrs_kl_row(a, b, 1.0)[1] for a, b in zip(t_rows, r_rows, strict=True)], torch.float32
+    )
+    close(
+        kl_after, [ref.obrs_kl_row(a, b, 1.0)[2] for a, b in zip(t_rows, r_rows, strict=True)], torch.float32
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -120,9 +130,12 @@ def test_lambda_for_budget_matches_bisection(dtype, lead, budget):
     tgt, inf = pair(6, (*lead, V), dtype)
     lam = lambda_for_budget(tgt, inf, budget)
     assert lam.shape == tgt.shape[:-1] and lam.dtype == dtype
-    expected = [ref.lambda_bisect_row(rt, ri, budget) for rt, ri in zip(ref.rows(tgt), ref.rows(inf))]
-    torch.testing.assert_close(lam.double(), torch.tensor(expected, dtype=torch.float64).reshape(lam.shape),
-                               rtol=1e-6, atol=0.0)
+    expected = [
+        ref.lambda_bisect_row(rt, ri, budget) for rt, ri in zip(ref.rows(tgt), ref.rows(inf), strict=True)
+    ]
+    torch.testing.assert_close(
+        lam.double(), torch.tensor(expected, dtype=torch.float64).reshape(lam.shape), rtol=1e-6, atol=0.0
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -134,9 +147,13 @@ def test_batch_lambda_matches_bisection(dtype, budget):
     mask = (torch.rand(4, 9, generator=g) < 0.8).float()
     lam = batch_lambda(log_r, mask, budget)
     assert lam.dim() == 0 and lam.dtype == dtype
-    ratios = [math.exp(v) for v, m in zip(ref.flat(log_r), ref.flat(mask)) if m > 0]
-    torch.testing.assert_close(lam.double(), torch.tensor(ref.batch_lambda_bisect(ratios, budget),
-                                                          dtype=torch.float64), rtol=1e-6, atol=0.0)
+    ratios = [math.exp(v) for v, m in zip(ref.flat(log_r), ref.flat(mask), strict=True) if m > 0]
+    torch.testing.assert_close(
+        lam.double(),
+        torch.tensor(ref.batch_lambda_bisect(ratios, budget), dtype=torch.float64),
+        rtol=1e-6,
+        atol=0.0,
+    )
 
 
 def _topk_inputs(seed: int, lead, vocab: int, k: int, dtype, scale: float = 2.0):
@@ -145,10 +162,18 @@ def _topk_inputs(seed: int, lead, vocab: int, k: int, dtype, scale: float = 2.0)
     inf = ref.make_logp(g, (*lead, vocab), dtype=dtype, scale=scale)
     r_lp, r_ids = inf.topk(k, dim=-1)
     t_lp, t_ids = tgt.topk(k, dim=-1)
-    return tgt, inf, dict(rollout_topk_ids=r_ids, rollout_topk_logp=r_lp,
-                          target_logp_at_rollout_topk=tgt.gather(-1, r_ids),
-                          target_topk_ids=t_ids, target_topk_logp=t_lp,
-                          rollout_logp_at_target_topk=inf.gather(-1, t_ids))
+    return (
+        tgt,
+        inf,
+        dict(
+            rollout_topk_ids=r_ids,
+            rollout_topk_logp=r_lp,
+            target_logp_at_rollout_topk=tgt.gather(-1, r_ids),
+            target_topk_ids=t_ids,
+            target_topk_logp=t_lp,
+            rollout_logp_at_target_topk=inf.gather(-1, t_ids),
+        ),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -157,11 +182,18 @@ def test_topk_normalizer_matches_loop_over_the_union(dtype, lead):
     tgt, inf, kw = _topk_inputs(8, lead, 30, 5, dtype)
     lam = 0.8
     z_union = topk_normalizer(**kw, lam=lam)
-    kw_rollout_only = {k: kw[k] for k in ("rollout_topk_ids", "rollout_topk_logp", "target_logp_at_rollout_topk")}
+    kw_rollout_only = {
+        k: kw[k] for k in ("rollout_topk_ids", "rollout_topk_logp", "target_logp_at_rollout_topk")
+    }
     z_rollout = topk_normalizer(**kw_rollout_only, lam=lam)
     exp_union, exp_rollout = [], []
-    for rt, ri, rid, tid in zip(ref.rows(tgt), ref.rows(inf), ref.rows(kw["rollout_topk_ids"]),
-                                ref.rows(kw["target_topk_ids"])):
+    for rt, ri, rid, tid in zip(
+        ref.rows(tgt),
+        ref.rows(inf),
+        ref.rows(kw["rollout_topk_ids"]),
+        ref.rows(kw["target_topk_ids"]),
+        strict=True,
+    ):
         union = {int(i) for i in rid} | {int(i) for i in tid}
         exp_union.append(sum(min(ref.exp(ri[i]), ref.exp(rt[i]) / lam) for i in union))
         exp_rollout.append(sum(min(ref.exp(ri[int(i)]), ref.exp(rt[int(i)]) / lam) for i in rid))
@@ -174,8 +206,8 @@ def test_kappa_matches_loop_and_is_clamped_at_one():
     a = torch.rand(3, 6, generator=g, dtype=torch.float64)
     z = torch.rand(3, 6, generator=g, dtype=torch.float64) * 0.5
     m = (torch.rand(3, 6, generator=g) < 0.7).float()
-    sa = sum(x for x, mm in zip(ref.flat(a), ref.flat(m)) if mm > 0)
-    sz = sum(x for x, mm in zip(ref.flat(z), ref.flat(m)) if mm > 0)
+    sa = sum(x for x, mm in zip(ref.flat(a), ref.flat(m), strict=True) if mm > 0)
+    sz = sum(x for x, mm in zip(ref.flat(z), ref.flat(m), strict=True) if mm > 0)
     torch.testing.assert_close(kappa(a, z, m), torch.tensor(max(sa / sz, 1.0), dtype=torch.float64))
     # Z_approx above the acceptance (cannot happen for an under-estimate): kappa clamps to 1
     assert kappa(torch.full((2, 2), 0.3), torch.full((2, 2), 0.6), torch.ones(2, 2)).item() == 1.0
@@ -191,11 +223,15 @@ P_TGT = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64).log()
 
 def test_hand_3_token_acceptance_and_z():
     # lam = 1: a = min(1, r) = (0.4, 1, 1); Z = min(.5,.2) + min(.3,.3) + min(.2,.5) = .2 + .3 + .2 = 0.7
-    torch.testing.assert_close(acceptance_prob(P_TGT, P_INF, 1.0), torch.tensor([0.4, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        acceptance_prob(P_TGT, P_INF, 1.0), torch.tensor([0.4, 1.0, 1.0], dtype=torch.float64)
+    )
     torch.testing.assert_close(normalizer(P_TGT, P_INF, 1.0), torch.tensor(0.7, dtype=torch.float64))
     # Z is the expected acceptance: sum p_inf * a = .5*.4 + .3*1 + .2*1 = 0.7
     # lam = 2: a = min(1, r/2) = (0.2, 0.5, 1); Z = min(.5,.1) + min(.3,.15) + min(.2,.25) = 0.45
-    torch.testing.assert_close(acceptance_prob(P_TGT, P_INF, 2.0), torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        acceptance_prob(P_TGT, P_INF, 2.0), torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    )
     torch.testing.assert_close(normalizer(P_TGT, P_INF, 2.0), torch.tensor(0.45, dtype=torch.float64))
 
 
@@ -205,29 +241,37 @@ def test_hand_3_token_kl_before_and_after():
     #        = -0.3566749 + 0.4581454 = 0.1014704  (and directly: .5 log .7 + .5 log(2.5*.7) = the same)
     z, before, after = obrs_kl_from_logits(P_TGT, P_INF, 1.0, chunk_size=2)
     torch.testing.assert_close(z, torch.tensor(0.7, dtype=torch.float64))
-    torch.testing.assert_close(before, torch.tensor(0.2 * math.log(0.4) + 0.5 * math.log(2.5), dtype=torch.float64))
+    torch.testing.assert_close(
+        before, torch.tensor(0.2 * math.log(0.4) + 0.5 * math.log(2.5), dtype=torch.float64)
+    )
     torch.testing.assert_close(after, torch.tensor(math.log(0.7) + 0.5 * math.log(2.5), dtype=torch.float64))
     assert abs(after.item() - 0.1014704) < 1e-7 and abs(before.item() - 0.2748872) < 1e-7
 
 
-@pytest.mark.parametrize(("budget", "lam"), [
-    # sorted r: 0.4 (q=.5, p=.2), 1 (q=.3, p=.3), 2.5 (q=.2, p=.5); P = (.2, .5, 1), Q = (.5, .8, 1)
-    # A_k = P_k/r_k + 1 - Q_k = (1.0, 0.7, 0.4)
-    (1.0, 0.4),        # k* = 1: lam = .2/(1 - 1 + .5) = 0.4 = r_min
-    (0.7, 1.0),        # k* = 2: lam = .5/(.7 - 1 + .8) = 1;     Z(1) = 0.7
-    (0.5, 5.0 / 3.0),  # k* = 2: lam = .5/(.5 - .2) = 5/3;      Z = .12 + .18 + .2 = 0.5
-    (0.4, 2.5),        # k* = 3: lam = 1/.4 = 2.5;              Z = .08 + .12 + .2 = 0.4
-    (0.2, 5.0),        # k* = 3: lam = 1/.2 = 5;                Z = .04 + .06 + .1 = 0.2
-])
+@pytest.mark.parametrize(
+    ("budget", "lam"),
+    [
+        # sorted r: 0.4 (q=.5, p=.2), 1 (q=.3, p=.3), 2.5 (q=.2, p=.5); P = (.2, .5, 1), Q = (.5, .8, 1)
+        # A_k = P_k/r_k + 1 - Q_k = (1.0, 0.7, 0.4)
+        (1.0, 0.4),  # k* = 1: lam = .2/(1 - 1 + .5) = 0.4 = r_min
+        (0.7, 1.0),  # k* = 2: lam = .5/(.7 - 1 + .8) = 1;     Z(1) = 0.7
+        (0.5, 5.0 / 3.0),  # k* = 2: lam = .5/(.5 - .2) = 5/3;      Z = .12 + .18 + .2 = 0.5
+        (0.4, 2.5),  # k* = 3: lam = 1/.4 = 2.5;              Z = .08 + .12 + .2 = 0.4
+        (0.2, 5.0),  # k* = 3: lam = 1/.2 = 5;                Z = .04 + .06 + .1 = 0.2
+    ],
+)
 def test_hand_3_token_lambda_for_budget(budget, lam):
     got = lambda_for_budget(P_TGT, P_INF, budget)
     torch.testing.assert_close(got, torch.tensor(lam, dtype=torch.float64), rtol=1e-12, atol=0.0)
-    torch.testing.assert_close(normalizer(P_TGT, P_INF, got.item()), torch.tensor(budget, dtype=torch.float64))
+    torch.testing.assert_close(
+        normalizer(P_TGT, P_INF, got.item()), torch.tensor(budget, dtype=torch.float64)
+    )
 
 
 def test_hand_batch_lambda():
-    # ratios (0.5, 1, 2, 4), budget 0.75. At lam = 1: mean(.5, 1, 1, 1) = .875; at lam = 2: mean(.25, .5, 1, 1)
-    # = .6875; on [1, 2]: (0.5/lam + 1/lam + 2)/4 = 0.75  =>  1.5/lam = 1  =>  lam = 1.5
+    # ratios (0.5, 1, 2, 4), budget 0.75. At lam = 1: mean(.5, 1, 1, 1) = .875;
+    # at lam = 2: mean(.25, .5, 1, 1) = .6875;
+    # on [1, 2]: (0.5/lam + 1/lam + 2)/4 = 0.75  =>  1.5/lam = 1  =>  lam = 1.5
     log_r = torch.tensor([[0.5, 1.0], [2.0, 4.0]], dtype=torch.float64).log()
     lam = batch_lambda(log_r, torch.ones(2, 2), 0.75)
     torch.testing.assert_close(lam, torch.tensor(1.5, dtype=torch.float64), rtol=1e-12, atol=0.0)
@@ -246,13 +290,23 @@ def test_hand_topk_and_kappa():
     r_ids, t_ids = torch.tensor([0, 1]), torch.tensor([3, 2])
     base = dict(rollout_topk_ids=r_ids, rollout_topk_logp=inf[r_ids], target_logp_at_rollout_topk=tgt[r_ids])
     torch.testing.assert_close(topk_normalizer(**base, lam=1.0), torch.tensor(0.3, dtype=torch.float64))
-    full = topk_normalizer(**base, lam=1.0, target_topk_ids=t_ids, target_topk_logp=tgt[t_ids],
-                           rollout_logp_at_target_topk=inf[t_ids])
+    full = topk_normalizer(
+        **base,
+        lam=1.0,
+        target_topk_ids=t_ids,
+        target_topk_logp=tgt[t_ids],
+        rollout_logp_at_target_topk=inf[t_ids],
+    )
     torch.testing.assert_close(full, torch.tensor(0.6, dtype=torch.float64))
     # an id in both top-k sets is counted once: target top-2 = {3, 0} adds only token 3 (+0.1) -> 0.4
     t_ids = torch.tensor([3, 0])
-    dup = topk_normalizer(**base, lam=1.0, target_topk_ids=t_ids, target_topk_logp=tgt[t_ids],
-                          rollout_logp_at_target_topk=inf[t_ids])
+    dup = topk_normalizer(
+        **base,
+        lam=1.0,
+        target_topk_ids=t_ids,
+        target_topk_logp=tgt[t_ids],
+        rollout_logp_at_target_topk=inf[t_ids],
+    )
     torch.testing.assert_close(dup, torch.tensor(0.4, dtype=torch.float64))
     # kappa: mean acceptance 0.6, mean Z_approx 0.3 -> kappa = 2 (one state, one token)
     assert kappa(torch.tensor([[0.6]]), torch.tensor([[0.3]]), torch.ones(1, 1)).item() == pytest.approx(2.0)
@@ -275,8 +329,8 @@ def dist_pairs(draw, allow_zeros: bool = True):
     if allow_zeros:
         zt = draw(st.lists(st.booleans(), min_size=n, max_size=n))
         zi = draw(st.lists(st.booleans(), min_size=n, max_size=n))
-        t = [-INF if z and k > 0 else v for k, (v, z) in enumerate(zip(t, zt))]
-        i = [-INF if z and k > 0 else v for k, (v, z) in enumerate(zip(i, zi))]
+        t = [-INF if z and k > 0 else v for k, (v, z) in enumerate(zip(t, zt, strict=True))]
+        i = [-INF if z and k > 0 else v for k, (v, z) in enumerate(zip(i, zi, strict=True))]
     t, i = torch.tensor(t, dtype=torch.float64), torch.tensor(i, dtype=torch.float64)
     return torch.log_softmax(t, -1), torch.log_softmax(i, -1)
 
@@ -319,15 +373,18 @@ def test_property_lambda_for_budget_hits_budget_and_agrees_with_bisection(pq, bu
 
 
 @PROPS
-@given(st.lists(st.one_of(st.floats(-5.0, 5.0, allow_nan=False), st.just(-INF)), min_size=1, max_size=30),
-       st.data(), budgets)
+@given(
+    st.lists(st.one_of(st.floats(-5.0, 5.0, allow_nan=False), st.just(-INF)), min_size=1, max_size=30),
+    st.data(),
+    budgets,
+)
 def test_property_batch_lambda_hits_budget(log_r, data, budget):
     mask = data.draw(st.lists(st.booleans(), min_size=len(log_r), max_size=len(log_r)))
     mask[0] = True
     log_r[0] = data.draw(st.floats(-5.0, 5.0))  # at least one counted token with p_tgt > 0
     lr, m = torch.tensor(log_r, dtype=torch.float64), torch.tensor(mask, dtype=torch.float64)
     lam = batch_lambda(lr, m, budget).item()
-    ratios = [math.exp(v) for v, k in zip(log_r, mask) if k]
+    ratios = [math.exp(v) for v, k in zip(log_r, mask, strict=True) if k]
     reachable = sum(1 for r in ratios if r > 0) / len(ratios)
     assert abs(ref.batch_acceptance(ratios, lam) - min(budget, reachable)) <= 1e-6
     assert lam == pytest.approx(ref.batch_lambda_bisect(ratios, budget), rel=1e-6)
@@ -370,7 +427,9 @@ def test_property_topk_z_never_exceeds_exact_z(seed, lam):
     tgt, inf, kw = _topk_inputs(seed, (3,), 12, 3, torch.float64)
     exact = normalizer(tgt, inf, lam)
     assert (topk_normalizer(**kw, lam=lam) <= exact + 1e-12).all()
-    rollout_only = {k: kw[k] for k in ("rollout_topk_ids", "rollout_topk_logp", "target_logp_at_rollout_topk")}
+    rollout_only = {
+        k: kw[k] for k in ("rollout_topk_ids", "rollout_topk_logp", "target_logp_at_rollout_topk")
+    }
     assert (topk_normalizer(**rollout_only, lam=lam) <= topk_normalizer(**kw, lam=lam) + 1e-12).all()
 
 
@@ -389,9 +448,13 @@ def test_kappa_corrected_topk_z_close_to_exact_on_peaked_distributions(union):
     inf = torch.log_softmax(base + 0.3 * torch.randn(base.shape, generator=g, dtype=torch.float64), -1)
     r_lp, r_ids = inf.topk(20, -1)
     t_lp, t_ids = tgt.topk(20, -1)
-    kw = dict(rollout_topk_ids=r_ids, rollout_topk_logp=r_lp, target_logp_at_rollout_topk=tgt.gather(-1, r_ids))
+    kw = dict(
+        rollout_topk_ids=r_ids, rollout_topk_logp=r_lp, target_logp_at_rollout_topk=tgt.gather(-1, r_ids)
+    )
     if union:
-        kw.update(target_topk_ids=t_ids, target_topk_logp=t_lp, rollout_logp_at_target_topk=inf.gather(-1, t_ids))
+        kw.update(
+            target_topk_ids=t_ids, target_topk_logp=t_lp, rollout_logp_at_target_topk=inf.gather(-1, t_ids)
+        )
     exact = normalizer(tgt, inf, 1.0)
     z_approx = topk_normalizer(**kw, lam=1.0)
     assert (exact - z_approx).max() < 1e-3 and (exact - z_approx).min() >= -1e-12
@@ -429,29 +492,36 @@ def test_unreachable_budget_with_target_zeros_returns_r_min():
         lam = lambda_for_budget(tgt, inf, budget)
         assert lam.item() == pytest.approx(2.0, rel=1e-12)
         assert normalizer(tgt, inf, lam.item()).item() == pytest.approx(0.5, rel=1e-12)
-        torch.testing.assert_close(acceptance_prob(tgt, inf, lam.item()),
-                                   torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))
+        torch.testing.assert_close(
+            acceptance_prob(tgt, inf, lam.item()), torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
+        )
     # a reachable budget below it: on [2, inf) Z = 1/lam  =>  budget 0.25 gives lam = 4
     assert lambda_for_budget(tgt, inf, 0.25).item() == pytest.approx(4.0, rel=1e-12)
     # batch version: ratios (0, 2, 2) as sampled tokens; mean acceptance at most 2/3
-    lam = batch_lambda(torch.tensor([-INF, math.log(2.0), math.log(2.0)], dtype=torch.float64),
-                       torch.ones(3), 0.9)
+    lam = batch_lambda(
+        torch.tensor([-INF, math.log(2.0), math.log(2.0)], dtype=torch.float64), torch.ones(3), 0.9
+    )
     assert lam.item() == pytest.approx(2.0, rel=1e-12)
 
 
 def test_neg_inf_logprobs_give_no_nan():
     # rows with zeros in p_tgt only, in p_inf only, in both at the same token, and partial overlap
     inf_ = -INF
-    tgt_logits = torch.tensor([[0.0, inf_, 1.0, 0.5], [0.0, 1.0, inf_, 0.5], [0.0, inf_, 0.3, inf_]],
-                              dtype=torch.float64)
-    inf_logits = torch.tensor([[0.0, 0.2, inf_, 0.5], [0.0, inf_, 2.0, 0.5], [0.5, inf_, inf_, 1.0]],
-                              dtype=torch.float64)
+    tgt_logits = torch.tensor(
+        [[0.0, inf_, 1.0, 0.5], [0.0, 1.0, inf_, 0.5], [0.0, inf_, 0.3, inf_]], dtype=torch.float64
+    )
+    inf_logits = torch.tensor(
+        [[0.0, 0.2, inf_, 0.5], [0.0, inf_, 2.0, 0.5], [0.5, inf_, inf_, 1.0]], dtype=torch.float64
+    )
     tgt, inf = torch.log_softmax(tgt_logits, -1), torch.log_softmax(inf_logits, -1)
     for lam in (0.5, 1.0, 3.0):
         a = acceptance_prob(tgt, inf, lam)
         assert not a.isnan().any() and ((a >= 0) & (a <= 1)).all()
-        for out in (normalizer(tgt, inf, lam), normalizer_from_logits(tgt_logits, inf_logits, lam, chunk_size=3),
-                    *obrs_kl_from_logits(tgt_logits, inf_logits, lam, chunk_size=3)):
+        for out in (
+            normalizer(tgt, inf, lam),
+            normalizer_from_logits(tgt_logits, inf_logits, lam, chunk_size=3),
+            *obrs_kl_from_logits(tgt_logits, inf_logits, lam, chunk_size=3),
+        ):
             assert not out.isnan().any()
     lam = lambda_for_budget(tgt, inf, 0.6)
     assert torch.isfinite(lam).all() and (lam > 0).all()
@@ -530,5 +600,10 @@ def test_bad_input_raises_value_error_naming_the_argument():
     with pytest.raises(ValueError, match="mask"):
         batch_lambda(tgt, torch.zeros(2, 5), 0.5)
     with pytest.raises(ValueError, match="rollout_logp_at_target_topk needs"):
-        topk_normalizer(torch.zeros(2, 1, dtype=torch.long), tgt[:, :1], inf[:, :1], 1.0,
-                        rollout_logp_at_target_topk=inf[:, :1])
+        topk_normalizer(
+            torch.zeros(2, 1, dtype=torch.long),
+            tgt[:, :1],
+            inf[:, :1],
+            1.0,
+            rollout_logp_at_target_topk=inf[:, :1],
+        )

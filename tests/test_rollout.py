@@ -150,14 +150,16 @@ def test_engine_protocol_version_and_argument_checks(engine, prompts):
 
 
 def test_model_generation_config_does_not_leak(engine, model, prompts):
-    """A checkpoint's own sampling defaults (e.g. top_k=3) must not alter the recorded distribution."""
+    """A checkpoint's own sampling defaults (min_p, repetition penalty) must not alter what is sampled."""
     plain = rollout(engine, prompts, seed=4)
-    saved_top_k = model.generation_config.top_k
-    model.generation_config.top_k = 3
+    saved = model.generation_config
+    model.generation_config = type(saved)(**{**saved.to_dict(), "min_p": 0.5, "repetition_penalty": 3.0})
     try:
-        assert torch.equal(rollout(engine, prompts, seed=4).logprobs, plain.logprobs)
+        leaked = rollout(engine, prompts, seed=4)
     finally:
-        model.generation_config.top_k = saved_top_k
+        model.generation_config = saved
+    assert torch.equal(leaked.response_ids, plain.response_ids)
+    assert torch.equal(leaked.logprobs, plain.logprobs)
 
 
 def test_decode_responses_drops_eos_and_padding(tok):

@@ -16,7 +16,14 @@ import math
 
 import torch
 
-from jackpot.core._checks import SAFETY_BOUND, check_logp, check_positive, check_same_shape, log_ratio, masked_mean
+from jackpot.core._checks import (
+    SAFETY_BOUND,
+    check_logp,
+    check_positive,
+    check_same_shape,
+    log_ratio,
+    masked_mean,
+)
 
 
 def kl_estimators(other_logp: torch.Tensor, sample_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -41,6 +48,11 @@ def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return w.sum().square() / (n * w.square().sum()).clamp_min(torch.finfo(w.dtype).tiny)
 
 
+def _masked_sum(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim of x where m > 0; masked-out -inf (padding) does not turn into NaN."""
+    return (torch.where(m > 0, x, torch.zeros_like(x)) * m).sum(-1)
+
+
 def mismatch_metrics(target_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
                      *, low: float = 0.5, high: float = 2.0) -> dict[str, torch.Tensor]:
     """The usual rollout-vs-trainer mismatch metrics on sampled tokens x ~ p_inf. Inputs (B, T).
@@ -63,7 +75,7 @@ def mismatch_metrics(target_logp: torch.Tensor, rollout_logp: torch.Tensor, mask
         "ratio_max": sel.max(),
         "frac_above": masked_mean((rho > high).to(m.dtype), m),
         "frac_below": masked_mean((rho < low).to(m.dtype), m),
-        "log_ppl_diff": ((-(rollout_logp * m).sum(-1) + (target_logp * m).sum(-1)) / seq_len).mean(),
+        "log_ppl_diff": ((-_masked_sum(rollout_logp, m) + _masked_sum(target_logp, m)) / seq_len).mean(),
     })
     return out
 
@@ -90,6 +102,7 @@ def post_rejection_logp(target_logp: torch.Tensor, rollout_logp: torch.Tensor, l
     """log p'_inf = log(min(p_inf, p_tgt/lam) / Z), the distribution of accepted tokens. (..., V)."""
     check_logp("target_logp", target_logp)
     check_logp("rollout_logp", rollout_logp)
+    check_same_shape(target_logp=target_logp, rollout_logp=rollout_logp)
     check_positive("lam", lam)
     m = torch.minimum(rollout_logp, target_logp - math.log(lam))
     return m - torch.logsumexp(m, dim=-1, keepdim=True)

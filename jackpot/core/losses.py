@@ -88,7 +88,8 @@ def aggregate(
     keep = keep.to(loss.dtype)
     total = (torch.where(keep > 0, loss, torch.zeros_like(loss)) * keep).sum()
     if mode == "seq-mean-token-mean":
-        per_seq = (loss * keep).sum(-1) / keep.sum(-1).clamp_min(1.0)
+        kept = torch.where(keep > 0, loss, torch.zeros_like(loss)) * keep  # masked-out NaN/inf stay out
+        per_seq = kept.sum(-1) / keep.sum(-1).clamp_min(1.0)
         return per_seq.sum() / (denominator if denominator is not None else loss.shape[0])
     if denominator is None:
         if mode == "token-mean":
@@ -170,6 +171,8 @@ def distill_kl(
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
     check_logp("student_logits", student_logits)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     reverse = direction == "reverse"
     if estimator == "full":
         if teacher_logits is None:

@@ -59,7 +59,9 @@ def acceptance_prob(target_logp: torch.Tensor, rollout_logp: torch.Tensor, lam: 
     check_same_shape(target_logp=target_logp, rollout_logp=rollout_logp)
     check_positive("lam", lam)
     log_a = (log_ratio(target_logp, rollout_logp) - as_log(lam, target_logp)).clamp_max(0.0)
-    return log_a.exp()
+    a = log_a.exp()
+    # p_inf = 0: never proposed, a = 1 (also where p_tgt = 0, whose ratio log_ratio takes as 1)
+    return torch.where(rollout_logp == -math.inf, torch.ones_like(a), a)
 
 
 def normalizer(target_logp: torch.Tensor, rollout_logp: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
@@ -125,8 +127,8 @@ def normalizer_from_logits(
             temperature must already be applied.
         lam: float > 0 or tensor broadcastable to (..., 1).
         chunk_size: vocabulary columns processed at once; extra memory is O(rows * chunk_size).
-    Returns (...) Z in float32 (float64 for float64 inputs). Equals `normalizer(log_softmax(t), log_softmax(r), lam)` without ever
-    holding a full (..., V) probability tensor.
+    Returns (...) Z in float32 (float64 for float64 inputs). Equals
+    `normalizer(log_softmax(t), log_softmax(r), lam)` without ever holding a full (..., V) probability tensor.
     """
     _check_logits(target_logits, rollout_logits)
     check_positive("lam", lam)
@@ -162,7 +164,9 @@ def obrs_kl_from_logits(
         z += torch.minimum(r, t - log_lam).exp().sum(-1)
         kl_before += torch.where(p > 0, p * lr, torch.zeros_like(p)).sum(-1)
         e_log_max += torch.where(p > 0, p * torch.maximum(lr, log_lam.expand_as(lr)), torch.zeros_like(p)).sum(-1)
-    return z, kl_before, z.log() + e_log_max
+    # Z = 0 (disjoint supports): nothing is accepted and p_tgt has mass outside supp p_inf, so KL = +inf
+    kl_after = torch.where(z > 0, z.log() + e_log_max, torch.full_like(z, math.inf))
+    return z, kl_before, kl_after
 
 
 def topk_normalizer(
@@ -249,7 +253,7 @@ def _solve_lambda(log_r: torch.Tensor, log_q: torch.Tensor, budget: float) -> to
     if (first_pos >= A.shape[-1]).any():
         raise ValueError("no item with positive target and rollout mass: lambda is undefined for that row")
     r_min = key.gather(-1, first_pos).exp()
-    unreachable = k_star < 0
+    unreachable = (k_star < 0) | (budget >= 1.0)  # budget 1: exactly r_min (the formula can be off by an ulp)
     k_star = k_star.clamp_min(0)
     denom = budget - q_tot + Q.gather(-1, k_star)
     lam = P.gather(-1, k_star) / denom.clamp_min(torch.finfo(denom.dtype).tiny)

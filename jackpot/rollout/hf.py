@@ -9,7 +9,8 @@ top_p 1) and pass our own processor list [Temperature, TopP, _Recorder]. `genera
 processors after its defaults and samples from softmax of the last processor's output, so the
 recorder, last in line, sees exactly the scores that are sampled from. The model's own
 `generation_config` (hub checkpoints ship e.g. temperature 0.6, top_k 20) is swapped for a neutral
-one during the call so none of its fields leak into sampling.
+one during the call so none of its fields leak into sampling, and the model is put in eval mode
+(no dropout) for the call, then restored.
 
 Memory: unlike `output_scores=True`, which keeps T tensors of (B, V) float32 (T * B * 150k floats
 for a real vocabulary), the recorder keeps only one step's (B, V) log-probs plus (B, K) per step.
@@ -135,7 +136,7 @@ class HFRolloutEngine:
             top_p=1.0, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_token_ids,
         )
-        with _seeded(seed, device), _neutral_generation_config(self.model):
+        with _seeded(seed, device), _neutral_generation_mode(self.model):
             sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                             generation_config=config, logits_processor=processors)
         response_ids = sequences[:, prompt_ids.shape[1]:]
@@ -193,15 +194,17 @@ def _seeded(seed: int | None, device: torch.device):
 
 
 @contextlib.contextmanager
-def _neutral_generation_config(model: PreTrainedModel):
-    """Temporarily replace the model's generation_config by one carrying only its special token ids."""
-    saved = model.generation_config
+def _neutral_generation_mode(model: PreTrainedModel):
+    """Eval mode, and the model's generation_config replaced by one carrying only its special token ids."""
+    saved, was_training = model.generation_config, model.training
     model.generation_config = GenerationConfig(
         pad_token_id=saved.pad_token_id, eos_token_id=saved.eos_token_id, bos_token_id=saved.bos_token_id)
+    model.eval()
     try:
         yield
     finally:
         model.generation_config = saved
+        model.train(was_training)
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor,

@@ -195,7 +195,8 @@ class Config:
                      "sampling.max_new_tokens", "sampling.topk"):
             _check_positive_int(name, _get(self, name))
         if self.train.group_size < 2:
-            raise ValueError(f"train.group_size must be >= 2 for group-relative advantages, got {self.train.group_size}")
+            raise ValueError("train.group_size must be >= 2 for group-relative advantages, "
+                             f"got {self.train.group_size}")
         total = self.train.prompts_per_step * self.train.group_size
         if total % self.train.minibatches:
             raise ValueError(f"train.minibatches ({self.train.minibatches}) must divide the rollout batch "
@@ -245,7 +246,10 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
         if key not in known:
             raise ValueError(f"unknown config key {where + key!r}; known keys: {sorted(known)}")
         sub = hints[key]
-        kwargs[key] = _from_dict(sub, value, f"{where}{key}.") if is_dataclass(sub) else _coerce(where + key, sub, value)
+        if is_dataclass(sub):
+            kwargs[key] = _from_dict(sub, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(where + key, sub, value)
     return cls(**kwargs)
 
 

@@ -59,29 +59,38 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- set-up
-def _model_dir(role: str, mc: ModelConfig, cfg: Config) -> str:
+def _quiet_transformers() -> None:
+    """Hide transformers' per-load progress bars and info logs; our own bars say what is happening."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _model_dir(role: str, mc: ModelConfig, cfg: Config, progress: bool) -> str:
     if mc.path is not None:
         return mc.path
     spec = TinyModelSpec(name=role, task=cfg.task.name, task_kwargs=dict(cfg.task.options),
                          hidden=mc.hidden_size, layers=mc.num_layers, heads=mc.num_heads,
                          steps=mc.sft_steps, lr=mc.sft_lr, seed=mc.seed)
-    return str(pretrained_model(spec, Path(cfg.cache_dir).expanduser()))
+    return str(pretrained_model(spec, Path(cfg.cache_dir).expanduser(), progress=progress))
 
 
-def setup(cfg: Config, out: str | Path, *, resume: bool = False) -> Run:
+def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = False) -> Run:
     out = Path(out)
+    _quiet_transformers()
     if resume and ckpt.latest_checkpoint(out) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = make_task(cfg.task.name, **cfg.task.options)
     device = torch.device(cfg.train.device)
-    policy_dir = _model_dir("policy", cfg.policy, cfg)
+    policy_dir = _model_dir("policy", cfg.policy, cfg, progress)
     tokenizer = load_tokenizer(policy_dir)
     policy = load_model(policy_dir, device=device)
     rollout_model = rollout_opt = None
     if cfg.train.mode == "decoupled":
-        rollout_dir = _model_dir("rollout", cfg.rollout_model, cfg)
+        rollout_dir = _model_dir("rollout", cfg.rollout_model, cfg, progress)
         check_same_tokenizer(load_tokenizer(rollout_dir), tokenizer, names=("rollout_model", "policy"))
         rollout_model = load_model(rollout_dir, device=device)
         rollout_opt = torch.optim.AdamW(rollout_model.parameters(), lr=cfg.rollout_model.lr)
@@ -107,7 +116,7 @@ def _write_config(cfg: Config, out: Path) -> None:
 # ----------------------------------------------------------------------------- phases
 def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
     """Sample prompts_per_step prompts x group_size responses and score them: (batch, rewards (N, G))."""
-    cfg, t, s = run.cfg, run.cfg.train, run.cfg.sampling
+    t, s = run.cfg.train, run.cfg.sampling
     examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, 0))
     repeated = [ex for ex in examples for _ in range(t.group_size)]
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated])
@@ -176,7 +185,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     Ctrl-C finishes the step in progress, saves a checkpoint and raises KeyboardInterrupt (a second
     Ctrl-C stops at once, keeping the previous checkpoint): a checkpoint never holds a half-done step.
     """
-    run = setup(cfg, out, resume=resume)
+    run = setup(cfg, out, resume=resume, progress=progress)
     t = cfg.train
     if run.start_step == 1:
         run.logger.log(0, _evaluate_all(run, 0))
