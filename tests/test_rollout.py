@@ -160,6 +160,12 @@ def test_model_generation_config_does_not_leak(engine, model, prompts):
         model.generation_config = saved
     assert torch.equal(leaked.response_ids, plain.response_ids)
     assert torch.equal(leaked.logprobs, plain.logprobs)
+    model.train()  # a policy used as its own rollout model is in train mode; generate restores it
+    try:
+        rollout(engine, prompts, max_new_tokens=1)
+        assert model.training
+    finally:
+        model.eval()
 
 
 def test_decode_responses_drops_eos_and_padding(tok):

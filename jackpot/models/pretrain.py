@@ -9,8 +9,13 @@ and EOS tokens only (the prompt is context, not a target). AdamW, linear warm-up
 `cache_dir/<name>-<hash of every setting>` (atomically) and reuses it when already there, so a
 training run and its tests do not pay for SFT twice.
 
+Measured on 2-digit addition (2 shared CPU cores, 1 torch thread, 200 eval problems, 2 seeds):
+    h64, 2 layers (0.11M params), lr 3e-3, 600 steps: greedy 51%, sampled 26-31%, ~20 s
+    h128, 3 layers (0.65M params), lr 2e-3, 600 steps: greedy 20-60%, sampled 11-39%, ~45-50 s
+Accuracy jumps late and abruptly (h64: 8% at 500 steps, 51% at 600), so it varies with the seed.
+
 Example:
-    jackpot pretrain --task addition --hidden 128 --layers 4 --heads 4 --steps 300 --out runs/policy
+    jackpot pretrain --task addition --hidden 128 --layers 3 --heads 4 --steps 600 --out runs/policy
 """
 
 from __future__ import annotations
@@ -51,14 +56,14 @@ class TinyModelSpec:
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     """Arguments of the task, e.g. {"digits": 2}."""
     hidden: int = 128
-    layers: int = 4
+    layers: int = 3
     heads: int = 4
     intermediate: int | None = None
     """MLP width; None means 3 * hidden."""
-    steps: int = 300
+    steps: int = 600
     """SFT optimizer steps (0 leaves the random initialisation)."""
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 2e-3
     seed: int = 0
     """Seeds both the initialisation and the order of training examples."""
 
@@ -130,7 +135,7 @@ def pretrain(
         optimizer.step()
         schedule.step()
         losses.append(loss.item())  # one sync per step is fine at this scale
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     tail = losses[-max(1, steps // 10):] if losses else [float("nan")]
     return {

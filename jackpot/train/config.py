@@ -30,13 +30,13 @@ class ModelConfig:
     fields below and pre-train it on the task (cached on disk)."""
     hidden_size: int = 128
     """Tiny model only: hidden width."""
-    num_layers: int = 4
+    num_layers: int = 3
     """Tiny model only: transformer layers."""
     num_heads: int = 4
     """Tiny model only: attention heads."""
-    sft_steps: int = 300
+    sft_steps: int = 600
     """Tiny model only: supervised warm-start steps (0: random initialisation)."""
-    sft_lr: float = 3e-3
+    sft_lr: float = 2e-3
     """Tiny model only: supervised warm-start learning rate."""
     seed: int = 0
     """Tiny model only: initialisation and warm-start seed."""
@@ -167,7 +167,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     policy: ModelConfig = field(default_factory=ModelConfig)
     rollout_model: ModelConfig = field(default_factory=lambda: ModelConfig(
-        hidden_size=64, num_layers=2, num_heads=4, sft_steps=300, seed=1, lr=1e-4))
+        hidden_size=64, num_layers=2, num_heads=4, sft_steps=600, sft_lr=3e-3, seed=1, lr=1e-4))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
