@@ -1,0 +1,76 @@
+"""Config files, presets and overrides; the metric logger; `jackpot plot`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jackpot.cli import main as cli_main
+from jackpot.metrics import MetricLogger, read_metrics
+from jackpot.train.config import CONFIG_DIR, Config, build_config, parse_overrides
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_preset_builds(preset):
+    cfg = build_config(str(CONFIG_DIR / f"{preset}.yaml"))
+    assert isinstance(cfg, Config)
+
+
+def test_preset_chain_and_overrides_take_precedence(tmp_path):
+    # staleness-jackpot extends staleness-noclip extends staleness-clip
+    cfg = build_config(str(CONFIG_DIR / "staleness-jackpot.yaml"), ["train.minibatches=4"])
+    assert cfg.train.mode == "on-policy" and cfg.train.clip_eps is None
+    assert cfg.correction.name == "jackpot" and cfg.correction.target == "new"
+    assert cfg.train.minibatches == 4
+    user = tmp_path / "mine.yaml"
+    user.write_text("preset: tis-reverse-kl\ncorrection:\n  cap: 5\npolicy:\n  lr: 1e-5\n")
+    cfg = build_config(str(user))
+    assert cfg.correction.name == "tis" and cfg.correction.cap == 5.0 and cfg.policy.lr == 1e-5
+    # untouched fields keep the role-specific defaults
+    assert cfg.rollout_model.hidden_size == Config().rollout_model.hidden_size
+
+
+def test_task_options_are_replaced_not_merged():
+    cfg = build_config(None, ["task.name=chain_sum", "task.options={terms: 2}"])
+    assert cfg.task.options == {"terms": 2}
+
+
+def test_override_syntax_errors():
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(ValueError, match="section.field=value"):
+        parse_overrides(["train.steps"])
+    with pytest.raises(ValueError, match="train.steps must be an integer"):
+        build_config(None, ["train.steps=2.5"])
+
+
+def test_metric_logger_truncates_on_resume(tmp_path):
+    log = MetricLogger(tmp_path, tensorboard=True)
+    for step in range(4):
+        log.log(step, {"x": float(step), "y": float("nan")})
+    log.close()
+    assert [r["y"] for r in read_metrics(tmp_path)] == [None] * 4  # NaN is written as null, still valid JSON
+    MetricLogger(tmp_path, tensorboard=False, resume_step=1).close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def _fake_run(path: Path, offset: float) -> Path:
+    path.mkdir(parents=True)
+    rows = [{"step": s, "reward/mean": 0.1 * s + offset, "mismatch/kl_k3": 0.01 / (s + 1),
+             "obrs/accept_rate": 0.9, **({"eval/accuracy": 0.2 + offset} if s % 2 == 0 else {})} for s in range(5)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_plot_overlays_runs_and_groups_seeds(tmp_path):
+    runs = [_fake_run(tmp_path / f"jackpot-seed{i}", 0.01 * i) for i in range(2)] + [_fake_run(tmp_path / "tis", 0.0)]
+    out = tmp_path / "plot.png"
+    assert cli_main(["plot", *map(str, runs), "--out", str(out)]) == 0
+    assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_missing_run_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        cli_main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "p.png")])
