@@ -40,8 +40,9 @@ class ModelConfig:
     """Tiny model only: supervised warm-start learning rate."""
     seed: int = 0
     """Tiny model only: initialisation and warm-start seed."""
-    lr: float = 1e-4
-    """RL learning rate (AdamW) of this model."""
+    lr: float = 3e-5
+    """RL learning rate (AdamW) of this model. Tiny models are fragile: AdamW at 1e-4 already erodes the
+    warm-started accuracy of the offline default (measured), 3e-5 does not."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class DistillConfig:
 class TrainConfig:
     mode: str = "decoupled"
     """'decoupled': the rollout model generates; 'on-policy': the policy generates its own rollouts."""
-    steps: int = 30
+    steps: int = 150
     """Rollout phases (each followed by `minibatches` x `ppo_epochs` optimizer steps)."""
     prompts_per_step: int = 16
     """Prompts per rollout phase."""
@@ -146,15 +147,16 @@ class TrainConfig:
     """Gradient-norm clip for both models (None: none)."""
     seed: int = 0
     """Seeds prompts, sampling and the rejection uniforms of every step."""
-    eval_every: int = 10
+    eval_every: int = 30
     """Evaluate the policy every this many steps (and before and after training)."""
-    eval_prompts: int = 100
+    eval_prompts: int = 200
     """Evaluation prompts from the task's held-out split."""
     eval_samples: int = 4
     """Samples per evaluation prompt (Mean@k / Pass@k)."""
-    eval_temperature: float = 0.6
-    """Sampling temperature for evaluation."""
-    checkpoint_every: int = 10
+    eval_temperature: float = 1.0
+    """Sampling temperature for evaluation (default: the training temperature, so Mean@k measures the
+    distribution that RL optimises)."""
+    checkpoint_every: int = 30
     """Save both models every this many steps (and at the end / on Ctrl-C)."""
     device: str = "cpu"
     """Torch device, e.g. 'cpu' or 'cuda'."""
@@ -167,7 +169,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     policy: ModelConfig = field(default_factory=ModelConfig)
     rollout_model: ModelConfig = field(default_factory=lambda: ModelConfig(
-        hidden_size=64, num_layers=2, num_heads=4, sft_steps=600, sft_lr=3e-3, seed=1, lr=1e-4))
+        hidden_size=64, num_layers=2, num_heads=4, sft_steps=600, sft_lr=3e-3, seed=1))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
