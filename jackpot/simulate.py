@@ -10,7 +10,7 @@ KL(p_tgt || p'_inf) with p'_inf = min(p_inf, p_tgt/lam)/Z; each grid point repor
 three over the states (so its reduction is a ratio of means). The same (z, xi) draws serve every
 sigma, and the mean KL before is increasing in sigma (each state's KL is convex in sigma with its
 minimum at 0), so the grid ends (KL 1e-4 and 1) and the anchor points (KL 0.001 and 0.009, where
-the paper reads acceptance ~0.987 and ~0.955) are found by bisection on log sigma.
+the paper reads acceptance ~0.987 and ~0.955) are solved for by regula falsi on log sigma.
 
 Beyond the paper: a budget sweep on one (p_tgt, p_inf) pair, lam = lambda_for_budget(budget),
 tracing KL after against acceptance from no rejection (budget 1, KL unchanged) to classic rejection
@@ -50,6 +50,9 @@ KL_NOISE_FLOOR = 1e-6  # KL values below this are float32 rounding of the closed
 KL_FLOOR = 1e-30  # float32 rounding can make a tiny KL <= 0; floored before the log
 
 
+FAMILIES = ("lognormal", "gaussian")
+
+
 def _draw_noise(family: str, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     xi = torch.randn(shape, generator=gen, dtype=torch.float64)
     if family == "lognormal":
@@ -57,9 +60,6 @@ def _draw_noise(family: str, shape: tuple[int, int], gen: torch.Generator) -> to
     if family == "gaussian":
         return xi
     raise ValueError(f"unknown perturbation family {family!r}")
-
-
-FAMILIES = ("lognormal", "gaussian")
 
 
 def draw_states(vocab: int, states: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -169,3 +169,26 @@ def test_mismatched_tokenizers_are_refused(tmp_path, cache):
     load_model(tmp_path / "other")  # loads fine on its own
     with pytest.raises(ValueError, match="tokenizer"):
         setup(_cfg(cache, f"rollout_model.path={tmp_path / 'other'}"), tmp_path / "run")
+
+
+def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path, cache, monkeypatch):
+    import os
+    import signal
+
+    from jackpot.train import loop
+
+    real_step = loop._train_step
+
+    def step_then_interrupt(run, step):
+        values = real_step(run, step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step still completes
+        return values
+
+    monkeypatch.setattr(loop, "_train_step", step_then_interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt, match="after step 2"):
+        loop.train(_cfg(cache, "train.steps=5"), out, progress=False)
+    assert ckpt.latest_checkpoint(out).name == "step_000002"
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<correction>)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--reference", default=None,
+                        help="an on-policy run directory to compare with in the summary (default: a sibling "
+                             "'on-policy-none' run, if there is one)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. train.steps=10 correction.name=tis")
 
@@ -38,6 +41,12 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.train.mode}-{cfg.correction.name}")
     run_dir = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     summary = summarize(run_dir)
+    reference = Path(args.reference) if args.reference else run_dir.parent / "on-policy-none"
+    if reference.resolve() != run_dir.resolve() and (reference / "metrics.jsonl").is_file():
+        ref = summarize(reference)
+        summary["reference"] = {"run": str(reference), "eval_after": ref["eval_after"], "steps": ref["steps"]}
+    elif args.reference:
+        raise FileNotFoundError(f"--reference {reference}: no metrics.jsonl there")
     _write_json(run_dir / "summary.json", summary)
     print_summary(summary, run_dir)
     return 0
@@ -64,7 +73,7 @@ def summarize(run_dir: str | Path) -> dict:
         "actor_policy_kl_k3_mean": mean("mismatch/kl_k3"),
         "actor_policy_kl_k3_last": train_steps[-1].get("mismatch/kl_k3") if train_steps else None,
         "rollout_s_mean": mean("perf/rollout_s"),
-        "update_s_mean": mean("perf/update_s") ,
+        "update_s_mean": mean("perf/update_s"),
         "step_s_mean": mean("perf/step_s"),
     }
 
@@ -88,6 +97,9 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     rows = [
         ("policy eval accuracy, before", fmt(summary["eval_before"])),
         ("policy eval accuracy, after", fmt(summary["eval_after"])),
+        ("on-policy reference, after" + (f" ({summary['reference']['run']})" if "reference" in summary else ""),
+         fmt(summary["reference"]["eval_after"]) if "reference" in summary
+         else "n/a (jackpot train --config configs/on-policy.yaml)"),
         ("rollout model eval accuracy, before", fmt(summary["rollout_model_eval_before"])),
         ("rollout model eval accuracy, after", fmt(summary["rollout_model_eval_after"])),
         ("mean train reward", fmt(summary["reward_mean"])),
