@@ -66,8 +66,12 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.9, help="target mean acceptance")
     p.add_argument("--iters", type=int, default=60, help="bisection iterations of the baseline")
     p.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default); "
+                   "on a shared CPU, OpenMP threads spin-wait and 2 threads are slower and noisier than 1")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     log_ratio, mask = make_batch(args.tokens, args.seed)
     batch_lambda(log_ratio[:1000], mask[:1000], args.budget)  # warm-up

@@ -122,6 +122,8 @@ def _reset_peak_rss() -> bool:
 
 def worker(spec: dict) -> dict:
     """Run one variant in this (fresh) process; CPU memory from RSS and ru_maxrss."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     if spec.get("inputs"):
         data = torch.load(spec["inputs"], weights_only=True)
         t, r = data["target"], data["rollout"]
@@ -194,7 +196,7 @@ def choose_positions(args, device: str, naive_per_elem: float) -> tuple[int, str
 
 def build_specs(args, positions: int) -> list[dict]:
     base = {"lam": args.lam, "k": args.k, "repeats": args.repeats, "positions": positions,
-            "vocab": args.vocab, "seed": args.seed, "chunk": None}
+            "vocab": args.vocab, "seed": args.seed, "chunk": None, "threads": args.threads}
     rowblock = [dict(base, variant="rowblock", chunk=args.row_block)] if args.row_block else []
     return ([dict(base, variant="naive")] + [dict(base, variant="chunked", chunk=c) for c in args.chunk_sizes]
             + [dict(base, variant="topk")] + rowblock)
@@ -203,7 +205,7 @@ def build_specs(args, positions: int) -> list[dict]:
 def calibrate_naive(args, device: str) -> float:
     """Extra bytes per (position, vocab) element of the naive path, measured at CALIBRATION_ROWS."""
     spec = {"variant": "naive", "lam": args.lam, "repeats": 1, "positions": CALIBRATION_ROWS,
-            "vocab": args.vocab, "seed": args.seed}
+            "vocab": args.vocab, "seed": args.seed, "threads": args.threads}
     if device == "cuda":
         t, r = make_inputs(CALIBRATION_ROWS, args.vocab, args.seed, device)
         res = run_cuda(spec, t, r)
@@ -270,10 +272,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time the naive math on this many rows at a time (0: off)")
     p.add_argument("--k", type=int, default=20, help="top-k of each model (paper: 20)")
     p.add_argument("--lam", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median reported)")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per variant (median reported)")
     p.add_argument("--mem-fraction", type=float, default=0.6,
                    help="fraction of available memory the naive run may use (the machine is shared)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default); "
+                   "on a shared CPU, OpenMP threads spin-wait and 2 threads are slower and noisier than 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -285,6 +289,8 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     per_elem = calibrate_naive(args, device)
     positions, why = choose_positions(args, device, per_elem)

@@ -68,8 +68,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=20, help="timed calls per variant (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default); "
+                   "on a shared CPU, OpenMP threads spin-wait and 2 threads are slower and noisier than 1")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     inputs = {z: make_inputs(args.batch, args.length, args.seed, z) for z in (False, True)}
     runs = time_variants(inputs, args.repeats)

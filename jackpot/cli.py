@@ -1,4 +1,7 @@
-"""The `jackpot` command line: one subcommand per module, each exposing add_arguments(parser) and main(args)."""
+"""jackpot: RL post-training of a policy on rollouts from a different (smaller) model, corrected with
+token-level Optimal Budgeted Rejection Sampling. `jackpot COMMAND --help` describes each command.
+
+Each subcommand is a module exposing add_arguments(parser) and main(args)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> (module, one-line help). Modules are imported only when their subcommand runs or is listed.
+# subcommand -> (module, one-line help). A module is imported only when its subcommand runs.
 COMMANDS = {
     "simulate": ("jackpot.simulate", "reproduce the paper's numerical OBRS study (Figure 2) plus a budget sweep"),
     "pretrain": ("jackpot.models.pretrain", "warm-start a tiny model on a task by supervised fine-tuning"),
@@ -15,10 +18,15 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (so `jackpot --help` and each subcommand load
+    just what they use, and one subcommand's import error cannot break the others)."""
     parser = argparse.ArgumentParser(prog="jackpot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     # overrides (section.field=value) may come before or after options: collect the stray ones
     args, extra = parser.parse_known_args(argv)
     if extra:

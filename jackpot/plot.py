@@ -14,11 +14,11 @@ from pathlib import Path
 
 from jackpot.metrics import read_metrics
 
-PANELS = (
-    ("reward/mean", "train reward", "linear"),
-    ("eval/accuracy", "policy eval accuracy (Mean@k)", "linear"),
-    ("mismatch/kl_k3", "actor-policy KL (k3)", "log"),
-    ("obrs/accept_rate", "OBRS acceptance rate", "linear"),
+PANELS = (  # (metric, title, smoothed)
+    ("reward/mean", "train reward", True),
+    ("eval/accuracy", "policy eval accuracy (Mean@k)", False),
+    ("mismatch/kl_k3", "actor-policy KL (k3)", True),
+    ("obrs/accept_rate", "OBRS acceptance rate", True),
 )
 
 
@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     parser.add_argument("--out", default="runs/plot.png", help="output PNG (default: %(default)s)")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--smooth", type=int, default=5,
+                        help="moving-average window for per-step curves (1: raw; default: %(default)s)")
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -42,7 +44,16 @@ def group_runs(run_dirs: list[str | Path]) -> dict[str, list[list[dict]]]:
     return dict(groups)
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = None) -> Path:
+def _moving_average(values, window: int):
+    import numpy as np
+
+    if window <= 1 or values.shape[-1] < window:
+        return values
+    kernel = np.ones(window) / window
+    return np.stack([np.convolve(v, kernel, mode="valid") for v in values])
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = None, smooth: int = 5) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,28 +61,28 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
     import numpy as np
 
     groups = group_runs(run_dirs)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(groups)}  # one colour per run group in every panel
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for ax, (key, name, scale) in zip(axes, PANELS):
+    for ax, (key, name, smoothed) in zip(axes, PANELS):
         for label, runs in groups.items():
-            series = [_series(r, key) for r in runs]
-            series = [s for s in series if s[0]]
+            series = [s for s in (_series(r, key) for r in runs) if s[0]]
             if not series:
                 continue
             n = min(len(s[0]) for s in series)
-            steps = np.array(series[0][0][:n])
-            vals = np.array([s[1][:n] for s in series])
-            line, = ax.plot(steps, vals.mean(0), label=f"{label} (n={len(series)})")
+            window = smooth if smoothed else 1
+            steps = _moving_average(np.array([series[0][0][:n]], dtype=float), window)[0]
+            vals = _moving_average(np.array([s[1][:n] for s in series], dtype=float), window)
+            ax.plot(steps, vals.mean(0), color=colors[label], label=f"{label} (n={len(series)})")
             if len(series) > 1:
-                ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
-        ax.set_title(name)
+                ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[label], alpha=0.15)
+        ax.set_title(name + (f" (moving avg {smooth})" if smoothed and smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("step")
-        if scale == "log" and ax.has_data():
-            ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(groups), fontsize=8,
+               frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
@@ -82,5 +93,5 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
 
 
 def main(args: argparse.Namespace) -> int:
-    print(plot_runs(args.runs, args.out, args.title))
+    print(plot_runs(args.runs, args.out, args.title, smooth=args.smooth))
     return 0

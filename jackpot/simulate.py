@@ -16,6 +16,10 @@ Beyond the paper: a budget sweep on one (p_tgt, p_inf) pair, lam = lambda_for_bu
 tracing KL after against acceptance from no rejection (budget 1, KL unchanged) to classic rejection
 sampling (lam = max ratio, KL 0, acceptance 1/max ratio).
 
+At the defaults (V = 32000, 64 states, seed 0) the lognormal family at KL before 0.009 accepts 0.961
+and cuts the KL 16x (seeds 1-3: 17-19x; METHOD.md quotes 13-14x, the paper ~12x); the gaussian
+family accepts 0.947 and cuts it 2.8x. The ratio of means is sensitive to the heavy tail of xi.
+
 Outputs: DIR/simulation.json, DIR/simulation.png (toy, acceptance, KL), DIR/budget_sweep.png.
 Run: `jackpot simulate --out runs/simulate`.
 """
@@ -124,8 +128,20 @@ def run_family(z: torch.Tensor, xi: torch.Tensor, n_sigma: int, lam: float) -> t
     anchors = []
     for kl, s in zip(ANCHOR_KLS, anchor_sigmas, strict=True):
         p = next(p for p in points if p["sigma"] == s)
-        anchors.append({"target_kl_before": kl, **p, "reduction": _reduction(p)})
+        anchors.append({"target_kl_before": kl, **p, "reduction": _reduction(p),
+                        "by_scale": _by_scale(z, xi, s, lam)})
     return points, anchors
+
+
+def _by_scale(z: torch.Tensor, xi: torch.Tensor, sigma: float, lam: float) -> dict[str, dict]:
+    """The same point restricted to the states of each target-logit scale s (rows i % len(SCALES))."""
+    out = {}
+    for i, scale in enumerate(SCALES):
+        if i < z.shape[0]:
+            p = evaluate(z[i::len(SCALES)], xi[i::len(SCALES)], sigma, lam)
+            out[f"{scale:g}"] = {"kl_before": p["kl_before"], "kl_after": p["kl_after"],
+                                 "acceptance": p["acceptance"], "reduction": _reduction(p)}
+    return out
 
 
 def _reduction(point: dict) -> float | None:
@@ -134,7 +150,7 @@ def _reduction(point: dict) -> float | None:
 
 
 def _fmt_reduction(r: float | None) -> str:
-    return "KL after = 0" if r is None else f"{r:.2f}x"
+    return "KL after = 0" if r is None else f"{r:.1f}x"
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -223,14 +239,15 @@ def print_table(result: dict) -> None:
     console.print(table)
     for family, anchors in result["anchors"].items():
         for a in anchors:
-            console.print(f"{family:9s} KL before {a['kl_before']:.4f}: acceptance {a['acceptance']:.4f}, "
-                          f"KL reduced {_fmt_reduction(a['reduction'])}")
+            per_scale = ", ".join(f"s={k} {_fmt_reduction(v['reduction'])}" for k, v in a["by_scale"].items())
+            console.print(f"{family} KL {a['kl_before']:.4f}: acceptance {a['acceptance']:.4f}, "
+                          f"reduction {_fmt_reduction(a['reduction'])} ({per_scale})")
     g, s = result["goal"], result["budget_sweep"]
     verdict = "[green]PASS[/green]" if g["passed"] else "[red]FAIL[/red]"
     console.print(f"goal ({g['family']} at KL {g['kl_before']}: acceptance >= {g['min_acceptance']}, "
                   f"reduction >= {g['min_reduction']}x): {verdict}")
-    console.print(f"budget sweep (KL before {s['kl_before']:.3f}): classic rejection accepts "
-                  f"{s['classic']['acceptance']:.3f}; max |Z - budget| = {s['max_budget_error']:.1e}")
+    console.print(f"budget sweep (KL {s['kl_before']:.3f}): classic rejection accepts "
+                  f"{s['classic']['acceptance']:.3f}, lam=1 {s['lam_one']['acceptance']:.3f}")
 
 
 def _plot_toy(ax, t: dict) -> None:

@@ -57,7 +57,7 @@ def _stat(values: list[float | None], spec: str = ".3f") -> str:
         return "–"
     if len(vals) == 1:
         return format(vals[0], spec)
-    return f"{statistics.mean(vals):{spec}} ± {statistics.stdev(vals):{spec}}"
+    return f"{statistics.mean(vals):{spec}} ± {statistics.stdev(vals):{spec.lstrip('+')}}"
 
 
 def table(runs: dict[str, list[Path]]) -> str:

@@ -115,8 +115,8 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, reverse: bool, chunk: int):
-        lse_s = _chunked_logsumexp(student, chunk).unsqueeze(-1)
-        lse_t = _chunked_logsumexp(teacher, chunk).unsqueeze(-1)
+        lse_s = _chunked_logsumexp(student, chunk, "student_logits").unsqueeze(-1)
+        lse_t = _chunked_logsumexp(teacher, chunk, "teacher_logits").unsqueeze(-1)
         kl = torch.zeros(student.shape[:-1], dtype=_compute_dtype(student), device=student.device)
         for start in range(0, student.shape[-1], chunk):
             ls = _upcast(student[..., start:start + chunk]) - lse_s
@@ -170,15 +170,15 @@ def distill_kl(
         raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-    check_logp("student_logits", student_logits)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     reverse = direction == "reverse"
-    if estimator == "full":
+    if estimator == "full":  # NaN / +inf are caught chunk by chunk, without a full-size mask
         if teacher_logits is None:
             raise ValueError("estimator='full' needs teacher_logits")
         check_same_shape(student_logits=student_logits, teacher_logits=teacher_logits)
         return _ChunkedKL.apply(student_logits, teacher_logits.detach(), reverse, chunk_size)
+    check_logp("student_logits", student_logits)
     log_ps = torch.log_softmax(_upcast(student_logits), dim=-1)
     if estimator == "topk":
         if teacher_topk_ids is None or teacher_topk_logp is None:

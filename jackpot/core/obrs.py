@@ -86,21 +86,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _chunked_logsumexp(logits: torch.Tensor, chunk: int) -> torch.Tensor:
-    """logsumexp over the last dim, one vocabulary chunk at a time (float32 or wider)."""
+def _chunked_logsumexp(logits: torch.Tensor, chunk: int, name: str = "logits") -> torch.Tensor:
+    """logsumexp over the last dim, one vocabulary chunk at a time (float32 or wider).
+
+    Also the NaN / +inf check of `logits`: either one makes its row's logsumexp NaN / +inf, so
+    checking the (rows,) result costs nothing, where checking the input would allocate a mask as
+    large as the logits.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk}")
     out = None
     for start in range(0, logits.shape[-1], chunk):
         part = torch.logsumexp(_upcast(logits[..., start:start + chunk]), dim=-1)
         out = part if out is None else torch.logaddexp(out, part)
+    if torch.isnan(out).any():
+        raise ValueError(f"{name} contains NaN")
+    if (out == math.inf).any():
+        raise ValueError(f"{name} contains +inf")
     return out
 
 
 def _chunks_of_logp(target_logits: torch.Tensor, rollout_logits: torch.Tensor, chunk: int):
     """Yield (log p_tgt, log p_inf) for consecutive vocabulary chunks (float32, never all of V at once)."""
-    if chunk <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk}")
-    lse_t = _chunked_logsumexp(target_logits, chunk).unsqueeze(-1)
-    lse_r = _chunked_logsumexp(rollout_logits, chunk).unsqueeze(-1)
+    lse_t = _chunked_logsumexp(target_logits, chunk, "target_logits").unsqueeze(-1)
+    lse_r = _chunked_logsumexp(rollout_logits, chunk, "rollout_logits").unsqueeze(-1)
     for start in range(0, target_logits.shape[-1], chunk):
         t = _upcast(target_logits[..., start:start + chunk]) - lse_t
         r = _upcast(rollout_logits[..., start:start + chunk]) - lse_r
@@ -108,8 +117,10 @@ def _chunks_of_logp(target_logits: torch.Tensor, rollout_logits: torch.Tensor, c
 
 
 def _check_logits(target_logits: torch.Tensor, rollout_logits: torch.Tensor) -> None:
-    check_logp("target_logits", target_logits)
-    check_logp("rollout_logits", rollout_logits)
+    """Type and shape only; NaN / +inf are caught chunk by chunk in `_chunked_logsumexp`."""
+    for name, x in (("target_logits", target_logits), ("rollout_logits", rollout_logits)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point torch.Tensor")
     check_same_shape(target_logits=target_logits, rollout_logits=rollout_logits)
 
 
