@@ -87,6 +87,9 @@ def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: l
         figure = path.parent / f"results-{name}.png"
         plot_runs([d for dirs in runs.values() for d in dirs], figure, title=name)
         parts += [f"\n## {name}\n\n", table(runs), f"\n![{name}]({figure.name})\n"]
+    notes = path.parent / "results-notes.md"  # hand-written reading of the numbers, kept across re-runs
+    if notes.is_file():
+        parts += ["\n", notes.read_text()]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(parts))
     os.replace(tmp, path)
