@@ -120,7 +120,7 @@ class DistillConfig:
 class TrainConfig:
     mode: str = "decoupled"
     """'decoupled': the rollout model generates; 'on-policy': the policy generates its own rollouts."""
-    steps: int = 150
+    steps: int = 300
     """Rollout phases (each followed by `minibatches` x `ppo_epochs` optimizer steps)."""
     prompts_per_step: int = 16
     """Prompts per rollout phase."""
@@ -147,7 +147,7 @@ class TrainConfig:
     """Gradient-norm clip for both models (None: none)."""
     seed: int = 0
     """Seeds prompts, sampling and the rejection uniforms of every step."""
-    eval_every: int = 30
+    eval_every: int = 50
     """Evaluate the policy every this many steps (and before and after training)."""
     eval_prompts: int = 200
     """Evaluation prompts from the task's held-out split."""
@@ -156,7 +156,7 @@ class TrainConfig:
     eval_temperature: float = 1.0
     """Sampling temperature for evaluation (default: the training temperature, so Mean@k measures the
     distribution that RL optimises)."""
-    checkpoint_every: int = 30
+    checkpoint_every: int = 50
     """Save both models every this many steps (and at the end / on Ctrl-C)."""
     device: str = "cpu"
     """Torch device, e.g. 'cpu' or 'cuda'."""
