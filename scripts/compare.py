@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def run_all(presets: list[str], seeds: list[int], out: Path, overrides: list[str
         for seed in seeds:
             run_dir = out / f"{preset}-seed{seed}"
             if not (run_dir / "summary.json").is_file():
+                shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run from an interrupted comparison
                 cfg = build_config(str(ROOT / "configs" / f"{preset}.yaml"), [*overrides, f"train.seed={seed}"])
                 t0 = time.perf_counter()
                 train(cfg, run_dir, progress=False)

@@ -92,6 +92,7 @@ def _prepared(cfg, tmp_path, *, rollout_is_policy=False):
 
 @pytest.mark.parametrize("extra", [
     ["correction.name=jackpot"],
+    ["correction.name=jackpot", "correction.z=topk"],
     ["correction.name=jackpot", "correction.budget=0.8", "train.loss_agg=token-mean-all"],
     ["correction.name=tis", "train.loss_agg=seq-mean-token-mean"],
     ["correction.name=icepop", "train.clip_eps=null", "distill.estimator=topk"],
@@ -99,11 +100,14 @@ def _prepared(cfg, tmp_path, *, rollout_is_policy=False):
 def test_micro_batching_does_not_change_the_update(tmp_path, cache, extra):
     cfg_full = _cfg(cache, *extra)
     cfg_micro = _cfg(cache, *extra, "train.micro_batch_size=2")
-    run, prep, _ = _prepared(cfg_full, tmp_path)
-    # tiny barely-trained models rarely earn a reward: use non-zero advantages so the policy gradient is real
-    prep.advantages = torch.randn(prep.advantages.shape, generator=torch.Generator().manual_seed(0))
+    run, prep, rewards = _prepared(cfg_full, tmp_path)
     results = []
     for cfg in (cfg_full, cfg_micro):
+        # each config prepares the batch itself (micro-batched forward passes, batch-wide kappa / lambda)
+        prep = prepare(cfg, prep.batch, rewards, policy=run.policy, rollout_model=run.rollout_model,
+                       init_policy=None, step=1)
+        # tiny barely-trained models rarely earn a reward: non-zero advantages make the policy gradient real
+        prep.advantages = torch.randn(prep.advantages.shape, generator=torch.Generator().manual_seed(0))
         policy, rollout = copy.deepcopy(run.policy), copy.deepcopy(run.rollout_model)
         # SGD with lr 1: the parameter change is exactly the accumulated gradient
         update(cfg, prep, policy=policy, rollout_model=rollout, step=1,
@@ -192,3 +196,28 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path, cache, monkey
     assert ckpt.latest_checkpoint(out).name == "step_000002"
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_resume_uses_the_runs_saved_config_and_a_used_directory_is_refused(tmp_path, cache):
+    out = tmp_path / "run"
+    args = ["train", "--no-progress", "--out", str(out), *TINY, f"cache_dir={cache}"]
+    cli_main([*args, "train.steps=1", "correction.name=tis"])
+    with pytest.raises(FileExistsError, match="--resume"):
+        cli_main([*args, "train.steps=1"])
+    # resumed with only the step count: the saved config (TIS) is kept, not the defaults (Jackpot)
+    cli_main(["train", "--no-progress", "--out", str(out), "--resume", "train.steps=2"])
+    last = read_metrics(out)[-1]
+    assert last["step"] == 2 and "tis/weight_mean" in last and "obrs/accept_rate" not in last
+
+
+def test_loss_metrics_do_not_depend_on_micro_batching(tmp_path, cache):
+    logged = []
+    for extra in ([], ["train.micro_batch_size=2"]):
+        cfg = _cfg(cache, *extra)
+        run, prep, _ = _prepared(cfg, tmp_path / str(len(extra)))
+        prep.advantages = torch.randn(prep.advantages.shape, generator=torch.Generator().manual_seed(0))
+        logged.append(update(cfg, prep, policy=run.policy, rollout_model=run.rollout_model, step=1,
+                             policy_opt=torch.optim.SGD(run.policy.parameters(), lr=0.0),
+                             rollout_opt=torch.optim.SGD(run.rollout_model.parameters(), lr=0.0)))
+    for key in ("policy/loss", "rollout_model/ppo_loss", "rollout_model/distill_kl"):
+        torch.testing.assert_close(logged[0][key], logged[1][key], rtol=1e-5, atol=1e-7)

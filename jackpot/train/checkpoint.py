@@ -43,7 +43,8 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_text_atomic(root / "latest", final.name)
-    for old in sorted(root.glob("step_*"))[:-KEEP_LAST]:
+    older = sorted(p for p in root.glob("step_*") if p != final)
+    for old in older[:max(len(older) - (KEEP_LAST - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -25,7 +25,9 @@ from jackpot.train.config import build_config
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config file (may name a `preset:` from configs/)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<correction>)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run directory's latest checkpoint, with the run's saved config "
+                             "(unless --config is given) plus any overrides")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--reference", default=None,
                         help="an on-policy run directory to compare with in the summary (default: a sibling "
@@ -39,6 +41,8 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = build_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{cfg.train.mode}-{cfg.correction.name}")
+    if args.resume and args.config is None and (out / "config.yaml").is_file():
+        cfg = build_config(str(out / "config.yaml"), args.overrides)  # the run's own config, plus overrides
     run_dir = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     summary = summarize(run_dir)
     reference = Path(args.reference) if args.reference else run_dir.parent / "on-policy-none"

@@ -74,7 +74,8 @@ class CorrectionConfig:
     budget: float | None = None
     """Jackpot: solve lambda per batch for this mean acceptance (METHOD.md §4.2); None: fixed lam."""
     target: str = "ref"
-    """Jackpot: align p_inf to 'ref' (policy at collection) or 'new' (current policy)."""
+    """Jackpot: align p_inf to 'ref' (policy at collection) or 'new' (current policy; its correction is
+    then computed per micro-batch, see jackpot/train/update.py)."""
     z: str = "exact"
     """Jackpot per-state normaliser: 'exact' (streamed over the vocabulary), 'topk' (+ kappa) or
     'batch' (the batch's mean acceptance). Ignored when budget is set."""
@@ -153,9 +154,9 @@ class TrainConfig:
     """Evaluation prompts from the task's held-out split."""
     eval_samples: int = 4
     """Samples per evaluation prompt (Mean@k / Pass@k)."""
-    eval_temperature: float = 1.0
-    """Sampling temperature for evaluation (default: the training temperature, so Mean@k measures the
-    distribution that RL optimises)."""
+    eval_temperature: float | None = None
+    """Sampling temperature for evaluation; None: sampling.temperature, so Mean@k measures the
+    distribution that RL optimises."""
     checkpoint_every: int = 50
     """Save both models every this many steps (and at the end / on Ctrl-C)."""
     device: str = "cpu"
@@ -207,6 +208,7 @@ class Config:
                      "correction.high", "policy.lr", "rollout_model.lr"):
             if not _get(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {_get(self, name)!r}")
+        self._validate_ranges()
         if not 0 < self.sampling.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.sampling.top_p!r}")
         if self.correction.budget is not None and not 0 < self.correction.budget <= 1:
@@ -219,6 +221,30 @@ class Config:
                 raise ValueError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
                                  "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
         return self
+
+
+    def _validate_ranges(self) -> None:
+        """Values that would otherwise fail only after pre-training, or silently train wrongly."""
+        t, c = self.train, self.correction
+        for name in ("train.grad_clip", "correction.c1", "correction.c2", "train.eval_temperature",
+                     "train.clip_eps_high"):
+            value = _get(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or null, got {value!r}")
+        if t.clip_eps is not None and not 0 < t.clip_eps < 1:
+            raise ValueError(f"train.clip_eps must be in (0, 1) or null (no clip), got {t.clip_eps!r}")
+        if t.clip_eps is None and t.clip_eps_high is not None:
+            raise ValueError("train.clip_eps_high is set but train.clip_eps is null (no clip): set both or neither")
+        if c.low > c.high:
+            raise ValueError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
+        for name in ("train.micro_batch_size", "train.threads"):
+            if _get(self, name) is not None:
+                _check_positive_int(name, _get(self, name))
+        for name in ("train.kl_coef", "distill.coef"):
+            if not _get(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {_get(self, name)!r}")
+        if c.target == "new" and c.name != "jackpot":
+            raise ValueError(f"correction.target='new' applies to jackpot only, not to {c.name!r}")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -81,6 +81,9 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     _quiet_transformers()
     if resume and ckpt.latest_checkpoint(out) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+        raise FileExistsError(f"run directory {out} already holds a run; continue it with --resume "
+                              "or choose another --out")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = make_task(cfg.task.name, **cfg.task.options)
@@ -139,7 +142,7 @@ def evaluate(run: Run, model: torch.nn.Module, step: int) -> dict[str, float]:
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated])
     batch = HFRolloutEngine(model, run.tokenizer).generate(
         prompt_ids, prompt_mask, max_new_tokens=run.cfg.sampling.max_new_tokens,
-        temperature=t.eval_temperature, topk=1, seed=step_seed(t.seed, 0, 4))
+        temperature=t.eval_temperature or run.cfg.sampling.temperature, topk=1, seed=step_seed(t.seed, 0, 4))
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([run.task.reward(ex, c) for ex, c in zip(repeated, completions)])
     rewards = rewards.reshape(len(examples), t.eval_samples)

@@ -5,14 +5,18 @@
                target='ref', one uniform per token for the rejection mask, and mismatch diagnostics.
     update()   ppo_epochs x minibatches optimizer steps; in each micro-batch one forward of the policy
                (and, when trained jointly, of the rollout model):
-                 policy:        keep * w * PPO(p_new / p_ref, A)          (+ kl_coef * k3 to the initial policy)
+                 policy:        keep * (w * PPO(p_new / p_ref, A) + kl_coef * k3(p_init || p_new))
                  rollout model: PPO(p_omega / p_omega_old, A) * min(p_omega_old / p_inf, cap)
                                 + coef * KL(SG(p_new) || p_omega)         (paper eq. 8)
                The correction (weights w, mask keep) comes from the CORRECTIONS table.
 
-Denominators of the loss are those of the whole mini-batch, so micro-batching does not change the
-gradient (1 x 8 == 8 x 1) — exactly for target='ref'; for target='new' the mask depends on the
-current policy, so the accepted-token count is that of each micro-batch times their number.
+Denominators of the loss are those of the whole mini-batch, and for target='ref' the correction
+(lambda, Z with kappa, weights, mask) is computed once over the whole rollout batch, so micro-batching
+does not change the gradient (1 x 8 == 8 x 1, tested). For target='new' the correction depends on the
+current policy and is computed per micro-batch: lambda in budget mode, the mean acceptance of
+z='batch', kappa of z='topk' and the kept-token count of token-mean are then micro-batch quantities
+(a documented approximation; without micro_batch_size they are mini-batch quantities, as in METHOD.md §6).
+The KL penalty to the initial policy, like the policy loss, covers only the tokens the correction keeps.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from jackpot.metrics import mean_of
 from jackpot.models.forward import response_logits, token_logprobs
 from jackpot.rollout.base import RolloutBatch
 from jackpot.train.config import Config
+
+# Losses whose per-micro-batch values are shares of the mini-batch loss: logged as their sum.
+_ADDITIVE = ("policy/loss", "rollout_model/ppo_loss", "rollout_model/distill_kl")
 
 
 @dataclass
@@ -56,20 +63,28 @@ def _forward(model: torch.nn.Module, batch: RolloutBatch, temperature: float) ->
     return response_logits(model, batch.input_ids, batch.attention_mask, batch.response_len, temperature)
 
 
-def _state_normalizer(cfg: Config, tgt_logits: torch.Tensor, tgt_logp: torch.Tensor,
-                      rollout_logits: torch.Tensor | None, batch: RolloutBatch) -> tuple[torch.Tensor | None, dict]:
-    """Z_t for the configured mode: exact (streamed over V), top-k + kappa, or None ('batch' / budget)."""
+def _raw_normalizer(cfg: Config, tgt_logits: torch.Tensor, rollout_logits: torch.Tensor | None,
+                    batch: RolloutBatch) -> torch.Tensor | None:
+    """Per-state Z_t before any batch correction: exact (streamed over V), top-k (needs kappa, see
+    `_with_kappa`), or None when the correction needs no per-state Z ('batch' mode, budget mode)."""
     c = cfg.correction
     if c.name != "jackpot" or c.budget is not None or c.z == "batch":
-        return None, {}
-    mask = batch.response_mask
+        return None
     if c.z == "exact":
-        return obrs.normalizer_from_logits(tgt_logits, rollout_logits, c.lam), {}
+        return obrs.normalizer_from_logits(tgt_logits, rollout_logits, c.lam)
     tgt_at_topk = torch.log_softmax(tgt_logits, -1).gather(-1, batch.topk_ids)
-    z_approx = obrs.topk_normalizer(batch.topk_ids, batch.topk_logprobs, tgt_at_topk, c.lam)
-    a = obrs.acceptance_prob(tgt_logp, batch.logprobs, c.lam)
-    k = obrs.kappa(a, z_approx, mask)
-    return k * z_approx, {"obrs/kappa": k, "obrs/topk_z_mean": (z_approx * mask).sum() / mask.sum().clamp_min(1)}
+    return obrs.topk_normalizer(batch.topk_ids, batch.topk_logprobs, tgt_at_topk, c.lam)
+
+
+def _with_kappa(cfg: Config, z: torch.Tensor | None, tgt_logp: torch.Tensor,
+                batch: RolloutBatch) -> tuple[torch.Tensor | None, dict]:
+    """Top-k mode: scale Z_approx by kappa = mean acceptance / mean Z_approx over all of `batch`."""
+    if z is None or cfg.correction.z != "topk":
+        return z, {}
+    mask = batch.response_mask
+    a = obrs.acceptance_prob(tgt_logp, batch.logprobs, cfg.correction.lam)
+    k = obrs.kappa(a, z, mask)
+    return k * z, {"obrs/kappa": k, "obrs/topk_z_mean": (z * mask).sum() / mask.sum().clamp_min(1)}
 
 
 def _chunks(n: int, size: int | None) -> list[torch.Tensor]:
@@ -83,7 +98,7 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
     """rewards (N, G) with batch rows ordered prompt-major. rollout_model None means on-policy."""
     temp = cfg.sampling.temperature
     advantages = group_advantages(rewards, mode=cfg.train.advantages).reshape(-1)
-    parts: dict[str, list] = {"ref": [], "old": [], "init": [], "z": [], "zm": []}
+    parts: dict[str, list] = {"ref": [], "old": [], "init": [], "z": []}
     for idx in _chunks(len(batch), cfg.train.micro_batch_size):
         mb = batch.select(idx)
         ref_logits = _forward(policy, mb, temp)
@@ -93,10 +108,9 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
         if init_policy is not None:
             parts["init"].append(token_logprobs(_forward(init_policy, mb, temp), mb.response_ids))
         if cfg.correction.target == "ref":
-            z, zm = _state_normalizer(cfg, ref_logits, parts["ref"][-1], roll_logits, mb)
-            parts["z"].append(z)
-            parts["zm"].append(zm)
-    cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items() if k != "zm"}
+            parts["z"].append(_raw_normalizer(cfg, ref_logits, roll_logits, mb))
+    cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}
+    cat["z"], z_metrics = _with_kappa(cfg, cat["z"], cat["ref"], batch)  # kappa over the whole batch
     gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1))
     uniforms = torch.rand(batch.response_mask.shape, generator=gen).to(batch.response_mask.device)
     mask = batch.response_mask
@@ -109,8 +123,7 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
     metrics.update(correction.stats if correction is not None else {})
     metrics.update({f"mismatch/rollout_model_{k}": v
                     for k, v in kl_estimators(cat["old"], batch.logprobs, mask).items() if k == "kl_k3"})
-    if parts["zm"] and parts["zm"][0]:
-        metrics.update(mean_of(parts["zm"]))
+    metrics.update(z_metrics)
     return Prepared(batch, advantages, cat["ref"], cat["old"], cat["init"], cat["z"], uniforms, correction, metrics)
 
 
@@ -121,7 +134,7 @@ def _correct(cfg: Config, prep: Prepared, idx: torch.Tensor, new_logits: torch.T
         c = prep.correction
         return CorrectionResult(c.weights[idx], c.mask[idx], {})
     mb = prep.batch.select(idx)
-    z, zm = _state_normalizer(cfg, new_logits.detach(), new_logp.detach(), None, mb)
+    z, zm = _with_kappa(cfg, _raw_normalizer(cfg, new_logits.detach(), None, mb), new_logp.detach(), mb)
     inp = CorrectionInputs(
         rollout_logp=mb.logprobs, ref_logp=prep.ref_logp[idx], mask=mb.response_mask,
         new_logp=new_logp.detach(), uniforms=prep.uniforms[idx] if cfg.correction.sampled_mask else None, z=z)
@@ -148,7 +161,8 @@ def _policy_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, new_logits: tor
     loss = aggregate(tok, corr.mask, t.loss_agg, response_mask=mask, denominator=denominator)
     loss = loss if denominator is not None else loss * share
     m = mask.sum().clamp_min(1)
-    stats = {"policy/loss": loss.detach(), "policy/clipfrac": (diag["clipped"] * corr.mask).sum() / m,
+    kept = corr.mask.sum().clamp_min(1)
+    stats = {"policy/loss": loss.detach(), "policy/clipfrac": (diag["clipped"] * corr.mask).sum() / kept,
              "policy/ratio_mean": (diag["ratio"] * mask).sum() / m, **corr.stats}
     return loss, stats
 
@@ -194,7 +208,7 @@ def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, ro
     t, temp = cfg.train, cfg.sampling.temperature
     joint = rollout_model is not None and cfg.distill.rollout_model == "joint"
     gen = torch.Generator().manual_seed(step_seed(t.seed, step, 2))
-    records = []
+    records = []  # one dict per mini-batch
     for _ in range(t.ppo_epochs):
         order = torch.randperm(len(prep.batch), generator=gen)
         for mini in order.chunk(t.minibatches):
@@ -202,6 +216,7 @@ def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, ro
             policy_opt.zero_grad(set_to_none=True)
             if joint:
                 rollout_opt.zero_grad(set_to_none=True)
+            micro = []
             for idx in mini.split(t.micro_batch_size or len(mini)):
                 mb = prep.batch.select(idx)
                 new_logits = _forward(policy, mb, temp)
@@ -212,10 +227,13 @@ def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, ro
                                                                 new_logits, denom_resp)
                     roll_loss.backward()
                     stats.update(roll_stats)
-                records.append(stats)
-            records[-1]["policy/grad_norm"] = _step(policy, policy_opt, t.grad_clip)
+                micro.append(stats)
+            record = mean_of(micro)
+            record.update({k: torch.stack([m[k] for m in micro]).sum() for k in _ADDITIVE if k in record})
+            record["policy/grad_norm"] = _step(policy, policy_opt, t.grad_clip)
             if joint:
-                records[-1]["rollout_model/grad_norm"] = _step(rollout_model, rollout_opt, t.grad_clip)
+                record["rollout_model/grad_norm"] = _step(rollout_model, rollout_opt, t.grad_clip)
+            records.append(record)
     return mean_of(records)
 
 
