@@ -51,5 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """Console entry point: bad input ends with a one-line error naming the problem, not a traceback
+    (set JACKPOT_TRACEBACK=1 to see it)."""
+    import os
+
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        if os.environ.get("JACKPOT_TRACEBACK"):
+            raise
+        print(f"jackpot: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

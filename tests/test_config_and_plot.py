@@ -74,3 +74,14 @@ def test_plot_overlays_runs_and_groups_seeds(tmp_path):
 def test_plot_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         cli_main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "p.png")])
+
+
+def test_console_entry_point_prints_one_line_errors(capsys, monkeypatch):
+    from jackpot.cli import run
+
+    monkeypatch.delenv("JACKPOT_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["jackpot", "train", "train.steps=0"])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "jackpot: error: train.steps must be a positive integer, got 0"
