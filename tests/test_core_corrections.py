@@ -235,6 +235,11 @@ def test_hand_tis_and_icepop_levels():
     ip = icepop(inp, low=0.5, high=2.0, level="token")
     torch.testing.assert_close(ip.mask, torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(ip.weights, torch.tensor([[0.0, 0.0, 2.0, 0.0]], dtype=torch.float64))
+    # statistics over the 3 response tokens: 2 of 3 masked; mean log-ratio (log 4 + log .25 + log 2) / 3
+    torch.testing.assert_close(ip.stats["icepop/masked_frac"].double(), torch.tensor(2 / 3, dtype=torch.float64))
+    torch.testing.assert_close(
+        ip.stats["icepop/log_ratio_mean"].double(), torch.tensor(math.log(2.0) / 3, dtype=torch.float64)
+    )
     # sequence level: ratio 2 in [0.5, 2] -> every response token kept with weight 2; [0.5, 1.5] masks all
     ip = icepop(inp, low=0.5, high=2.0, level="sequence")
     torch.testing.assert_close(ip.mask, inp.mask)

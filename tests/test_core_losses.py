@@ -245,6 +245,40 @@ def test_distill_full_with_neg_inf_teacher_logits_is_finite_forward():
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_distill_sampled_expected_gradient_is_the_named_direction(direction):
+    """E_{x ~ p_inf}[grad of the sampled estimator] = grad of the exact KL in that direction (no truncation).
+
+    The expectation is taken exactly, by enumerating every token x with probability p_inf(x); p_inf is a
+    third distribution, neither student nor teacher, so the importance weights are exercised.
+    """
+    g = gen(11)
+    student = ref.make_logits(g, (1, 1, V), dtype=torch.float64)
+    teacher_logits = ref.make_logits(g, (1, 1, V), dtype=torch.float64)
+    behaviour_lp = ref.make_logp(g, (1, 1, V), dtype=torch.float64)
+    teacher_lp = teacher_logits.log_softmax(-1)
+    s = student.clone().requires_grad_(True)
+    distill_kl(s, teacher_logits, direction=direction, estimator="full").sum().backward()
+    exact_grad = s.grad.clone()
+    ids = torch.arange(V).view(1, V)  # every token, one position each
+    s = student.expand(1, V, V).clone().requires_grad_(True)
+    kl = distill_kl(
+        s,
+        direction=direction,
+        estimator="sampled",
+        sampled_ids=ids,
+        teacher_sampled_logp=teacher_lp[0, 0][ids],
+        behaviour_sampled_logp=behaviour_lp[0, 0][ids],
+        is_cap=1e12,
+    )
+    p_inf = behaviour_lp[0, 0].exp()
+    expected_value = (kl * p_inf).sum()
+    expected_value.backward()
+    close(s.grad.sum(1, keepdim=True), exact_grad[0, 0], torch.float64)
+    exact_value = distill_kl(student, teacher_logits, direction=direction, estimator="full")
+    close(expected_value.detach().view(1), exact_value.view(1), torch.float64)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_distill_topk_and_sampled_match_reference(direction, dtype):
     g = gen(10)
@@ -283,8 +317,8 @@ def test_distill_topk_and_sampled_match_reference(direction, dtype):
         exp_topk.append(sum(terms))
         xi = int(xi)
         log_rho = t_row[xi] - ls[xi]
-        if direction == "reverse":  # k3 of KL(p_s || p_t) on x: (rho - 1) - log rho, rho = p_t/p_s
-            exp_s.append(math.exp(log_rho) - 1.0 - log_rho)
+        if direction == "reverse":  # min(p_s/p_inf, cap) * k3, k3 = (rho - 1) - log rho, rho = p_t/p_s
+            exp_s.append(min(math.exp(ls[xi] - b_row[xi]), 1.5) * (math.exp(log_rho) - 1.0 - log_rho))
         else:  # min(p_t/p_inf, cap) * (log p_t - log p_s)
             exp_s.append(min(math.exp(t_row[xi] - b_row[xi]), 1.5) * log_rho)
     close(kl_topk, exp_topk, dtype)

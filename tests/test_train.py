@@ -144,6 +144,7 @@ def test_jackpot_loss_equals_on_policy_loss_for_identical_models(tmp_path, cache
     ("train.minibatches=3", "train.minibatches"),
     ("policy.lr=-1", "policy.lr"),
     ("nonsense.key=1", "nonsense"),
+    ("distill.is_cap=0", "distill.is_cap"),
     ("train.group_size=1", "group_size"),
 ])
 def test_bad_config_values_name_the_field(override, message):

@@ -134,7 +134,7 @@ def icepop(inp: CorrectionInputs, *, low: float = 0.5, high: float = 2.0, level:
     lr = _level_log_ratio(log_ratio(inp.ref_logp, inp.rollout_logp).detach(), mask, level)
     r = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
     keep = ((r >= low) & (r <= high)).to(mask.dtype) * mask
-    return CorrectionResult(r * keep, keep, _base_stats("icepop", lr, r * keep, keep, keep))
+    return CorrectionResult(r * keep, keep, _base_stats("icepop", lr, r * keep, mask, keep))
 
 
 def jackpot(

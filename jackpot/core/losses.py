@@ -9,8 +9,13 @@ The correction's weight and mask multiply this per-token loss (see corrections.p
 Aggregation (`aggregate`) is a named choice because rejection changes the scale (METHOD.md §4):
     token-mean          sum(loss * keep) / sum(keep)       mean over *kept* (accepted) tokens
     token-mean-all      sum(loss * keep) / sum(response)   mean over all response tokens
-    seq-mean-token-mean mean over sequences of the per-sequence token mean (over kept tokens)
+    seq-mean-token-mean mean over sequences of the per-sequence token mean (over kept tokens); a
+                        sequence with no kept token adds 0 and still counts among the sequences
     seq-sum-norm        sum(loss * keep) / (num_seqs * norm_len)   (Dr.GRPO's constant normaliser)
+Every correction that masks tokens (Jackpot, IcePop) interacts with this choice: under token-mean a
+masked token leaves the denominator as well as the sum, so IcePop's "weight 0 outside [low, high]"
+(METHOD.md §7) is reproduced to the letter by token-mean-all, and scaled by 1/kept-fraction under
+token-mean.
 For gradient accumulation, pass the *global* denominator of the whole mini-batch so that the sum
 of micro-batch losses equals the mini-batch loss (1 x 8 == 8 x 1).
 
@@ -18,8 +23,9 @@ Distillation of the rollout model toward the policy (paper eq. 7-8), per positio
     forward  KL(SG(p_new) || p_omega)   (eq. 7, default)     reverse  KL(p_omega || SG(p_new))
 estimators: "full" (exact over the vocabulary, streamed in chunks with a custom backward so no
 (B, T, V) probability tensor beyond the logits and their gradient is held), "topk" (the teacher's
-top-k tokens only) and "sampled" (the sampled tokens only: k3 for reverse, k1 with a truncated
-importance weight for forward).
+top-k tokens only) and "sampled" (the sampled tokens only, importance-weighted from p_inf: k1 for
+forward; k3 as the value and the score-function gradient for reverse, whose expectation is over the
+student's own distribution).
 """
 
 from __future__ import annotations
@@ -163,8 +169,13 @@ def distill_kl(
     estimator "topk": teacher_topk_ids/logp (B, T, K) required; the KL terms restricted to the
         teacher's top-k tokens (forward: sum_k p_t (log p_t - log p_s); reverse: sum_k p_s (log p_s - log p_t)).
     estimator "sampled": sampled_ids (B, T), teacher_sampled_logp (B, T) and behaviour_sampled_logp
-        (B, T) (log p_inf, the distribution that sampled the token) required. reverse: k3 estimator
-        (rho - 1) - log rho with rho = p_t / p_s; forward: min(p_t / p_inf, is_cap) * (log p_t - log p_s).
+        (B, T) (log p_inf, the distribution that sampled the token) required. Both directions are
+        importance-weighted from p_inf with the weight truncated at is_cap, so the expected gradient is
+        that of the named direction (up to the truncation):
+        forward: min(p_t / p_inf, is_cap) * (log p_t - log p_s);
+        reverse: the value is w * ((rho - 1) - log rho) (k3, rho = p_t / p_s, w = min(p_s / p_inf, is_cap)),
+        and the gradient is the score-function one, w * (log p_s - log p_t) * grad log p_s, since the
+        reverse direction's expectation is over the student's own distribution.
     """
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
@@ -191,8 +202,12 @@ def distill_kl(
         raise ValueError("estimator='sampled' needs sampled_ids, teacher_sampled_logp and behaviour_sampled_logp")
     ls = log_ps.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
     lt = _upcast(teacher_sampled_logp.detach())
+    lb = _upcast(behaviour_sampled_logp.detach())
     if reverse:
-        log_rho = (lt - ls).clamp(-SAFETY_BOUND, SAFETY_BOUND)
-        return log_rho.exp() - 1.0 - log_rho
-    w = (lt - _upcast(behaviour_sampled_logp.detach())).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(is_cap)
+        w = (ls.detach() - lb).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(is_cap)
+        log_rho = (lt - ls.detach()).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        value = w * (log_rho.exp() - 1.0 - log_rho)
+        surrogate = w * (-log_rho) * ls  # gradient: w * (log p_s - log p_t) * grad log p_s
+        return value + surrogate - surrogate.detach()
+    w = (lt - lb).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(is_cap)
     return w * (lt - ls)

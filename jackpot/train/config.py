@@ -115,6 +115,9 @@ class DistillConfig:
     """'forward' KL(SG(p_new) || p_omega) (eq. 7) or 'reverse'."""
     estimator: str = "full"
     """'full' vocabulary (streamed), 'topk' or 'sampled'."""
+    is_cap: float = 2.0
+    """Truncation of the importance weights on the rollout model's side: p_omega_old/p_inf on its PPO
+    loss (METHOD.md §5; ≈ 1 when it sampled the batch itself) and the sampled distillation estimator's."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ class Config:
             raise ValueError(f"train.minibatches ({self.train.minibatches}) must divide the rollout batch "
                              f"prompts_per_step x group_size = {total}")
         for name in ("sampling.temperature", "correction.lam", "correction.cap", "correction.low",
-                     "correction.high", "policy.lr", "rollout_model.lr"):
+                     "correction.high", "distill.is_cap", "policy.lr", "rollout_model.lr"):
             if not _get(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {_get(self, name)!r}")
         self._validate_ranges()

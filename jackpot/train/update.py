@@ -178,14 +178,14 @@ def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll_log
     if d.ppo:
         tok, _ = ppo_token_loss(logp, prep.rollout_old_logp[idx], prep.advantages[idx],
                                 clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high)
-        is_w = (prep.rollout_old_logp[idx] - mb.logprobs).clamp(-20, 20).exp().clamp_max(cfg.correction.cap)
+        is_w = (prep.rollout_old_logp[idx] - mb.logprobs).clamp(-20, 20).exp().clamp_max(d.is_cap)
         ppo = aggregate(tok * is_w, mask, "token-mean", denominator=denominator)
         total = total + ppo
         stats["rollout_model/ppo_loss"] = ppo.detach()
     if d.coef > 0:
         teacher = new_logits.detach()
         kl = distill_kl(roll_logits, teacher, direction=d.direction, estimator=d.estimator,
-                        **_distill_inputs(d.estimator, teacher, mb, cfg.sampling.topk))
+                        is_cap=d.is_cap, **_distill_inputs(d.estimator, teacher, mb, cfg.sampling.topk))
         distill = aggregate(kl, mask, "token-mean", denominator=denominator)
         total = total + d.coef * distill
         stats["rollout_model/distill_kl"] = distill.detach()
