@@ -8,6 +8,8 @@ Groups (each a figure and a table):
              TIS + reverse KL, Jackpot — the paper's Figure 1 / Table 1 setting
   staleness  the policy samples, but the rollout batch is 8x the train batch: PPO clip, no clip,
              no clip + Jackpot (target = new) — the paper's Table 3 setting
+  wide-gap   the decoupled setting with a weaker rollout model (half the pre-training): no
+             correction, TIS + reverse KL, Jackpot
 Every run uses the same pre-trained tiny models (cached) and differs only in its RL seed.
 """
 
@@ -34,6 +36,7 @@ from jackpot.train.loop import train  # noqa: E402
 GROUPS = {
     "decoupled": ["on-policy", "decoupled-none", "reverse-kl-only", "tis-reverse-kl", "jackpot"],
     "staleness": ["staleness-clip", "staleness-noclip", "staleness-jackpot"],
+    "wide-gap": ["on-policy", "wide-gap-none", "wide-gap-tis", "wide-gap-jackpot"],
 }
 
 
