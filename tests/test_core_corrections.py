@@ -373,8 +373,8 @@ def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
     refl[1, 1], new[1, 1] = -INF, -INF  # p_tgt = 0 at a sampled token
     refl[2, 2] = -INF  # p_ref = 0 < p_new
     new[3, 3] = -INF  # p_new = 0 < p_ref
-    roll[3, 4] = -INF  # p_inf = 0 at a response token (cannot be sampled; a sequence holding it and a
-    # p_ref = 0 token has the undefined sequence ratio inf * 0, so it is kept to a row without one)
+    roll[3, 4] = -INF  # p_inf = 0 at a response token (cannot be sampled)
+    roll[2, 3] = -INF  # ... and one in a row that also holds a p_ref = 0 token: sequence ratio 0 * inf
     inp = CorrectionInputs(
         roll, refl, inp.mask, new_logp=new, uniforms=torch.rand(roll.shape, generator=g, dtype=torch.float64)
     )
@@ -391,6 +391,12 @@ def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
         assert (res.mask <= inp.mask).all()
     # p_tgt = 0 at a sampled token: acceptance 0, so the token is always rejected
     assert jackpot(inp, lam=1.0).mask[1, 1].item() == 0.0
+    # a response with a p_ref = 0 token has sequence ratio 0 (weights at the log-ratio safety bound),
+    # also next to a p_inf = 0 token
+    for level in ("sequence", "geometric"):
+        for row in (1, 2):
+            assert (tis(inp, level=level).weights[row] < 1e-8).all()  # exp(-SAFETY_BOUND)
+            assert (icepop(inp, level=level).mask[row] == 0).all()
 
 
 def test_empty_mask_gives_finite_stats_for_fixed_lam():

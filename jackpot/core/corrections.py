@@ -21,6 +21,7 @@ per-state Z (exact or top-k + kappa) is passed in by the caller, who owns the lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -82,13 +83,19 @@ class CorrectionResult:
 
 
 def _level_log_ratio(lr: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
-    """Per-token log-ratio lifted to `level`: token as is; sequence sum or mean over the response."""
+    """Per-token log-ratio lifted to `level`: token as is; sequence sum or mean over the response.
+
+    A response holding a token of zero target probability (log-ratio -inf) has sequence ratio 0, also
+    when another of its tokens has p_inf = 0 (+inf, a token that cannot have been sampled): the
+    undefined 0 * inf is resolved to 0, never NaN.
+    """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if level == "token":
         return lr
     m = mask.to(lr.dtype)
-    seq = (torch.where(m > 0, lr, torch.zeros_like(lr)) * m).sum(-1, keepdim=True)
+    per_token = torch.where(m > 0, lr, torch.zeros_like(lr))
+    seq = torch.where((per_token == -math.inf).any(-1, keepdim=True), -math.inf, per_token.sum(-1, keepdim=True))
     if level == "geometric":
         seq = seq / m.sum(-1, keepdim=True).clamp_min(1.0)
     return seq.expand_as(lr)
