@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -50,7 +51,13 @@ class MetricLogger:
                 import wandb
             except ImportError as e:
                 raise ImportError("wandb_project is set but wandb is not installed: pip install wandb") from e
-            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+            # The W&B run id lives in the run directory, so `--resume` continues the same W&B run.
+            id_file = Path(run_dir) / "wandb_id"
+            if not id_file.is_file():
+                id_file.write_text(uuid.uuid4().hex[:16])
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir),
+                                     name=Path(run_dir).resolve().name, id=id_file.read_text().strip(),
+                                     resume="allow")
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint so the log has no duplicates."""

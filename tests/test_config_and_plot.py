@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,25 @@ def test_metric_logger_truncates_on_resume(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
+
+def test_metric_logger_mirrors_to_wandb_and_resumes_the_same_wandb_run(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricLogger(tmp_path, tensorboard=False, wandb_project="jackpot-test", config={"train": {"steps": 3}})
+    first_id = log._wandb.id
+    for step in range(3):
+        log.log(step, {"reward/mean": 0.1 * step})
+    log.close()
+    assert wandb.run is None  # finished
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and offline_runs[0].name.endswith(first_id)
+    assert any(f.suffix == ".wandb" for f in offline_runs[0].iterdir())  # the event log W&B syncs from
+    log = MetricLogger(tmp_path, tensorboard=False, wandb_project="jackpot-test", resume_step=1)
+    assert log._wandb.id == first_id  # --resume continues the same W&B run
+    log.close()
+
+
 def _fake_run(path: Path, offset: float) -> Path:
     path.mkdir(parents=True)
     rows = [{"step": s, "reward/mean": 0.1 * s + offset, "mismatch/kl_k3": 0.01 / (s + 1),
@@ -85,3 +105,9 @@ def test_console_entry_point_prints_one_line_errors(capsys, monkeypatch):
         run()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "jackpot: error: train.steps must be a positive integer, got 0"
+
+
+def test_wandb_project_without_wandb_installed_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    with pytest.raises(ImportError, match="pip install wandb"):
+        MetricLogger(tmp_path, tensorboard=False, wandb_project="p")
