@@ -80,16 +80,22 @@ def _stat(values: list[float | None], spec: str = ".3f") -> str:
 
 
 def table(runs: dict[str, list[Path]]) -> str:
-    head = ("| preset | policy eval before | policy eval after | Δ | rollout model Δ | acceptance "
-            "| actor–policy KL k3 (mean) | rollout s/step | update s/step |\n|---|---|---|---|---|---|---|---|---|\n")
+    """One row per preset. 'vs first row' is Δ minus the first preset's Δ on the same seed (same
+    pre-trained pair and evaluation problems), which removes most of the pair-to-pair spread."""
+    reference = next(iter(runs))
+    head = (f"| preset | policy eval before | policy eval after | Δ | Δ vs {reference} (paired) | rollout model Δ "
+            "| acceptance | actor–policy KL k3 (mean) | rollout s/step | update s/step |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
-    for preset, dirs in runs.items():
-        s = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    summaries = {p: [json.loads((d / "summary.json").read_text()) for d in dirs] for p, dirs in runs.items()}
+    ref_delta = [x["eval_after"] - x["eval_before"] for x in summaries[reference]]
+    for preset, s in summaries.items():
         delta = [x["eval_after"] - x["eval_before"] for x in s]
+        paired = [d - r for d, r in zip(delta, ref_delta, strict=True)] if preset != reference else [None]
         rm_delta = [None if x["rollout_model_eval_before"] is None
                     else x["rollout_model_eval_after"] - x["rollout_model_eval_before"] for x in s]
         rows.append(f"| {preset} | {_stat([x['eval_before'] for x in s])} | {_stat([x['eval_after'] for x in s])} "
-                    f"| {_stat(delta, '+.3f')} | {_stat(rm_delta, '+.3f')} "
+                    f"| {_stat(delta, '+.3f')} | {_stat(paired, '+.3f')} | {_stat(rm_delta, '+.3f')} "
                     f"| {_stat([x['accept_rate_mean'] for x in s])} "
                     f"| {_stat([x['actor_policy_kl_k3_mean'] for x in s], '.4f')} "
                     f"| {_stat([x['rollout_s_mean'] for x in s], '.2f')} "
