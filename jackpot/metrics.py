@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from jackpot.fileio import write_text_atomic
+
 
 def scalars(metrics: dict[str, torch.Tensor | float | int]) -> dict[str, float]:
     """{name: 0-dim tensor or number} -> {name: float}, one host transfer for all the tensors."""
@@ -53,20 +55,18 @@ class MetricLogger:
                 raise ImportError("wandb_project is set but wandb is not installed: pip install wandb") from e
             # The W&B run id lives in the run directory, so `--resume` continues the same W&B run.
             id_file = Path(run_dir) / "wandb_id"
-            if not id_file.is_file():
-                id_file.write_text(uuid.uuid4().hex[:16])
+            run_id = id_file.read_text().strip() if id_file.is_file() else ""
+            if not run_id:
+                run_id = write_text_atomic(id_file, uuid.uuid4().hex[:16]).read_text()
             self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir),
-                                     name=Path(run_dir).resolve().name, id=id_file.read_text().strip(),
-                                     resume="allow")
+                                     name=Path(run_dir).resolve().name, id=run_id, resume="allow")
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint so the log has no duplicates."""
         if not self.path.exists():
             return
         kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **{k: (v if math.isfinite(v) else None) if isinstance(v, float) else v

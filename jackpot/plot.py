@@ -7,11 +7,11 @@ their mean with a min-max band.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
 
+from jackpot.fileio import write_atomic
 from jackpot.metrics import read_metrics
 
 PANELS = (  # (metric, title, smoothed)
@@ -85,10 +85,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from jackpot.core.obrs import acceptance_prob, lambda_for_budget, normalizer, obrs_kl_from_logits
+from jackpot.fileio import write_atomic
 
 SCALES = (2.0, 3.0)  # std of the target logits, alternating over the states
 KL_SPAN = (1e-4, 1.0)  # the sigma grid makes the mean KL before span this range
@@ -216,12 +216,6 @@ def simulate(vocab: int, states: int, n_sigma: int, lam: float, seed: int, n_bud
     }
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -288,7 +282,7 @@ def plot_main(result: dict, path: Path) -> None:
     fig.suptitle(f"OBRS, V={result['vocab']}, lambda={result['lambda']:g}, "
                  f"{result['protocol']['states']} states per point")
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -320,7 +314,7 @@ def plot_sweep(sweep: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Budget sweep: one lognormal pair, V={sweep['vocab']}, KL before {sweep['kl_before']:.3f}")
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -354,7 +348,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1, allow_nan=False)
-    _write_atomic(out / "simulation.json", lambda tmp: tmp.write_text(text))
+    write_atomic(out / "simulation.json", lambda tmp: tmp.write_text(text))
     print_table(result)
     if not args.no_plot:
         plot_main(result, out / "simulation.png")

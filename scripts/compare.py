@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from jackpot.fileio import write_text_atomic  # noqa: E402
 from jackpot.plot import plot_runs  # noqa: E402
 from jackpot.train.cli import summarize  # noqa: E402
 from jackpot.train.config import build_config  # noqa: E402
@@ -64,7 +64,8 @@ def run_all(presets: list[str], seeds: list[int], out: Path, overrides: list[str
                 cfg = build_config(path, [*overrides, *seeds_of_run])
                 t0 = time.perf_counter()
                 train(cfg, run_dir, progress=False)
-                (run_dir / "summary.json").write_text(json.dumps(summarize(run_dir), indent=2))
+                summary = {**summarize(run_dir), "commit": _commit()}  # the code that made the run
+                write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
                 print(f"{preset} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
             runs.setdefault(preset, []).append(run_dir)
     return runs
@@ -103,13 +104,20 @@ def table(runs: dict[str, list[Path]]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+
+
 def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: list[int], overrides: list[str],
                   fixed_pair: bool = False) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    dirs = [d for runs in groups.values() for ds in runs.values() for d in ds]
+    commits = sorted({json.loads((d / "summary.json").read_text()).get("commit", "unrecorded") for d in dirs})
     parts = ["# Results\n",
              f"Produced by `python scripts/compare.py{' --fixed-pair' if fixed_pair else ''}"
-             f"{' ' + ' '.join(overrides) if overrides else ''}` (seeds {seeds}, commit {commit or 'unknown'}; "
+             f"{' ' + ' '.join(overrides) if overrides else ''}` (seeds {seeds}; "
+             f"runs made at commit{'s' if len(commits) > 1 else ''} "
+             f"{', '.join(commits)}; "
              f"{'one pre-trained pair for every seed' if fixed_pair else 'each seed its own pre-trained pair'}). "
              "Mean ± standard deviation over seeds; "
              "'eval' is Mean@k accuracy on held-out problems; times are seconds per training step on the "
@@ -121,9 +129,7 @@ def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: l
     notes = path.parent / f"{path.stem.lower()}-notes.md"  # hand-written reading of the numbers, kept across re-runs
     if notes.is_file():
         parts += ["\n", notes.read_text()]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(parts))
 
 
 def main() -> None:

@@ -57,7 +57,6 @@ def test_metric_logger_truncates_on_resume(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-
 def test_metric_logger_mirrors_to_wandb_and_resumes_the_same_wandb_run(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

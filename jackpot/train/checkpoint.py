@@ -17,13 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from jackpot.fileio import write_text_atomic
+
 KEEP_LAST = 2
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.Module],
@@ -42,7 +38,7 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text_atomic(root / "latest", final.name)
+    write_text_atomic(root / "latest", final.name)
     older = sorted(p for p in root.glob("step_*") if p != final)
     for old in older[:max(len(older) - (KEEP_LAST - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
+from jackpot.fileio import write_text_atomic
 from jackpot.metrics import read_metrics
 from jackpot.train.config import build_config
 
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         summary["reference"] = {"run": str(reference), "eval_after": ref["eval_after"], "steps": ref["steps"]}
     elif args.reference:
         raise FileNotFoundError(f"--reference {reference}: no metrics.jsonl there")
-    _write_json(run_dir / "summary.json", summary)
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(summary, run_dir)
     return 0
 
@@ -80,12 +80,6 @@ def summarize(run_dir: str | Path) -> dict:
         "update_s_mean": mean("perf/update_s"),
         "step_s_mean": mean("perf/step_s"),
     }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
