@@ -184,7 +184,7 @@ def jackpot_row_major(
                 w = Z * max(lam, r);  rho = min(w, c1) * min(p_ref/p_tgt, c2)
     Z: the per-state normaliser if given; in budget mode lam solves mean a = budget and Z = budget;
     for a fixed lam without per-state Z, the (state, token)-space normaliser mean_t a_t.
-    Without uniforms, the expected-mask ablation: keep every response token, weight rho * a.
+    Without uniforms, the expected-mask ablation: keep a fraction a of each response token, weight rho.
     """
     tgt = ref_logp if target == "ref" else new_logp
     n_rows, n_cols = len(rollout_logp), len(rollout_logp[0])
@@ -210,7 +210,7 @@ def jackpot_row_major(
             second = ratio(ref_logp[b][t], new_logp[b][t])
             w *= second if c2 is None else min(second, c2)
         if uniforms is None:
-            keep, w = mask[b][t], w * a
+            keep = mask[b][t] * a
         else:
             keep = mask[b][t] * (1.0 if uniforms[b][t] < a else 0.0)
         w_out[b][t], keep_out[b][t] = w, keep
@@ -266,31 +266,43 @@ def icepop_ref(rollout_logp, ref_logp, mask, *, low: float, high: float, level: 
 # Losses and aggregation
 # --------------------------------------------------------------------------------------------------
 def ppo_loss_token(
-    new_lp: float, ref_lp: float, adv: float, eps_low: float | None, eps_high: float | None
+    new_lp: float, ref_lp: float, adv: float, eps_low: float | None, eps_high: float | None,
+    dual_clip: float | None = None,
 ) -> float:
-    """-min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A); -ratio A without a clip."""
+    """-min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A); -ratio A without a clip; with a dual
+    clip c and A < 0, at most -c A."""
     ratio_v = math.exp(new_lp - ref_lp)
     if eps_low is None:
-        return -ratio_v * adv
-    clipped = min(max(ratio_v, 1.0 - eps_low), 1.0 + eps_high)
-    return -min(ratio_v * adv, clipped * adv)
+        loss = -ratio_v * adv
+    else:
+        clipped = min(max(ratio_v, 1.0 - eps_low), 1.0 + eps_high)
+        loss = -min(ratio_v * adv, clipped * adv)
+    if dual_clip is not None and adv < 0:
+        loss = min(loss, -dual_clip * adv)
+    return loss
 
 
 def aggregate_ref(loss, keep, mode: str, *, response_mask=None, norm_len: int | None = None) -> float:
-    """The four aggregation modes, by loops over (B, T) lists."""
+    """The aggregation modes, by loops over (B, T) lists; keep may be fractional (a weight)."""
     n_rows, n_cols = len(loss), len(loss[0])
     resp = keep if response_mask is None else response_mask
-    total = sum(loss[b][t] for b in range(n_rows) for t in range(n_cols) if keep[b][t] > 0)
-    n_keep = sum(1 for b in range(n_rows) for t in range(n_cols) if keep[b][t] > 0)
+    cells = [(b, t) for b in range(n_rows) for t in range(n_cols)]
+    total = sum(keep[b][t] * loss[b][t] for b, t in cells if keep[b][t] > 0)
+    n_keep = sum(keep[b][t] for b, t in cells)
     if mode == "token-mean":
-        return total / max(n_keep, 1)
+        return total / (n_keep or 1.0)
     if mode == "token-mean-all":
-        return total / max(sum(1 for b in range(n_rows) for t in range(n_cols) if resp[b][t] > 0), 1)
+        return total / max(sum(1 for b, t in cells if resp[b][t] > 0), 1)
+    if mode == "token-sum":
+        return total
+    if mode == "seq-mean-token-sum":
+        return total / n_rows
     if mode == "seq-mean-token-mean":
         per_seq = []
         for b in range(n_rows):
-            kept = [loss[b][t] for t in range(n_cols) if keep[b][t] > 0]
-            per_seq.append(sum(kept) / max(len(kept), 1))
+            num = sum(keep[b][t] * loss[b][t] for t in range(n_cols) if keep[b][t] > 0)
+            den = sum(keep[b][t] for t in range(n_cols))
+            per_seq.append(num / (den or 1.0))
         return sum(per_seq) / n_rows
     if mode == "seq-sum-norm":
         return total / (n_rows * (norm_len or n_cols))
@@ -380,8 +392,8 @@ def mismatch_ref(target_logp, rollout_logp, mask, *, low: float, high: float) ->
                 n += 1
                 lt_sum += lt
                 lr_sum += li
-        seq_terms.append(math.exp(2 * s))
-        ppl.append((-lr_sum + lt_sum) / max(n, 1))  # log-ppl(rollout) - log-ppl(target)
+        seq_terms.append(math.exp(2 * min(max(s, -20.0), 20.0)))  # verl: the sequence sum is clamped
+        ppl.append((lr_sum - lt_sum) / max(n, 1))  # verl: mean log-prob of the rollout minus the target's
     out.update(
         {
             "chi2_token": sum(r * r for r in rhos) / len(rhos) - 1.0,
@@ -392,6 +404,8 @@ def mismatch_ref(target_logp, rollout_logp, mask, *, low: float, high: float) ->
             "frac_above": sum(1 for r in rhos if r > high) / len(rhos),
             "frac_below": sum(1 for r in rhos if r < low) / len(rhos),
             "log_ppl_diff": sum(ppl) / len(ppl),
+            "log_ppl_abs_diff": sum(abs(d) for d in ppl) / len(ppl),
+            "ppl_ratio": sum(math.exp(d) for d in ppl) / len(ppl),
         }
     )
     return out

@@ -48,6 +48,14 @@ def batch(seed: int, dtype=torch.float64, shape=(4, 7), with_new: bool = True, w
     )
 
 
+def jp(inp: CorrectionInputs, **kw):
+    """jackpot() with the per-state Z and the mask kind that the inputs carry: inputs.z -> 'exact'
+    (else the batch's mean acceptance), inputs.uniforms -> sampled mask (else the expected mask)."""
+    kw.setdefault("z", "exact" if inp.z is not None else "batch")
+    kw.setdefault("sampled_mask", inp.uniforms is not None)
+    return jackpot(inp, **kw)
+
+
 def close(actual: torch.Tensor, expected, dtype) -> None:
     expected = torch.as_tensor(expected, dtype=torch.float64).reshape(actual.shape)
     torch.testing.assert_close(actual.double(), expected, **TOL[dtype])
@@ -85,13 +93,16 @@ def test_jackpot_matches_reference(dtype, target, zmode, sampled, clips):
     c1, c2 = clips
     kw = dict(target=target, c1=c1, c2=c2)
     kw.update(dict(budget=0.6) if zmode == "budget" else dict(lam=0.7))
-    res = jackpot(inp, **kw)
+    res = jp(inp, **kw)
     w, keep, lam = ref.jackpot_row_major(**as_lists(inp), **kw)
     assert (
         res.weights.shape == inp.mask.shape and res.weights.dtype == dtype and not res.weights.requires_grad
     )
     close(res.weights, w, dtype)
-    assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
+    if sampled:
+        assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
+    else:  # the expected mask: the acceptance probability of each response token
+        close(res.mask, keep, dtype)
     close(res.stats["obrs/lambda"], lam, dtype)
     n = inp.mask.sum()
     assert res.stats["obrs/accept_rate"].item() == pytest.approx((res.mask.sum() / n).item(), rel=1e-6)
@@ -134,14 +145,14 @@ def test_icepop_matches_reference(dtype, level, low, high):
         ("none", {}),
         ("tis", dict(cap=1.5, level="geometric")),
         ("icepop", dict(low=0.4, high=3.0)),
-        ("jackpot", dict(lam=0.9, c1=2.0)),
+        ("jackpot", dict(lam=0.9, c1=2.0, z="batch")),
         ("jackpot", dict(budget=0.5, target="new", c2=1.5)),
     ],
 )
 def test_apply_correction_dispatches_through_the_table(name, kwargs):
     inp = batch(4)
     via_table = apply_correction(name, inp, **kwargs)
-    direct = CORRECTIONS[name](inp, **kwargs)
+    direct = CORRECTIONS[name].fn(inp, **kwargs)
     assert torch.equal(via_table.weights, direct.weights) and torch.equal(via_table.mask, direct.mask)
     assert via_table.weights.shape == inp.mask.shape and via_table.mask.shape == inp.mask.shape
     assert all(v.dim() == 0 for v in via_table.stats.values())
@@ -169,12 +180,12 @@ def test_hand_jackpot_weights_with_exact_z():
         uniforms=torch.tensor([[0.99, 0.39]], dtype=torch.float64),
         z=torch.full((1, 2), 0.7, dtype=torch.float64),
     )
-    res = jackpot(inp, lam=1.0)
+    res = jp(inp, lam=1.0)
     torch.testing.assert_close(res.weights, torch.tensor([[1.75, 0.7]], dtype=torch.float64))
     torch.testing.assert_close(res.mask, torch.ones(1, 2, dtype=torch.float64))
     torch.testing.assert_close(res.stats["obrs/accept_prob_mean"], torch.tensor(0.7, dtype=torch.float64))
     torch.testing.assert_close(
-        jackpot(inp, lam=1.0, c1=1.5).weights, torch.tensor([[1.5, 0.7]], dtype=torch.float64)
+        jp(inp, lam=1.0, c1=1.5).weights, torch.tensor([[1.5, 0.7]], dtype=torch.float64)
     )
     # u = 0.41 for the second token rejects it (0.41 >= 0.4)
     inp2 = CorrectionInputs(
@@ -184,29 +195,28 @@ def test_hand_jackpot_weights_with_exact_z():
         z=inp.z,
         uniforms=torch.tensor([[0.5, 0.41]], dtype=torch.float64),
     )
-    torch.testing.assert_close(jackpot(inp2, lam=1.0).mask, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
-    # expected-mask ablation: weight a * w = (1 * 1.75, 0.4 * 0.7) = (1.75, 0.28), both kept
+    torch.testing.assert_close(jp(inp2, lam=1.0).mask, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    # expected-mask ablation: the same weights (1.75, 0.7), each token kept by its acceptance (1, 0.4)
     inp3 = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=inp.z)
-    torch.testing.assert_close(
-        jackpot(inp3, lam=1.0).weights, torch.tensor([[1.75, 0.28]], dtype=torch.float64)
-    )
+    res3 = jp(inp3, lam=1.0)
+    torch.testing.assert_close(res3.weights, torch.tensor([[1.75, 0.7]], dtype=torch.float64))
+    torch.testing.assert_close(res3.mask, torch.tensor([[1.0, 0.4]], dtype=torch.float64))
 
 
 def test_hand_jackpot_budget_mode():
     # sampled-token ratios (0.5, 1, 2, 4) with budget 0.75 -> lam = 1.5 (test_core_obrs: hand batch lambda);
     # Z = budget = 0.75; w = .75 * max(1.5, r) = (1.125, 1.125, 1.5, 3.0)
     # a = min(1, r/1.5) = (1/3, 2/3, 1, 1)
-    # no uniforms -> the expected mask: weights a * w = (0.375, 0.75, 1.5, 3.0)
+    # no uniforms -> the expected mask: keep a = (1/3, 2/3, 1, 1), weights w unchanged
     inp = CorrectionInputs(
         rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
         ref_logp=(torch.tensor([[0.5, 1.0, 2.0, 4.0]], dtype=torch.float64) * 0.25).log(),
         mask=torch.ones(1, 4, dtype=torch.float64),
     )
-    res = jackpot(inp, budget=0.75)
+    res = jp(inp, budget=0.75)
     torch.testing.assert_close(res.stats["obrs/lambda"], torch.tensor(1.5, dtype=torch.float64))
-    torch.testing.assert_close(
-        res.weights, torch.tensor([[1.125 / 3, 1.125 * 2 / 3, 1.5, 3.0]], dtype=torch.float64)
-    )
+    torch.testing.assert_close(res.weights, torch.tensor([[1.125, 1.125, 1.5, 3.0]], dtype=torch.float64))
+    torch.testing.assert_close(res.mask, torch.tensor([[1 / 3, 2 / 3, 1.0, 1.0]], dtype=torch.float64))
     torch.testing.assert_close(res.stats["obrs/accept_prob_mean"], torch.tensor(0.75, dtype=torch.float64))
 
 
@@ -261,10 +271,10 @@ def test_property_identical_models_accept_every_token_with_weight_one(seed, dtyp
     inp = CorrectionInputs(lp, lp.clone(), mask, new_logp=lp.clone(), uniforms=u)
     inp_z = CorrectionInputs(lp, lp.clone(), mask, new_logp=lp.clone(), uniforms=u, z=torch.ones_like(lp))
     for res in (
-        jackpot(inp, lam=1.0, target=target),
-        jackpot(inp_z, lam=1.0, target=target),
-        jackpot(inp, budget=1.0, target=target),
-        jackpot(inp, lam=1.0, target=target, c1=1.0, c2=1.0),
+        jp(inp, lam=1.0, target=target),
+        jp(inp_z, lam=1.0, target=target),
+        jp(inp, budget=1.0, target=target),
+        jp(inp, lam=1.0, target=target, c1=1.0, c2=1.0),
     ):
         assert torch.equal(res.mask, mask)
         assert (res.weights[mask > 0] == 1.0).all()
@@ -278,7 +288,7 @@ def test_property_identical_models_accept_every_token_with_weight_one(seed, dtyp
 def test_property_larger_budget_never_lowers_jackpot_acceptance(seed, b1, b2):
     inp = batch(seed)
     lo, hi = min(b1, b2), max(b1, b2)
-    r_lo, r_hi = jackpot(inp, budget=lo), jackpot(inp, budget=hi)
+    r_lo, r_hi = jp(inp, budget=lo), jp(inp, budget=hi)
     assert r_hi.stats["obrs/accept_prob_mean"].item() >= r_lo.stats["obrs/accept_prob_mean"].item() - 1e-12
     assert (r_hi.mask >= r_lo.mask).all()  # the same uniforms: a token kept at the lower budget stays kept
     assert r_lo.stats["obrs/accept_prob_mean"].item() == pytest.approx(lo, abs=1e-6)  # budget hit
@@ -298,7 +308,7 @@ def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance()
         uniforms=torch.rand(shape, generator=g, dtype=torch.float64),
     )
     for kw in (dict(lam=1.0), dict(lam=3.0, target="new"), dict(budget=0.4)):
-        first, second = jackpot(inp, **kw), jackpot(inp, **kw)
+        first, second = jp(inp, **kw), jp(inp, **kw)
         assert torch.equal(first.mask, second.mask) and torch.equal(first.weights, second.weights)
         freq = first.stats["obrs/accept_rate"].item()
         assert freq == pytest.approx(first.stats["obrs/accept_prob_mean"].item(), abs=0.006)
@@ -313,8 +323,8 @@ def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance()
     )
     a_before = (inp.new_logp - inp.rollout_logp - math.log(3.0)).clamp_max(0).exp()
     a_after = (moved.new_logp - moved.rollout_logp - math.log(3.0)).clamp_max(0).exp()
-    m_before = jackpot(inp, lam=3.0, target="new").mask
-    m_after = jackpot(moved, lam=3.0, target="new").mask
+    m_before = jp(inp, lam=3.0, target="new").mask
+    m_after = jp(moved, lam=3.0, target="new").mask
     u = inp.uniforms
     same_side = (u < a_before) == (u < a_after)
     assert torch.equal(m_before[same_side], m_after[same_side])
@@ -344,7 +354,7 @@ def test_jackpot_total_weight_is_the_importance_weight_against_p_prime(target, l
         z=normalizer(p_tgt, p_inf, lam),
         uniforms=torch.rand(B, T, generator=g, dtype=torch.float64),
     )  # sampled mask: w not scaled by a
-    res = jackpot(inp, lam=lam, target=target)
+    res = jp(inp, lam=lam, target=target)
     total = res.weights * (at(p_new) - at(p_ref)).exp()  # rho * PPO ratio
     expected = []
     for (b, t), xi in zip(itertools.product(range(B), range(T)), x.reshape(-1).tolist(), strict=True):
@@ -383,14 +393,14 @@ def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
         results += [tis(inp, level=level), icepop(inp, level=level)]
     for target in ("ref", "new"):
         for kw in (dict(lam=1.0), dict(lam=0.3, c1=2.0, c2=2.0), dict(budget=0.5), dict(budget=1.0)):
-            results.append(jackpot(inp, target=target, **kw))
+            results.append(jp(inp, target=target, **kw))
     for res in results:
         assert not res.weights.isnan().any() and not res.mask.isnan().any()
         assert torch.isfinite(res.weights).all()
         assert all(not v.isnan().any() for v in res.stats.values()), res.stats
         assert (res.mask <= inp.mask).all()
     # p_tgt = 0 at a sampled token: acceptance 0, so the token is always rejected
-    assert jackpot(inp, lam=1.0).mask[1, 1].item() == 0.0
+    assert jp(inp, lam=1.0).mask[1, 1].item() == 0.0
     # a response with a p_ref = 0 token has sequence ratio 0 (weights at the log-ratio safety bound),
     # also next to a p_inf = 0 token
     for level in ("sequence", "geometric"):
@@ -404,7 +414,7 @@ def test_empty_mask_gives_finite_stats_for_fixed_lam():
     empty = CorrectionInputs(
         inp.rollout_logp, inp.ref_logp, torch.zeros_like(inp.mask), uniforms=inp.uniforms
     )
-    for res in (jackpot(empty, lam=1.0), tis(empty), icepop(empty)):
+    for res in (jp(empty, lam=1.0), tis(empty), icepop(empty)):
         assert res.mask.sum().item() == 0.0
         assert all(torch.isfinite(v).all() for v in res.stats.values())
 
@@ -437,18 +447,18 @@ def test_bad_input_raises_value_error_naming_the_argument():
         with pytest.raises(ValueError, match="level must be one of"):
             fn(inp, level="seq")
     with pytest.raises(ValueError, match="target must be one of"):
-        jackpot(inp, target="old")
+        jp(inp, target="old")
     with pytest.raises(ValueError, match="target='new' needs new_logp"):
-        jackpot(CorrectionInputs(lp, lp, mask), target="new")
+        jp(CorrectionInputs(lp, lp, mask), target="new")
     for lam in (0.0, -2.0, math.nan, INF):
         with pytest.raises(ValueError, match="lam"):
-            jackpot(inp, lam=lam)
+            jp(inp, lam=lam)
     for budget in (0.0, 1.5, -0.2, math.nan):
         with pytest.raises(ValueError, match="budget"):
-            jackpot(inp, budget=budget)
+            jp(inp, budget=budget)
     for name in ("c1", "c2"):
         with pytest.raises(ValueError, match=name):
-            jackpot(inp, **{name: 0.0})
+            jp(inp, **{name: 0.0})
     with pytest.raises(ValueError, match="cap"):
         tis(inp, cap=-1.0)
     with pytest.raises(ValueError, match="low"):
@@ -458,4 +468,70 @@ def test_bad_input_raises_value_error_naming_the_argument():
     with pytest.raises(ValueError, match=r"low \(3.0\) must be <= high \(2.0\)"):
         icepop(inp, low=3.0, high=2.0)
     with pytest.raises(ValueError, match="mask selects no token"):
-        jackpot(CorrectionInputs(lp, lp, torch.zeros_like(mask)), budget=0.5)
+        jp(CorrectionInputs(lp, lp, torch.zeros_like(mask)), budget=0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# what each correction needs from its caller; TIS lower truncation; the expected-mask scale
+# --------------------------------------------------------------------------------------------------
+def test_needs_are_declared_by_the_table():
+    from jackpot.core.corrections import Needs, correction_needs
+
+    for name, kw in (("none", {}), ("tis", dict(cap=2.0)), ("icepop", dict(low=0.5, high=2.0))):
+        assert correction_needs(name, **kw) == Needs()
+    assert correction_needs("jackpot", lam=0.7, z="exact") == Needs(z="exact", z_lam=0.7, uniforms=True)
+    assert correction_needs("jackpot", lam=0.7, z="topk", target="new", sampled_mask=False) == Needs(
+        z="topk", z_lam=0.7, uniforms=False, current_policy=True)
+    assert correction_needs("jackpot", budget=0.9, z="exact").z is None  # Z = budget
+    assert correction_needs("jackpot", z="batch").z is None
+    with pytest.raises(ValueError, match="unknown correction"):
+        correction_needs("magic")
+
+
+def test_jackpot_refuses_to_run_without_what_it_declared():
+    inp = batch(11)
+    with pytest.raises(ValueError, match="per-state normaliser"):
+        jackpot(inp, z="exact")
+    no_u = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=torch.ones_like(inp.mask))
+    with pytest.raises(ValueError, match="uniforms"):
+        jackpot(no_u, z="exact", sampled_mask=True)
+
+
+def test_tis_lower_truncation():
+    # ratios (4, 0.25, 2, 0.05): cap 2, cap_min 0.5 (TRL's clip_min) -> (2, 0.5, 2, 0.5)
+    inp = CorrectionInputs(
+        rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
+        ref_logp=(torch.tensor([[4.0, 0.25, 2.0, 0.05]], dtype=torch.float64) * 0.25).log(),
+        mask=torch.ones(1, 4, dtype=torch.float64),
+    )
+    res = tis(inp, cap=2.0, cap_min=0.5)
+    torch.testing.assert_close(res.weights, torch.tensor([[2.0, 0.5, 2.0, 0.5]], dtype=torch.float64))
+    assert res.stats["tis/clipped_low_frac"].item() == pytest.approx(0.5)
+    torch.testing.assert_close(tis(inp, cap=2.0).weights, torch.tensor([[2.0, 0.25, 2.0, 0.05]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="cap_min"):
+        tis(inp, cap=2.0, cap_min=3.0)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "token-mean-all", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_expected_mask_loss_has_the_sampled_mask_scale_in_expectation(mode):
+    """The ablation keeps a fraction a of each token: its loss equals the average of the sampled-mask
+    loss over many draws of the uniforms (the kept-token count is concentrated on a large batch)."""
+    from jackpot.core.losses import aggregate
+
+    g = gen(12)
+    B, T = 64, 32
+    inp = CorrectionInputs(sampled_logp(g, (B, T)), sampled_logp(g, (B, T)), torch.ones(B, T, dtype=torch.float64),
+                           z=torch.rand(B, T, generator=g, dtype=torch.float64) * 0.5 + 0.4)
+    token_loss = torch.randn(B, T, generator=g, dtype=torch.float64) + 0.5
+    expected = jackpot(inp, lam=1.0, z="exact", sampled_mask=False)
+    exp_loss = aggregate(token_loss * expected.weights, expected.mask, mode, response_mask=inp.mask)
+    draws = []
+    for seed in range(200):
+        u = torch.rand(B, T, generator=gen(1000 + seed), dtype=torch.float64)
+        res = jackpot(CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=inp.z, uniforms=u),
+                      lam=1.0, z="exact")
+        draws.append(aggregate(token_loss * res.weights, res.mask, mode, response_mask=inp.mask))
+    draws = torch.stack(draws)
+    stderr = draws.std() / math.sqrt(len(draws))
+    assert abs(draws.mean() - exp_loss) < 4 * stderr + 1e-3 * abs(exp_loss)
+    assert 0.3 < expected.mask.mean() < 0.95  # tokens really are rejected

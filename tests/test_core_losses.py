@@ -14,12 +14,12 @@ import reference as ref
 import torch
 
 from jackpot.core.advantages import group_advantages
-from jackpot.core.losses import aggregate, distill_kl, ppo_token_loss
+from jackpot.core.losses import AGGREGATIONS, aggregate, distill_kl, loss_denominator, ppo_token_loss
 
 INF = math.inf
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
-MODES = ["token-mean", "token-mean-all", "seq-mean-token-mean", "seq-sum-norm"]
+MODES = list(AGGREGATIONS)
 V = 13
 CHUNKS = [1, 4, 5, 13, 100]  # 4, 5 do not divide 13; 100 > V
 
@@ -39,18 +39,19 @@ def close(actual: torch.Tensor, expected, dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("eps", "eps_high"), [(0.2, None), (0.2, 0.28), (0.1, 0.5), (None, None)])
 @pytest.mark.parametrize("adv_per_token", [True, False])
-def test_ppo_token_loss_matches_reference(dtype, eps, eps_high, adv_per_token):
+@pytest.mark.parametrize("dual_clip", [None, 1.5])
+def test_ppo_token_loss_matches_reference(dtype, eps, eps_high, adv_per_token, dual_clip):
     g = gen(1)
     ref_lp = (torch.rand(4, 6, generator=g, dtype=torch.float64) * 0.9 + 0.05).log().to(dtype)
     new_lp = (
-        (ref_lp.double() + 0.4 * torch.randn(4, 6, generator=g, dtype=torch.float64)).clamp_max(0).to(dtype)
+        (ref_lp.double() + 0.6 * torch.randn(4, 6, generator=g, dtype=torch.float64)).clamp_max(0).to(dtype)
     )
     adv = torch.randn((4, 6) if adv_per_token else (4,), generator=g, dtype=torch.float64).to(dtype)
-    loss, diag = ppo_token_loss(new_lp, ref_lp, adv, clip_eps=eps, clip_eps_high=eps_high)
+    loss, diag = ppo_token_loss(new_lp, ref_lp, adv, clip_eps=eps, clip_eps_high=eps_high, dual_clip=dual_clip)
     adv_full = adv if adv_per_token else adv.unsqueeze(-1).expand(4, 6)
     high = eps if eps_high is None else eps_high
     expected = [
-        [ref.ppo_loss_token(n, r, a, eps, high) for n, r, a in zip(nr, rr, ar, strict=True)]
+        [ref.ppo_loss_token(n, r, a, eps, high, dual_clip) for n, r, a in zip(nr, rr, ar, strict=True)]
         for nr, rr, ar in zip(ref.rows(new_lp), ref.rows(ref_lp), ref.rows(adv_full), strict=True)
     ]
     close(loss, expected, dtype)
@@ -89,6 +90,20 @@ def test_hand_ppo():
     torch.testing.assert_close(loss, torch.tensor([[-1.5, 1.5, -0.5, 0.5]], dtype=torch.float64))
 
 
+def test_hand_dual_clip():
+    # verl's clip_ratio_c: for A < 0 the loss is at most -c * A. Ratios (4, 4, 0.5), A = (-1, +1, -1), eps 0.2:
+    # PPO gives (4, -1.2, 0.8); with c = 3 the first is capped at 3 (and its gradient is 0), the others keep.
+    new = torch.tensor([[math.log(4.0), math.log(4.0), math.log(0.5)]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[-1.0, 1.0, -1.0]], dtype=torch.float64)
+    loss, diag = ppo_token_loss(new, torch.zeros_like(new), adv, clip_eps=0.2, dual_clip=3.0)
+    torch.testing.assert_close(loss, torch.tensor([[3.0, -1.2, 0.8]], dtype=torch.float64))
+    torch.testing.assert_close(diag["clipped_lower"], torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+    loss.sum().backward()
+    assert new.grad[0, 0].item() == 0.0
+    with pytest.raises(ValueError, match="dual_clip"):
+        ppo_token_loss(new, torch.zeros_like(new), adv, dual_clip=1.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # aggregation
 # --------------------------------------------------------------------------------------------------
@@ -104,8 +119,11 @@ def _agg_inputs(seed: int, B: int = 8, T: int = 6, dtype=torch.float64):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("norm_len", [None, 10])
-def test_aggregate_matches_reference(dtype, mode, norm_len):
+@pytest.mark.parametrize("fractional", [False, True])
+def test_aggregate_matches_reference(dtype, mode, norm_len, fractional):
     loss, keep, resp = _agg_inputs(3, dtype=dtype)
+    if fractional:  # the expected-mask ablation keeps a fraction a of each token
+        keep = keep * torch.rand(keep.shape, generator=gen(9), dtype=torch.float64).to(dtype)
     got = aggregate(loss, keep, mode, response_mask=resp, norm_len=norm_len)
     expected = ref.aggregate_ref(
         ref.rows(loss), ref.rows(keep), mode, response_mask=ref.rows(resp), norm_len=norm_len
@@ -126,6 +144,9 @@ def test_hand_aggregate():
     assert aggregate(loss, keep, "seq-sum-norm").item() == pytest.approx(1.5)
     assert aggregate(loss, keep, "seq-sum-norm", norm_len=9).item() == pytest.approx(0.5)
     assert aggregate(loss, keep, "token-mean", denominator=6.0).item() == pytest.approx(1.5)
+    # verl's token-sum = 9 and seq-mean-token-sum = 9 / 2
+    assert aggregate(loss, keep, "token-sum").item() == pytest.approx(9.0)
+    assert aggregate(loss, keep, "seq-mean-token-sum").item() == pytest.approx(4.5)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -147,9 +168,13 @@ def test_micro_batches_with_the_global_denominator_sum_to_the_full_batch_loss(mo
     global_denominator = {
         "token-mean": keep.sum(),
         "token-mean-all": resp.sum(),
+        "token-sum": 1.0,
         "seq-mean-token-mean": loss.shape[0],
+        "seq-mean-token-sum": loss.shape[0],
         "seq-sum-norm": loss.shape[0] * T,
     }[mode]
+    torch.testing.assert_close(loss_denominator(keep, mode, response_mask=resp),
+                               torch.as_tensor(global_denominator, dtype=keep.dtype))
     x_full = loss.clone().requires_grad_()
     full = aggregate(x_full, keep, mode, response_mask=resp)
     full.backward()

@@ -7,11 +7,17 @@ The policy loss is then `mask * weight * PPO_clip(p_new/p_ref, A)` for every var
 training loop never branches on the correction's name: it looks it up in `CORRECTIONS`.
 
     none     weight 1, mask = response mask (off-policy, uncorrected)
-    tis      weight min(p_ref/p_inf, cap) at token, sequence or geometric-mean level
-             (Yao et al., "Your efficient RL framework secretly brings you off-policy RL training")
+    tis      weight clip(p_ref/p_inf, cap_min, cap) at token, sequence or geometric-mean level
+             (Yao et al., "Your efficient RL framework secretly brings you off-policy RL training";
+             cap_min is TRL's vllm_importance_sampling_clip_min)
     icepop   weight r if r in [low, high] else masked (IcePop / masked IS), same three levels
     jackpot  OBRS (METHOD.md §4): a = min(1, r/lam), Mask = 1[u < a] with one uniform per token
              drawn once per batch, weight min(Z * max(lam, r), c1) * min(p_ref/p_tgt, c2).
+
+Each table entry is a `Correction`: the function and what it needs from its caller (`Needs`): a
+per-state normaliser Z (and how to compute it), uniforms, the current policy's log-probs (then the
+correction changes with every optimizer step and is recomputed per mini-batch). A trainer serves
+needs, never names: adding a correction is one function and one table entry.
 
 Jackpot decisions (METHOD.md §4): the mask of eq. 5 is applied (Algorithm 1 omits it); c1 clips the
 OBRS factor and c2 clips p_ref/p_tgt (c2 = None recovers eq. 5); lam is either fixed or solved per
@@ -41,6 +47,7 @@ from jackpot.core.obrs import batch_lambda
 
 LEVELS = ("token", "sequence", "geometric")
 TARGETS = ("ref", "new")
+Z_MODES = ("exact", "topk", "batch")
 
 
 @dataclass(frozen=True)
@@ -75,11 +82,45 @@ class CorrectionInputs:
 
 @dataclass
 class CorrectionResult:
-    """weights (B, T) detached; mask (B, T) float, 1 = token enters the loss; stats: 0-dim tensors."""
+    """weights (B, T) detached; mask (B, T) float, 1 = token enters the loss (a fraction for the
+    expected-mask ablation: the loss is weighted by it and token-mean divides by its sum); stats:
+    0-dim tensors."""
 
     weights: torch.Tensor
     mask: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def select(self, idx: torch.Tensor) -> CorrectionResult:
+        """The rows `idx` of weights and mask (statistics stay with the whole batch)."""
+        return CorrectionResult(self.weights[idx], self.mask[idx], {})
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a correction needs from its caller beyond the sampled-token log-probs of p_inf and p_ref.
+
+    z:              None, or how to compute the per-state normaliser Z_t passed as `inputs.z`:
+                    'exact' (both full distributions at each position) or 'topk' (the rollout's
+                    stored top-k, scaled by kappa over the batch the correction is computed on).
+    z_lam:          the lambda at which Z_t = sum_x min(p_inf(x), p_tgt(x) / lambda) is wanted.
+    uniforms:       one U(0,1) per token, drawn once per rollout batch (`inputs.uniforms`).
+    current_policy: `inputs.new_logp` (the policy being optimised): the correction is recomputed for
+                    every mini-batch over the whole mini-batch, and Z, if needed, is that of p_new.
+    """
+
+    z: str | None = None
+    z_lam: float = 1.0
+    uniforms: bool = False
+    current_policy: bool = False
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A table entry: `fn(inputs, **kwargs) -> CorrectionResult` and `needs(**kwargs) -> Needs`,
+    both called with the same keyword arguments."""
+
+    fn: Callable[..., CorrectionResult]
+    needs: Callable[..., Needs] = lambda **_: Needs()
 
 
 def _level_log_ratio(lr: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
@@ -120,14 +161,21 @@ def no_correction(inp: CorrectionInputs) -> CorrectionResult:
     return CorrectionResult(torch.ones_like(mask), mask, {})
 
 
-def tis(inp: CorrectionInputs, *, cap: float = 2.0, level: str = "token") -> CorrectionResult:
-    """Truncated importance sampling: weight min(p_ref/p_inf, cap) at `level`."""
+def tis(inp: CorrectionInputs, *, cap: float = 2.0, cap_min: float | None = None,
+        level: str = "token") -> CorrectionResult:
+    """Truncated importance sampling: weight clip(p_ref/p_inf, cap_min, cap) at `level`
+    (cap_min None: no lower truncation)."""
     check_positive("cap", cap)
+    check_optional_cap("cap_min", cap_min)
+    if cap_min is not None and cap_min > cap:
+        raise ValueError(f"cap_min ({cap_min}) must be <= cap ({cap})")
     mask = inp.mask.to(inp.rollout_logp.dtype)
     lr = _level_log_ratio(log_ratio(inp.ref_logp, inp.rollout_logp).detach(), mask, level)
-    w = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(cap)
+    w = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp(min=cap_min, max=cap)
     stats = _base_stats("tis", lr, w, mask, mask)
     stats["tis/clipped_frac"] = masked_mean((lr.exp() > cap).to(mask.dtype), mask)
+    if cap_min is not None:
+        stats["tis/clipped_low_frac"] = masked_mean((lr.exp() < cap_min).to(mask.dtype), mask)
     return CorrectionResult(w, mask, stats)
 
 
@@ -150,27 +198,38 @@ def jackpot(
     lam: float = 1.0,
     budget: float | None = None,
     target: str = "ref",
+    z: str = "exact",
     c1: float | None = None,
     c2: float | None = None,
+    sampled_mask: bool = True,
 ) -> CorrectionResult:
     """Jackpot / OBRS weights and mask (paper eq. 5, Algorithm 1; METHOD.md §4).
 
     lam: fixed lam > 0, used when budget is None.
     budget: if set, lam is solved over this batch's tokens so the mean acceptance equals it
-        (batch_lambda) and Z = budget; `inp.z` is then ignored.
+        (batch_lambda) and Z = budget; `z` and `inp.z` are then not used.
     target: "ref" aligns p_inf to p_ref; "new" to the current policy (needs inp.new_logp).
+    z: where the per-state normaliser comes from: "exact" or "topk" (the caller computes it and
+        passes `inp.z`; see `Needs`) or "batch" (no per-state Z: the batch's mean acceptance, the
+        (state, token)-space normaliser for a fixed lam).
     c1: clip of the OBRS weight Z * max(lam, r) (None: no clip).
     c2: clip of p_ref/p_tgt (only matters for target="new"; None: no clip).
-    With inp.uniforms None the expected mask is used instead of a sampled one: keep every token,
-    weight multiplied by a (an ablation with lower variance).
+    sampled_mask: True (the paper): Mask = 1[u < a] with `inp.uniforms`; False: the expected-mask
+        ablation, mask = a (a fraction of each token kept) and the same weight, so that every
+        aggregation divides by the expected kept count and the loss has the sampled mask's scale in
+        expectation.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if z not in Z_MODES:
+        raise ValueError(f"z must be one of {Z_MODES}, got {z!r}")
     check_optional_cap("c1", c1)
     check_optional_cap("c2", c2)
     mask = inp.mask.to(inp.rollout_logp.dtype)
     if target == "new" and inp.new_logp is None:
         raise ValueError("target='new' needs new_logp in CorrectionInputs")
+    if sampled_mask and inp.uniforms is None:
+        raise ValueError("sampled_mask=True needs uniforms in CorrectionInputs (one U(0,1) per token)")
     tgt = (inp.ref_logp if target == "ref" else inp.new_logp).detach()
     lr = log_ratio(tgt, inp.rollout_logp).detach()
     if budget is not None:
@@ -180,9 +239,11 @@ def jackpot(
     else:
         check_positive("lam", lam)
         lam_t = torch.tensor(float(lam), dtype=lr.dtype, device=lr.device)
-        if inp.z is None:  # (state, token)-space normaliser for a fixed lam: the batch's mean acceptance
+        if z == "batch":  # (state, token)-space normaliser for a fixed lam: the batch's mean acceptance
             a_bar = masked_mean((lr - lam_t.log()).clamp_max(0.0).exp(), mask)
             log_z = a_bar.clamp_min(torch.finfo(lr.dtype).tiny).log().expand_as(lr)
+        elif inp.z is None:
+            raise ValueError(f"z={z!r} needs the per-state normaliser in CorrectionInputs.z")
         else:
             log_z = inp.z.detach().clamp_min(torch.finfo(lr.dtype).tiny).log()
     log_lam = lam_t.log()
@@ -192,10 +253,10 @@ def jackpot(
     if target == "new":
         second = log_ratio(inp.ref_logp, tgt).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
         w = w * (second if c2 is None else second.clamp_max(c2))
-    if inp.uniforms is None:
-        keep, w = mask, w * accept_prob
-    else:
+    if sampled_mask:
         keep = (inp.uniforms < accept_prob).to(mask.dtype) * mask
+    else:
+        keep = accept_prob * mask
     stats = _base_stats("obrs", lr, w, mask, keep)
     stats.update({
         "obrs/accept_rate": masked_mean(keep, mask),
@@ -207,16 +268,38 @@ def jackpot(
     return CorrectionResult(w.detach(), keep, stats)
 
 
-CORRECTIONS: dict[str, Callable[..., CorrectionResult]] = {
-    "none": no_correction,
-    "tis": tis,
-    "icepop": icepop,
-    "jackpot": jackpot,
+def _jackpot_needs(*, lam: float = 1.0, budget: float | None = None, target: str = "ref", z: str = "exact",
+                   sampled_mask: bool = True, **_) -> Needs:
+    per_state = budget is None and z != "batch"
+    return Needs(z=z if per_state else None, z_lam=lam, uniforms=sampled_mask, current_policy=target == "new")
+
+
+CORRECTIONS: dict[str, Correction] = {
+    "none": Correction(no_correction),
+    "tis": Correction(tis),
+    "icepop": Correction(icepop),
+    "jackpot": Correction(jackpot, _jackpot_needs),
 }
+
+
+def _entry(name: str) -> Correction:
+    if name not in CORRECTIONS:
+        raise ValueError(f"unknown correction {name!r}; choose one of {sorted(CORRECTIONS)}")
+    return CORRECTIONS[name]
+
+
+def correction_needs(name: str, **kwargs) -> Needs:
+    """What correction `name`, configured with `kwargs`, needs from its caller."""
+    return _entry(name).needs(**kwargs)
+
+
+def correction_params(name: str) -> tuple[str, ...]:
+    """The keyword arguments correction `name` accepts."""
+    import inspect
+
+    return tuple(k for k in inspect.signature(_entry(name).fn).parameters if k != "inp")
 
 
 def apply_correction(name: str, inp: CorrectionInputs, **kwargs) -> CorrectionResult:
     """Look up `name` in CORRECTIONS and call it; a clear error for an unknown name."""
-    if name not in CORRECTIONS:
-        raise ValueError(f"unknown correction {name!r}; choose one of {sorted(CORRECTIONS)}")
-    return CORRECTIONS[name](inp, **kwargs)
+    return _entry(name).fn(inp, **kwargs)

@@ -6,7 +6,9 @@ log_rho = log p_other(x) - log p_sample(x)  (Schulman, "Approximating KL diverge
     k2 = (log_rho)^2 / 2     biased, low variance
     k3 = (rho - 1) - log_rho unbiased, >= 0
 chi2 = E[rho^2] - 1 (token and sequence level), ESS = (sum w)^2 / (n * sum w^2) in (0, 1], and the
-log-perplexity difference between the two models on the sampled responses.
+log-perplexity difference between the two models on the sampled responses. Names and signs follow
+verl's `rollout_corr/` metrics (docs/METHOD.md maps each of ours to verl's): log_ppl_diff is the
+rollout model's mean token log-prob minus the target's, per sequence, averaged over sequences.
 Exact KL and total variation when full log-prob vectors are given.
 """
 
@@ -43,7 +45,7 @@ def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> torch.Te
     """Normalised ESS (sum w)^2 / (n sum w^2) over masked entries, in (0, 1]; 1 for uniform weights."""
     check_same_shape(weights=weights, mask=mask)
     m = mask.to(weights.dtype)
-    w = weights * m
+    w = torch.where(m > 0, weights, torch.zeros_like(weights)) * m  # NaN/inf where masked out stay out
     n = m.sum().clamp_min(1.0)
     return w.sum().square() / (n * w.square().sum()).clamp_min(torch.finfo(w.dtype).tiny)
 
@@ -58,15 +60,23 @@ def mismatch_metrics(target_logp: torch.Tensor, rollout_logp: torch.Tensor, mask
     """The usual rollout-vs-trainer mismatch metrics on sampled tokens x ~ p_inf. Inputs (B, T).
 
     Keys: kl_k1/k2/k3 (of KL(p_inf || p_tgt)), chi2_token, chi2_seq, ess, ratio_min/max,
-    frac_above/below (ratio outside [low, high]), log_ppl_diff (rollout minus target).
+    frac_above/below (ratio outside [low, high]), log_ppl_diff (rollout minus target mean token
+    log-prob, verl's sign), log_ppl_abs_diff and ppl_ratio = mean over sequences of exp(log_ppl_diff)
+    (target perplexity over rollout perplexity, as verl).
+    chi2_seq clamps each sequence's summed log-ratio, not each token's (as verl): a sequence holding a
+    token of zero target probability has ratio 0.
     """
     out = kl_estimators(target_logp, rollout_logp, mask)
     m = mask.to(target_logp.dtype)
-    lr = log_ratio(target_logp, rollout_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    raw = log_ratio(target_logp, rollout_logp)
+    lr = raw.clamp(-SAFETY_BOUND, SAFETY_BOUND)
     rho = lr.exp()
-    seq_lr = (torch.where(m > 0, lr, torch.zeros_like(lr)) * m).sum(-1).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    seq_lr = _sequence_log_ratio(raw, m).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     seq_len = m.sum(-1).clamp_min(1.0)
     sel = rho[m > 0] if (m > 0).any() else rho.new_ones(1)
+    # mean token log-prob per sequence; -inf (a zero-probability token) clamped like the ratios
+    mean_lp = [_masked_sum(x.clamp_min(-SAFETY_BOUND * 10), m) / seq_len for x in (rollout_logp, target_logp)]
+    ppl_diff = mean_lp[0] - mean_lp[1]
     out.update({
         "chi2_token": masked_mean(rho.square(), m) - 1.0,
         "chi2_seq": (2 * seq_lr).exp().mean() - 1.0,
@@ -75,9 +85,22 @@ def mismatch_metrics(target_logp: torch.Tensor, rollout_logp: torch.Tensor, mask
         "ratio_max": sel.max(),
         "frac_above": masked_mean((rho > high).to(m.dtype), m),
         "frac_below": masked_mean((rho < low).to(m.dtype), m),
-        "log_ppl_diff": ((-_masked_sum(rollout_logp, m) + _masked_sum(target_logp, m)) / seq_len).mean(),
+        "log_ppl_diff": ppl_diff.mean(),
+        "log_ppl_abs_diff": ppl_diff.abs().mean(),
+        "ppl_ratio": ppl_diff.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().mean(),
     })
     return out
+
+
+def _sequence_log_ratio(lr: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Sum of the per-token log-ratios of each sequence over m (B,): -inf if any is -inf (ratio 0),
+    +inf tokens (p_inf = 0, never sampled) otherwise count as +inf; padding never enters."""
+    per_token = torch.where(m > 0, lr, torch.zeros_like(lr))
+    has_zero = (per_token == -math.inf).any(-1)
+    finite = torch.where(torch.isinf(per_token), torch.zeros_like(per_token), per_token).sum(-1)
+    has_inf = (per_token == math.inf).any(-1)
+    out = torch.where(has_inf, torch.full_like(finite, math.inf), finite)
+    return torch.where(has_zero, torch.full_like(finite, -math.inf), out)
 
 
 def exact_kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,11 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS
+from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, correction_needs, correction_params
 from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 MODES = ("decoupled", "on-policy")
-Z_MODES = ("exact", "topk", "batch")
 
 
 @dataclass(frozen=True)
@@ -84,9 +83,12 @@ class CorrectionConfig:
     c2: float | None = None
     """Jackpot, target='new': clip of p_ref/p_new (None: no clip)."""
     sampled_mask: bool = True
-    """Jackpot: sample Mask ~ Bernoulli(a) once per batch (paper); False: expected mask (weight a)."""
+    """Jackpot: sample Mask ~ Bernoulli(a) once per batch (paper); False: the expected-mask ablation (each
+    token kept with the fraction a, so every aggregation keeps the sampled mask's scale in expectation)."""
     cap: float = 2.0
-    """TIS: truncation of the importance weight."""
+    """TIS: upper truncation of the importance weight."""
+    cap_min: float | None = None
+    """TIS: lower truncation of the importance weight (TRL's vllm_importance_sampling_clip_min; None: none)."""
     low: float = 0.5
     """IcePop: lower bound of the kept ratio."""
     high: float = 2.0
@@ -96,10 +98,7 @@ class CorrectionConfig:
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments the chosen correction function accepts, taken from these fields."""
-        import inspect
-
-        params = inspect.signature(CORRECTIONS[self.name]).parameters
-        return {k: getattr(self, k) for k in params if k != "inp"}
+        return {k: getattr(self, k) for k in correction_params(self.name)}
 
 
 @dataclass(frozen=True)
@@ -141,6 +140,9 @@ class TrainConfig:
     """PPO clip range; None: no clip (pure importance-weighted policy gradient)."""
     clip_eps_high: float | None = None
     """Upper clip range (DAPO's clip-higher); None: same as clip_eps."""
+    dual_clip: float | None = None
+    """Dual-clip PPO (verl's clip_ratio_c, whose default is 3): for negative advantages the loss is capped
+    at -dual_clip * A; must be > 1. None: no dual clip. Applies to the policy and the rollout model."""
     loss_agg: str = "token-mean"
     """Loss aggregation, see jackpot.core.losses.AGGREGATIONS."""
     advantages: str = "grpo"
@@ -216,13 +218,13 @@ class Config:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.sampling.top_p!r}")
         if self.correction.budget is not None and not 0 < self.correction.budget <= 1:
             raise ValueError(f"correction.budget must be in (0, 1] or null, got {self.correction.budget!r}")
-        if self.correction.name == "jackpot" and self.correction.budget is None:
-            if self.correction.z == "exact" and self.sampling.top_p < 1:
-                raise ValueError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
-                                 "give p_inf exactly); use correction.z='topk' or 'batch' with nucleus sampling")
-            if self.correction.z == "exact" and self.correction.target == "new":
-                raise ValueError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
-                                 "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
+        needs = correction_needs(self.correction.name, **self.correction.kwargs())
+        if needs.z == "exact" and self.sampling.top_p < 1:
+            raise ValueError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
+                             "give p_inf exactly); use correction.z='topk' or 'batch' with nucleus sampling")
+        if needs.z == "exact" and needs.current_policy:
+            raise ValueError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
+                             "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
         return self
 
 
@@ -230,7 +232,7 @@ class Config:
         """Values that would otherwise fail only after pre-training, or silently train wrongly."""
         t, c = self.train, self.correction
         for name in ("train.grad_clip", "correction.c1", "correction.c2", "train.eval_temperature",
-                     "train.clip_eps_high"):
+                     "train.clip_eps_high", "correction.cap_min"):
             value = _get(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 or null, got {value!r}")
@@ -238,6 +240,10 @@ class Config:
             raise ValueError(f"train.clip_eps must be in (0, 1) or null (no clip), got {t.clip_eps!r}")
         if t.clip_eps is None and t.clip_eps_high is not None:
             raise ValueError("train.clip_eps_high is set but train.clip_eps is null (no clip): set both or neither")
+        if t.dual_clip is not None and not t.dual_clip > 1:
+            raise ValueError(f"train.dual_clip must be > 1 or null, got {t.dual_clip!r}")
+        if c.cap_min is not None and c.cap_min > c.cap:
+            raise ValueError(f"correction.cap_min ({c.cap_min}) must be <= correction.cap ({c.cap})")
         if c.low > c.high:
             raise ValueError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
         for name in ("train.micro_batch_size", "train.threads"):
@@ -246,8 +252,9 @@ class Config:
         for name in ("train.kl_coef", "distill.coef"):
             if not _get(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {_get(self, name)!r}")
-        if c.target == "new" and c.name != "jackpot":
-            raise ValueError(f"correction.target='new' applies to jackpot only, not to {c.name!r}")
+        if c.target != "ref" and "target" not in correction_params(c.name):
+            raise ValueError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
+                             "weights toward p_ref)")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

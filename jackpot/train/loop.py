@@ -90,12 +90,12 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     device = torch.device(cfg.train.device)
     policy_dir = _model_dir("policy", cfg.policy, cfg, progress)
     tokenizer = load_tokenizer(policy_dir)
-    policy = load_model(policy_dir, device=device)
+    policy = load_model(policy_dir, device=device).eval()  # eval mode throughout: no dropout (as TRL, verl)
     rollout_model = rollout_opt = None
     if cfg.train.mode == "decoupled":
         rollout_dir = _model_dir("rollout", cfg.rollout_model, cfg, progress)
         check_same_tokenizer(load_tokenizer(rollout_dir), tokenizer, names=("rollout_model", "policy"))
-        rollout_model = load_model(rollout_dir, device=device)
+        rollout_model = load_model(rollout_dir, device=device).eval()
         rollout_opt = torch.optim.AdamW(rollout_model.parameters(), lr=cfg.rollout_model.lr)
     init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy.lr)
@@ -156,12 +156,10 @@ def _train_step(run: Run, step: int) -> dict[str, float]:
     batch, rewards = collect(run, step)
     t1 = time.perf_counter()
     # ---- prepare: p_ref, p_omega_old, Z, uniforms, diagnostics (no gradients)
-    run.policy.eval()
     prep = prepare(cfg, batch, rewards, policy=run.policy, rollout_model=run.rollout_model,
                    init_policy=run.init_policy, step=step)
     t2 = time.perf_counter()
-    # ---- update: policy (and rollout model) optimizer steps
-    run.policy.train()
+    # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
     upd = update(cfg, prep, policy=run.policy, rollout_model=run.rollout_model, policy_opt=run.policy_opt,
                  rollout_opt=run.rollout_opt if cfg.distill.rollout_model == "joint" else None, step=step)
     t3 = time.perf_counter()

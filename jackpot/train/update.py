@@ -1,22 +1,31 @@
 """The update phase: from a scored rollout batch to optimizer steps of the policy and the rollout model.
 
     prepare()  once per rollout batch, no gradients: advantages, p_ref (policy at collection) and
-               p_omega_old (rollout model) at the sampled tokens, the per-state OBRS normaliser Z for
-               target='ref', one uniform per token for the rejection mask, and mismatch diagnostics.
+               p_omega_old (rollout model) at the sampled tokens, one uniform per token, mismatch
+               diagnostics and — for a correction that does not depend on the current policy — the
+               correction (weights, mask) of the whole batch.
     update()   ppo_epochs x minibatches optimizer steps; in each micro-batch one forward of the policy
                (and, when trained jointly, of the rollout model):
-                 policy:        keep * (w * PPO(p_new / p_ref, A) + kl_coef * k3(p_init || p_new))
+                 policy:        keep * w * (PPO(p_new / p_ref, A) + kl_coef * k3(p_init / p_new))
                  rollout model: PPO(p_omega / p_omega_old, A) * min(p_omega_old / p_inf, cap)
                                 + coef * KL(SG(p_new) || p_omega)         (paper eq. 8)
                The correction (weights w, mask keep) comes from the CORRECTIONS table.
 
-Denominators of the loss are those of the whole mini-batch, and for target='ref' the correction
-(lambda, Z with kappa, weights, mask) is computed once over the whole rollout batch, so micro-batching
-does not change the gradient (1 x 8 == 8 x 1, tested). For target='new' the correction depends on the
-current policy and is computed per micro-batch: lambda in budget mode, the mean acceptance of
-z='batch', kappa of z='topk' and the kept-token count of token-mean are then micro-batch quantities
-(a documented approximation; without micro_batch_size they are mini-batch quantities, as in METHOD.md §6).
-The KL penalty to the initial policy, like the policy loss, covers only the tokens the correction keeps.
+What a correction needs is declared by its table entry (`jackpot.core.corrections.Needs`) and served
+here without knowing its name: a per-state Z (exact from both models' logits, or top-k scaled by kappa
+over the batch the correction covers), uniforms, and the current policy. A correction that needs the
+current policy (Jackpot with target='new') is recomputed at every mini-batch over the whole mini-batch
+— from the forward pass itself when the mini-batch is one micro-batch, else from a gradient-free pass
+over its micro-batches first — so lambda, kappa, Z and every loss denominator are mini-batch
+quantities and micro-batching never changes the update (1 x 8 == 8 x 1, tested for every correction).
+
+The KL penalty to the initial policy is part of the per-token loss that the correction weights and
+masks: its value, k3 = (rho - 1) - log rho with rho = p_init / p_new at the kept tokens, weighted by w,
+estimates KL(p_new || p_init) under the correction's target distribution (p_ref or p_new); as a loss,
+k3's gradient at samples of p_new is that of KL(p_init || p_new) (the usual GRPO / verl low_var_kl term).
+
+Both models stay in eval mode (dropout off, as TRL and verl do), so the PPO ratio is exactly 1 at the
+first mini-batch; gradients flow regardless.
 """
 
 from __future__ import annotations
@@ -26,17 +35,15 @@ from dataclasses import dataclass
 import torch
 
 from jackpot.core import obrs
+from jackpot.core._checks import SAFETY_BOUND
 from jackpot.core.advantages import group_advantages
-from jackpot.core.corrections import CorrectionInputs, CorrectionResult, apply_correction
+from jackpot.core.corrections import CorrectionInputs, CorrectionResult, Needs, apply_correction, correction_needs
 from jackpot.core.divergences import kl_estimators, mismatch_metrics
-from jackpot.core.losses import aggregate, distill_kl, ppo_token_loss
+from jackpot.core.losses import aggregate, distill_kl, loss_denominator, ppo_token_loss
 from jackpot.metrics import mean_of
 from jackpot.models.forward import response_logits, token_logprobs
 from jackpot.rollout.base import RolloutBatch
 from jackpot.train.config import Config
-
-# Losses whose per-micro-batch values are shares of the mini-batch loss: logged as their sum.
-_ADDITIVE = ("policy/loss", "rollout_model/ppo_loss", "rollout_model/distill_kl")
 
 
 @dataclass
@@ -48,9 +55,8 @@ class Prepared:
     ref_logp: torch.Tensor            # log p_ref(x_t): the policy at collection
     rollout_old_logp: torch.Tensor    # log p_omega_old(x_t): the rollout model before its update
     init_logp: torch.Tensor | None    # log p_init(x_t): the initial policy (kl_coef > 0)
-    z: torch.Tensor | None            # per-state normaliser for target='ref'
-    uniforms: torch.Tensor
-    correction: CorrectionResult | None  # the whole batch's weights and mask, for target='ref'
+    uniforms: torch.Tensor | None     # one U(0,1) per token, when the correction needs them
+    correction: CorrectionResult | None  # the whole batch's weights and mask; None: per mini-batch
     metrics: dict[str, torch.Tensor]
 
 
@@ -59,32 +65,12 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step) * 16 + stream
 
 
+def needs_of(cfg: Config) -> Needs:
+    return correction_needs(cfg.correction.name, **cfg.correction.kwargs())
+
+
 def _forward(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> torch.Tensor:
     return response_logits(model, batch.input_ids, batch.attention_mask, batch.response_len, temperature)
-
-
-def _raw_normalizer(cfg: Config, tgt_logits: torch.Tensor, rollout_logits: torch.Tensor | None,
-                    batch: RolloutBatch) -> torch.Tensor | None:
-    """Per-state Z_t before any batch correction: exact (streamed over V), top-k (needs kappa, see
-    `_with_kappa`), or None when the correction needs no per-state Z ('batch' mode, budget mode)."""
-    c = cfg.correction
-    if c.name != "jackpot" or c.budget is not None or c.z == "batch":
-        return None
-    if c.z == "exact":
-        return obrs.normalizer_from_logits(tgt_logits, rollout_logits, c.lam)
-    tgt_at_topk = torch.log_softmax(tgt_logits, -1).gather(-1, batch.topk_ids)
-    return obrs.topk_normalizer(batch.topk_ids, batch.topk_logprobs, tgt_at_topk, c.lam)
-
-
-def _with_kappa(cfg: Config, z: torch.Tensor | None, tgt_logp: torch.Tensor,
-                batch: RolloutBatch) -> tuple[torch.Tensor | None, dict]:
-    """Top-k mode: scale Z_approx by kappa = mean acceptance / mean Z_approx over all of `batch`."""
-    if z is None or cfg.correction.z != "topk":
-        return z, {}
-    mask = batch.response_mask
-    a = obrs.acceptance_prob(tgt_logp, batch.logprobs, cfg.correction.lam)
-    k = obrs.kappa(a, z, mask)
-    return k * z, {"obrs/kappa": k, "obrs/topk_z_mean": (z * mask).sum() / mask.sum().clamp_min(1)}
 
 
 def _chunks(n: int, size: int | None) -> list[torch.Tensor]:
@@ -92,11 +78,44 @@ def _chunks(n: int, size: int | None) -> list[torch.Tensor]:
     return list(idx.split(size)) if size else [idx]
 
 
+# ----------------------------------------------------------------------------- serving a correction's needs
+def _raw_z(needs: Needs, tgt_logits: torch.Tensor, rollout_logits: torch.Tensor | None,
+           mb: RolloutBatch) -> torch.Tensor | None:
+    """Per-state Z_t before any batch correction: exact (streamed over V), top-k (scaled by kappa in
+    `_correction`), or None when the correction needs none."""
+    if needs.z is None:
+        return None
+    if needs.z == "exact":
+        return obrs.normalizer_from_logits(tgt_logits, rollout_logits, needs.z_lam)
+    tgt_at_topk = torch.log_softmax(tgt_logits, -1).gather(-1, mb.topk_ids)
+    return obrs.topk_normalizer(mb.topk_ids, mb.topk_logprobs, tgt_at_topk, needs.z_lam)
+
+
+def _correction(cfg: Config, needs: Needs, batch: RolloutBatch, ref_logp: torch.Tensor,
+                new_logp: torch.Tensor | None, raw_z: torch.Tensor | None,
+                uniforms: torch.Tensor | None) -> CorrectionResult:
+    """The correction over all of `batch`; top-k Z is scaled by kappa = mean acceptance / mean Z_approx
+    over the same tokens (METHOD.md §4.1)."""
+    z, z_stats = raw_z, {}
+    if needs.z == "topk":
+        tgt_logp = new_logp if needs.current_policy else ref_logp
+        a = obrs.acceptance_prob(tgt_logp, batch.logprobs, needs.z_lam)
+        k = obrs.kappa(a, raw_z, batch.response_mask)
+        m = batch.response_mask
+        z, z_stats = k * raw_z, {"obrs/kappa": k, "obrs/topk_z_mean": (raw_z * m).sum() / m.sum().clamp_min(1)}
+    result = apply_correction(cfg.correction.name, CorrectionInputs(
+        rollout_logp=batch.logprobs, ref_logp=ref_logp, mask=batch.response_mask, new_logp=new_logp,
+        uniforms=uniforms, z=z), **cfg.correction.kwargs())
+    result.stats.update(z_stats)
+    return result
+
+
+# ----------------------------------------------------------------------------- prepare
 @torch.no_grad()
 def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, rollout_model, init_policy,
             step: int) -> Prepared:
     """rewards (N, G) with batch rows ordered prompt-major. rollout_model None means on-policy."""
-    temp = cfg.sampling.temperature
+    temp, needs = cfg.sampling.temperature, needs_of(cfg)
     advantages = group_advantages(rewards, mode=cfg.train.advantages).reshape(-1)
     parts: dict[str, list] = {"ref": [], "old": [], "init": [], "z": []}
     for idx in _chunks(len(batch), cfg.train.micro_batch_size):
@@ -107,63 +126,40 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
         parts["old"].append(token_logprobs(roll_logits, mb.response_ids))
         if init_policy is not None:
             parts["init"].append(token_logprobs(_forward(init_policy, mb, temp), mb.response_ids))
-        if cfg.correction.target == "ref":
-            parts["z"].append(_raw_normalizer(cfg, ref_logits, roll_logits, mb))
+        if not needs.current_policy:
+            parts["z"].append(_raw_z(needs, ref_logits, roll_logits, mb))
     cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}
-    cat["z"], z_metrics = _with_kappa(cfg, cat["z"], cat["ref"], batch)  # kappa over the whole batch
-    gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1))
-    uniforms = torch.rand(batch.response_mask.shape, generator=gen).to(batch.response_mask.device)
-    mask = batch.response_mask
+    uniforms = None
+    if needs.uniforms:
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1))
+        uniforms = torch.rand(batch.response_mask.shape, generator=gen).to(batch.response_mask.device)
     correction = None
-    if cfg.correction.target == "ref":  # fixed for the whole batch: computed once, sliced per micro-batch
-        correction = apply_correction(cfg.correction.name, CorrectionInputs(
-            rollout_logp=batch.logprobs, ref_logp=cat["ref"], mask=mask,
-            uniforms=uniforms if cfg.correction.sampled_mask else None, z=cat["z"]), **cfg.correction.kwargs())
+    if not needs.current_policy:  # fixed for the whole batch: computed once, sliced per mini-batch
+        correction = _correction(cfg, needs, batch, cat["ref"], None, cat["z"], uniforms)
+    mask = batch.response_mask
     metrics = {f"mismatch/{k}": v for k, v in mismatch_metrics(cat["ref"], batch.logprobs, mask).items()}
     metrics.update(correction.stats if correction is not None else {})
     metrics.update({f"mismatch/rollout_model_{k}": v
                     for k, v in kl_estimators(cat["old"], batch.logprobs, mask).items() if k == "kl_k3"})
-    metrics.update(z_metrics)
-    return Prepared(batch, advantages, cat["ref"], cat["old"], cat["init"], cat["z"], uniforms, correction, metrics)
+    return Prepared(batch, advantages, cat["ref"], cat["old"], cat["init"], uniforms, correction, metrics)
 
 
-def _correct(cfg: Config, prep: Prepared, idx: torch.Tensor, new_logits: torch.Tensor,
-             new_logp: torch.Tensor) -> CorrectionResult:
-    """The correction for a micro-batch: a slice of the batch's (target='ref'), or computed now ('new')."""
-    if prep.correction is not None:
-        c = prep.correction
-        return CorrectionResult(c.weights[idx], c.mask[idx], {})
-    mb = prep.batch.select(idx)
-    z, zm = _with_kappa(cfg, _raw_normalizer(cfg, new_logits.detach(), None, mb), new_logp.detach(), mb)
-    inp = CorrectionInputs(
-        rollout_logp=mb.logprobs, ref_logp=prep.ref_logp[idx], mask=mb.response_mask,
-        new_logp=new_logp.detach(), uniforms=prep.uniforms[idx] if cfg.correction.sampled_mask else None, z=z)
-    result = apply_correction(cfg.correction.name, inp, **cfg.correction.kwargs())
-    result.stats.update(zm)
-    return result
-
-
-def _policy_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, new_logits: torch.Tensor,
-                 denominator: torch.Tensor | None, share: float) -> tuple[torch.Tensor, dict]:
-    """denominator None: the kept-token count is only known per micro-batch; the micro-batch mean is
-    then weighted by `share`, its fraction of the mini-batch's sequences."""
+# ----------------------------------------------------------------------------- losses
+def _policy_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, new_logp: torch.Tensor,
+                 corr: CorrectionResult, denominator: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The micro-batch `idx`'s share of the mini-batch policy loss (denominator: the mini-batch's)."""
     t = cfg.train
-    mb = prep.batch.select(idx)
-    mask = mb.response_mask
-    new_logp = token_logprobs(new_logits, mb.response_ids)
-    corr = _correct(cfg, prep, idx, new_logits, new_logp)
+    mask = prep.batch.response_mask[idx]
     tok, diag = ppo_token_loss(new_logp, prep.ref_logp[idx], prep.advantages[idx],
-                               clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high)
-    tok = tok * corr.weights
+                               clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high, dual_clip=t.dual_clip)
     if prep.init_logp is not None and t.kl_coef > 0:
-        log_rho = (prep.init_logp[idx] - new_logp).clamp(-20, 20)
+        log_rho = (prep.init_logp[idx] - new_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
         tok = tok + t.kl_coef * (log_rho.exp() - 1 - log_rho)
-    loss = aggregate(tok, corr.mask, t.loss_agg, response_mask=mask, denominator=denominator)
-    loss = loss if denominator is not None else loss * share
-    m = mask.sum().clamp_min(1)
+    loss = aggregate(tok * corr.weights, corr.mask, t.loss_agg, denominator=denominator)
     kept = corr.mask.sum().clamp_min(1)
     stats = {"policy/loss": loss.detach(), "policy/clipfrac": (diag["clipped"] * corr.mask).sum() / kept,
-             "policy/ratio_mean": (diag["ratio"] * mask).sum() / m, **corr.stats}
+             "policy/clipfrac_lower": (diag["clipped_lower"] * corr.mask).sum() / kept,
+             "policy/ratio_mean": (diag["ratio"] * mask).sum() / mask.sum().clamp_min(1)}
     return loss, stats
 
 
@@ -172,14 +168,14 @@ def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll_log
     d, t = cfg.distill, cfg.train
     mb = prep.batch.select(idx)
     mask = mb.response_mask
-    logp = token_logprobs(roll_logits, mb.response_ids)
     stats = {}
     total = roll_logits.new_zeros(())
     if d.ppo:
+        logp = token_logprobs(roll_logits, mb.response_ids)
         tok, _ = ppo_token_loss(logp, prep.rollout_old_logp[idx], prep.advantages[idx],
-                                clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high)
-        is_w = (prep.rollout_old_logp[idx] - mb.logprobs).clamp(-20, 20).exp().clamp_max(d.is_cap)
-        ppo = aggregate(tok * is_w, mask, "token-mean", denominator=denominator)
+                                clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high, dual_clip=t.dual_clip)
+        log_is = (prep.rollout_old_logp[idx] - mb.logprobs).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        ppo = aggregate(tok * log_is.exp().clamp_max(d.is_cap), mask, "token-mean", denominator=denominator)
         total = total + ppo
         stats["rollout_model/ppo_loss"] = ppo.detach()
     if d.coef > 0:
@@ -203,33 +199,63 @@ def _distill_inputs(estimator: str, teacher: torch.Tensor, mb: RolloutBatch, k: 
     return {}
 
 
+# ----------------------------------------------------------------------------- update
+def _current_correction(cfg: Config, needs: Needs, prep: Prepared, mini: torch.Tensor,
+                        new_logits: list[torch.Tensor]) -> CorrectionResult:
+    """The correction of mini-batch `mini` from the current policy's logits, given in micro-batch order."""
+    batch = prep.batch.select(mini)
+    new_logp, raw_z, start = [], [], 0
+    for logits in new_logits:
+        part = batch.select(torch.arange(start, start + len(logits)))
+        new_logp.append(token_logprobs(logits, part.response_ids))
+        raw_z.append(_raw_z(needs, logits, None, part))
+        start += len(logits)
+    z = torch.cat(raw_z) if raw_z[0] is not None else None
+    uniforms = prep.uniforms[mini] if prep.uniforms is not None else None
+    return _correction(cfg, needs, batch, prep.ref_logp[mini], torch.cat(new_logp), z, uniforms)
+
+
 def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int) -> dict:
     """ppo_epochs x minibatches optimizer steps over the prepared batch; returns averaged metrics."""
-    t, temp = cfg.train, cfg.sampling.temperature
-    joint = rollout_model is not None and cfg.distill.rollout_model == "joint"
+    t, temp, needs = cfg.train, cfg.sampling.temperature, needs_of(cfg)
+    joint = rollout_model is not None and rollout_opt is not None
     gen = torch.Generator().manual_seed(step_seed(t.seed, step, 2))
     records = []  # one dict per mini-batch
     for _ in range(t.ppo_epochs):
         order = torch.randperm(len(prep.batch), generator=gen)
         for mini in order.chunk(t.minibatches):
-            denom_pol, denom_resp = _denominators(cfg, prep, mini)
+            micros = list(mini.split(t.micro_batch_size or len(mini)))
+            corr = prep.correction.select(mini) if prep.correction is not None else None
+            if corr is None and len(micros) > 1:  # current policy, several micro-batches: a gradient-free pass
+                with torch.no_grad():
+                    corr = _current_correction(cfg, needs, prep, mini,
+                                               [_forward(policy, prep.batch.select(i), temp) for i in micros])
             policy_opt.zero_grad(set_to_none=True)
             if joint:
                 rollout_opt.zero_grad(set_to_none=True)
-            micro = []
-            for idx in mini.split(t.micro_batch_size or len(mini)):
+            micro_stats, start = [], 0
+            for idx in micros:
                 mb = prep.batch.select(idx)
                 new_logits = _forward(policy, mb, temp)
-                loss, stats = _policy_loss(cfg, prep, idx, new_logits, denom_pol, len(idx) / len(mini))
+                if corr is None:  # current policy, one micro-batch: the forward pass itself serves it
+                    corr = _current_correction(cfg, needs, prep, mini, [new_logits.detach()])
+                if start == 0:
+                    denom_pol = loss_denominator(corr.mask, t.loss_agg, response_mask=prep.batch.response_mask[mini],
+                                                 norm_len=cfg.sampling.max_new_tokens)
+                    denom_resp = loss_denominator(prep.batch.response_mask[mini], "token-mean")
+                part = corr.select(torch.arange(start, start + len(idx)))
+                start += len(idx)
+                loss, stats = _policy_loss(cfg, prep, idx, token_logprobs(new_logits, mb.response_ids), part,
+                                           denom_pol)
                 loss.backward()
                 if joint:
                     roll_loss, roll_stats = _rollout_model_loss(cfg, prep, idx, _forward(rollout_model, mb, temp),
                                                                 new_logits, denom_resp)
                     roll_loss.backward()
                     stats.update(roll_stats)
-                micro.append(stats)
-            record = mean_of(micro)
-            record.update({k: torch.stack([m[k] for m in micro]).sum() for k in _ADDITIVE if k in record})
+                micro_stats.append((len(idx), stats))
+            record = _combine(micro_stats)
+            record.update(corr.stats)
             record["policy/grad_norm"] = _step(policy, policy_opt, t.grad_clip)
             if joint:
                 record["rollout_model/grad_norm"] = _step(rollout_model, rollout_opt, t.grad_clip)
@@ -237,21 +263,18 @@ def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, ro
     return mean_of(records)
 
 
-def _denominators(cfg: Config, prep: Prepared, mini: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Mini-batch-wide loss denominators: (policy — None if only known per micro-batch, response tokens)."""
-    mask = prep.batch.response_mask[mini]
-    resp = mask.sum().clamp_min(1.0)
-    mode = cfg.train.loss_agg
-    if mode == "seq-mean-token-mean":
-        return torch.tensor(float(len(mini))), resp
-    if mode == "seq-sum-norm":
-        return torch.tensor(float(len(mini) * cfg.sampling.max_new_tokens)), resp
-    if mode == "token-mean-all":
-        return resp, resp
-    # token-mean over kept tokens: known up front unless the mask depends on the current policy
-    if prep.correction is None:
-        return None, resp
-    return prep.correction.mask[mini].sum().clamp_min(1.0), resp
+def _combine(micro_stats: list[tuple[int, dict]]) -> dict:
+    """Mini-batch metrics from micro-batch ones: losses (each a share of the mini-batch loss) add up,
+    the rest are averaged weighted by sequences."""
+    n = sum(size for size, _ in micro_stats)
+    out = {}
+    for key in micro_stats[0][1]:
+        values = torch.stack([s[key] for _, s in micro_stats])
+        if key.endswith("_loss") or key in ("policy/loss", "rollout_model/distill_kl"):
+            out[key] = values.sum()
+        else:
+            out[key] = (values * torch.tensor([size / n for size, _ in micro_stats], dtype=values.dtype)).sum()
+    return out
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float | None) -> torch.Tensor:
