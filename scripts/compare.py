@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from jackpot.fileio import write_text_atomic  # noqa: E402
 from jackpot.plot import plot_runs  # noqa: E402
 from jackpot.train.cli import summarize  # noqa: E402
-from jackpot.train.config import build_config  # noqa: E402
+from jackpot.train.config import build_config, preset_path  # noqa: E402
 from jackpot.train.loop import train  # noqa: E402
 
 GROUPS = {
@@ -55,7 +55,7 @@ def run_all(presets: list[str], seeds: list[int], out: Path, overrides: list[str
             run_dir = out / f"{preset}-seed{seed}{'-fixedpair' if fixed_pair else ''}"
             if not (run_dir / "summary.json").is_file():
                 shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run from an interrupted comparison
-                path = str(ROOT / "configs" / f"{preset}.yaml")
+                path = str(preset_path(preset))
                 seeds_of_run = [f"train.seed={seed}"]
                 if not fixed_pair:
                     base = build_config(path, overrides)

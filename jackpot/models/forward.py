@@ -23,7 +23,8 @@ def response_logits(
     response_len: int,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Logits predicting each response token, divided by `temperature`: (B, T, V) float32.
+    """Logits predicting each response token, divided by `temperature`: (B, T, V) float32 (float64 for a
+    float64 model: tests compare against float64 references).
 
     Args:
         model: a Hugging Face causal LM (called with `input_ids`, `attention_mask`, `position_ids`).
@@ -48,12 +49,16 @@ def response_logits(
     # Only the last T + 1 positions are needed; logits_to_keep skips the (B, P, V) prompt logits.
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                 use_cache=False, logits_to_keep=response_len + 1)
-    logits = out.logits[:, :-1, :].float()
+    logits = _at_least_fp32(out.logits[:, :-1, :])
     return logits / temperature if temperature != 1.0 else logits
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[ids]: (B, T, V), (B, T) -> (B, T) float32.
+    """log softmax(logits)[ids]: (B, T, V), (B, T) -> (B, T) float32 (float64 for float64 logits).
 
     Memory: the logsumexp materialises one more (B, T, V) float32 buffer. That is fine for small
     vocabularies; with a 150k vocabulary, call this on chunks of the batch (or of T).
@@ -61,6 +66,6 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 3 or ids.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (B, T, V) and ids (B, T); got {tuple(logits.shape)} and "
                          f"{tuple(ids.shape)}")
-    logits = logits.float()
+    logits = _at_least_fp32(logits)
     picked = logits.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)

@@ -6,7 +6,7 @@ Jackpot, and a summary table compares the policy before and after.
 
 Examples:
     jackpot train
-    jackpot train --config configs/tis.yaml --out runs/tis
+    jackpot train --config tis-reverse-kl --out runs/tis
     jackpot train train.steps=50 correction.name=tis distill.coef=0
     jackpot train --out runs/default --resume
 """
@@ -23,7 +23,9 @@ from jackpot.train.config import build_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config file (may name a `preset:` from configs/)")
+    parser.add_argument("--config", default=None,
+                        help="a preset name (jackpot/configs: decoupled-none, tis-reverse-kl, on-policy, ...) or a "
+                             "YAML config file (which may name a `preset:`)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<correction>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run directory's latest checkpoint, with the run's saved config "
@@ -97,7 +99,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         ("policy eval accuracy, after", fmt(summary["eval_after"])),
         ("on-policy reference, after" + (f" ({summary['reference']['run']})" if "reference" in summary else ""),
          fmt(summary["reference"]["eval_after"]) if "reference" in summary
-         else "n/a (jackpot train --config configs/on-policy.yaml)"),
+         else "n/a (jackpot train --config on-policy)"),
         ("rollout model eval accuracy, before", fmt(summary["rollout_model_eval_before"])),
         ("rollout model eval accuracy, after", fmt(summary["rollout_model_eval_after"])),
         ("mean train reward", fmt(summary["reward_mean"])),

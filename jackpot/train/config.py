@@ -18,7 +18,7 @@ import yaml
 from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, correction_needs, correction_params
 from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # presets ship inside the package
 MODES = ("decoupled", "on-policy")
 
 
@@ -328,19 +328,34 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def presets() -> list[str]:
+    """Names of the presets shipped with the package (jackpot/configs/*.yaml)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str | Path) -> Path:
+    """A preset name ('tis-reverse-kl') or a path to a YAML file -> the file; a clear error otherwise."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.suffix == "" and (CONFIG_DIR / f"{name}.yaml").is_file():
+        return CONFIG_DIR / f"{name}.yaml"
+    raise FileNotFoundError(f"config file not found: {path} (not a file, and not a preset; presets: "
+                            f"{', '.join(presets())})")
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config; `preset: NAME` (a file in configs/ or a path) is merged underneath it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    """Read a YAML config (a file or a preset name); `preset: NAME` in it is merged underneath it."""
+    path = preset_path(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     preset = data.pop("preset", None)
     if preset is not None:
-        base_path = Path(preset) if Path(preset).suffix else CONFIG_DIR / f"{preset}.yaml"
-        data = _deep_merge(load_yaml(base_path if base_path.is_absolute() or base_path.exists()
-                                     else path.parent / base_path), data)
+        base = Path(preset)
+        relative = path.parent / base
+        data = _deep_merge(load_yaml(relative if base.suffix and not base.is_absolute() and relative.is_file()
+                                     else preset), data)
     return data
 
 

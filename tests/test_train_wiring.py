@@ -1,0 +1,399 @@
+"""The trainer's wiring: which tensor reaches which loss, checked against hand formulas in float64.
+
+For every correction x target x aggregation mode, one `prepare` + `update` (SGD, lr 1, one optimizer step)
+on a hand-built batch must move the policy by exactly minus the gradient of
+
+    sum_t keep_t * w_t * PPO_t(p_new / p_ref, A) / denominator
+
+with keep, w, Z, kappa, lambda, the PPO clip and the denominator recomputed here from the definitions
+(METHOD.md §4), independently of `jackpot.train.update`. The batch is built so that the formula is
+discriminating: the rollout model and the policy differ (weights far from 1, tokens rejected), and the
+policy moves between `prepare` and `update` (the staleness case), so p_new != p_ref, the PPO clip binds,
+and target='new' differs from target='ref'. Likewise for the rollout model's loss (PPO with its IS weight
++ distillation toward the policy in each direction and estimator), the grad clip, and collection.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from jackpot.core.advantages import group_advantages
+from jackpot.models.forward import response_logits
+from jackpot.models.loading import build_tiny_qwen
+from jackpot.rollout.base import RolloutBatch
+from jackpot.train.config import build_config
+from jackpot.train.update import prepare, step_seed, update
+
+V, B, P, T, G = 24, 8, 3, 5, 4  # vocabulary, sequences, prompt and response length, group size
+STEP = 3
+
+
+def _model(seed: int, sharpen: float) -> torch.nn.Module:
+    m = build_tiny_qwen(V, hidden_size=16, num_layers=1, num_heads=2, seed=seed, pad_token_id=0, eos_token_id=1,
+                        bos_token_id=2).double().eval()
+    with torch.no_grad():
+        m.model.norm.weight.mul_(sharpen)  # sharper next-token distributions: ratios far from 1
+    return m
+
+
+def _perturbed(model: torch.nn.Module, seed: int, scale: float = 0.03) -> torch.nn.Module:
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return out
+
+
+def _logits(model, batch):
+    return response_logits(model, batch.input_ids, batch.attention_mask, batch.response_len)
+
+
+def _logp(logits, ids):
+    return torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A policy, a rollout model, and a batch whose log-probs are the rollout model's (plus engine noise)."""
+    g = torch.Generator().manual_seed(0)
+    policy, rollout = _model(10, 6.0), _model(11, 9.0)
+    prompt_ids = torch.randint(3, V, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_ids[0, 0], prompt_mask[0, 0] = 0, 0  # a left-padded prompt
+    response_ids = torch.randint(3, V, (B, T), generator=g)
+    response_mask = torch.ones(B, T, dtype=torch.float64)
+    response_mask[1, 3:] = 0.0  # right padding after an early EOS
+    response_mask[5, 2:] = 0.0
+    response_ids[response_mask == 0] = 0
+    proto = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(B, T, dtype=torch.float64),
+                         torch.zeros(B, T, 3, dtype=torch.long), torch.zeros(B, T, 3, dtype=torch.float64))
+    with torch.no_grad():
+        roll_logits = _logits(rollout, proto)
+        logp_inf = _logp(roll_logits, response_ids)
+        top = torch.log_softmax(roll_logits, -1).topk(3, -1)
+    batch = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, logp_inf * response_mask,
+                         top.indices, top.values)
+    rewards = torch.randn(B // G, G, generator=g, dtype=torch.float64)
+    return policy, rollout, batch, rewards, roll_logits
+
+
+def _cfg(*extra):
+    # max_new_tokens 7 > T = 5: seq-sum-norm must divide by the configured length, not the batch's
+    return build_config(None, ["sampling.max_new_tokens=7", "sampling.topk=3", "train.grad_clip=null",
+                               f"train.group_size={G}", f"train.prompts_per_step={B // G}", *extra])
+
+
+# ----------------------------------------------------------------------------- the hand formula
+def _aggregate(tok, keep, mode, resp, norm_len):
+    kept = torch.where(keep > 0, tok, torch.zeros_like(tok)) * keep
+    n_seq = tok.shape[0]
+    return {
+        "token-mean": lambda: kept.sum() / keep.sum(),
+        "token-mean-all": lambda: kept.sum() / resp.sum(),
+        "token-sum": lambda: kept.sum(),
+        "seq-mean-token-mean": lambda: (kept.sum(-1) / torch.where(keep.sum(-1) > 0, keep.sum(-1), 1.0)).sum() / n_seq,
+        "seq-mean-token-sum": lambda: kept.sum() / n_seq,
+        "seq-sum-norm": lambda: kept.sum() / (n_seq * norm_len),
+    }[mode]()
+
+
+def _bisect_lambda(r, m, budget):
+    lo, hi = 1e-12, float(r[m > 0].max()) * 2 + 1
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        acc = (torch.clamp(r / mid, max=1.0) * m).sum() / m.sum()
+        lo, hi = (mid, hi) if acc > budget else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _weights_and_keep(cfg, batch, ref_logp, new_logp, ref_logits, new_logits, roll_logits):
+    """(w, keep) of the configured correction, from the definitions (METHOD.md §4, §7)."""
+    c, m, lp_inf = cfg.correction, batch.response_mask, batch.logprobs
+    if c.name == "none":
+        return torch.ones_like(m), m
+    r_ref = (ref_logp - lp_inf).exp()
+    if c.name == "tis":
+        return r_ref.clamp(min=c.cap_min, max=c.cap), m
+    if c.name == "icepop":
+        keep = m * ((r_ref >= c.low) & (r_ref <= c.high))
+        return r_ref * keep, keep
+    tgt_lp, tgt_logits = (ref_logp, ref_logits) if c.target == "ref" else (new_logp, new_logits)
+    r = (tgt_lp - lp_inf).exp()
+    if c.budget is not None:
+        lam = _bisect_lambda(r, m, c.budget)
+        z = torch.full_like(r, c.budget)
+    else:
+        lam = c.lam
+        a = torch.clamp(r / lam, max=1.0)
+        p_tgt = torch.softmax(tgt_logits, -1)
+        if c.z == "exact":
+            z = torch.minimum(torch.softmax(roll_logits, -1), p_tgt / lam).sum(-1)
+        elif c.z == "topk":
+            z = torch.minimum(batch.topk_logprobs.exp(), p_tgt.gather(-1, batch.topk_ids) / lam).sum(-1)
+            kappa = max(1.0, float((a * m).sum() / (z * m).sum()))
+            assert kappa > 1.05, "top-k Z should under-estimate here, or kappa is not tested"
+            z = kappa * z
+        else:
+            z = torch.full_like(r, float((a * m).sum() / m.sum()))
+    a = torch.clamp(r / lam, max=1.0)
+    w = z * torch.clamp(r, min=lam)
+    if c.c1 is not None:
+        w = w.clamp(max=c.c1)
+    if c.target == "new":
+        w = w * (ref_logp - new_logp).exp().clamp(max=c.c2 if c.c2 is not None else float("inf"))
+    if c.sampled_mask:
+        u = torch.rand(m.shape, generator=torch.Generator().manual_seed(step_seed(cfg.train.seed, STEP, 1)))
+        keep = m * (u.double() < a)
+        assert 0 < keep.sum() < m.sum(), "the mask should reject some tokens, or it is not tested"
+    else:
+        keep = m * a
+    return w, keep
+
+
+def _ppo(new_lp, ref_lp, adv, t):
+    ratio = (new_lp - ref_lp).exp()
+    loss = -ratio * adv
+    if t.clip_eps is not None:
+        high = t.clip_eps_high if t.clip_eps_high is not None else t.clip_eps
+        loss = torch.maximum(loss, -ratio.clamp(1 - t.clip_eps, 1 + high) * adv)
+    if t.dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -t.dual_clip * adv), loss)
+    return loss
+
+
+def _expected_policy_grad(cfg, world, stale, moved, init=None):
+    """Minus the parameter change one SGD step at lr 1 should make, from the hand formula."""
+    _, rollout, batch, rewards, roll_logits = world
+    t = cfg.train
+    adv = group_advantages(rewards, mode=t.advantages).reshape(-1, 1).expand(B, T)
+    with torch.no_grad():
+        ref_logits = _logits(stale, batch)
+    ref_lp = _logp(ref_logits, batch.response_ids)
+    new_logits = _logits(moved, batch)
+    new_lp = _logp(new_logits, batch.response_ids)
+    w, keep = _weights_and_keep(cfg, batch, ref_lp, new_lp.detach(), ref_logits, new_logits.detach(), roll_logits)
+    tok = _ppo(new_lp, ref_lp, adv, t)
+    if init is not None:
+        with torch.no_grad():
+            init_lp = _logp(_logits(init, batch), batch.response_ids)
+        log_rho = init_lp - new_lp
+        tok = tok + t.kl_coef * (log_rho.exp() - 1 - log_rho)
+    loss = _aggregate(tok * w, keep, t.loss_agg, batch.response_mask, cfg.sampling.max_new_tokens)
+    return torch.autograd.grad(loss, list(moved.parameters()), allow_unused=True)
+
+
+def _trainer_step(cfg, world, stale, moved, *, rollout_opt_lr=None, init=None):
+    """prepare with the stale policy (p_ref), then one update of the moved one; returns both models'
+    parameter changes (and the prepared batch)."""
+    _, rollout, batch, rewards, _ = world
+    prep = prepare(cfg, batch, rewards, policy=stale, rollout_model=rollout, init_policy=init, step=STEP)
+    policy, roll = copy.deepcopy(moved), copy.deepcopy(rollout)
+    roll_opt = torch.optim.SGD(roll.parameters(), lr=rollout_opt_lr) if rollout_opt_lr else None
+    update(cfg, prep, policy=policy, rollout_model=roll, step=STEP,
+           policy_opt=torch.optim.SGD(policy.parameters(), lr=1.0), rollout_opt=roll_opt)
+    d_pol = [p1.detach() - p0.detach() for p0, p1 in zip(moved.parameters(), policy.parameters())]
+    d_roll = [p1.detach() - p0.detach() for p0, p1 in zip(rollout.parameters(), roll.parameters())]
+    return d_pol, d_roll, prep
+
+
+def _assert_step_is_minus_grad(delta, grad):
+    assert any(g is not None and g.abs().max() > 1e-6 for g in grad), "the expected gradient is ~0: nothing tested"
+    for d, g in zip(delta, grad):
+        torch.testing.assert_close(d, -g if g is not None else torch.zeros_like(d), rtol=1e-9, atol=1e-12)
+
+
+CORRECTIONS = {
+    "none": ["correction.name=none"],
+    "tis": ["correction.name=tis", "correction.cap=1.5", "correction.cap_min=0.6"],
+    "icepop": ["correction.name=icepop", "correction.low=0.5", "correction.high=2.0"],
+    "jackpot-exact": ["correction.z=exact", "correction.lam=1.0", "correction.c1=4.0"],
+    "jackpot-exact-lam": ["correction.z=exact", "correction.lam=0.5"],
+    "jackpot-topk": ["correction.z=topk", "correction.lam=1.0"],
+    "jackpot-batch": ["correction.z=batch", "correction.lam=2.0", "correction.c1=3.0"],
+    "jackpot-budget": ["correction.budget=0.6"],
+    "jackpot-expected-mask": ["correction.z=exact", "correction.sampled_mask=false"],
+    "jackpot-new-topk": ["correction.target=new", "correction.z=topk", "correction.c2=1.1"],
+    "jackpot-new-budget": ["correction.target=new", "correction.budget=0.7", "correction.c1=5.0"],
+}
+AGGREGATIONS = ["token-mean", "token-mean-all", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
+                "seq-sum-norm"]
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize("correction", list(CORRECTIONS))
+def test_policy_step_is_the_hand_formula(world, correction, agg):
+    cfg = _cfg(*CORRECTIONS[correction], f"train.loss_agg={agg}", "distill.rollout_model=frozen")
+    stale = world[0]
+    moved = _perturbed(stale, seed=1)
+    delta, _, _ = _trainer_step(cfg, world, stale, moved)
+    _assert_step_is_minus_grad(delta, _expected_policy_grad(cfg, world, stale, moved))
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+@pytest.mark.parametrize("correction", list(CORRECTIONS))
+def test_micro_batched_policy_step_is_the_same_hand_formula(world, correction, micro):
+    """Micro-batches of 3 (8 = 3 + 3 + 2) and 1: the same step, target='new' included (its correction is
+    computed over the whole mini-batch in a gradient-free pass first)."""
+    agg = "seq-mean-token-mean" if micro == 1 else "token-mean"
+    cfg = _cfg(*CORRECTIONS[correction], f"train.loss_agg={agg}", f"train.micro_batch_size={micro}",
+               "distill.rollout_model=frozen")
+    stale = world[0]
+    moved = _perturbed(stale, seed=2)
+    delta, _, _ = _trainer_step(cfg, world, stale, moved)
+    _assert_step_is_minus_grad(delta, _expected_policy_grad(cfg, world, stale, moved))
+
+
+@pytest.mark.parametrize("extra", [
+    ["train.clip_eps=null"],                                    # the paper's no-clip setting
+    ["train.clip_eps=0.1", "train.clip_eps_high=0.3"],          # clip-higher
+    ["train.clip_eps=null", "train.dual_clip=1.5"],             # dual clip binds on exploded ratios
+    ["train.advantages=rloo"],
+    ["train.kl_coef=0.3"],                                      # KL to the initial policy, weighted and masked
+])
+def test_policy_step_options_reach_the_loss(world, extra):
+    cfg = _cfg("correction.z=exact", "correction.c1=4.0", *extra, "distill.rollout_model=frozen")
+    stale = world[0]
+    moved = _perturbed(stale, seed=3, scale=0.08)
+    init = _perturbed(stale, seed=4) if cfg.train.kl_coef > 0 else None
+    delta, _, _ = _trainer_step(cfg, world, stale, moved, init=init)
+    _assert_step_is_minus_grad(delta, _expected_policy_grad(cfg, world, stale, moved, init=init))
+
+
+def test_the_ppo_clip_and_the_rejection_really_bind_in_this_batch(world):
+    """Guards the tests above: on this batch the clip binds on some tokens and OBRS rejects some."""
+    cfg = _cfg("correction.z=exact", "distill.rollout_model=frozen")
+    stale = world[0]
+    moved = _perturbed(stale, seed=1)
+    _, rollout, batch, rewards, _ = world
+    prep = prepare(cfg, batch, rewards, policy=stale, rollout_model=rollout, init_policy=None, step=STEP)
+    record = update(cfg, prep, policy=copy.deepcopy(moved), rollout_model=rollout, step=STEP,
+                    policy_opt=torch.optim.SGD(moved.parameters(), lr=0.0), rollout_opt=None)
+    assert record["policy/clipfrac"] > 0.05
+    assert 0.2 < prep.metrics["obrs/accept_rate"] < 0.95
+    assert prep.metrics["obrs/weight_max"] > 2.0
+
+
+@pytest.mark.parametrize("micro", [None, 3])
+def test_a_per_mini_batch_correction_logs_its_statistics(world, micro):
+    """target='new': the correction is computed in update(), and its statistics reach the metrics."""
+    extra = [f"train.micro_batch_size={micro}"] if micro else []
+    cfg = _cfg("correction.target=new", "correction.z=topk", "distill.rollout_model=frozen", *extra)
+    policy, rollout, batch, rewards, _ = world
+    prep = prepare(cfg, batch, rewards, policy=policy, rollout_model=rollout, init_policy=None, step=STEP)
+    assert "obrs/accept_rate" not in prep.metrics
+    record = update(cfg, prep, policy=_perturbed(policy, seed=1), rollout_model=rollout, step=STEP,
+                    policy_opt=torch.optim.SGD(policy.parameters(), lr=0.0), rollout_opt=None)
+    for key in ("obrs/accept_rate", "obrs/weight_mean", "obrs/kappa", "obrs/lambda"):
+        assert key in record and torch.isfinite(record[key]), key
+    assert 0 < record["obrs/accept_rate"] < 1
+
+
+def test_grad_clip_scales_the_step_to_the_clip_norm(world):
+    cfg = _cfg("correction.z=exact", "train.grad_clip=1e-3", "distill.rollout_model=frozen")
+    stale = world[0]
+    moved = _perturbed(stale, seed=1)
+    delta, _, _ = _trainer_step(cfg, world, stale, moved)
+    grad = _expected_policy_grad(_cfg("correction.z=exact", "distill.rollout_model=frozen"), world, stale, moved)
+    g = torch.cat([x.flatten() for x in grad if x is not None])
+    d = torch.cat([x.flatten() for x, gr in zip(delta, grad) if gr is not None])
+    assert g.norm() > 1e-2  # the clip binds
+    torch.testing.assert_close(d.norm(), torch.tensor(1e-3, dtype=d.dtype), rtol=1e-6, atol=0)
+    torch.testing.assert_close(d, -g * (1e-3 / g.norm()), rtol=1e-6, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the rollout model's loss
+def _expected_rollout_grad(cfg, world, teacher_model, rollout_moved, old_lp):
+    from jackpot.core.losses import distill_kl
+
+    _, _, batch, rewards, _ = world
+    d, t = cfg.distill, cfg.train
+    m = batch.response_mask
+    adv = group_advantages(rewards, mode=t.advantages).reshape(-1, 1).expand(B, T)
+    s_logits = _logits(rollout_moved, batch)
+    s_lp = _logp(s_logits, batch.response_ids)
+    with torch.no_grad():
+        t_logits = _logits(teacher_model, batch)
+    is_w = (old_lp - batch.logprobs).exp().clamp(max=d.is_cap)
+    loss = (_ppo(s_lp, old_lp, adv, t) * is_w * m).sum() / m.sum() if d.ppo else 0.0
+    if d.estimator == "full":
+        ls, lt = torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1)
+        kl = ((ls.exp() * (ls - lt)) if d.direction == "reverse" else (lt.exp() * (lt - ls))).sum(-1)
+    elif d.estimator == "topk":
+        top = torch.log_softmax(t_logits, -1).topk(cfg.sampling.topk, -1)
+        kl = distill_kl(s_logits, direction=d.direction, estimator="topk", teacher_topk_ids=top.indices,
+                        teacher_topk_logp=top.values)
+    else:
+        kl = distill_kl(s_logits, direction=d.direction, estimator="sampled", sampled_ids=batch.response_ids,
+                        teacher_sampled_logp=_logp(t_logits, batch.response_ids),
+                        behaviour_sampled_logp=batch.logprobs, is_cap=d.is_cap)
+    loss = loss + d.coef * (kl * m).sum() / m.sum()
+    return torch.autograd.grad(loss, list(rollout_moved.parameters()), allow_unused=True)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("estimator", ["full", "topk", "sampled"])
+@pytest.mark.parametrize("ppo", [True, False])
+def test_rollout_model_step_distils_toward_the_current_policy(world, direction, estimator, ppo):
+    """The teacher is the policy being trained (after it moved), not p_ref or p_inf; the PPO term uses
+    the rollout model's own old log-probs with the truncated IS weight p_omega_old / p_inf."""
+    cfg = _cfg("correction.z=exact", f"distill.direction={direction}", f"distill.estimator={estimator}",
+               f"distill.ppo={str(ppo).lower()}", "distill.coef=0.7", "distill.is_cap=1.3")
+    policy_stale, rollout, batch, rewards, _ = world
+    policy_moved = _perturbed(policy_stale, seed=5, scale=0.1)
+    _, d_roll, prep = _trainer_step(cfg, world, policy_stale, policy_moved, rollout_opt_lr=1.0)
+    with torch.no_grad():
+        old_lp = _logp(_logits(rollout, batch), batch.response_ids)
+    torch.testing.assert_close(prep.rollout_old_logp, old_lp, rtol=0, atol=1e-12)
+    # engine noise: batch.logprobs are the rollout model's own, so p_omega_old / p_inf = 1 here; the IS
+    # weight is exercised in test_rollout_model_is_weight_uses_the_engine_logprobs
+    grad = _expected_rollout_grad(cfg, world, policy_moved, copy.deepcopy(rollout).requires_grad_(True), old_lp)
+    _assert_step_is_minus_grad(d_roll, grad)
+
+
+def test_rollout_model_is_weight_uses_the_engine_logprobs(world):
+    """p_inf (the engine's log-probs) differs from the rollout model's own p_omega_old: the PPO term is
+    weighted by min(p_omega_old / p_inf, is_cap)."""
+    policy, rollout, batch, rewards, roll_logits = world
+    g = torch.Generator().manual_seed(9)
+    noisy = (batch.logprobs + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp(max=-1e-3)
+    noisy_batch = RolloutBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+                               noisy * batch.response_mask, batch.topk_ids, batch.topk_logprobs)
+    w2 = (policy, rollout, noisy_batch, rewards, roll_logits)
+    cfg = _cfg("correction.name=tis", "distill.coef=0.0", "distill.is_cap=1.3")
+    _, d_roll, _ = _trainer_step(cfg, w2, policy, policy, rollout_opt_lr=1.0)
+    with torch.no_grad():
+        old_lp = _logp(_logits(rollout, batch), batch.response_ids)
+    grad = _expected_rollout_grad(cfg, w2, policy, copy.deepcopy(rollout).requires_grad_(True), old_lp)
+    _assert_step_is_minus_grad(d_roll, grad)
+
+
+def test_frozen_rollout_model_does_not_move(world):
+    cfg = _cfg("correction.z=exact", "distill.rollout_model=frozen")
+    _, d_roll, _ = _trainer_step(cfg, world, world[0], world[0], rollout_opt_lr=None)
+    assert all((d == 0).all() for d in d_roll)
+
+
+# ----------------------------------------------------------------------------- collection
+def test_decoupled_mode_samples_from_the_rollout_model_and_on_policy_from_the_policy(tmp_path):
+    """The batch's log-probs are those of the model that sampled it (teacher-forced, same temperature)."""
+    from jackpot.train.loop import collect, setup
+
+    tiny = ["policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=2",
+            "rollout_model.hidden_size=16", "rollout_model.num_layers=1", "rollout_model.num_heads=2",
+            "rollout_model.sft_steps=2", "train.prompts_per_step=2", "train.group_size=2", "tensorboard=false",
+            f"cache_dir={tmp_path / 'cache'}", "sampling.temperature=0.7"]
+    for mode in ("decoupled", "on-policy"):
+        run = setup(build_config(None, [*tiny, f"train.mode={mode}"]), tmp_path / mode)
+        batch, _ = collect(run, step=1)
+        m = batch.response_mask
+        with torch.no_grad():
+            own = {name: _logp(response_logits(model, batch.input_ids, batch.attention_mask, batch.response_len, 0.7),
+                               batch.response_ids) for name, model in run.models.items()}
+        sampler = "rollout_model" if mode == "decoupled" else "policy"
+        torch.testing.assert_close(batch.logprobs * m, own[sampler] * m, rtol=1e-4, atol=1e-4)
+        if mode == "decoupled":
+            assert ((batch.logprobs - own["policy"]).abs() * m).max() > 1e-2
