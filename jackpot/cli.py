@@ -12,7 +12,7 @@ import sys
 # subcommand -> (module, one-line help). A module is imported only when its subcommand runs.
 COMMANDS = {
     "simulate": ("jackpot.simulate", "reproduce the paper's numerical OBRS study (Figure 2) plus a budget sweep"),
-    "pretrain": ("jackpot.models.pretrain", "warm-start a tiny model on a task by supervised fine-tuning"),
+    "pretrain": ("jackpot.train.pretrain", "warm-start a tiny model on a task by supervised fine-tuning"),
     "train": ("jackpot.train.cli", "RL-train a policy on rollouts from a (smaller) rollout model"),
     "plot": ("jackpot.plot", "overlay the metrics of one or more run directories into a PNG"),
 }

@@ -11,7 +11,9 @@ from transformers import AutoTokenizer
 
 from jackpot.models.forward import response_logits, token_logprobs
 from jackpot.models.loading import build_tiny_qwen, load_model, load_tokenizer, save_model_and_tokenizer
-from jackpot.models.pretrain import (
+from jackpot.models.tokenizer import build_char_tokenizer, check_same_tokenizer
+from jackpot.tasks import AdditionTask, Example
+from jackpot.train.pretrain import (
     IGNORE_INDEX,
     TinyModelSpec,
     add_arguments,
@@ -21,8 +23,6 @@ from jackpot.models.pretrain import (
     pretrained_model,
     sft_batch,
 )
-from jackpot.models.tokenizer import build_char_tokenizer, check_same_tokenizer
-from jackpot.tasks import AdditionTask, Example
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,11 @@ def test_token_logprobs_matches_log_softmax_reference():
     logits = torch.randn(2, 3, 7, dtype=torch.float64)
     ids = torch.tensor([[0, 6, 2], [3, 3, 1]])
     expected = torch.tensor([[torch.log_softmax(logits[b, t], -1)[ids[b, t]].item() for t in range(3)]
-                             for b in range(2)], dtype=torch.float32)
-    torch.testing.assert_close(token_logprobs(logits, ids), expected, atol=1e-6, rtol=0)
+                             for b in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(token_logprobs(logits, ids), expected, atol=1e-12, rtol=0)  # float64 stays float64
+    half = token_logprobs(logits.bfloat16(), ids)  # lower precision is upcast to float32
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, expected.float(), atol=0.1, rtol=0)
 
 
 def test_forward_shape_checks(tok):
@@ -209,3 +212,18 @@ def test_pretrain_cli_main_prints_accuracy(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "eval/greedy_acc_after" in out and "eval/sampled_acc_before" in out
     assert (tmp_path / "out" / "stats.json").is_file()
+
+
+def test_models_package_depends_on_neither_rollout_nor_train():
+    """Layering: models/ loads and builds models; sampling (rollout/) and training (train/) build on it."""
+    import ast
+    from pathlib import Path
+
+    import jackpot.models
+
+    for path in Path(jackpot.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("jackpot.rollout", "jackpot.train")), f"{path.name} imports {name}"

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from jackpot.metrics import MetricLogger, scalars
 from jackpot.models.loading import load_model, load_tokenizer
-from jackpot.models.pretrain import TinyModelSpec, pretrained_model
 from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout.base import RolloutBatch
 from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
+from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.update import prepare, step_seed, update
 
 
@@ -134,7 +134,7 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(run: Run, model: torch.nn.Module, step: int) -> dict[str, float]:
+def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     """Mean@k and Pass@k of `model` on the task's held-out split (k = eval_samples)."""
     t = run.cfg.train
     examples = run.task.examples("eval", t.eval_prompts, t.seed)
@@ -171,11 +171,11 @@ def _train_step(run: Run, step: int) -> dict[str, float]:
     return values
 
 
-def _evaluate_all(run: Run, step: int) -> dict[str, float]:
+def _evaluate_all(run: Run) -> dict[str, float]:
     t0 = time.perf_counter()
-    out = {f"eval/{k}": v for k, v in evaluate(run, run.policy, step).items()}
+    out = {f"eval/{k}": v for k, v in evaluate(run, run.policy).items()}
     if run.rollout_model is not None:
-        out.update({f"eval_rollout_model/{k}": v for k, v in evaluate(run, run.rollout_model, step).items()})
+        out.update({f"eval_rollout_model/{k}": v for k, v in evaluate(run, run.rollout_model).items()})
     out["perf/eval_s"] = time.perf_counter() - t0
     return out
 
@@ -189,14 +189,14 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     run = setup(cfg, out, resume=resume, progress=progress)
     t = cfg.train
     if run.start_step == 1:
-        run.logger.log(0, _evaluate_all(run, 0))
+        run.logger.log(0, _evaluate_all(run))
     bar = tqdm(range(run.start_step, t.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
     try:
         with _deferred_interrupt() as interrupted:
             for step in bar:
                 values = _train_step(run, step)
                 if step % t.eval_every == 0 or step == t.steps:
-                    values.update(_evaluate_all(run, step))
+                    values.update(_evaluate_all(run))
                 run.logger.log(step, values)
                 bar.set_postfix(_postfix(values))
                 if step % t.checkpoint_every == 0 or step == t.steps or interrupted():
