@@ -3,6 +3,7 @@
     python scripts/compare.py                       # every preset below, seeds 0 1 2
     python scripts/compare.py --groups decoupled --seeds 0 train.steps=10
     python scripts/compare.py --fixed-pair --results docs/RESULTS-fixed-pair.md
+    python scripts/compare.py --presets jackpot wide-gap-jackpot --results docs/RESULTS-subset.md
 
 Groups (each a figure and a table):
   decoupled  on-policy vs decoupled (rollout model samples): no correction, only reverse KL,
@@ -140,10 +141,14 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
     ap.add_argument("--fixed-pair", action="store_true",
                     help="one pre-trained pair (the presets' model seeds) for every seed; only the RL seed varies")
+    ap.add_argument("--presets", nargs="+", default=None,
+                    help="only these presets of each group (its first preset, the paired reference, is always run)")
     ap.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = ap.parse_args()
-    groups = {g: run_all(GROUPS[g], args.seeds, Path(args.out), args.overrides, args.fixed_pair)
+    chosen = {g: [p for i, p in enumerate(GROUPS[g]) if i == 0 or args.presets is None or p in args.presets]
               for g in args.groups}
+    groups = {g: run_all(chosen[g], args.seeds, Path(args.out), args.overrides, args.fixed_pair)
+              for g in args.groups if len(chosen[g]) > 1 or args.presets is None}
     write_results(groups, Path(args.results), args.seeds, args.overrides, args.fixed_pair)
     print(Path(args.results).read_text())
 

@@ -265,7 +265,7 @@ def test_policy_step_options_reach_the_loss(world, extra):
 
 def test_the_ppo_clip_and_the_rejection_really_bind_in_this_batch(world):
     """Guards the tests above: on this batch the clip binds on some tokens and OBRS rejects some."""
-    cfg = _cfg("correction.z=exact", "distill.rollout_model=frozen")
+    cfg = _cfg("correction.z=exact", "correction.c1=null", "distill.rollout_model=frozen")
     stale = world[0]
     moved = _perturbed(stale, seed=1)
     _, rollout, batch, rewards, _ = world
@@ -397,3 +397,47 @@ def test_decoupled_mode_samples_from_the_rollout_model_and_on_policy_from_the_po
         torch.testing.assert_close(batch.logprobs * m, own[sampler] * m, rtol=1e-4, atol=1e-4)
         if mode == "decoupled":
             assert ((batch.logprobs - own["policy"]).abs() * m).max() > 1e-2
+
+
+def _tiny_run(tmp_path, name, *extra):
+    from jackpot.train.loop import setup
+
+    tiny = ["policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=2",
+            "rollout_model.hidden_size=16", "rollout_model.num_layers=1", "rollout_model.num_heads=2",
+            "rollout_model.sft_steps=2", "train.prompts_per_step=4", "train.group_size=2", "tensorboard=false",
+            f"cache_dir={tmp_path / 'cache'}", *extra]
+    return setup(build_config(None, tiny), tmp_path / name)
+
+
+def test_each_step_draws_its_own_prompts_and_samples_reproducibly(tmp_path):
+    from jackpot.train.loop import collect
+
+    run = _tiny_run(tmp_path, "run")
+    b1, _ = collect(run, step=1)
+    b1_again, _ = collect(run, step=1)
+    b2, _ = collect(run, step=2)
+    assert torch.equal(b1.prompt_ids, b1_again.prompt_ids) and torch.equal(b1.response_ids, b1_again.response_ids)
+    assert not torch.equal(b1.prompt_ids, b2.prompt_ids)  # new prompts every step
+    # step 2's responses are sampled with step 2's seed: regenerating its prompts with step 1's seed differs
+    from jackpot.rollout.hf import HFRolloutEngine
+
+    s = run.cfg.sampling
+    outs = [HFRolloutEngine(run.rollout_model, run.tokenizer).generate(
+        b2.prompt_ids, b2.prompt_mask, max_new_tokens=s.max_new_tokens, temperature=s.temperature, topk=s.topk,
+        seed=step_seed(run.cfg.train.seed, step, 3)).response_ids for step in (2, 1)]
+    assert torch.equal(outs[0], b2.response_ids) and not torch.equal(outs[0], outs[1])
+
+
+def test_dropout_is_off_so_the_first_ratio_is_exactly_one(tmp_path):
+    """A checkpoint with dropout: the trainer keeps both models in eval mode, so at the first mini-batch
+    p_new == p_ref exactly (with dropout on, the policy's forward would be random)."""
+    from jackpot.train.loop import _train_step
+
+    run = _tiny_run(tmp_path, "run", "correction.name=none")
+    for model in run.models.values():
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.5
+        assert not model.training
+    values = _train_step(run, 1)
+    assert values["policy/ratio_mean"] == 1.0
+    assert not any(m.training for m in run.models.values())

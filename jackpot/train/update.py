@@ -263,6 +263,10 @@ def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, ro
     return mean_of(records)
 
 
+# Losses whose per-micro-batch values are shares of the mini-batch loss: logged as their sum.
+_ADDITIVE = ("policy/loss", "rollout_model/ppo_loss", "rollout_model/distill_kl")
+
+
 def _combine(micro_stats: list[tuple[int, dict]]) -> dict:
     """Mini-batch metrics from micro-batch ones: losses (each a share of the mini-batch loss) add up,
     the rest are averaged weighted by sequences."""
@@ -270,7 +274,7 @@ def _combine(micro_stats: list[tuple[int, dict]]) -> dict:
     out = {}
     for key in micro_stats[0][1]:
         values = torch.stack([s[key] for _, s in micro_stats])
-        if key.endswith("_loss") or key in ("policy/loss", "rollout_model/distill_kl"):
+        if key in _ADDITIVE:
             out[key] = values.sum()
         else:
             out[key] = (values * torch.tensor([size / n for size, _ in micro_stats], dtype=values.dtype)).sum()
