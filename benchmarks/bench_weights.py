@@ -29,10 +29,10 @@ VARIANTS = {  # label -> (name in CORRECTIONS, kwargs, needs a per-state z)
     "none": ("none", {}, False),
     "tis (token, cap 2)": ("tis", {"cap": 2.0}, False),
     "icepop (token)": ("icepop", {}, False),
-    "jackpot lam=1": ("jackpot", {"lam": 1.0}, False),
-    "jackpot lam=1, z given": ("jackpot", {"lam": 1.0}, True),
+    "jackpot lam=1": ("jackpot", {"lam": 1.0, "z": "batch"}, False),
+    "jackpot lam=1, z given": ("jackpot", {"lam": 1.0, "z": "exact"}, True),
     "jackpot budget=0.9": ("jackpot", {"budget": 0.9}, False),
-    "jackpot lam=1, tgt=new": ("jackpot", {"lam": 1.0, "target": "new", "c1": 5.0, "c2": 2.0}, False),
+    "jackpot lam=1, tgt=new": ("jackpot", {"lam": 1.0, "z": "batch", "target": "new", "c1": 5.0, "c2": 2.0}, False),
 }
 
 
@@ -51,7 +51,7 @@ def make_inputs(batch: int, length: int, seed: int, with_z: bool) -> CorrectionI
 def time_variants(inputs: dict[bool, CorrectionInputs], repeats: int) -> dict[str, list[float]]:
     """Milliseconds per call of every variant, interleaved round by round so that load from other
     processes on a shared CPU spreads over all variants instead of hitting one."""
-    calls = {label: (CORRECTIONS[name], inputs[with_z], kwargs) for label, (name, kwargs, with_z) in VARIANTS.items()}
+    calls = {label: (CORRECTIONS[name].fn, inputs[with_z], kwargs) for label, (name, kwargs, with_z) in VARIANTS.items()}
     for fn, inp, kwargs in calls.values():
         fn(inp, **kwargs)  # warm-up
     ms: dict[str, list[float]] = {label: [] for label in calls}

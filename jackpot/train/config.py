@@ -154,7 +154,9 @@ class TrainConfig:
     advantages: str = "grpo"
     """'grpo', 'drgrpo' or 'rloo'."""
     kl_coef: float = 0.0
-    """Coefficient of a k3 KL penalty to the initial policy (0: none, no reference model kept)."""
+    """Coefficient of a KL penalty to the initial policy (0: none, no reference model kept): the k3 term
+    (rho - 1) - log rho, rho = p_init / p_new, per token, weighted and masked by the correction like the PPO
+    term; its value estimates KL(p_new || p_init) under the correction's target (see jackpot/train/update.py)."""
     grad_clip: float | None = 1.0
     """Gradient-norm clip for both models (None: none)."""
     seed: int = 0

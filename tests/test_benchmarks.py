@@ -1,0 +1,28 @@
+"""The benchmarks still run against the current API (on tiny sizes; their timings are not checked here)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(("name", "argv"), [
+    ("bench_weights", ["--batch", "2", "--length", "16", "--repeats", "1"]),
+    ("bench_batch_lambda", ["--tokens", "500", "--repeats", "1", "--iters", "5"]),
+    ("bench_normalizer", ["--positions", "8", "--vocab", "64", "--chunk-sizes", "16,64", "--k", "4", "--repeats", "1"]),
+])
+def test_benchmark_runs_on_tiny_sizes(name, argv, capsys):
+    code = _module(name).main(argv)
+    assert code in (0, 1)  # 1: its speed goal was missed on this (shared, noisy) machine — not a test failure
+    assert "verdict" in capsys.readouterr().out.lower()
