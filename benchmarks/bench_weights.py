@@ -51,7 +51,8 @@ def make_inputs(batch: int, length: int, seed: int, with_z: bool) -> CorrectionI
 def time_variants(inputs: dict[bool, CorrectionInputs], repeats: int) -> dict[str, list[float]]:
     """Milliseconds per call of every variant, interleaved round by round so that load from other
     processes on a shared CPU spreads over all variants instead of hitting one."""
-    calls = {label: (CORRECTIONS[name].fn, inputs[with_z], kwargs) for label, (name, kwargs, with_z) in VARIANTS.items()}
+    calls = {label: (CORRECTIONS[name].fn, inputs[with_z], kwargs)
+             for label, (name, kwargs, with_z) in VARIANTS.items()}
     for fn, inp, kwargs in calls.values():
         fn(inp, **kwargs)  # warm-up
     ms: dict[str, list[float]] = {label: [] for label in calls}
