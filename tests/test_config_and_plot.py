@@ -110,3 +110,14 @@ def test_wandb_project_without_wandb_installed_names_the_fix(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
     with pytest.raises(ImportError, match="pip install wandb"):
         MetricLogger(tmp_path, tensorboard=False, wandb_project="p")
+
+
+def test_presets_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    from jackpot.train.config import presets
+
+    monkeypatch.chdir(tmp_path)  # not the source checkout: presets ship inside the package
+    assert "tis-reverse-kl" in presets() and "staleness-jackpot" in presets()
+    assert build_config("tis-reverse-kl").correction.name == "tis"
+    assert build_config("staleness-jackpot").correction.target == "new"  # a preset naming another preset
+    with pytest.raises(FileNotFoundError, match="presets: .*on-policy"):
+        build_config("no-such-preset")
