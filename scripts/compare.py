@@ -111,11 +111,11 @@ def _commit() -> str:
 
 
 def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: list[int], overrides: list[str],
-                  fixed_pair: bool = False) -> None:
+                  fixed_pair: bool = False, flags: str = "") -> None:
     dirs = [d for runs in groups.values() for ds in runs.values() for d in ds]
     commits = sorted({json.loads((d / "summary.json").read_text()).get("commit", "unrecorded") for d in dirs})
     parts = ["# Results\n",
-             f"Produced by `python scripts/compare.py{' --fixed-pair' if fixed_pair else ''}"
+             f"Produced by `python scripts/compare.py{' --fixed-pair' if fixed_pair else ''}{flags}"
              f"{' ' + ' '.join(overrides) if overrides else ''}` (seeds {seeds}; "
              f"runs made at commit{'s' if len(commits) > 1 else ''} "
              f"{', '.join(commits)}; "
@@ -149,7 +149,9 @@ def main() -> None:
               for g in args.groups}
     groups = {g: run_all(chosen[g], args.seeds, Path(args.out), args.overrides, args.fixed_pair)
               for g in args.groups if len(chosen[g]) > 1 or args.presets is None}
-    write_results(groups, Path(args.results), args.seeds, args.overrides, args.fixed_pair)
+    flags = (f" --presets {' '.join(args.presets)}" if args.presets else "") + \
+        (f" --results {args.results}" if args.results != ap.get_default("results") else "")
+    write_results(groups, Path(args.results), args.seeds, args.overrides, args.fixed_pair, flags)
     print(Path(args.results).read_text())
 
 
