@@ -78,6 +78,7 @@ for role in ("policy", "rollout_model"):
         f"{role}.sft_lr": (f"{role}.sft_lr=1e-2", ()),
         f"{role}.seed": (f"{role}.seed=9", ()),
         f"{role}.lr": (f"{role}.lr=1e-3", ()),
+        f"{role}.dtype": (f"{role}.dtype=bfloat16", ()),
     })
 
 ELSEWHERE = {
@@ -87,6 +88,9 @@ ELSEWHERE = {
     "train.eval_every": "when the loop evaluates: test_train (CLI run)",
     "train.checkpoint_every": "when the loop saves: test_train (Ctrl-C, resume)",
     "train.micro_batch_size": "designed to change nothing: test_train_wiring (micro-batched step == hand formula)",
+    "train.head_chunk": "designed to change nothing: test_core_head (every chunk size equals the full computation)",
+    "policy.gradient_checkpointing": "designed to change nothing: test_train_wiring (same step, layers recomputed)",
+    "rollout_model.gradient_checkpointing": "designed to change nothing: test_train_wiring (same step, recomputed)",
     "train.device": "one device on CI; the same code path with another torch device",
     "train.threads": "torch's CPU thread count: by design changes no result",
     "cache_dir": "where pre-trained tiny models are cached: test_models",

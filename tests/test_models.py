@@ -227,3 +227,50 @@ def test_models_package_depends_on_neither_rollout_nor_train():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert not name.startswith(("jackpot.rollout", "jackpot.train")), f"{path.name} imports {name}"
+
+
+def _arch(name: str, tied: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    if name == "qwen3":
+        cfg = Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=tied)
+        return Qwen3ForCausalLM(cfg)
+    if name == "llama":
+        cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+        return LlamaForCausalLM(cfg)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=tied))
+
+
+@pytest.mark.parametrize(("arch", "tied"), [("qwen3", True), ("qwen3", False), ("llama", False), ("gpt2", True)])
+def test_hidden_states_and_head_give_the_models_own_logits(arch, tied):
+    """response_hidden + output_head reproduce the model's logits (and its log-probs through the chunked head,
+    temperature included), tied or untied, for several architectures."""
+    from jackpot.core.head import Head, logprobs_at
+    from jackpot.models.forward import output_head, response_hidden
+
+    model = _arch(arch, tied).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 40, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    T = 4
+    weight, bias = output_head(model)
+    assert (weight is model.get_input_embeddings().weight) == tied
+    hidden = response_hidden(model, ids, mask, T)
+    logits = response_logits(model, ids, mask, T, temperature=0.7)
+    torch.testing.assert_close(torch.nn.functional.linear(hidden, weight, bias) / 0.7, logits, rtol=1e-10, atol=1e-10)
+    resp = ids[:, -T:]
+    lp = logprobs_at(Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, 0.7), resp.reshape(-1), chunk=5)
+    torch.testing.assert_close(lp.reshape(3, T), token_logprobs(logits, resp), rtol=1e-10, atol=1e-10)
+
+
+def test_a_head_that_is_not_a_linear_map_is_refused():
+    from jackpot.models.forward import output_head
+
+    model = _arch("qwen3", True)
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        output_head(model)

@@ -174,6 +174,15 @@ def test_decode_responses_drops_eos_and_padding(tok):
     assert decode_responses(tok, ids, mask) == ["12", "3333"]
 
 
+def test_ids_beyond_the_tokenizer_decode_to_nothing(tok):
+    """A model whose embedding has more rows than its tokenizer has tokens may sample those rows: they are
+    left out of the text (a defined behaviour, not a crash) and kept in the record."""
+    big = len(tok) + 100
+    ids = torch.tensor([[5, big, 6, tok.eos_token_id], [big, big, 7, 0]])
+    mask = response_mask_from_ids(ids, [tok.eos_token_id])
+    assert decode_responses(tok, ids, mask) == ["12", "3"]
+
+
 # -------------------------------------------------------------------------------------------- batches
 
 def make_batch(B, P, T, K=3, version=0, fill=1.0):

@@ -12,13 +12,12 @@ import torch
 
 from jackpot.cli import main as cli_main
 from jackpot.metrics import read_metrics
-from jackpot.models.forward import token_logprobs
 from jackpot.models.loading import build_tiny_qwen, load_model, save_model_and_tokenizer
 from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import build_config
 from jackpot.train.loop import collect, setup
-from jackpot.train.update import _forward, _policy_loss, prepare, update
+from jackpot.train.update import _forward, _logp, _policy_loss, prepare, update
 
 TINY = [
     "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",
@@ -131,8 +130,7 @@ def test_jackpot_loss_equals_on_policy_loss_for_identical_models(tmp_path, cache
     assert torch.equal(prep_j.correction.mask, mask)
     torch.testing.assert_close(prep_j.correction.weights * mask, mask, rtol=0, atol=1e-4)
     idx = torch.arange(len(prep_j.batch))
-    logits = _forward(run.policy, prep_j.batch, cfg_j.sampling.temperature)
-    new_logp = token_logprobs(logits, prep_j.batch.response_ids)
+    new_logp = _logp(cfg_j, _forward(run.policy, prep_j.batch, cfg_j.sampling.temperature), prep_j.batch.response_ids)
     loss_j, _ = _policy_loss(cfg_j, prep_j, idx, new_logp, prep_j.correction, mask.sum())
     loss_n, _ = _policy_loss(cfg_n, prep_n, idx, new_logp, prep_n.correction, mask.sum())
     torch.testing.assert_close(loss_j, loss_n, rtol=1e-4, atol=1e-6)

@@ -441,3 +441,42 @@ def test_dropout_is_off_so_the_first_ratio_is_exactly_one(tmp_path):
     values = _train_step(run, 1)
     assert values["policy/ratio_mean"] == 1.0
     assert not any(m.training for m in run.models.values())
+
+
+@pytest.mark.parametrize("role", ["policy", "rollout_model"])
+def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(tmp_path, role):
+    """The same step with and without checkpointing; with it, each decoder layer runs again in the backward."""
+    from jackpot.train.loop import collect
+
+    results = []
+    for on in (False, True):
+        run = _tiny_run(tmp_path, f"gc-{on}", f"{role}.gradient_checkpointing={str(on).lower()}",
+                        "policy.lr=1e-2", "rollout_model.lr=1e-2")
+        calls = []
+        model = run.models[role]
+        for layer in model.model.layers:  # inside the layer: runs again when the backward recomputes it
+            layer.self_attn.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        batch, _ = collect(run, step=1)
+        rewards = torch.arange(len(batch), dtype=torch.float32).reshape(-1, 2) % 3  # non-zero advantages
+        prep = prepare(run.cfg, batch, rewards, policy=run.policy, rollout_model=run.rollout_model,
+                       init_policy=None, step=1)
+        calls.clear()
+        update(run.cfg, prep, policy=run.policy, rollout_model=run.rollout_model, policy_opt=run.policy_opt,
+               rollout_opt=run.rollout_opt, step=1)
+        results.append([p.detach().clone() for p in model.parameters()])
+        assert len(calls) == len(model.model.layers) * (2 if on else 1)
+        assert not model.training
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_models_train_with_float32_log_probs(tmp_path):
+    from jackpot.train.loop import _train_step
+
+    run = _tiny_run(tmp_path, "bf16", "policy.dtype=bfloat16", "rollout_model.dtype=bfloat16", "policy.lr=1e-2")
+    object.__setattr__(run.task, "reward", lambda ex, c: float(len(c) % 2))  # non-zero advantages
+    assert all(p.dtype == torch.bfloat16 for m in run.models.values() for p in m.parameters())
+    before = [p.detach().clone() for p in run.policy.parameters()]
+    values = _train_step(run, 1)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in values.items() if not k.startswith("perf/"))
+    assert any(not torch.equal(a, p) for a, p in zip(before, run.policy.parameters()))

@@ -247,15 +247,45 @@ def distill_kl(
     if estimator == "topk":
         if teacher_topk_ids is None or teacher_topk_logp is None:
             raise ValueError("estimator='topk' needs teacher_topk_ids and teacher_topk_logp")
-        ls = log_ps.gather(-1, teacher_topk_ids)
-        lt = _upcast(teacher_topk_logp.detach())
-        terms = ls.exp() * (ls - lt) if reverse else lt.exp() * (lt - ls)
-        return terms.sum(-1)
+        return distill_kl_at(log_ps.gather(-1, teacher_topk_ids), direction=direction, estimator="topk",
+                             teacher_logp=teacher_topk_logp)
     if sampled_ids is None or teacher_sampled_logp is None or behaviour_sampled_logp is None:
         raise ValueError("estimator='sampled' needs sampled_ids, teacher_sampled_logp and behaviour_sampled_logp")
-    ls = log_ps.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
-    lt = _upcast(teacher_sampled_logp.detach())
-    lb = _upcast(behaviour_sampled_logp.detach())
+    return distill_kl_at(log_ps.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1), direction=direction,
+                         estimator="sampled", teacher_logp=teacher_sampled_logp,
+                         behaviour_logp=behaviour_sampled_logp, is_cap=is_cap)
+
+
+def distill_kl_at(
+    student_logp: torch.Tensor,
+    *,
+    direction: str = "forward",
+    estimator: str = "topk",
+    teacher_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor | None = None,
+    is_cap: float = 2.0,
+) -> torch.Tensor:
+    """The sparse distillation estimators of `distill_kl` from the student's log-probs at chosen tokens.
+
+    estimator "topk": student_logp and teacher_logp (..., K) at the teacher's top-k tokens -> (...).
+    estimator "sampled": student_logp, teacher_logp, behaviour_logp (...) at the sampled tokens -> (...).
+    Used when the student's log-probs come from its hidden states and head (jackpot.core.head), so
+    that no full (B, T, V) log-softmax is formed; the gradient flows through student_logp.
+    """
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+    reverse = direction == "reverse"
+    ls, lt = _upcast(student_logp), _upcast(teacher_logp.detach())
+    if estimator == "topk":
+        check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp)
+        terms = ls.exp() * (ls - lt) if reverse else lt.exp() * (lt - ls)
+        return terms.sum(-1)
+    if estimator != "sampled":
+        raise ValueError(f"estimator must be 'topk' or 'sampled' here, got {estimator!r}")
+    if behaviour_logp is None:
+        raise ValueError("estimator='sampled' needs behaviour_logp (log p_inf of the sampled tokens)")
+    check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, behaviour_logp=behaviour_logp)
+    lb = _upcast(behaviour_logp.detach())
     if reverse:
         w = (ls.detach() - lb).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(is_cap)
         log_rho = (lt - ls.detach()).clamp(-SAFETY_BOUND, SAFETY_BOUND)

@@ -34,6 +34,18 @@ def response_logits(
         temperature: > 0.
     Row t of the result is the model's output at position P - 1 + t.
     """
+    _check_inputs(input_ids, attention_mask, response_len, temperature)
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    # Only the last T + 1 positions are needed; logits_to_keep skips the (B, P, V) prompt logits.
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=response_len + 1)
+    logits = _at_least_fp32(out.logits[:, :-1, :])
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                  temperature: float) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, P + T), got shape {tuple(input_ids.shape)}")
     if attention_mask.shape != input_ids.shape:
@@ -44,13 +56,6 @@ def response_logits(
                          f"column), got {response_len}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    mask = attention_mask.long()
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    # Only the last T + 1 positions are needed; logits_to_keep skips the (B, P, V) prompt logits.
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=response_len + 1)
-    logits = _at_least_fp32(out.logits[:, :-1, :])
-    return logits / temperature if temperature != 1.0 else logits
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -69,3 +74,47 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     logits = _at_least_fp32(logits)
     picked = logits.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+# Config attributes with which a model's head does more than `hidden @ W^T + b` (Gemma 2/3 soft-capping,
+# Cohere's logit scale, Granite's logits scaling): the chunked head would compute the wrong distribution.
+_NONLINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, H), bias (V,) or None) of a causal LM's output embedding, tied or not.
+
+    A clear error for a model whose logits are not a plain linear map of its last hidden states.
+    """
+    config = getattr(model, "config", None)
+    for attr in _NONLINEAR_HEAD_ATTRS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{type(model).__name__} has config.{attr} = {value}: its logits are not a linear map "
+                             "of the hidden states, which the chunked head (jackpot.core.head) assumes")
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(lm_head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} exposes no linear output embedding (get_output_embeddings() "
+                         f"returned {type(lm_head).__name__})")
+    return lm_head.weight, lm_head.bias
+
+
+def response_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+) -> torch.Tensor:
+    """The last hidden states that predict each response token: (B, T, H), in the model's dtype.
+
+    Row t is the base model's output at position P - 1 + t (the input of the output embedding there),
+    with the same position ids as `response_logits`; no (B, T, V) logits are formed.
+    """
+    _check_inputs(input_ids, attention_mask, response_len, 1.0)
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(f"{type(model).__name__} has no separate base model to take hidden states from")
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state[:, -(response_len + 1):-1, :]

@@ -209,11 +209,16 @@ def _neutral_generation_mode(model: PreTrainedModel):
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor,
                      response_mask: torch.Tensor) -> list[str]:
-    """Decode each row's unmasked tokens, dropping special tokens (EOS, pad): (B, T), (B, T) -> B strings."""
+    """Decode each row's unmasked tokens, dropping special tokens (EOS, pad): (B, T), (B, T) -> B strings.
+
+    Ids the tokenizer does not have (>= len(tokenizer)) decode to nothing: a model's embedding is often
+    larger than its tokenizer (Qwen3: 151,936 rows for 151,669 tokens), and a model may sample those rows.
+    They stay in the rollout record (the trainer scores them like any token); only the text omits them.
+    """
     if response_ids.dim() != 2 or response_mask.shape != response_ids.shape:
         raise ValueError(f"response_ids and response_mask must both be (B, T); got "
                          f"{tuple(response_ids.shape)} and {tuple(response_mask.shape)}")
-    keep = response_mask.bool().cpu()
+    keep = (response_mask.bool() & (response_ids < len(tokenizer))).cpu()
     rows = response_ids.cpu()
     return [tokenizer.decode(row[k].tolist(), skip_special_tokens=True)
             for row, k in zip(rows, keep, strict=True)]

@@ -20,6 +20,7 @@ from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # presets ship inside the package
 MODES = ("decoupled", "on-policy")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class ModelConfig:
     """Tiny model only: supervised warm-start learning rate."""
     seed: int = 0
     """Tiny model only: initialisation and warm-start seed."""
+    dtype: str = "float32"
+    """Parameter dtype: 'float32', 'bfloat16' or 'float16' (log-softmax, ratios and losses stay in float32;
+    the optimizer updates the parameters in this dtype)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (Hugging Face's gradient checkpointing):
+    less memory, about one more forward of time. Results are unchanged."""
     lr: float = 3e-5
     """RL learning rate (AdamW) of this model. Tiny models are fragile: AdamW at 1e-4 already erodes the
     warm-started accuracy of the offline default (measured), 3e-5 does not."""
@@ -142,6 +149,10 @@ class TrainConfig:
     """Passes over each rollout batch."""
     micro_batch_size: int | None = None
     """Sequences per forward/backward (gradient accumulation); None: a whole mini-batch."""
+    head_chunk: int = 1024
+    """Response positions per chunk of every per-vocabulary computation (log-probs, Z, top-k, distillation
+    KL): at most head_chunk x V logits exist at once, in the forward and (recomputed) in the backward.
+    Changes memory and speed only, never a result (jackpot/core/head.py)."""
     clip_eps: float | None = 0.2
     """PPO clip range; None: no clip (pure importance-weighted policy gradient)."""
     clip_eps_high: float | None = None
@@ -197,6 +208,8 @@ class Config:
 
     def validate(self) -> Config:
         _check_choice("train.mode", self.train.mode, MODES)
+        _check_choice("policy.dtype", self.policy.dtype, DTYPES)
+        _check_choice("rollout_model.dtype", self.rollout_model.dtype, DTYPES)
         _check_choice("correction.name", self.correction.name, tuple(CORRECTIONS))
         _check_choice("correction.target", self.correction.target, TARGETS)
         _check_choice("correction.z", self.correction.z, Z_MODES)
@@ -254,6 +267,7 @@ class Config:
             raise ValueError(f"correction.cap_min ({c.cap_min}) must be <= correction.cap ({c.cap})")
         if c.low > c.high:
             raise ValueError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
+        _check_positive_int("train.head_chunk", t.head_chunk)
         for name in ("train.micro_batch_size", "train.threads"):
             if _get(self, name) is not None:
                 _check_positive_int(name, _get(self, name))

@@ -76,6 +76,23 @@ def _model_dir(role: str, mc: ModelConfig, cfg: Config, progress: bool) -> str:
     return str(pretrained_model(spec, Path(cfg.cache_dir).expanduser(), progress=progress))
 
 
+def _prepared_model(model: torch.nn.Module, mc: ModelConfig) -> torch.nn.Module:
+    """Dropout off for good (as TRL and verl): every dropout probability set to 0, so the train mode that
+    Hugging Face's gradient checkpointing needs changes nothing; eval mode otherwise."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if mc.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.20's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.eval()
+
+
 def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = False) -> Run:
     out = Path(out)
     _quiet_transformers()
@@ -90,12 +107,13 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     device = torch.device(cfg.train.device)
     policy_dir = _model_dir("policy", cfg.policy, cfg, progress)
     tokenizer = load_tokenizer(policy_dir)
-    policy = load_model(policy_dir, device=device).eval()  # eval mode throughout: no dropout (as TRL, verl)
+    policy = _prepared_model(load_model(policy_dir, dtype=cfg.policy.dtype, device=device), cfg.policy)
     rollout_model = rollout_opt = None
     if cfg.train.mode == "decoupled":
         rollout_dir = _model_dir("rollout", cfg.rollout_model, cfg, progress)
         check_same_tokenizer(load_tokenizer(rollout_dir), tokenizer, names=("rollout_model", "policy"))
-        rollout_model = load_model(rollout_dir, device=device).eval()
+        rollout_model = _prepared_model(load_model(rollout_dir, dtype=cfg.rollout_model.dtype, device=device),
+                                        cfg.rollout_model)
         rollout_opt = torch.optim.AdamW(rollout_model.parameters(), lr=cfg.rollout_model.lr)
     init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy.lr)

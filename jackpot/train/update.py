@@ -30,18 +30,21 @@ first mini-batch; gradients flow regardless.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from jackpot.core import head as vocab
 from jackpot.core import obrs
 from jackpot.core._checks import SAFETY_BOUND
 from jackpot.core.advantages import group_advantages
 from jackpot.core.corrections import CorrectionInputs, CorrectionResult, Needs, apply_correction, correction_needs
 from jackpot.core.divergences import kl_estimators, mismatch_metrics
-from jackpot.core.losses import aggregate, distill_kl, loss_denominator, ppo_token_loss
+from jackpot.core.head import Head
+from jackpot.core.losses import aggregate, distill_kl_at, loss_denominator, ppo_token_loss
 from jackpot.metrics import mean_of
-from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.forward import output_head, response_hidden
 from jackpot.rollout.base import RolloutBatch
 from jackpot.train.config import Config
 
@@ -69,8 +72,21 @@ def needs_of(cfg: Config) -> Needs:
     return correction_needs(cfg.correction.name, **cfg.correction.kwargs())
 
 
-def _forward(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-    return response_logits(model, batch.input_ids, batch.attention_mask, batch.response_len, temperature)
+def _forward(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> Head:
+    """The model's last hidden states at the B x T response positions (flattened) and its output head."""
+    hidden = response_hidden(model, batch.input_ids, batch.attention_mask, batch.response_len)
+    weight, bias = output_head(model)
+    return Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature)
+
+
+def _detached(head: Head) -> Head:
+    return Head(head.hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(),
+                head.temperature)
+
+
+def _logp(cfg: Config, head: Head, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids) (B, T) from a head over the B x T positions, in chunks of train.head_chunk positions."""
+    return vocab.logprobs_at(head, ids.reshape(-1), chunk=cfg.train.head_chunk).reshape(ids.shape)
 
 
 def _chunks(n: int, size: int | None) -> list[torch.Tensor]:
@@ -79,15 +95,17 @@ def _chunks(n: int, size: int | None) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- serving a correction's needs
-def _raw_z(needs: Needs, tgt_logits: torch.Tensor, rollout_logits: torch.Tensor | None,
-           mb: RolloutBatch) -> torch.Tensor | None:
-    """Per-state Z_t before any batch correction: exact (streamed over V), top-k (scaled by kappa in
-    `_correction`), or None when the correction needs none."""
+@torch.no_grad()
+def _raw_z(cfg: Config, needs: Needs, tgt: Head, rollout: Head | None, mb: RolloutBatch) -> torch.Tensor | None:
+    """Per-state Z_t before any batch correction: exact (both heads, in chunks of positions and of the
+    vocabulary), top-k (scaled by kappa in `_correction`), or None when the correction needs none."""
     if needs.z is None:
         return None
+    shape = mb.response_ids.shape
     if needs.z == "exact":
-        return obrs.normalizer_from_logits(tgt_logits, rollout_logits, needs.z_lam)
-    tgt_at_topk = torch.log_softmax(tgt_logits, -1).gather(-1, mb.topk_ids)
+        return vocab.normalizer(tgt, rollout, needs.z_lam, chunk=cfg.train.head_chunk).reshape(shape)
+    k = mb.topk_ids.shape[-1]
+    tgt_at_topk = vocab.logprobs_at(tgt, mb.topk_ids.reshape(-1, k), chunk=cfg.train.head_chunk).reshape(*shape, k)
     return obrs.topk_normalizer(mb.topk_ids, mb.topk_logprobs, tgt_at_topk, needs.z_lam)
 
 
@@ -120,14 +138,20 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
     parts: dict[str, list] = {"ref": [], "old": [], "init": [], "z": []}
     for idx in _chunks(len(batch), cfg.train.micro_batch_size):
         mb = batch.select(idx)
-        ref_logits = _forward(policy, mb, temp)
-        roll_logits = ref_logits if rollout_model is None else _forward(rollout_model, mb, temp)
-        parts["ref"].append(token_logprobs(ref_logits, mb.response_ids))
-        parts["old"].append(token_logprobs(roll_logits, mb.response_ids))
+        ref_head = _forward(policy, mb, temp)
+        roll_head = ref_head if rollout_model is None else _forward(rollout_model, mb, temp)
+        if needs.z == "exact" and not needs.current_policy:  # one pass over both heads' logits
+            ref, old, z = vocab.logprobs_and_normalizer(ref_head, roll_head, mb.response_ids.reshape(-1),
+                                                        needs.z_lam, chunk=cfg.train.head_chunk)
+            for key, value in (("ref", ref), ("old", old), ("z", z)):
+                parts[key].append(value.reshape(mb.response_ids.shape))
+        else:
+            parts["ref"].append(_logp(cfg, ref_head, mb.response_ids))
+            parts["old"].append(_logp(cfg, roll_head, mb.response_ids))
+            if not needs.current_policy:
+                parts["z"].append(_raw_z(cfg, needs, ref_head, roll_head, mb))
         if init_policy is not None:
-            parts["init"].append(token_logprobs(_forward(init_policy, mb, temp), mb.response_ids))
-        if not needs.current_policy:
-            parts["z"].append(_raw_z(needs, ref_logits, roll_logits, mb))
+            parts["init"].append(_logp(cfg, _forward(init_policy, mb, temp), mb.response_ids))
     cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}
     uniforms = None
     if needs.uniforms:
@@ -163,15 +187,16 @@ def _policy_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, new_logp: torch
     return loss, stats
 
 
-def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll_logits: torch.Tensor,
-                        new_logits: torch.Tensor, denominator: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll: Head, teacher: Head,
+                        teacher_logp: torch.Tensor, denominator: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """teacher: the current policy's head (detached); teacher_logp (B, T): its log-probs at the sampled tokens."""
     d, t = cfg.distill, cfg.train
     mb = prep.batch.select(idx)
     mask = mb.response_mask
     stats = {}
-    total = roll_logits.new_zeros(())
+    total = mask.new_zeros(())
+    logp = _logp(cfg, roll, mb.response_ids) if d.ppo or d.estimator == "sampled" else None
     if d.ppo:
-        logp = token_logprobs(roll_logits, mb.response_ids)
         tok, _ = ppo_token_loss(logp, prep.rollout_old_logp[idx], prep.advantages[idx],
                                 clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high, dual_clip=t.dual_clip)
         log_is = (prep.rollout_old_logp[idx] - mb.logprobs).clamp(-SAFETY_BOUND, SAFETY_BOUND)
@@ -179,44 +204,74 @@ def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll_log
         total = total + ppo
         stats["rollout_model/ppo_loss"] = ppo.detach()
     if d.coef > 0:
-        teacher = new_logits.detach()
-        kl = distill_kl(roll_logits, teacher, direction=d.direction, estimator=d.estimator,
-                        is_cap=d.is_cap, **_distill_inputs(d.estimator, teacher, mb, cfg.sampling.topk))
+        kl = _distill(cfg, roll, teacher, teacher_logp, logp, mb)
         distill = aggregate(kl, mask, "token-mean", denominator=denominator)
         total = total + d.coef * distill
         stats["rollout_model/distill_kl"] = distill.detach()
     return total, stats
 
 
-def _distill_inputs(estimator: str, teacher: torch.Tensor, mb: RolloutBatch, k: int) -> dict:
-    """The teacher-side tensors each distillation estimator reads (the full one reads the logits)."""
-    if estimator == "topk":
-        top = torch.log_softmax(teacher, -1).topk(min(k, teacher.shape[-1]), -1)
-        return {"teacher_topk_ids": top.indices, "teacher_topk_logp": top.values}
-    if estimator == "sampled":
-        return {"sampled_ids": mb.response_ids, "teacher_sampled_logp": token_logprobs(teacher, mb.response_ids),
-                "behaviour_sampled_logp": mb.logprobs}
-    return {}
+def _distill(cfg: Config, roll: Head, teacher: Head, teacher_logp: torch.Tensor, roll_logp: torch.Tensor | None,
+             mb: RolloutBatch) -> torch.Tensor:
+    """Per-position distillation KL (B, T) toward the policy, by the configured direction and estimator."""
+    d, chunk, shape = cfg.distill, cfg.train.head_chunk, mb.response_ids.shape
+    if d.estimator == "full":
+        return vocab.kl_from_hidden(roll, teacher, reverse=d.direction == "reverse", chunk=chunk).reshape(shape)
+    if d.estimator == "topk":
+        t_logp, t_ids = vocab.topk(teacher, min(cfg.sampling.topk, teacher.vocab_size), chunk=chunk)
+        s_logp = vocab.logprobs_at(roll, t_ids, chunk=chunk)
+        return distill_kl_at(s_logp, direction=d.direction, estimator="topk", teacher_logp=t_logp).reshape(shape)
+    return distill_kl_at(roll_logp, direction=d.direction, estimator="sampled", teacher_logp=teacher_logp,
+                         behaviour_logp=mb.logprobs, is_cap=d.is_cap)
 
 
 # ----------------------------------------------------------------------------- update
-def _current_correction(cfg: Config, needs: Needs, prep: Prepared, mini: torch.Tensor,
-                        new_logits: list[torch.Tensor]) -> CorrectionResult:
-    """The correction of mini-batch `mini` from the current policy's logits, given in micro-batch order."""
+@torch.no_grad()
+def _current_correction(cfg: Config, needs: Needs, prep: Prepared, mini: torch.Tensor, heads: list[Head],
+                        logps: list[torch.Tensor] | None = None) -> CorrectionResult:
+    """The correction of mini-batch `mini` from the current policy's heads, given in micro-batch order
+    (and its log-probs at the sampled tokens, when already computed)."""
     batch = prep.batch.select(mini)
     new_logp, raw_z, start = [], [], 0
-    for logits in new_logits:
-        part = batch.select(torch.arange(start, start + len(logits)))
-        new_logp.append(token_logprobs(logits, part.response_ids))
-        raw_z.append(_raw_z(needs, logits, None, part))
-        start += len(logits)
+    for j, head in enumerate(heads):
+        n = len(head) // batch.response_len
+        part = batch.select(torch.arange(start, start + n))
+        new_logp.append(logps[j] if logps is not None else _logp(cfg, head, part.response_ids))
+        raw_z.append(_raw_z(cfg, needs, head, None, part))
+        start += n
     z = torch.cat(raw_z) if raw_z[0] is not None else None
     uniforms = prep.uniforms[mini] if prep.uniforms is not None else None
     return _correction(cfg, needs, batch, prep.ref_logp[mini], torch.cat(new_logp), z, uniforms)
 
 
+def _checkpointed(model: torch.nn.Module) -> bool:
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
+
+
+@contextlib.contextmanager
+def _checkpointing(*models):
+    """Hugging Face runs gradient checkpointing only in train mode: switch the models that enabled it to
+    train mode for the update (their dropout is 0, see jackpot.train.loop), back to eval mode after."""
+    switched = [m for m in models if m is not None and _checkpointed(m)]
+    for m in switched:
+        m.train()
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.eval()
+
+
 def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int) -> dict:
     """ppo_epochs x minibatches optimizer steps over the prepared batch; returns averaged metrics."""
+    with _checkpointing(policy, rollout_model if rollout_opt is not None else None):
+        return _update(cfg, prep, policy=policy, rollout_model=rollout_model, policy_opt=policy_opt,
+                       rollout_opt=rollout_opt, step=step)
+
+
+def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int) -> dict:
     t, temp, needs = cfg.train, cfg.sampling.temperature, needs_of(cfg)
     joint = rollout_model is not None and rollout_opt is not None
     gen = torch.Generator().manual_seed(step_seed(t.seed, step, 2))
@@ -236,21 +291,21 @@ def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, ro
             micro_stats, start = [], 0
             for idx in micros:
                 mb = prep.batch.select(idx)
-                new_logits = _forward(policy, mb, temp)
+                new_head = _forward(policy, mb, temp)
+                new_logp = _logp(cfg, new_head, mb.response_ids)
                 if corr is None:  # current policy, one micro-batch: the forward pass itself serves it
-                    corr = _current_correction(cfg, needs, prep, mini, [new_logits.detach()])
+                    corr = _current_correction(cfg, needs, prep, mini, [_detached(new_head)], [new_logp.detach()])
                 if start == 0:
                     denom_pol = loss_denominator(corr.mask, t.loss_agg, response_mask=prep.batch.response_mask[mini],
                                                  norm_len=cfg.sampling.max_new_tokens)
                     denom_resp = loss_denominator(prep.batch.response_mask[mini], "token-mean")
                 part = corr.select(torch.arange(start, start + len(idx)))
                 start += len(idx)
-                loss, stats = _policy_loss(cfg, prep, idx, token_logprobs(new_logits, mb.response_ids), part,
-                                           denom_pol)
+                loss, stats = _policy_loss(cfg, prep, idx, new_logp, part, denom_pol)
                 loss.backward()
                 if joint:
                     roll_loss, roll_stats = _rollout_model_loss(cfg, prep, idx, _forward(rollout_model, mb, temp),
-                                                                new_logits, denom_resp)
+                                                                _detached(new_head), new_logp.detach(), denom_resp)
                     roll_loss.backward()
                     stats.update(roll_stats)
                 micro_stats.append((len(idx), stats))

@@ -1,0 +1,141 @@
+"""jackpot.core.head: every chunked quantity and its gradient equals the unchunked float64 computation,
+for several chunk sizes (a ragged last chunk included), with and without a bias, a tied head (the output
+embedding also embeds the input), temperature != 1; bf16 against fp32 within a stated tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jackpot.core import head as H
+from jackpot.core.obrs import normalizer as exact_z
+
+N, D, V = 10, 6, 23
+CHUNKS = [1, 3, 7, 100]  # 3 and 7 leave a ragged last chunk; 100 > N
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def tensors(seed, bias=True, dtype=torch.float64):
+    g = gen(seed)
+    h = (torch.randn(N, D, generator=g, dtype=torch.float64) * 1.5).to(dtype).requires_grad_()
+    w = torch.randn(V, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_() if bias else None
+    return h, w, b
+
+
+def full_logp(h, w, b, t):
+    logits = h.double() @ w.double().T + (b.double() if b is not None else 0.0)
+    return torch.log_softmax(logits / t, -1)
+
+
+def grads(out, params):
+    return torch.autograd.grad(out, [p for p in params if p is not None])
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("k", [None, 4])
+def test_logprobs_at_and_its_gradient_match_the_full_computation(chunk, bias, k):
+    h, w, b = tensors(1, bias)
+    t = 0.7
+    ids = torch.randint(0, V, (N,) if k is None else (N, k), generator=gen(2))
+    up = torch.randn(ids.shape, generator=gen(3), dtype=torch.float64)  # an upstream gradient
+    got = H.logprobs_at(H.Head(h, w, b, t), ids, chunk=chunk)
+    ref = full_logp(h, w, b, t).gather(-1, ids if k else ids[:, None])
+    ref = ref if k else ref[:, 0]
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, r in zip(grads((got * up).sum(), (h, w, b)), grads((ref * up).sum(), (h, w, b))):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_tied_head_gradient_accumulates_both_uses(chunk):
+    """The output embedding also embeds the input tokens (tied, as Qwen3-0.6B/1.7B): its gradient is the
+    sum of both paths, as with the full computation."""
+    g = gen(4)
+    emb = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    mix = torch.randn(D, D, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, V, (N,), generator=g)
+    ids = torch.randint(0, V, (N,), generator=g)
+
+    def hidden():
+        return torch.tanh(emb[tokens] @ mix)
+
+    got = H.logprobs_at(H.Head(hidden(), emb, None, 1.3), ids, chunk=chunk).sum()
+    ref = full_logp(hidden(), emb, None, 1.3).gather(-1, ids[:, None]).sum()
+    for a, r in zip(grads(got, (emb, mix)), grads(ref, (emb, mix))):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kl_from_hidden_and_its_gradient_match_the_full_computation(chunk, reverse, bias):
+    hs, ws, bs = tensors(5, bias)
+    ht, wt, bt = tensors(6, bias)
+    t = 0.8
+    up = torch.randn(N, generator=gen(7), dtype=torch.float64)
+    got = H.kl_from_hidden(H.Head(hs, ws, bs, t), H.Head(ht, wt, bt, t), reverse=reverse, chunk=chunk)
+    ls, lt = full_logp(hs, ws, bs, t), full_logp(ht, wt, bt, t).detach()
+    ref = (ls.exp() * (ls - lt)).sum(-1) if reverse else (lt.exp() * (lt - ls)).sum(-1)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    for a, r in zip(grads((got * up).sum(), (hs, ws, bs)), grads((ref * up).sum(), (hs, ws, bs))):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+    assert ht.grad is None and wt.grad is None  # the teacher gets no gradient
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_entropy_topk_and_exact_z_match_the_full_computation(chunk):
+    h, w, b = tensors(8)
+    h2, w2, b2 = tensors(9)
+    t = 1.4
+    lp = full_logp(h, w, b, t)
+    head, other = H.Head(h, w, b, t), H.Head(h2, w2, b2, t)
+    torch.testing.assert_close(H.entropy(head, chunk=chunk), -(lp.exp() * lp).sum(-1), rtol=1e-10, atol=1e-12)
+    vals, ids = H.topk(head, 5, chunk=chunk)
+    ref = lp.topk(5, -1)
+    torch.testing.assert_close(vals, ref.values, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ids, ref.indices)
+    z = H.normalizer(head, other, 0.6, chunk=chunk)
+    lp2 = full_logp(h2, w2, b2, t)
+    torch.testing.assert_close(z, exact_z(lp, lp2, 0.6), rtol=1e-10, atol=1e-12)
+    ids = torch.randint(0, V, (N,), generator=gen(13))
+    lt, li, z2 = H.logprobs_and_normalizer(head, other, ids, 0.6, chunk=chunk)
+    torch.testing.assert_close(lt, lp.gather(-1, ids[:, None])[:, 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(li, lp2.gather(-1, ids[:, None])[:, 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z2, z, rtol=1e-12, atol=1e-14)
+
+
+def test_bf16_parameters_agree_with_fp32_within_bf16_rounding():
+    """bf16 hidden states and head (the matmul in bf16, the log-softmax in fp32): log-probs within 0.05 nats
+    and gradients within 2% (relative to their norm) of the fp32 computation on the same values."""
+    h32, w32, b32 = tensors(10, dtype=torch.float32)
+    ids = torch.randint(0, V, (N,), generator=gen(11))
+    hb, wb, bb = (x.detach().bfloat16().requires_grad_() for x in (h32, w32, b32))
+    h32, w32, b32 = (x.detach().float().requires_grad_() for x in (hb, wb, bb))  # the same (rounded) values
+    lp_b = H.logprobs_at(H.Head(hb, wb, bb), ids, chunk=3)
+    lp_f = H.logprobs_at(H.Head(h32, w32, b32), ids, chunk=3)
+    assert lp_b.dtype == torch.float32
+    torch.testing.assert_close(lp_b, lp_f, rtol=0, atol=0.05)
+    for a, r in zip(grads(lp_b.sum(), (hb, wb, bb)), grads(lp_f.sum(), (h32, w32, b32))):
+        assert a.dtype == torch.bfloat16
+        assert (a.float() - r).norm() <= 0.02 * r.norm()
+
+
+def test_bad_input_is_a_clear_error():
+    h, w, b = tensors(12)
+    with pytest.raises(ValueError, match="hidden must be"):
+        H.Head(h, w[:, :3])
+    with pytest.raises(ValueError, match="bias"):
+        H.Head(h, w, b[:5])
+    with pytest.raises(ValueError, match="temperature"):
+        H.Head(h, w, b, 0.0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        H.logprobs_at(H.Head(h, w), torch.full((N,), V))
+    with pytest.raises(ValueError, match="chunk"):
+        H.logprobs_at(H.Head(h, w), torch.zeros(N, dtype=torch.long), chunk=0)
+    with pytest.raises(ValueError, match="same positions"):
+        H.kl_from_hidden(H.Head(h, w), H.Head(h[:3], w))
