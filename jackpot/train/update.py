@@ -147,7 +147,7 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
                 parts[key].append(value.reshape(mb.response_ids.shape))
         else:
             parts["ref"].append(_logp(cfg, ref_head, mb.response_ids))
-            parts["old"].append(_logp(cfg, roll_head, mb.response_ids))
+            parts["old"].append(parts["ref"][-1] if roll_head is ref_head else _logp(cfg, roll_head, mb.response_ids))
             if not needs.current_policy:
                 parts["z"].append(_raw_z(cfg, needs, ref_head, roll_head, mb))
         if init_policy is not None:
