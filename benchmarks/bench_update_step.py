@@ -84,6 +84,7 @@ def measure(args) -> dict:
     B, T = (int(x) for x in args.size.split("x"))
     overrides = [*VARIANTS[args.variant], f"train.prompts_per_step={B // 2}", "train.group_size=2",
                  f"sampling.max_new_tokens={T}", "train.grad_clip=1.0"]
+    overrides += args.overrides
     if args.impl == "full":
         overrides.append(f"train.head_chunk={B * T}")
     elif args.impl == "chunked":
@@ -143,6 +144,8 @@ def _child(args, variant: str, size: str, impl: str, code: Path) -> dict | None:
            "--policy", args.policy, "--rollout", args.rollout, "--policy-layers", str(args.policy_layers),
            "--rollout-layers", str(args.rollout_layers), "--chunk", str(args.chunk), "--threads", str(args.threads),
            "--dtype", args.dtype, "--device", args.device]
+    if args.overrides and impl != "baseline":
+        cmd += ["--overrides", *args.overrides]
     env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--overrides", nargs="*", default=[], help="config overrides for every run, e.g. "
+                   "policy.gradient_checkpointing=true (not given to the baseline, whose config may lack them)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)

@@ -79,6 +79,9 @@ for role in ("policy", "rollout_model"):
         f"{role}.seed": (f"{role}.seed=9", ()),
         f"{role}.lr": (f"{role}.lr=1e-3", ()),
         f"{role}.dtype": (f"{role}.dtype=bfloat16", ()),
+        f"{role}.lora_rank": (f"{role}.lora_rank=4", ()),
+        f"{role}.lora_alpha": (f"{role}.lora_alpha=64", (f"{role}.lora_rank=4",)),
+        f"{role}.lora_target_modules": (f"{role}.lora_target_modules=q_proj", (f"{role}.lora_rank=4",)),
     })
 
 ELSEWHERE = {

@@ -31,8 +31,7 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, model in models.items():
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(_untie(state), str(tmp / f"{name}.safetensors"))
+        save_file(_untie(_saved_state(model)), str(tmp / f"{name}.safetensors"))
     torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
     if final.exists():
@@ -43,6 +42,14 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
     for old in older[:max(len(older) - (KEEP_LAST - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the model's state, or — when some parameters are frozen (LoRA) — the trainable ones:
+    the frozen weights come from the model's own checkpoint on resume."""
+    state = model.state_dict()
+    frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in frozen}
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,7 +79,8 @@ def load_checkpoint(path: str | Path, models: dict[str, torch.nn.Module],
         raise FileNotFoundError(f"not a checkpoint directory (no state.json): {path}")
     for name, model in models.items():
         missing, unexpected = model.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=False)
-        if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+        frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        if unexpected or [m for m in missing if not m.endswith("lm_head.weight") and m not in frozen]:
             raise ValueError(f"checkpoint {path} does not match model {name!r}: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     states = torch.load(path / "optim.pt", weights_only=True)

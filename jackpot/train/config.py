@@ -43,6 +43,14 @@ class ModelConfig:
     dtype: str = "float32"
     """Parameter dtype: 'float32', 'bfloat16' or 'float16' (log-softmax, ratios and losses stay in float32;
     the optimizer updates the parameters in this dtype)."""
+    lora_rank: int | None = None
+    """Train LoRA adapters of this rank instead of every weight (needs peft: pip install 'jackpot[lora]');
+    None: full fine-tuning. Checkpoints then hold the adapters (and optimizer state) only."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."""
+    lora_target_modules: str = "all-linear"
+    """Which linear layers get adapters: 'all-linear' (every linear layer but the output head) or a
+    comma-separated list of module names, e.g. 'q_proj,v_proj'."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (Hugging Face's gradient checkpointing):
     less memory, about one more forward of time. Results are unchanged."""
@@ -268,7 +276,7 @@ class Config:
         if c.low > c.high:
             raise ValueError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
         _check_positive_int("train.head_chunk", t.head_chunk)
-        for name in ("train.micro_batch_size", "train.threads"):
+        for name in ("train.micro_batch_size", "train.threads", "policy.lora_rank", "rollout_model.lora_rank"):
             if _get(self, name) is not None:
                 _check_positive_int(name, _get(self, name))
         for name in ("train.kl_coef", "distill.coef"):

@@ -84,6 +84,8 @@ def _prepared_model(model: torch.nn.Module, mc: ModelConfig) -> torch.nn.Module:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+    if mc.lora_rank is not None:
+        model = _with_lora(model, mc)
     if mc.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.20's name
         if enable is not None:
@@ -91,6 +93,25 @@ def _prepared_model(model: torch.nn.Module, mc: ModelConfig) -> torch.nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.eval()
+
+
+def _with_lora(model: torch.nn.Module, mc: ModelConfig) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft), initialised from `mc.seed`; only the adapters are trained."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("lora_rank is set but peft is not installed: pip install 'jackpot[lora]'") from None
+    targets = mc.lora_target_modules if mc.lora_target_modules == "all-linear" else \
+        [t.strip() for t in mc.lora_target_modules.split(",") if t.strip()]
+    config = LoraConfig(r=mc.lora_rank, lora_alpha=mc.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):  # the adapters' initialisation depends on the seed alone
+        torch.manual_seed(mc.seed)
+        return get_peft_model(model, config)
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = False) -> Run:
@@ -114,9 +135,9 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
         check_same_tokenizer(load_tokenizer(rollout_dir), tokenizer, names=("rollout_model", "policy"))
         rollout_model = _prepared_model(load_model(rollout_dir, dtype=cfg.rollout_model.dtype, device=device),
                                         cfg.rollout_model)
-        rollout_opt = torch.optim.AdamW(rollout_model.parameters(), lr=cfg.rollout_model.lr)
+        rollout_opt = torch.optim.AdamW(_trainable(rollout_model), lr=cfg.rollout_model.lr)
     init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy.lr)
+    policy_opt = torch.optim.AdamW(_trainable(policy), lr=cfg.policy.lr)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt)
     if resume:

@@ -245,6 +245,7 @@ def _current_correction(cfg: Config, needs: Needs, prep: Prepared, mini: torch.T
 
 
 def _checkpointed(model: torch.nn.Module) -> bool:
+    model = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # peft
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     return bool(getattr(model, flag, False))
