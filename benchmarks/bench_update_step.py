@@ -92,6 +92,11 @@ def measure(args) -> dict:
     cfg = build_config(None, overrides)
     policy = _model(args.policy, args.policy_layers, 0, dtype, device)
     rollout = None if cfg.train.mode == "on-policy" else _model(args.rollout, args.rollout_layers, 1, dtype, device)
+    if args.impl != "baseline":  # dropout off, gradient checkpointing / LoRA as configured, as `jackpot train` does
+        from jackpot.train.loop import _prepared_model
+
+        policy = _prepared_model(policy, cfg.policy)
+        rollout = rollout if rollout is None else _prepared_model(rollout, cfg.rollout_model)
     g = torch.Generator().manual_seed(2)
     P = 16
     prompt = torch.randint(0, VOCAB, (B, P), generator=g).to(device)
@@ -114,8 +119,9 @@ def measure(args) -> dict:
         logp, top_v, top_i = torch.stack(logp), torch.stack(top_v), torch.stack(top_i)
     batch = RolloutBatch(prompt, torch.ones_like(prompt), response, mask, logp, top_i, top_v)
     rewards = torch.randn(B // 2, 2, generator=g).to(device)
-    policy_opt = torch.optim.SGD(policy.parameters(), lr=1e-6)
-    rollout_opt = torch.optim.SGD(rollout.parameters(), lr=1e-6) if rollout is not None and \
+    policy_opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
+    rollout_opt = torch.optim.SGD([p for p in rollout.parameters() if p.requires_grad], lr=1e-6) \
+        if rollout is not None and \
         cfg.distill.rollout_model == "joint" else None
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -134,8 +140,30 @@ def measure(args) -> dict:
     else:
         peak = _status("VmHWM")
     t2 = time.perf_counter()
-    return {"added_gib": (peak - before) / 2**30, "prepare_s": t1 - t0, "update_s": t2 - t1,
+    extra = _topk_bias(cfg, policy, rollout, batch, args) if "correction.z=topk" in VARIANTS[args.variant] else {}
+    return {**extra, "added_gib": (peak - before) / 2**30, "prepare_s": t1 - t0, "update_s": t2 - t1,
             "logits_gib": B * T * VOCAB * 4 / 2**30, "code": str(Path(jackpot.__file__).parent.parent)}
+
+
+def _topk_bias(cfg, policy, rollout, batch, args) -> dict:
+    """Top-k Z scaled by kappa against exact Z on the same positions (p_tgt = the policy before the update is
+    not at hand any more: both are computed with the updated policy, which is what the bias depends on)."""
+    import torch
+
+    from jackpot.core import head as vocab
+    from jackpot.core import obrs
+    from jackpot.train.update import _forward, _raw_z, needs_of
+
+    with torch.no_grad():
+        tgt, roll = _forward(policy, batch, 1.0), _forward(rollout, batch, 1.0)
+        needs = needs_of(cfg)
+        raw = _raw_z(cfg, needs, tgt, roll, batch)
+        exact = vocab.normalizer(tgt, roll, needs.z_lam, chunk=args.chunk).reshape(raw.shape)
+        tgt_lp = vocab.logprobs_at(tgt, batch.response_ids.reshape(-1), chunk=args.chunk).reshape(raw.shape)
+        k = obrs.kappa(obrs.acceptance_prob(tgt_lp, batch.logprobs, needs.z_lam), raw, batch.response_mask)
+    rel = (k * raw - exact) / exact
+    return {"topk_kappa": float(k), "topk_z_rel_bias_mean": float(rel.mean()), "topk_z_rel_err_abs_mean":
+            float(rel.abs().mean()), "exact_z_mean": float(exact.mean()), "topk_z_raw_mean": float(raw.mean())}
 
 
 # ----------------------------------------------------------------------------- the table (parent process)
@@ -201,6 +229,11 @@ def main(argv=None) -> int:
                         print(f"  {variant:22s} {size:8s} {impl:8s} +{r['added_gib']:6.2f} GiB "
                               f"({r['added_gib'] / r['logits_gib']:4.1f}x BxTxV)  prepare {r['prepare_s']:6.1f} s  "
                               f"update {r['update_s']:6.1f} s", flush=True)
+                        if "topk_kappa" in r:
+                            print(f"    top-k Z (k = 20) vs exact: mean exact Z {r['exact_z_mean']:.4f}, raw top-k "
+                                  f"{r['topk_z_raw_mean']:.4f}, kappa {r['topk_kappa']:.2f}, kappa x top-k relative "
+                                  f"bias {r['topk_z_rel_bias_mean']:+.4f}, mean |error| "
+                                  f"{r['topk_z_rel_err_abs_mean']:.4f}", flush=True)
     finally:
         if tmp:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", tmp], capture_output=True)
