@@ -139,3 +139,25 @@ def test_bad_input_is_a_clear_error():
         H.logprobs_at(H.Head(h, w), torch.zeros(N, dtype=torch.long), chunk=0)
     with pytest.raises(ValueError, match="same positions"):
         H.kl_from_hidden(H.Head(h, w), H.Head(h[:3], w))
+
+
+@pytest.mark.parametrize("chunk", [3, 100])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("which", ["both", "logp", "kl"])
+def test_logprobs_and_kl_together_equal_each_alone(chunk, reverse, which):
+    """The fused pass: same values and the same gradient for any mix of upstream gradients."""
+    hs, ws, bs = tensors(14)
+    ht, wt, bt = tensors(15)
+    ids = torch.randint(0, V, (N,), generator=gen(16))
+    u1 = torch.randn(N, generator=gen(17), dtype=torch.float64)
+    u2 = torch.randn(N, generator=gen(18), dtype=torch.float64)
+    s, t = H.Head(hs, ws, bs, 0.9), H.Head(ht, wt, bt, 0.9)
+    lp, kl = H.logprobs_and_kl(s, t, ids, reverse=reverse, chunk=chunk)
+    lp_ref = H.logprobs_at(s, ids, chunk=chunk)
+    kl_ref = H.kl_from_hidden(s, t, reverse=reverse, chunk=chunk)
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl, kl_ref, rtol=1e-12, atol=1e-12)
+    pick = {"both": lambda a, b: (a * u1).sum() + (b * u2).sum(), "logp": lambda a, b: (a * u1).sum(),
+            "kl": lambda a, b: (b * u2).sum()}[which]
+    for a, r in zip(grads(pick(lp, kl), (hs, ws, bs)), grads(pick(lp_ref, kl_ref), (hs, ws, bs))):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)

@@ -13,6 +13,7 @@ ratios, KL — in float32 (float64 for float64 inputs). Temperature divides the 
 
     logprobs_at(h, W, b, ids)          log softmax(logits)[ids], ids (N, K); gradient to h, W, b
     kl_from_hidden(student, teacher)   exact per-position KL in either direction; gradient to the student
+    logprobs_and_kl(student, teacher, ids)   both of the above for one student, in one pass per chunk
     entropy(h, W, b)                   per-position entropy (no gradient)
     topk(h, W, b, k)                   top-k log-probs and ids (no gradient)
     normalizer(target, rollout, lam)   exact OBRS Z between two heads at the same positions (no gradient)
@@ -188,6 +189,62 @@ def kl_from_hidden(student: Head, teacher: Head, *, reverse: bool = False,
     tb = teacher.bias.detach() if teacher.bias is not None else None
     return _KLFromHidden.apply(student.hidden, student.weight, student.bias, teacher.hidden.detach(),
                                teacher.weight.detach(), tb, student.temperature, chunk, reverse)
+
+
+class _LogprobsAndKL(torch.autograd.Function):
+    """`_LogprobsAt` at ids (N,) and `_KLFromHidden` of the same student in one pass per chunk: the student's
+    logits are formed once in the forward and once in the backward instead of twice each."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, th, tw, tb, ids, temperature: float, chunk: int, reverse: bool):
+        dtype = _float(h[:0]).dtype
+        lp = torch.empty(h.shape[0], dtype=dtype, device=h.device)
+        kl = torch.empty(h.shape[0], dtype=dtype, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            ls = torch.log_softmax(_logits(h[s:s + chunk], w, b, temperature), -1)
+            lt = torch.log_softmax(_logits(th[s:s + chunk], tw, tb, temperature), -1)
+            lp[s:s + chunk] = ls.gather(-1, ids[s:s + chunk, None])[:, 0]
+            p, d = (ls.exp(), ls - lt) if reverse else (lt.exp(), lt - ls)
+            kl[s:s + chunk] = torch.where(p > 0, p * d, torch.zeros_like(p)).sum(-1)
+        ctx.save_for_backward(h, w, b, th, tw, tb, ids, kl)
+        ctx.temperature, ctx.chunk, ctx.reverse = temperature, chunk, reverse
+        return lp, kl
+
+    @staticmethod
+    def backward(ctx, g_lp, g_kl):
+        h, w, b, th, tw, tb, ids, kl = ctx.saved_tensors
+        c = ctx.chunk
+
+        def dlogits(s, logits):
+            ls = torch.log_softmax(logits, -1)
+            ps = ls.exp()
+            d = torch.zeros_like(ls)
+            if g_lp is not None:
+                g = g_lp[s:s + c, None].to(d.dtype)
+                d = d - ps * g
+                d = d.scatter_add(-1, ids[s:s + c, None], g)
+            if g_kl is not None:
+                lt = torch.log_softmax(_logits(th[s:s + c], tw, tb, ctx.temperature), -1)
+                part = ps * (ls - lt - kl[s:s + c, None]) if ctx.reverse else ps - lt.exp()
+                d = d + g_kl[s:s + c, None].to(part.dtype) * part
+            return d
+
+        return (*_head_backward(ctx, h, w, b, dlogits)[:3], None, None, None, None, None, None, None)
+
+
+def logprobs_and_kl(student: Head, teacher: Head, ids: torch.Tensor, *, reverse: bool = False,
+                    chunk: int = DEFAULT_ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`logprobs_at(student, ids)`, `kl_from_hidden(student, teacher)`), ids (N,), computed together."""
+    _check_chunk(chunk)
+    if len(student) != len(teacher) or student.vocab_size != teacher.vocab_size or ids.shape != (len(student),):
+        raise ValueError(f"student and teacher must cover the same positions and vocabulary and ids be (N,): "
+                         f"({len(student)}, {student.vocab_size}), ({len(teacher)}, {teacher.vocab_size}), "
+                         f"{tuple(ids.shape)}")
+    if student.temperature != teacher.temperature:
+        raise ValueError("student and teacher must use the same temperature")
+    tb = teacher.bias.detach() if teacher.bias is not None else None
+    return _LogprobsAndKL.apply(student.hidden, student.weight, student.bias, teacher.hidden.detach(),
+                                teacher.weight.detach(), tb, ids.long(), student.temperature, chunk, reverse)
 
 
 @torch.no_grad()

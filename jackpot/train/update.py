@@ -195,7 +195,13 @@ def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll: He
     mask = mb.response_mask
     stats = {}
     total = mask.new_zeros(())
-    logp = _logp(cfg, roll, mb.response_ids) if d.ppo or d.estimator == "sampled" else None
+    kl = None
+    if d.ppo and d.coef > 0 and d.estimator == "full":  # one pass over the rollout model's head for both terms
+        logp, kl = vocab.logprobs_and_kl(roll, teacher, mb.response_ids.reshape(-1), reverse=d.direction == "reverse",
+                                         chunk=t.head_chunk)
+        logp, kl = logp.reshape(mask.shape), kl.reshape(mask.shape)
+    else:
+        logp = _logp(cfg, roll, mb.response_ids) if d.ppo or d.estimator == "sampled" else None
     if d.ppo:
         tok, _ = ppo_token_loss(logp, prep.rollout_old_logp[idx], prep.advantages[idx],
                                 clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high, dual_clip=t.dual_clip)
@@ -204,7 +210,7 @@ def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll: He
         total = total + ppo
         stats["rollout_model/ppo_loss"] = ppo.detach()
     if d.coef > 0:
-        kl = _distill(cfg, roll, teacher, teacher_logp, logp, mb)
+        kl = kl if kl is not None else _distill(cfg, roll, teacher, teacher_logp, logp, mb)
         distill = aggregate(kl, mask, "token-mean", denominator=denominator)
         total = total + d.coef * distill
         stats["rollout_model/distill_kl"] = distill.detach()
