@@ -91,6 +91,7 @@ ELSEWHERE = {
     "train.eval_every": "when the loop evaluates: test_train (CLI run)",
     "train.checkpoint_every": "when the loop saves: test_train (Ctrl-C, resume)",
     "train.micro_batch_size": "designed to change nothing: test_train_wiring (micro-batched step == hand formula)",
+    "train.micro_batch_tokens": "designed to change nothing: test_train_wiring (micro-batched step == hand formula)",
     "train.head_chunk": "designed to change nothing: test_core_head (every chunk size equals the full computation)",
     "policy.gradient_checkpointing": "designed to change nothing: test_train_wiring (same step, layers recomputed)",
     "rollout_model.gradient_checkpointing": "designed to change nothing: test_train_wiring (same step, recomputed)",

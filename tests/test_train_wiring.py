@@ -480,3 +480,20 @@ def test_bfloat16_models_train_with_float32_log_probs(tmp_path):
     values = _train_step(run, 1)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in values.items() if not k.startswith("perf/"))
     assert any(not torch.equal(a, p) for a, p in zip(before, run.policy.parameters()))
+
+
+def test_default_micro_batches_follow_a_token_budget(world):
+    """micro_batch_size unset: micro_batch_tokens // T sequences per micro-batch (here 10 // 5 = 2), and the
+    step is still the hand formula."""
+    from jackpot.train.update import _micro_size
+
+    assert _micro_size(_cfg("train.micro_batch_tokens=10"), T) == 2
+    assert _micro_size(_cfg("train.micro_batch_tokens=10", "train.micro_batch_size=3"), T) == 3
+    assert _micro_size(_cfg("train.micro_batch_tokens=1"), T) == 1
+    assert _micro_size(_cfg(), T) >= B  # the default covers this whole batch
+    cfg = _cfg("correction.target=new", "correction.z=topk", "train.micro_batch_tokens=10",
+               "distill.rollout_model=frozen")
+    stale = world[0]
+    moved = _perturbed(stale, seed=2)
+    delta, _, _ = _trainer_step(cfg, world, stale, moved)
+    _assert_step_is_minus_grad(delta, _expected_policy_grad(cfg, world, stale, moved))

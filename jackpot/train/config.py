@@ -156,7 +156,11 @@ class TrainConfig:
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     micro_batch_size: int | None = None
-    """Sequences per forward/backward (gradient accumulation); None: a whole mini-batch."""
+    """Sequences per forward/backward (gradient accumulation); None: as many as fit in micro_batch_tokens
+    response tokens (the whole mini-batch for short responses). Changes memory and speed, not results."""
+    micro_batch_tokens: int = 16384
+    """When micro_batch_size is None: response positions per forward/backward (16,384: the whole mini-batch
+    of the offline default, 2 sequences of 8,192 tokens)."""
     head_chunk: int = 1024
     """Response positions per chunk of every per-vocabulary computation (log-probs, Z, top-k, distillation
     KL): at most head_chunk x V logits exist at once, in the forward and (recomputed) in the backward.
@@ -276,6 +280,7 @@ class Config:
         if c.low > c.high:
             raise ValueError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
         _check_positive_int("train.head_chunk", t.head_chunk)
+        _check_positive_int("train.micro_batch_tokens", t.micro_batch_tokens)
         for name in ("train.micro_batch_size", "train.threads", "policy.lora_rank", "rollout_model.lora_rank"):
             if _get(self, name) is not None:
                 _check_positive_int(name, _get(self, name))

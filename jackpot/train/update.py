@@ -89,9 +89,14 @@ def _logp(cfg: Config, head: Head, ids: torch.Tensor) -> torch.Tensor:
     return vocab.logprobs_at(head, ids.reshape(-1), chunk=cfg.train.head_chunk).reshape(ids.shape)
 
 
-def _chunks(n: int, size: int | None) -> list[torch.Tensor]:
-    idx = torch.arange(n)
-    return list(idx.split(size)) if size else [idx]
+def _micro_size(cfg: Config, response_len: int) -> int:
+    """Sequences per forward/backward: train.micro_batch_size, else what fits in train.micro_batch_tokens."""
+    t = cfg.train
+    return t.micro_batch_size or max(1, t.micro_batch_tokens // max(response_len, 1))
+
+
+def _chunks(n: int, size: int) -> list[torch.Tensor]:
+    return list(torch.arange(n).split(size))
 
 
 # ----------------------------------------------------------------------------- serving a correction's needs
@@ -136,7 +141,7 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
     temp, needs = cfg.sampling.temperature, needs_of(cfg)
     advantages = group_advantages(rewards, mode=cfg.train.advantages).reshape(-1)
     parts: dict[str, list] = {"ref": [], "old": [], "init": [], "z": []}
-    for idx in _chunks(len(batch), cfg.train.micro_batch_size):
+    for idx in _chunks(len(batch), _micro_size(cfg, batch.response_len)):
         mb = batch.select(idx)
         ref_head = _forward(policy, mb, temp)
         roll_head = ref_head if rollout_model is None else _forward(rollout_model, mb, temp)
@@ -286,7 +291,7 @@ def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, r
     for _ in range(t.ppo_epochs):
         order = torch.randperm(len(prep.batch), generator=gen)
         for mini in order.chunk(t.minibatches):
-            micros = list(mini.split(t.micro_batch_size or len(mini)))
+            micros = list(mini.split(_micro_size(cfg, prep.batch.response_len)))
             corr = prep.correction.select(mini) if prep.correction is not None else None
             if corr is None and len(micros) > 1:  # current policy, several micro-batches: a gradient-free pass
                 with torch.no_grad():
