@@ -157,7 +157,7 @@ def _topk_bias(cfg, policy, rollout, batch, args) -> dict:
     with torch.no_grad():
         tgt, roll = _forward(policy, batch, 1.0), _forward(rollout, batch, 1.0)
         needs = needs_of(cfg)
-        raw = _raw_z(cfg, needs, tgt, roll, batch)
+        raw = _raw_z(cfg, needs, tgt, batch)
         exact = vocab.normalizer(tgt, roll, needs.z_lam, chunk=args.chunk).reshape(raw.shape)
         tgt_lp = vocab.logprobs_at(tgt, batch.response_ids.reshape(-1), chunk=args.chunk).reshape(raw.shape)
         k = obrs.kappa(obrs.acceptance_prob(tgt_lp, batch.logprobs, needs.z_lam), raw, batch.response_mask)

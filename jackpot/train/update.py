@@ -101,14 +101,13 @@ def _chunks(n: int, size: int) -> list[torch.Tensor]:
 
 # ----------------------------------------------------------------------------- serving a correction's needs
 @torch.no_grad()
-def _raw_z(cfg: Config, needs: Needs, tgt: Head, rollout: Head | None, mb: RolloutBatch) -> torch.Tensor | None:
-    """Per-state Z_t before any batch correction: exact (both heads, in chunks of positions and of the
-    vocabulary), top-k (scaled by kappa in `_correction`), or None when the correction needs none."""
-    if needs.z is None:
+def _raw_z(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> torch.Tensor | None:
+    """Per-state top-k Z_t before the batch correction kappa (applied in `_correction`); None when the
+    correction needs no top-k Z. Exact Z comes from the fused pass in `prepare` (with target='new' it is
+    refused by the config: the pre-update rollout model is not at hand)."""
+    if needs.z != "topk":
         return None
     shape = mb.response_ids.shape
-    if needs.z == "exact":
-        return vocab.normalizer(tgt, rollout, needs.z_lam, chunk=cfg.train.head_chunk).reshape(shape)
     k = mb.topk_ids.shape[-1]
     tgt_at_topk = vocab.logprobs_at(tgt, mb.topk_ids.reshape(-1, k), chunk=cfg.train.head_chunk).reshape(*shape, k)
     return obrs.topk_normalizer(mb.topk_ids, mb.topk_logprobs, tgt_at_topk, needs.z_lam)
@@ -154,7 +153,7 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
             parts["ref"].append(_logp(cfg, ref_head, mb.response_ids))
             parts["old"].append(parts["ref"][-1] if roll_head is ref_head else _logp(cfg, roll_head, mb.response_ids))
             if not needs.current_policy:
-                parts["z"].append(_raw_z(cfg, needs, ref_head, roll_head, mb))
+                parts["z"].append(_raw_z(cfg, needs, ref_head, mb))
         if init_policy is not None:
             parts["init"].append(_logp(cfg, _forward(init_policy, mb, temp), mb.response_ids))
     cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}
@@ -248,7 +247,7 @@ def _current_correction(cfg: Config, needs: Needs, prep: Prepared, mini: torch.T
         n = len(head) // batch.response_len
         part = batch.select(torch.arange(start, start + n))
         new_logp.append(logps[j] if logps is not None else _logp(cfg, head, part.response_ids))
-        raw_z.append(_raw_z(cfg, needs, head, None, part))
+        raw_z.append(_raw_z(cfg, needs, head, part))
         start += n
     z = torch.cat(raw_z) if raw_z[0] is not None else None
     uniforms = prep.uniforms[mini] if prep.uniforms is not None else None
