@@ -241,6 +241,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _tokens(size: str) -> int:
+    """'4x64' -> 256."""
+    b, t = size.split("x")
+    return int(b) * int(t)
+
+
 def verdicts(results: dict, args) -> str:
     lines = ["", "verdict:"]
 
@@ -263,7 +269,7 @@ def verdicts(results: dict, args) -> str:
         if None in chunked or len([v for v in ref.values() if v is not None]) < 2:
             continue
         (s0, m0), (s1, m1) = [(s, m) for s, m in ref.items() if m is not None][:2]
-        tokens = {s: eval(s.replace("x", "*")) for s in {small, big, s0, s1}}  # noqa: S307 — "4x64" -> 256
+        tokens = {s: _tokens(s) for s in {small, big, s0, s1}}
         slope = (m1 - m0) / (tokens[s1] - tokens[s0])  # GiB per token added by the materialising path
         ref_growth = slope * (tokens[big] - tokens[small])
         growth = chunked[1] - chunked[0]

@@ -48,31 +48,34 @@ GROUPS = {
 }
 
 
+def train_once(preset: str, seed: int, run_dir: Path, overrides: list[str], fixed_pair: bool = False) -> Path:
+    """Train `preset` with RL seed `seed` into `run_dir` unless it already holds a finished run (summary.json).
+    Unless fixed_pair, seed s also shifts the pre-trained pair: policy.seed + s, rollout_model.seed + s."""
+    if not (run_dir / "summary.json").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run from an interrupted comparison
+        path = str(preset_path(preset))
+        seeds_of_run = [f"train.seed={seed}"]
+        if not fixed_pair:
+            base = build_config(path, overrides)
+            seeds_of_run += [f"policy.seed={base.policy.seed + seed}",
+                             f"rollout_model.seed={base.rollout_model.seed + seed}"]
+        cfg = build_config(path, [*overrides, *seeds_of_run])
+        t0 = time.perf_counter()
+        train(cfg, run_dir, progress=False)
+        summary = {**summarize(run_dir), "commit": _commit()}  # the code that made the run
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        print(f"{run_dir.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return run_dir
+
+
 def run_all(presets: list[str], seeds: list[int], out: Path, overrides: list[str],
             fixed_pair: bool = False) -> dict[str, list[Path]]:
-    runs: dict[str, list[Path]] = {}
-    for preset in presets:
-        for seed in seeds:
-            run_dir = out / f"{preset}-seed{seed}{'-fixedpair' if fixed_pair else ''}"
-            if not (run_dir / "summary.json").is_file():
-                shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run from an interrupted comparison
-                path = str(preset_path(preset))
-                seeds_of_run = [f"train.seed={seed}"]
-                if not fixed_pair:
-                    base = build_config(path, overrides)
-                    seeds_of_run += [f"policy.seed={base.policy.seed + seed}",
-                                     f"rollout_model.seed={base.rollout_model.seed + seed}"]
-                cfg = build_config(path, [*overrides, *seeds_of_run])
-                t0 = time.perf_counter()
-                train(cfg, run_dir, progress=False)
-                summary = {**summarize(run_dir), "commit": _commit()}  # the code that made the run
-                write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-                print(f"{preset} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-            runs.setdefault(preset, []).append(run_dir)
-    return runs
+    return {preset: [train_once(preset, seed, out / f"{preset}-seed{seed}{'-fixedpair' if fixed_pair else ''}",
+                                overrides, fixed_pair) for seed in seeds]
+            for preset in presets}
 
 
-def _stat(values: list[float | None], spec: str = ".3f") -> str:
+def mean_std(values: list[float | None], spec: str = ".3f") -> str:
     vals = [v for v in values if v is not None]
     if not vals:
         return "–"
@@ -96,12 +99,13 @@ def table(runs: dict[str, list[Path]]) -> str:
         paired = [d - r for d, r in zip(delta, ref_delta, strict=True)] if preset != reference else [None]
         rm_delta = [None if x["rollout_model_eval_before"] is None
                     else x["rollout_model_eval_after"] - x["rollout_model_eval_before"] for x in s]
-        rows.append(f"| {preset} | {_stat([x['eval_before'] for x in s])} | {_stat([x['eval_after'] for x in s])} "
-                    f"| {_stat(delta, '+.3f')} | {_stat(paired, '+.3f')} | {_stat(rm_delta, '+.3f')} "
-                    f"| {_stat([x['accept_rate_mean'] for x in s])} "
-                    f"| {_stat([x['actor_policy_kl_k3_mean'] for x in s], '.4f')} "
-                    f"| {_stat([x['rollout_s_mean'] for x in s], '.2f')} "
-                    f"| {_stat([x['update_s_mean'] for x in s], '.2f')} |")
+        rows.append(f"| {preset} | {mean_std([x['eval_before'] for x in s])} "
+                    f"| {mean_std([x['eval_after'] for x in s])} "
+                    f"| {mean_std(delta, '+.3f')} | {mean_std(paired, '+.3f')} | {mean_std(rm_delta, '+.3f')} "
+                    f"| {mean_std([x['accept_rate_mean'] for x in s])} "
+                    f"| {mean_std([x['actor_policy_kl_k3_mean'] for x in s], '.4f')} "
+                    f"| {mean_std([x['rollout_s_mean'] for x in s], '.2f')} "
+                    f"| {mean_std([x['update_s_mean'] for x in s], '.2f')} |")
     return head + "\n".join(rows) + "\n"
 
 

@@ -14,34 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from compare import mean_std, train_once  # noqa: E402
 
 from jackpot.fileio import write_text_atomic  # noqa: E402
 from jackpot.metrics import read_metrics  # noqa: E402
-from jackpot.train.cli import summarize  # noqa: E402
-from jackpot.train.config import build_config, preset_path  # noqa: E402
-from jackpot.train.loop import train  # noqa: E402
 
 
 def _run(preset: str, field: str, value: str, seed: int, out: Path, overrides: list[str]) -> dict:
-    run_dir = out / f"{field}={value}-seed{seed}"
-    if not (run_dir / "summary.json").is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run of an interrupted sweep
-        base = build_config(str(preset_path(preset)), overrides)
-        cfg = build_config(str(preset_path(preset)), [
-            *overrides, f"{field}={value}", f"train.seed={seed}", f"policy.seed={base.policy.seed + seed}",
-            f"rollout_model.seed={base.rollout_model.seed + seed}"])
-        t0 = time.perf_counter()
-        train(cfg, run_dir, progress=False)
-        write_text_atomic(run_dir / "summary.json", json.dumps(summarize(run_dir), indent=2))
-        print(f"{field}={value} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+    run_dir = train_once(preset, seed, out / f"{field}={value}-seed{seed}", [*overrides, f"{field}={value}"])
     records = [r for r in read_metrics(run_dir) if r["step"] > 0]
     summary = json.loads((run_dir / "summary.json").read_text())
 
@@ -62,15 +49,6 @@ def _run(preset: str, field: str, value: str, seed: int, out: Path, overrides: l
         "kl": summary["actor_policy_kl_k3_mean"],
         "accept": summary["accept_rate_mean"],
     }
-
-
-def _stat(values: list[float | None], spec: str = ".3f") -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return format(vals[0], spec)
-    return f"{statistics.mean(vals):{spec}} ± {statistics.stdev(vals):{spec.lstrip('+')}}"
 
 
 def main() -> None:
@@ -94,10 +72,11 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for v, rs in rows.items():
         paired = [r["delta"] - f["delta"] for r, f in zip(rs, first, strict=True)] if v != args.values[0] else []
-        lines.append(f"| {v} | {_stat([r['delta'] for r in rs], '+.3f')} | {_stat(paired, '+.3f')} "
-                     f"| {_stat([r['w_max_mean'] for r in rs], '.2f')} | {_stat([r['w_max_max'] for r in rs], '.1f')} "
-                     f"| {_stat([r['clipped'] for r in rs], '.4f')} | {_stat([r['grad_norm'] for r in rs], '.3f')} "
-                     f"| {_stat([r['accept'] for r in rs])} | {_stat([r['kl'] for r in rs], '.3f')} |")
+        col = {key: mean_std([r[key] for r in rs], spec) for key, spec in (
+            ("delta", "+.3f"), ("w_max_mean", ".2f"), ("w_max_max", ".1f"), ("clipped", ".4f"), ("grad_norm", ".3f"),
+            ("accept", ".3f"), ("kl", ".3f"))}
+        lines.append(f"| {v} | {col['delta']} | {mean_std(paired, '+.3f')} | {col['w_max_mean']} | {col['w_max_max']} "
+                     f"| {col['clipped']} | {col['grad_norm']} | {col['accept']} | {col['kl']} |")
     text = "\n".join(lines) + "\n"
     if args.results:
         write_text_atomic(Path(args.results), text)
