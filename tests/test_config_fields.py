@@ -100,6 +100,9 @@ ELSEWHERE = {
     "cache_dir": "where pre-trained tiny models are cached: test_models",
     "tensorboard": "logging only: test_config_and_plot (metric logger)",
     "wandb_project": "logging only: test_config_and_plot (W&B logger)",
+    "parallel.policy": "several processes only: test_distributed (DDP and FSDP2 against one process)",
+    "parallel.rollout_model": "several processes only: test_distributed (DDP and FSDP2 against one process)",
+    "parallel.mixed_precision": "several processes only (FSDP2): test_distributed",
 }
 
 

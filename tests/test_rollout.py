@@ -219,3 +219,51 @@ def test_rollout_batch_validates_shapes():
         RolloutBatch.cat([make_batch(1, 1, 1, version=0), make_batch(1, 1, 1, version=1)])
     with pytest.raises(ValueError, match="non-empty"):
         RolloutBatch.cat([])
+
+
+# ----------------------------------------------------------------------------- per-row uniforms
+def test_uniform_sampling_is_row_local(engine, tok, prompts):
+    """With `uniforms`, a row's response depends on its own prompt and uniforms only: rows sampled in
+    another batch composition (as on another process) are the same tokens with the same log-probs."""
+    ids, mask = prompts
+    u = torch.rand(4, 10, generator=torch.Generator().manual_seed(3))
+    whole = engine.generate(ids, mask, max_new_tokens=10, topk=5, uniforms=u, seed=1)
+    for rows in ([0, 1], [2, 3], [3]):
+        sub_ids, sub_mask = encode_prompts(tok, [PROMPTS[r] for r in rows])
+        part = engine.generate(sub_ids, sub_mask, max_new_tokens=10, topk=5, uniforms=u[rows], seed=7)
+        for j, r in enumerate(rows):
+            n = int(whole.response_mask[r].sum())
+            assert int(part.response_mask[j].sum()) == n
+            assert torch.equal(part.response_ids[j, :n], whole.response_ids[r, :n])
+            torch.testing.assert_close(part.logprobs[j, :n], whole.logprobs[r, :n], atol=1e-5, rtol=0)
+
+
+def test_uniform_sampling_inverts_the_cdf():
+    """Hand-worked: q = (0.5, 0, 0.3, 0.2); u below 0.5 -> 0, in (0.5, 0.8) -> 2 (never the 0-mass id 1),
+    above -> 3."""
+    from jackpot.rollout.hf import _inverse_cdf, _point_mass
+
+    logq = torch.tensor([0.5, 0.0, 0.3, 0.2]).log().expand(6, 4)
+    u = torch.tensor([0.0, 0.49, 0.51, 0.79, 0.81, 0.999999])
+    assert _inverse_cdf(logq, u).tolist() == [0, 0, 2, 2, 3, 3]
+    assert torch.softmax(_point_mass(torch.zeros(2, 4), torch.tensor([1, 3])), -1).tolist() == \
+        [[0, 1, 0, 0], [0, 0, 0, 1]]
+
+
+def test_uniform_sampling_follows_q(engine, prompts):
+    """Frequencies of the first token over many uniforms match the recorded q (chi-square-sized tolerance)."""
+    ids, mask = prompts
+    n = 4000
+    rows = torch.zeros(n, dtype=torch.long)
+    u = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+    out = engine.generate(ids[rows], mask[rows], max_new_tokens=1, topk=3, uniforms=u, temperature=0.8)
+    counts = torch.bincount(out.response_ids[:, 0], minlength=out.topk_ids.max() + 1).double() / n
+    top = out.topk_ids[0, 0]
+    q = out.topk_logprobs[0, 0].double().exp()
+    assert torch.allclose(counts[top], q, atol=4 * (q * (1 - q) / n).sqrt().max().item() + 1e-3)
+
+
+def test_uniforms_shape_is_checked(engine, prompts):
+    ids, mask = prompts
+    with pytest.raises(ValueError, match="uniforms must be"):
+        engine.generate(ids, mask, max_new_tokens=10, uniforms=torch.rand(4, 3))

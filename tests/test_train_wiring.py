@@ -146,7 +146,9 @@ def _weights_and_keep(cfg, batch, ref_logp, new_logp, ref_logits, new_logits, ro
     if c.target == "new":
         w = w * (ref_logp - new_logp).exp().clamp(max=c.c2 if c.c2 is not None else float("inf"))
     if c.sampled_mask:
-        u = torch.rand(m.shape, generator=torch.Generator().manual_seed(step_seed(cfg.train.seed, STEP, 1)))
+        # one row of max_new_tokens uniforms per (global) sequence, drawn from one table per (seed, step)
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, STEP, 1))
+        u = torch.rand(m.shape[0], cfg.sampling.max_new_tokens, generator=gen)[:, :m.shape[1]]
         keep = m * (u.double() < a)
         assert 0 < keep.sum() < m.sum(), "the mask should reject some tokens, or it is not tested"
     else:
@@ -418,13 +420,19 @@ def test_each_step_draws_its_own_prompts_and_samples_reproducibly(tmp_path):
     b2, _ = collect(run, step=2)
     assert torch.equal(b1.prompt_ids, b1_again.prompt_ids) and torch.equal(b1.response_ids, b1_again.response_ids)
     assert not torch.equal(b1.prompt_ids, b2.prompt_ids)  # new prompts every step
-    # step 2's responses are sampled with step 2's seed: regenerating its prompts with step 1's seed differs
+    # step 2's responses are sampled with step 2's uniforms — one row of max_new_tokens per global sequence
+    # from the table of (seed, step, stream 3): regenerating its prompts with step 1's table differs
     from jackpot.rollout.hf import HFRolloutEngine
 
     s = run.cfg.sampling
+
+    def table(step):
+        gen = torch.Generator().manual_seed(step_seed(run.cfg.train.seed, step, 3))
+        return torch.rand(len(b2), s.max_new_tokens, generator=gen)
+
     outs = [HFRolloutEngine(run.rollout_model, run.tokenizer).generate(
         b2.prompt_ids, b2.prompt_mask, max_new_tokens=s.max_new_tokens, temperature=s.temperature, topk=s.topk,
-        seed=step_seed(run.cfg.train.seed, step, 3)).response_ids for step in (2, 1)]
+        uniforms=table(step)).response_ids for step in (2, 1)]
     assert torch.equal(outs[0], b2.response_ids) and not torch.equal(outs[0], outs[1])
 
 

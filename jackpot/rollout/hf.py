@@ -12,6 +12,13 @@ recorder, last in line, sees exactly the scores that are sampled from. The model
 one during the call so none of its fields leak into sampling, and the model is put in eval mode
 (no dropout) for the call, then restored.
 
+Sampling with `uniforms` (B, max_new_tokens), one U(0, 1) per row and step: the recorder draws the token
+itself by inverting q's cumulative distribution (in float64) at the row's uniform and hands `generate`
+scores that put all mass on it. A row's sample then depends on its own uniforms and logits only — not
+on which other rows share the batch — so a batch split over several processes samples exactly what one
+process would (the trainer seeds each row's uniforms by its global index). Without `uniforms`,
+`generate` samples with torch's RNG as usual.
+
 Memory: unlike `output_scores=True`, which keeps T tensors of (B, V) float32 (T * B * 150k floats
 for a real vocabulary), the recorder keeps only one step's (B, V) log-probs plus (B, K) per step.
 """
@@ -53,8 +60,9 @@ class _Recorder(LogitsProcessor):
     step's (B, V) log-probs are kept until then; `finish` handles the last step.
     """
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, uniforms: torch.Tensor | None = None):
         self.k = k
+        self.uniforms = uniforms
         self.sampled: list[torch.Tensor] = []
         self.topk_ids: list[torch.Tensor] = []
         self.topk_logprobs: list[torch.Tensor] = []
@@ -72,11 +80,27 @@ class _Recorder(LogitsProcessor):
         self.topk_ids.append(ids)
         self.topk_logprobs.append(values)
         self._prev = logq
-        return scores
+        if self.uniforms is None:
+            return scores
+        return _point_mass(scores, _inverse_cdf(logq, self.uniforms[:, len(self.topk_ids) - 1]))
 
     def finish(self, last_tokens: torch.Tensor) -> None:
         if self._prev is not None:
             self._gather_prev(last_tokens)
+
+
+def _inverse_cdf(logq: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B, V) log-probs, (B,) uniforms -> (B,) ids: the first id whose cumulative probability exceeds u
+    (float64, so a 150k vocabulary adds no visible rounding; ids of probability 0 are never drawn)."""
+    cdf = logq.double().exp().cumsum(-1)
+    ids = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return ids.clamp_max(logq.shape[-1] - 1)
+
+
+def _point_mass(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Scores whose softmax is 1 at `ids` and 0 elsewhere: `generate` then samples exactly `ids`."""
+    out = torch.full_like(scores, float("-inf"))
+    return out.scatter_(-1, ids.view(-1, 1), 0.0)
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -116,16 +140,25 @@ class HFRolloutEngine:
         top_p: float = 1.0,
         topk: int = 20,
         seed: int | None = None,
+        uniforms: torch.Tensor | None = None,
+        synced: bool = False,
     ) -> RolloutBatch:
         """Sample one response per row of prompt_ids (B, P) / prompt_mask (B, P), left-padded.
 
         `seed` makes the call reproducible without changing the global RNG state afterwards.
+        `uniforms` (B, >= max_new_tokens) in [0, 1): the draws of each row, step by step (module docstring).
+        `synced`: keep stepping until every process is done (a model sharded over processes, whose every
+        forward is a collective: `generate(synced_gpus=True)`).
         Returns a `RolloutBatch` with T <= max_new_tokens (generation stops once all rows hit EOS).
         """
         _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, topk)
         device = self.model.device
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        recorder = _Recorder(topk)
+        if uniforms is not None and (uniforms.dim() != 2 or uniforms.shape[0] != prompt_ids.shape[0]
+                                     or uniforms.shape[1] < max_new_tokens):
+            raise ValueError(f"uniforms must be (B={prompt_ids.shape[0]}, >= max_new_tokens={max_new_tokens}), "
+                             f"got {tuple(uniforms.shape)}")
+        recorder = _Recorder(topk, None if uniforms is None else uniforms.to(device))
         processors = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
             + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
@@ -138,7 +171,8 @@ class HFRolloutEngine:
         )
         with _seeded(seed, device), _neutral_generation_mode(self.model):
             sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                            generation_config=config, logits_processor=processors)
+                                            generation_config=config, logits_processor=processors,
+                                            **({"synced_gpus": True} if synced else {}))
         response_ids = sequences[:, prompt_ids.shape[1]:]
         recorder.finish(response_ids[:, -1])
         return self._assemble(prompt_ids, prompt_mask, response_ids, recorder)

@@ -5,6 +5,11 @@ state.json}. A checkpoint is written into a temporary sibling directory and rena
 RUN/checkpoints/latest (a text file naming the directory) is replaced atomically, so an interrupted
 save never leaves a half-written checkpoint behind. Every random draw of a step is seeded from
 (seed, step), so model + optimizer state is all a resume needs to continue exactly.
+
+Several processes: the same layout, but a checkpoint directory is a torch.distributed.checkpoint (DCP)
+one — every rank writes its shards (FSDP2) or rank 0 the replicated tensors (DDP) into the temporary
+directory, then, after all ranks are done, rank 0 writes state.json, renames it into place and moves
+`latest`. A save killed on any rank leaves only the temporary directory, which nothing points to.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jackpot.fileio import write_text_atomic
+from jackpot.train.distributed import Collective
 
 KEEP_LAST = 2
 
 
 def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer], extra: dict | None = None) -> Path:
+                    optimizers: dict[str, torch.optim.Optimizer], extra: dict | None = None,
+                    coll: Collective | None = None) -> Path:
+    if coll is not None and coll.world > 1:
+        return _save_sharded(run_dir, step, models, optimizers, extra, coll)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -37,11 +46,66 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _publish(root, final)
+    return final
+
+
+def _publish(root: Path, final: Path) -> None:
+    """Point `latest` at `final` (atomically) and drop all but the KEEP_LAST newest checkpoints."""
     write_text_atomic(root / "latest", final.name)
     older = sorted(p for p in root.glob("step_*") if p != final)
     for old in older[:max(len(older) - (KEEP_LAST - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _dcp_state(models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    """{name: {'model': ..., 'optim': ...}} as torch.distributed.checkpoint's state_dict helpers give them
+    (fully qualified names; DTensor shards for FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    state = {}
+    for name, model in models.items():
+        if name in optimizers:
+            msd, osd = get_state_dict(model, optimizers[name])
+            state[name] = {"model": msd, "optim": osd}
+        else:
+            state[name] = {"model": get_model_state_dict(model)}
+    return state
+
+
+def _save_sharded(run_dir, step, models, optimizers, extra, coll: Collective) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
+    if coll.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    coll.barrier()
+    dcp.save(_dcp_state(models, optimizers), checkpoint_id=str(tmp))
+    coll.barrier()  # every rank's shards are on disk
+    if coll.is_main:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "processes": coll.world, **(extra or {})}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _publish(root, final)
+    coll.barrier()
     return final
+
+
+def _load_sharded(path: Path, models, optimizers) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    state = _dcp_state(models, optimizers)
+    dcp.load(state, checkpoint_id=str(path))
+    for name, model in models.items():
+        if name in optimizers:
+            set_state_dict(model, optimizers[name], model_state_dict=state[name]["model"],
+                           optim_state_dict=state[name]["optim"])
+        else:
+            set_model_state_dict(model, state[name]["model"])
 
 
 def _saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -77,6 +141,9 @@ def load_checkpoint(path: str | Path, models: dict[str, torch.nn.Module],
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"not a checkpoint directory (no state.json): {path}")
+    if (path / ".metadata").is_file():  # written by several processes (torch.distributed.checkpoint)
+        _load_sharded(path, models, optimizers)
+        return json.loads((path / "state.json").read_text())
     for name, model in models.items():
         missing, unexpected = model.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=False)
         frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}

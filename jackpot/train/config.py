@@ -202,6 +202,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How the models are spread over several processes (torchrun / accelerate launch); unused in one."""
+
+    policy: str = "ddp"
+    """'ddp': a full replica per process (DistributedDataParallel); 'fsdp': sharded (FSDP2 fully_shard,
+    one unit per decoder layer)."""
+    rollout_model: str = "ddp"
+    """The same for the rollout model (frozen and 'ddp': a plain replica per process)."""
+    mixed_precision: str | None = None
+    """FSDP2 compute dtype of the sharded models' parameters ('bfloat16', 'float16'; gradients reduced
+    in float32); null: the parameters' own dtype."""
+
+
+@dataclass(frozen=True)
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     policy: ModelConfig = field(default_factory=ModelConfig)
@@ -211,6 +225,7 @@ class Config:
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache_dir: str = ".cache/jackpot/models"
     """Where pre-trained tiny models are cached."""
     tensorboard: bool = True
@@ -231,6 +246,10 @@ class Config:
         _check_choice("distill.rollout_model", self.distill.rollout_model, ("joint", "frozen"))
         _check_choice("distill.direction", self.distill.direction, KL_DIRECTIONS)
         _check_choice("distill.estimator", self.distill.estimator, KL_ESTIMATORS)
+        _check_choice("parallel.policy", self.parallel.policy, ("ddp", "fsdp"))
+        _check_choice("parallel.rollout_model", self.parallel.rollout_model, ("ddp", "fsdp"))
+        if self.parallel.mixed_precision is not None:
+            _check_choice("parallel.mixed_precision", self.parallel.mixed_precision, DTYPES)
         for name in ("train.steps", "train.prompts_per_step", "train.minibatches", "train.ppo_epochs",
                      "train.eval_every", "train.eval_prompts", "train.eval_samples", "train.checkpoint_every",
                      "sampling.max_new_tokens", "sampling.topk"):

@@ -5,12 +5,20 @@ from them through a correction (Jackpot by default), and the rollout model is tr
 trajectories (PPO + distillation toward the policy, eq. 8) unless frozen. On-policy mode: the policy
 samples its own rollouts (the ideal the decoupled run is compared with). Every random draw of a step
 is seeded from (seed, step), so a resumed run continues exactly as an uninterrupted one would.
+
+Under a launcher (`torchrun --nproc_per_node N -m jackpot train ...`, `accelerate launch -m jackpot
+train ...`) every process runs this loop on its block of the global batch: prompts are drawn by global
+index from (seed, step) and split by rank in whole groups, each row's sampling and rejection uniforms
+come from its global index, and every batch statistic is reduced through jackpot.train.distributed —
+so the run is the one a single process would make. Rank 0 alone writes metrics, config and summaries;
+checkpoints are sharded (torch.distributed.checkpoint) and renamed into place by rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import signal
 import threading
 import time
@@ -29,8 +37,9 @@ from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
+from jackpot.train.distributed import Collective, gathered_for_generation, is_sharded, wrap
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
-from jackpot.train.update import prepare, step_seed, update
+from jackpot.train.update import prepare, row_uniforms, step_seed, update
 
 
 @dataclass
@@ -48,6 +57,18 @@ class Run:
     rollout_opt: torch.optim.Optimizer | None
     logger: MetricLogger | None = None
     start_step: int = 1
+    coll: Collective = dataclasses.field(default_factory=Collective)
+    policy_wrapper: torch.nn.Module | None = None   # the policy wrapped by DDP / FSDP2 (several processes)
+    rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
+
+    @property
+    def policy_train(self) -> torch.nn.Module:
+        """The policy as the update runs it: its DDP / FSDP2 wrapper, or itself in one process."""
+        return self.policy_wrapper if self.policy_wrapper is not None else self.policy
+
+    @property
+    def rollout_train(self) -> torch.nn.Module | None:
+        return self.rollout_wrapper if self.rollout_wrapper is not None else self.rollout_model
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -114,39 +135,80 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = False) -> Run:
+def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = False,
+          coll: Collective | None = None) -> Run:
+    """Load (or pre-train) both models, distribute them over the processes of `coll` (default: the
+    launcher's, else one process), restore the latest checkpoint when resuming."""
     out = Path(out)
+    coll = coll or Collective.from_env(cfg.train.device)
     _quiet_transformers()
     if resume and ckpt.latest_checkpoint(out) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
     if not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
         raise FileExistsError(f"run directory {out} already holds a run; continue it with --resume "
                               "or choose another --out")
+    coll.share(cfg.train.prompts_per_step, "train.prompts_per_step")
+    if cfg.train.eval_prompts < coll.world:
+        raise ValueError(f"train.eval_prompts ({cfg.train.eval_prompts}) must be >= the number of processes "
+                         f"({coll.world})")
+    coll.barrier()  # every rank has checked `out` before rank 0 writes to it
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = make_task(cfg.task.name, **cfg.task.options)
-    device = torch.device(cfg.train.device)
-    policy_dir = _model_dir("policy", cfg.policy, cfg, progress)
+    device = coll.device(cfg.train.device)
+    policy_dir = _main_first(coll, lambda: _model_dir("policy", cfg.policy, cfg, progress and coll.is_main))
     tokenizer = load_tokenizer(policy_dir)
     policy = _prepared_model(load_model(policy_dir, dtype=cfg.policy.dtype, device=device), cfg.policy)
-    rollout_model = rollout_opt = None
+    init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
+    mp = cfg.parallel.mixed_precision
+    policy_train = wrap(policy, cfg.parallel.policy, coll, trainable=True, mixed_precision=mp)
+    rollout_model = rollout_train = rollout_opt = None
     if cfg.train.mode == "decoupled":
-        rollout_dir = _model_dir("rollout", cfg.rollout_model, cfg, progress)
+        rollout_dir = _main_first(coll, lambda: _model_dir("rollout", cfg.rollout_model, cfg,
+                                                           progress and coll.is_main))
         check_same_tokenizer(load_tokenizer(rollout_dir), tokenizer, names=("rollout_model", "policy"))
         rollout_model = _prepared_model(load_model(rollout_dir, dtype=cfg.rollout_model.dtype, device=device),
                                         cfg.rollout_model)
+        rollout_train = wrap(rollout_model, cfg.parallel.rollout_model, coll,
+                             trainable=cfg.distill.rollout_model == "joint", mixed_precision=mp)
         rollout_opt = torch.optim.AdamW(_trainable(rollout_model), lr=cfg.rollout_model.lr)
-    init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
-    policy_opt = torch.optim.AdamW(_trainable(policy), lr=cfg.policy.lr)
-    out.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt)
+    policy_opt = torch.optim.AdamW(_trainable(policy), lr=cfg.policy.lr)  # after wrap: FSDP2 shards in place
+    if coll.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    coll.barrier()
+    run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt,
+              coll=coll, policy_wrapper=policy_train if policy_train is not policy else None,
+              rollout_wrapper=rollout_train if rollout_train is not rollout_model else None)
     if resume:
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), run.models, run.optimizers)
         run.start_step = state["step"] + 1
-    _write_config(cfg, out)
-    run.logger = MetricLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
-                              config=to_dict(cfg), resume_step=run.start_step - 1 if resume else None)
+    if coll.is_main:
+        _write_config(cfg, out)
+        run.logger = MetricLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                  config=to_dict(cfg), resume_step=run.start_step - 1 if resume else None)
+    else:
+        run.logger = _NoLogger()
     return run
+
+
+def _main_first(coll: Collective, make):
+    """Run `make` on rank 0 first (it may pre-train and cache a model), then on the others (cache hit)."""
+    if not coll.is_main:
+        coll.barrier()
+    value = make()
+    if coll.is_main:
+        coll.barrier()
+    return value
+
+
+class _NoLogger:
+    """The metric logger of ranks other than 0: every rank computes the same metrics, rank 0 writes them."""
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _write_config(cfg: Config, out: Path) -> None:
@@ -157,34 +219,52 @@ def _write_config(cfg: Config, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- phases
 def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
-    """Sample prompts_per_step prompts x group_size responses and score them: (batch, rewards (N, G))."""
+    """Sample this rank's share of prompts_per_step prompts x group_size responses and score them:
+    (batch, rewards (N / processes, G)). The batch's rows are the global rows `_rows(run)`."""
     t, s = run.cfg.train, run.cfg.sampling
     examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, 0))
-    repeated = [ex for ex in examples for _ in range(t.group_size)]
+    share = run.coll.share(t.prompts_per_step, "train.prompts_per_step")
+    repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.group_size)]
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated])
-    actor = run.rollout_model if run.rollout_model is not None else run.policy
-    engine = HFRolloutEngine(actor, run.tokenizer)
-    engine.set_version(step)
-    batch = engine.generate(prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            top_p=s.top_p, topk=s.topk, seed=step_seed(t.seed, step, 3))
+    actor = run.rollout_train if run.rollout_model is not None else run.policy_train
+    uniforms = row_uniforms(t.seed, step, 3, t.prompts_per_step * t.group_size, s.max_new_tokens, _rows(run))
+    with gathered_for_generation(actor) as model:
+        engine = HFRolloutEngine(model, run.tokenizer)
+        engine.set_version(step)
+        batch = engine.generate(prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens,
+                                temperature=s.temperature, top_p=s.top_p, topk=s.topk,
+                                seed=step_seed(t.seed, step, 3), uniforms=uniforms, synced=is_sharded(actor))
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([run.task.reward(ex, c) for ex, c in zip(repeated, completions)])
-    return batch, rewards.reshape(t.prompts_per_step, t.group_size).to(batch.logprobs.device)
+    return batch, rewards.reshape(len(share), t.group_size).to(batch.logprobs.device)
+
+
+def _rows(run: Run) -> range:
+    """The global rows of the rollout batch this rank holds (whole groups)."""
+    t = run.cfg.train
+    share = run.coll.share(t.prompts_per_step, "train.prompts_per_step")
+    return range(share.start * t.group_size, share.stop * t.group_size)
 
 
 @torch.no_grad()
 def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
-    """Mean@k and Pass@k of `model` on the task's held-out split (k = eval_samples)."""
-    t = run.cfg.train
+    """Mean@k and Pass@k of `model` on the task's held-out split (k = eval_samples); several processes
+    each sample a block of the prompts, the scores are gathered (every rank returns the same numbers)."""
+    t, s = run.cfg.train, run.cfg.sampling
     examples = run.task.examples("eval", t.eval_prompts, t.seed)
-    repeated = [ex for ex in examples for _ in range(t.eval_samples)]
+    share = run.coll.uneven_share(len(examples))
+    repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.eval_samples)]
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated])
-    batch = HFRolloutEngine(model, run.tokenizer).generate(
-        prompt_ids, prompt_mask, max_new_tokens=run.cfg.sampling.max_new_tokens,
-        temperature=t.eval_temperature or run.cfg.sampling.temperature, topk=1, seed=step_seed(t.seed, 0, 4))
+    rows = range(share.start * t.eval_samples, share.stop * t.eval_samples)
+    uniforms = row_uniforms(t.seed, 0, 4, len(examples) * t.eval_samples, s.max_new_tokens, rows)
+    with gathered_for_generation(model) as lm:
+        batch = HFRolloutEngine(lm, run.tokenizer).generate(
+            prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens,
+            temperature=t.eval_temperature or s.temperature, topk=1, seed=step_seed(t.seed, 0, 4),
+            uniforms=uniforms, synced=is_sharded(model))
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([run.task.reward(ex, c) for ex, c in zip(repeated, completions)])
-    rewards = rewards.reshape(len(examples), t.eval_samples)
+    rewards = run.coll.gather_rows(rewards.reshape(len(share), t.eval_samples))[0]
     return {"accuracy": mean_at_k(rewards), f"pass@{t.eval_samples}": pass_at_k(rewards, t.eval_samples)}
 
 
@@ -195,15 +275,20 @@ def _train_step(run: Run, step: int) -> dict[str, float]:
     batch, rewards = collect(run, step)
     t1 = time.perf_counter()
     # ---- prepare: p_ref, p_omega_old, Z, uniforms, diagnostics (no gradients)
-    prep = prepare(cfg, batch, rewards, policy=run.policy, rollout_model=run.rollout_model,
-                   init_policy=run.init_policy, step=step)
+    rows = _rows(run)
+    prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
+                   init_policy=run.init_policy, step=step, coll=run.coll, first_row=rows.start,
+                   global_rows=cfg.train.prompts_per_step * cfg.train.group_size)
     t2 = time.perf_counter()
     # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
-    upd = update(cfg, prep, policy=run.policy, rollout_model=run.rollout_model, policy_opt=run.policy_opt,
-                 rollout_opt=run.rollout_opt if cfg.distill.rollout_model == "joint" else None, step=step)
+    upd = update(cfg, prep, policy=run.policy_train, rollout_model=run.rollout_train, policy_opt=run.policy_opt,
+                 rollout_opt=run.rollout_opt if cfg.distill.rollout_model == "joint" else None, step=step,
+                 coll=run.coll)
     t3 = time.perf_counter()
-    tokens = batch.response_mask.sum()
-    values = scalars({"reward/mean": rewards.mean(), "response/length": tokens / len(batch),
+    coll = run.coll
+    tokens = coll.sum(batch.response_mask.sum())
+    values = scalars({"reward/mean": coll.gather_rows(rewards)[0].mean(),
+                      "response/length": tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
                       **prep.metrics, **upd})
     values.update({"perf/rollout_s": t1 - t0, "perf/prepare_s": t2 - t1, "perf/update_s": t3 - t2,
                    "perf/step_s": t3 - t0, "perf/rollout_tokens_per_s": float(tokens) / max(t1 - t0, 1e-9)})
@@ -212,9 +297,9 @@ def _train_step(run: Run, step: int) -> dict[str, float]:
 
 def _evaluate_all(run: Run) -> dict[str, float]:
     t0 = time.perf_counter()
-    out = {f"eval/{k}": v for k, v in evaluate(run, run.policy).items()}
+    out = {f"eval/{k}": v for k, v in evaluate(run, run.policy_train).items()}
     if run.rollout_model is not None:
-        out.update({f"eval_rollout_model/{k}": v for k, v in evaluate(run, run.rollout_model).items()})
+        out.update({f"eval_rollout_model/{k}": v for k, v in evaluate(run, run.rollout_train).items()})
     out["perf/eval_s"] = time.perf_counter() - t0
     return out
 
@@ -229,7 +314,8 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     t = cfg.train
     if run.start_step == 1:
         run.logger.log(0, _evaluate_all(run))
-    bar = tqdm(range(run.start_step, t.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(run.start_step, t.steps + 1), desc="train", disable=not (progress and run.coll.is_main),
+               dynamic_ncols=True)
     try:
         with _deferred_interrupt() as interrupted:
             for step in bar:
@@ -238,9 +324,10 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                     values.update(_evaluate_all(run))
                 run.logger.log(step, values)
                 bar.set_postfix(_postfix(values))
-                if step % t.checkpoint_every == 0 or step == t.steps or interrupted():
-                    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers)
-                if interrupted():
+                stop = run.coll.any(interrupted())  # Ctrl-C on any rank: all save after this step and stop
+                if step % t.checkpoint_every == 0 or step == t.steps or stop:
+                    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, coll=run.coll)
+                if stop:
                     raise KeyboardInterrupt(f"interrupted after step {step}; checkpoint saved in {run.out}")
     finally:
         run.logger.close()

@@ -24,6 +24,13 @@ masks: its value, k3 = (rho - 1) - log rho with rho = p_init / p_new at the kept
 estimates KL(p_new || p_init) under the correction's target distribution (p_ref or p_new); as a loss,
 k3's gradient at samples of p_new is that of KL(p_init || p_new) (the usual GRPO / verl low_var_kl term).
 
+Several processes (jackpot.train.distributed): each rank holds a block of the global batch's rows.
+Every batch quantity — the correction (lambda, kappa, Z's batch mean), the loss denominators, the
+metrics — is computed from per-token tensors gathered over the ranks (`Collective.gather_rows`, the
+identity in one process), the uniforms are drawn per global row, and mini-batches are chunks of one
+permutation of the global rows, each rank taking the rows it holds; so the update is the one a single
+process would make, whatever the number of processes (tested against one process).
+
 Both models stay in eval mode (dropout off, as TRL and verl do), so the PPO ratio is exactly 1 at the
 first mini-batch; gradients flow regardless.
 """
@@ -47,6 +54,7 @@ from jackpot.metrics import mean_of
 from jackpot.models.forward import output_head, response_hidden
 from jackpot.rollout.base import RolloutBatch
 from jackpot.train.config import Config
+from jackpot.train.distributed import Collective, gradient_sync, language_model
 
 
 @dataclass
@@ -61,6 +69,8 @@ class Prepared:
     uniforms: torch.Tensor | None     # one U(0,1) per token, when the correction needs them
     correction: CorrectionResult | None  # the whole batch's weights and mask; None: per mini-batch
     metrics: dict[str, torch.Tensor]
+    first_row: int = 0                # global index of this rank's first row
+    global_rows: int | None = None    # rows of the global batch (None: this batch is all of it)
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -68,14 +78,26 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step) * 16 + stream
 
 
+def row_uniforms(seed: int, step: int, stream: int, global_rows: int, width: int, rows: range) -> torch.Tensor:
+    """U(0, 1) (len(rows), width) for the global rows `rows` of a batch of `global_rows`: one table per
+    (seed, step, stream), so a row's draws do not depend on how the batch is split over processes."""
+    gen = torch.Generator().manual_seed(step_seed(seed, step, stream))
+    return torch.rand(global_rows, width, generator=gen)[rows.start:rows.stop]
+
+
 def needs_of(cfg: Config) -> Needs:
     return correction_needs(cfg.correction.name, **cfg.correction.kwargs())
 
 
 def _forward(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> Head:
-    """The model's last hidden states at the B x T response positions (flattened) and its output head."""
-    hidden = response_hidden(model, batch.input_ids, batch.attention_mask, batch.response_len)
-    weight, bias = output_head(model)
+    """The model's last hidden states at the B x T response positions (flattened) and its output head.
+    `model`: a Hugging Face causal LM, or one wrapped by jackpot.train.distributed (DDP / FSDP2)."""
+    lm = language_model(model)
+    if lm is model:
+        hidden = response_hidden(model, batch.input_ids, batch.attention_mask, batch.response_len)
+    else:  # through the wrapper's forward, where DDP's and FSDP2's hooks run
+        hidden = model(batch.input_ids, batch.attention_mask, batch.response_len)
+    weight, bias = output_head(lm)
     return Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature)
 
 
@@ -113,34 +135,50 @@ def _raw_z(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> torch.Tens
     return obrs.topk_normalizer(mb.topk_ids, mb.topk_logprobs, tgt_at_topk, needs.z_lam)
 
 
-def _correction(cfg: Config, needs: Needs, batch: RolloutBatch, ref_logp: torch.Tensor,
-                new_logp: torch.Tensor | None, raw_z: torch.Tensor | None,
+def _correction(cfg: Config, needs: Needs, coll: Collective, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                ref_logp: torch.Tensor, new_logp: torch.Tensor | None, raw_z: torch.Tensor | None,
                 uniforms: torch.Tensor | None) -> CorrectionResult:
-    """The correction over all of `batch`; top-k Z is scaled by kappa = mean acceptance / mean Z_approx
-    over the same tokens (METHOD.md §4.1)."""
-    z, z_stats = raw_z, {}
+    """The correction of the rows given on every rank, computed over all ranks' rows (gathered), returned
+    for this rank's rows; top-k Z is scaled by kappa = mean acceptance / mean Z_approx over all of those
+    tokens (METHOD.md §4.1). Statistics are those of all ranks' rows."""
+    rows, width = mask.shape
+    g, first = {}, 0
+    for name, t, fill in (("rollout", rollout_logp, 0.0), ("mask", mask, 0.0), ("ref", ref_logp, 0.0),
+                          ("new", new_logp, 0.0), ("z", raw_z, 1.0), ("u", uniforms, 0.0)):
+        g[name], first = coll.gather_rows(t, fill) if t is not None else (None, first)
+    z, z_stats = g["z"], {}
     if needs.z == "topk":
-        tgt_logp = new_logp if needs.current_policy else ref_logp
-        a = obrs.acceptance_prob(tgt_logp, batch.logprobs, needs.z_lam)
-        k = obrs.kappa(a, raw_z, batch.response_mask)
-        m = batch.response_mask
-        z, z_stats = k * raw_z, {"obrs/kappa": k, "obrs/topk_z_mean": (raw_z * m).sum() / m.sum().clamp_min(1)}
+        tgt_logp = g["new"] if needs.current_policy else g["ref"]
+        a = obrs.acceptance_prob(tgt_logp, g["rollout"], needs.z_lam)
+        k = obrs.kappa(a, g["z"], g["mask"])
+        m = g["mask"]
+        z, z_stats = k * g["z"], {"obrs/kappa": k, "obrs/topk_z_mean": (g["z"] * m).sum() / m.sum().clamp_min(1)}
     result = apply_correction(cfg.correction.name, CorrectionInputs(
-        rollout_logp=batch.logprobs, ref_logp=ref_logp, mask=batch.response_mask, new_logp=new_logp,
-        uniforms=uniforms, z=z), **cfg.correction.kwargs())
+        rollout_logp=g["rollout"], ref_logp=g["ref"], mask=g["mask"], new_logp=g["new"],
+        uniforms=g["u"], z=z), **cfg.correction.kwargs())
     result.stats.update(z_stats)
-    return result
+    if coll.world == 1:
+        return result
+    return CorrectionResult(result.weights[first:first + rows, :width], result.mask[first:first + rows, :width],
+                            result.stats)
 
 
 # ----------------------------------------------------------------------------- prepare
 @torch.no_grad()
 def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, rollout_model, init_policy,
-            step: int) -> Prepared:
-    """rewards (N, G) with batch rows ordered prompt-major. rollout_model None means on-policy."""
+            step: int, coll: Collective | None = None, first_row: int = 0,
+            global_rows: int | None = None) -> Prepared:
+    """rewards (N, G) with batch rows ordered prompt-major. rollout_model None means on-policy.
+
+    Several processes: `batch` is this rank's rows `first_row ... first_row + len(batch) - 1` of a global
+    batch of `global_rows` (whole groups), `coll` the process group's seam."""
+    coll = coll or Collective()
+    global_rows = len(batch) if global_rows is None else global_rows
     temp, needs = cfg.sampling.temperature, needs_of(cfg)
     advantages = group_advantages(rewards, mode=cfg.train.advantages).reshape(-1)
     parts: dict[str, list] = {"ref": [], "old": [], "init": [], "z": []}
-    for idx in _chunks(len(batch), _micro_size(cfg, batch.response_len)):
+    # the same micro-batch size on every rank (the longest response of all): equal numbers of forwards
+    for idx in _chunks(len(batch), _micro_size(cfg, coll.max_int(batch.response_len))):
         mb = batch.select(idx)
         ref_head = _forward(policy, mb, temp)
         roll_head = ref_head if rollout_model is None else _forward(rollout_model, mb, temp)
@@ -159,17 +197,21 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
     cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}
     uniforms = None
     if needs.uniforms:
-        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1))
-        uniforms = torch.rand(batch.response_mask.shape, generator=gen).to(batch.response_mask.device)
+        rows = range(first_row, first_row + len(batch))
+        uniforms = row_uniforms(cfg.train.seed, step, 1, global_rows, cfg.sampling.max_new_tokens, rows)
+        uniforms = uniforms[:, :batch.response_len].to(batch.response_mask.device)
     correction = None
     if not needs.current_policy:  # fixed for the whole batch: computed once, sliced per mini-batch
-        correction = _correction(cfg, needs, batch, cat["ref"], None, cat["z"], uniforms)
-    mask = batch.response_mask
-    metrics = {f"mismatch/{k}": v for k, v in mismatch_metrics(cat["ref"], batch.logprobs, mask).items()}
+        correction = _correction(cfg, needs, coll, batch.logprobs, batch.response_mask, cat["ref"], None,
+                                 cat["z"], uniforms)
+    rollout_logp, mask, ref, old = (coll.gather_rows(t)[0] for t in (batch.logprobs, batch.response_mask,
+                                                                      cat["ref"], cat["old"]))
+    metrics = {f"mismatch/{k}": v for k, v in mismatch_metrics(ref, rollout_logp, mask).items()}
     metrics.update(correction.stats if correction is not None else {})
     metrics.update({f"mismatch/rollout_model_{k}": v
-                    for k, v in kl_estimators(cat["old"], batch.logprobs, mask).items() if k == "kl_k3"})
-    return Prepared(batch, advantages, cat["ref"], cat["old"], cat["init"], uniforms, correction, metrics)
+                    for k, v in kl_estimators(old, rollout_logp, mask).items() if k == "kl_k3"})
+    return Prepared(batch, advantages, cat["ref"], cat["old"], cat["init"], uniforms, correction, metrics,
+                    first_row, global_rows)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -184,10 +226,10 @@ def _policy_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, new_logp: torch
         log_rho = (prep.init_logp[idx] - new_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
         tok = tok + t.kl_coef * (log_rho.exp() - 1 - log_rho)
     loss = aggregate(tok * corr.weights, corr.mask, t.loss_agg, denominator=denominator)
-    kept = corr.mask.sum().clamp_min(1)
-    stats = {"policy/loss": loss.detach(), "policy/clipfrac": (diag["clipped"] * corr.mask).sum() / kept,
-             "policy/clipfrac_lower": (diag["clipped_lower"] * corr.mask).sum() / kept,
-             "policy/ratio_mean": (diag["ratio"] * mask).sum() / mask.sum().clamp_min(1)}
+    kept = corr.mask.sum()
+    stats = {"policy/loss": (loss.detach(), None), "policy/clipfrac": ((diag["clipped"] * corr.mask).sum(), kept),
+             "policy/clipfrac_lower": ((diag["clipped_lower"] * corr.mask).sum(), kept),
+             "policy/ratio_mean": ((diag["ratio"].detach() * mask).sum(), mask.sum())}
     return loss, stats
 
 
@@ -212,12 +254,12 @@ def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll: He
         log_is = (prep.rollout_old_logp[idx] - mb.logprobs).clamp(-SAFETY_BOUND, SAFETY_BOUND)
         ppo = aggregate(tok * log_is.exp().clamp_max(d.is_cap), mask, "token-mean", denominator=denominator)
         total = total + ppo
-        stats["rollout_model/ppo_loss"] = ppo.detach()
+        stats["rollout_model/ppo_loss"] = (ppo.detach(), None)
     if d.coef > 0:
         kl = kl if kl is not None else _distill(cfg, roll, teacher, teacher_logp, logp, mb)
         distill = aggregate(kl, mask, "token-mean", denominator=denominator)
         total = total + d.coef * distill
-        stats["rollout_model/distill_kl"] = distill.detach()
+        stats["rollout_model/distill_kl"] = (distill.detach(), None)
     return total, stats
 
 
@@ -237,10 +279,11 @@ def _distill(cfg: Config, roll: Head, teacher: Head, teacher_logp: torch.Tensor,
 
 # ----------------------------------------------------------------------------- update
 @torch.no_grad()
-def _current_correction(cfg: Config, needs: Needs, prep: Prepared, mini: torch.Tensor, heads: list[Head],
-                        logps: list[torch.Tensor] | None = None) -> CorrectionResult:
-    """The correction of mini-batch `mini` from the current policy's heads, given in micro-batch order
-    (and its log-probs at the sampled tokens, when already computed)."""
+def _current_correction(cfg: Config, needs: Needs, coll: Collective, prep: Prepared, mini: torch.Tensor,
+                        heads: list[Head], logps: list[torch.Tensor] | None = None) -> CorrectionResult:
+    """The correction of mini-batch `mini` (this rank's rows of it) from the current policy's heads, given in
+    micro-batch order (and its log-probs at the sampled tokens, when already computed); computed over all
+    ranks' rows of the mini-batch."""
     batch = prep.batch.select(mini)
     new_logp, raw_z, start = [], [], 0
     for j, head in enumerate(heads):
@@ -249,9 +292,11 @@ def _current_correction(cfg: Config, needs: Needs, prep: Prepared, mini: torch.T
         new_logp.append(logps[j] if logps is not None else _logp(cfg, head, part.response_ids))
         raw_z.append(_raw_z(cfg, needs, head, part))
         start += n
-    z = torch.cat(raw_z) if raw_z[0] is not None else None
+    empty = batch.response_mask.new_zeros(batch.response_mask.shape)
+    new = torch.cat(new_logp) if new_logp else empty
+    z = (torch.cat(raw_z) if heads else empty) if needs.z == "topk" else None
     uniforms = prep.uniforms[mini] if prep.uniforms is not None else None
-    return _correction(cfg, needs, batch, prep.ref_logp[mini], torch.cat(new_logp), z, uniforms)
+    return _correction(cfg, needs, coll, batch.logprobs, batch.response_mask, prep.ref_logp[mini], new, z, uniforms)
 
 
 def _checkpointed(model: torch.nn.Module) -> bool:
@@ -275,52 +320,68 @@ def _checkpointing(*models):
             m.eval()
 
 
-def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int) -> dict:
-    """ppo_epochs x minibatches optimizer steps over the prepared batch; returns averaged metrics."""
-    with _checkpointing(policy, rollout_model if rollout_opt is not None else None):
+def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int,
+           coll: Collective | None = None) -> dict:
+    """ppo_epochs x minibatches optimizer steps over the prepared batch; returns averaged metrics.
+    policy / rollout_model: Hugging Face models, or wrapped by jackpot.train.distributed (several processes)."""
+    with _checkpointing(language_model(policy), language_model(rollout_model) if rollout_opt is not None else None):
         return _update(cfg, prep, policy=policy, rollout_model=rollout_model, policy_opt=policy_opt,
-                       rollout_opt=rollout_opt, step=step)
+                       rollout_opt=rollout_opt, step=step, coll=coll or Collective())
 
 
-def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int) -> dict:
+def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int,
+            coll: Collective) -> dict:
     t, temp, needs = cfg.train, cfg.sampling.temperature, needs_of(cfg)
     joint = rollout_model is not None and rollout_opt is not None
     gen = torch.Generator().manual_seed(step_seed(t.seed, step, 2))
+    n_global = prep.global_rows or len(prep.batch)
+    size = _micro_size(cfg, coll.max_int(prep.batch.response_len))
     records = []  # one dict per mini-batch
     for _ in range(t.ppo_epochs):
-        order = torch.randperm(len(prep.batch), generator=gen)
-        for mini in order.chunk(t.minibatches):
-            micros = list(mini.split(_micro_size(cfg, prep.batch.response_len)))
+        order = torch.randperm(n_global, generator=gen)
+        for global_mini in order.chunk(t.minibatches):
+            # this rank's rows of the mini-batch, in the permutation's order
+            mine = (global_mini >= prep.first_row) & (global_mini < prep.first_row + len(prep.batch))
+            mini = global_mini[mine] - prep.first_row
+            micros = list(mini.split(size))
+            # every rank runs as many micro-batches as the busiest one; the extra ones carry zero weight
+            micros += [None] * (coll.max_int(len(micros)) - len(micros))
             corr = prep.correction.select(mini) if prep.correction is not None else None
-            if corr is None and len(micros) > 1:  # current policy, several micro-batches: a gradient-free pass
+            if corr is None and (len(micros) > 1 or coll.world > 1):  # current policy: a gradient-free pass
                 with torch.no_grad():
-                    corr = _current_correction(cfg, needs, prep, mini,
-                                               [_forward(policy, prep.batch.select(i), temp) for i in micros])
+                    heads = [_forward(policy, prep.batch.select(_or_first(i)), temp) for i in micros]
+                    corr = _current_correction(cfg, needs, coll, prep, mini,
+                                               [h for h, i in zip(heads, micros) if i is not None])
             policy_opt.zero_grad(set_to_none=True)
             if joint:
                 rollout_opt.zero_grad(set_to_none=True)
             micro_stats, start = [], 0
-            for idx in micros:
-                mb = prep.batch.select(idx)
-                new_head = _forward(policy, mb, temp)
-                new_logp = _logp(cfg, new_head, mb.response_ids)
-                if corr is None:  # current policy, one micro-batch: the forward pass itself serves it
-                    corr = _current_correction(cfg, needs, prep, mini, [_detached(new_head)], [new_logp.detach()])
-                if start == 0:
-                    denom_pol = loss_denominator(corr.mask, t.loss_agg, response_mask=prep.batch.response_mask[mini],
-                                                 norm_len=cfg.sampling.max_new_tokens)
-                    denom_resp = loss_denominator(prep.batch.response_mask[mini], "token-mean")
-                part = corr.select(torch.arange(start, start + len(idx)))
-                start += len(idx)
-                loss, stats = _policy_loss(cfg, prep, idx, new_logp, part, denom_pol)
-                loss.backward()
+            for j, idx in enumerate(micros):
+                real = idx is not None
+                mb = prep.batch.select(_or_first(idx))
+                last = j == len(micros) - 1
+                with gradient_sync(policy, last):
+                    new_head = _forward(policy, mb, temp)
+                    new_logp = _logp(cfg, new_head, mb.response_ids)
+                    if corr is None:  # current policy, one process, one micro-batch: the pass itself serves it
+                        corr = _current_correction(cfg, needs, coll, prep, mini, [_detached(new_head)],
+                                                   [new_logp.detach()])
+                    if j == 0:
+                        denom_pol, denom_resp = _denominators(cfg, coll, corr.mask, prep.batch.response_mask[mini])
+                    part = corr.select(torch.arange(start, start + len(idx))) if real else \
+                        CorrectionResult(torch.zeros_like(new_logp), torch.zeros_like(new_logp))
+                    start += len(idx) if real else 0
+                    loss, stats = _policy_loss(cfg, prep, _or_first(idx), new_logp, part, denom_pol)
+                    (loss * coll.world).backward()  # DDP / FSDP2 average over ranks; the loss is a share
                 if joint:
-                    roll_loss, roll_stats = _rollout_model_loss(cfg, prep, idx, _forward(rollout_model, mb, temp),
-                                                                _detached(new_head), new_logp.detach(), denom_resp)
-                    roll_loss.backward()
+                    with gradient_sync(rollout_model, last):
+                        roll_loss, roll_stats = _rollout_model_loss(
+                            cfg, prep, _or_first(idx), _forward(rollout_model, mb, temp), _detached(new_head),
+                            new_logp.detach(), denom_resp)
+                        (roll_loss * (coll.world if real else 0.0)).backward()
                     stats.update(roll_stats)
-                micro_stats.append((len(idx), stats))
-            record = _combine(micro_stats)
+                micro_stats.append(stats if real else _zeroed(stats))
+            record = _combine(micro_stats, coll)
             record.update(corr.stats)
             record["policy/grad_norm"] = _step(policy, policy_opt, t.grad_clip)
             if joint:
@@ -329,26 +390,41 @@ def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, r
     return mean_of(records)
 
 
-# Losses whose per-micro-batch values are shares of the mini-batch loss: logged as their sum.
-_ADDITIVE = ("policy/loss", "rollout_model/ppo_loss", "rollout_model/distill_kl")
+def _zeroed(stats: dict) -> dict:
+    """A padding micro-batch's statistics: present (every rank sums the same keys), contributing nothing."""
+    return {k: (n * 0, None if d is None else d * 0) for k, (n, d) in stats.items()}
 
 
-def _combine(micro_stats: list[tuple[int, dict]]) -> dict:
-    """Mini-batch metrics from micro-batch ones: losses (each a share of the mini-batch loss) add up,
-    the rest are averaged weighted by sequences."""
-    n = sum(size for size, _ in micro_stats)
-    out = {}
-    for key in micro_stats[0][1]:
-        values = torch.stack([s[key] for _, s in micro_stats])
-        if key in _ADDITIVE:
-            out[key] = values.sum()
-        else:
-            out[key] = (values * torch.tensor([size / n for size, _ in micro_stats], dtype=values.dtype)).sum()
-    return out
+def _or_first(idx: torch.Tensor | None) -> torch.Tensor:
+    """A micro-batch's rows; row 0 for a padding micro-batch (which enters the loss with weight 0)."""
+    return idx if idx is not None else torch.zeros(1, dtype=torch.long)
+
+
+def _denominators(cfg: Config, coll: Collective, keep: torch.Tensor, response_mask: torch.Tensor):
+    """The policy loss's and the rollout model's (token-mean) denominators over all ranks' rows of a
+    mini-batch."""
+    keep_all, resp_all = coll.gather_rows(keep)[0], coll.gather_rows(response_mask)[0]
+    policy = loss_denominator(keep_all, cfg.train.loss_agg, response_mask=resp_all,
+                              norm_len=cfg.sampling.max_new_tokens)
+    return policy, loss_denominator(resp_all, "token-mean")
+
+
+def _combine(micro_stats: list[dict], coll: Collective) -> dict:
+    """Mini-batch metrics from micro-batch (numerator, denominator) pairs summed over micro-batches and
+    ranks: a loss (each micro-batch's value a share of the mini-batch loss, denominator None) is the sum;
+    the rest are ratios of the sums (token fractions over the whole mini-batch, whatever the micro-batching)."""
+    keys = list(micro_stats[0])
+    sums = torch.stack([torch.stack([sum(stats[k][i].double().cpu() for stats in micro_stats)
+                                     if micro_stats[0][k][i] is not None else torch.ones((), dtype=torch.float64)
+                                     for i in (0, 1)]) for k in keys])
+    sums = coll.sum(sums)
+    return {k: (sums[n, 0] if micro_stats[0][k][1] is None else sums[n, 0] / sums[n, 1].clamp_min(1e-12)).float()
+            for n, k in enumerate(keys)}
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float | None) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
     opt.step()
-    return norm.detach()
+    full = getattr(norm, "full_tensor", None)  # FSDP2: the norm over all shards
+    return (full() if callable(full) else norm).detach()

@@ -1,0 +1,219 @@
+"""Several processes (torchrun / accelerate launch): the one seam through which a step crosses ranks.
+
+One process is the default and nothing here changes it: `Collective()` is the identity. Under a
+launcher (WORLD_SIZE > 1 in the environment) `Collective.from_env` joins the process group (NCCL on
+CUDA, Gloo on CPU) and the trainer uses it for exactly four things:
+
+    gather_rows   the per-token tensors of a batch, row blocks in rank order (small: sampled-token
+                  log-probs, masks, uniforms). Every batch statistic — the budget lambda (a sort of all
+                  tokens), kappa, the `z=batch` acceptance, every loss denominator, the logged metrics —
+                  is computed from the gathered tensors with the same code as in one process, so it is
+                  the same number on every rank and the same as one process would compute.
+    sum           metric numerators and denominators of the update (all ranks then agree).
+    max_int       the number of micro-batches every rank runs (a sharded model's forward is a
+                  collective, so ranks with fewer rows run zero-weighted padding micro-batches).
+    any           Ctrl-C on any rank: every rank saves and stops after the same step.
+
+Models are distributed with PyTorch's own engines: DDP (replicated) or FSDP2 `fully_shard` (sharded,
+each decoder layer a unit), per model (`parallel.policy`, `parallel.rollout_model`). Both wrap
+`HiddenStates`, a module whose forward is the trainer's forward (the last hidden states at the response
+positions); the output head is applied outside in chunks (jackpot.core.head), its weight reached as an
+ordinary parameter (DDP: always; FSDP2: the root unit stays unsharded after its forward).
+DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the global loss (global
+denominators) times the world size, so the averaged gradient is the global loss's gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jackpot.models.forward import _unwrapped, response_hidden
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+class Collective:
+    """Rank, world size and the cross-rank operations the trainer uses; the identity in one process."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+
+    @classmethod
+    def from_env(cls, device: str) -> Collective:
+        """Join the process group a launcher describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
+        one process when WORLD_SIZE is unset or 1."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            cuda = torch.device(device).type == "cuda"
+            if cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        return cls(rank, world, local_rank)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: str) -> torch.device:
+        """The device of this rank: 'cuda' becomes cuda:LOCAL_RANK."""
+        d = torch.device(device)
+        return torch.device("cuda", self.local_rank) if d.type == "cuda" and d.index is None and self.world > 1 else d
+
+    def share(self, n: int, what: str) -> range:
+        """This rank's contiguous block of n items (n must divide evenly)."""
+        if n % self.world:
+            raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
+        size = n // self.world
+        return range(self.rank * size, (self.rank + 1) * size)
+
+    def uneven_share(self, n: int) -> range:
+        """This rank's contiguous block of n items, the first n % world ranks taking one more."""
+        size, extra = divmod(n, self.world)
+        start = self.rank * size + min(self.rank, extra)
+        return range(start, start + size + (self.rank < extra))
+
+    # ---- collectives (identity in one process)
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
+
+    def max_int(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.long, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def any(self, flag: bool) -> bool:
+        return self.max_int(int(flag)) > 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def gather_rows(self, t: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, int]:
+        """(b, T, ...) on each rank -> ((sum of b, max T, ...), this rank's first row in it).
+
+        Row blocks are concatenated in rank order; shorter rows are padded with `fill` (masked out by
+        the gathered masks). A rank may hold zero rows.
+        """
+        if self.world == 1:
+            return t, 0
+        dev = self._comm_device()
+        shape = torch.tensor([t.shape[0], t.shape[1] if t.dim() > 1 else 0], device=dev)
+        shapes = [torch.zeros_like(shape) for _ in range(self.world)]
+        dist.all_gather(shapes, shape)
+        rows = [int(s[0]) for s in shapes]
+        width = max(int(s[1]) for s in shapes)
+        padded = t.new_full((max(rows), *((width,) if t.dim() > 1 else ()), *t.shape[2:]), fill)
+        if t.dim() > 1:
+            padded[:t.shape[0], :t.shape[1]] = t
+        else:
+            padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded, device=dev) for _ in range(self.world)]
+        dist.all_gather(parts, padded.to(dev))
+        out = torch.cat([p[:r] for p, r in zip(parts, rows)]).to(t.device)
+        return out, sum(rows[:self.rank])
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- wrapping models
+class HiddenStates(nn.Module):
+    """A causal LM's forward as the trainer uses it: the last hidden states at the response positions.
+    What DDP and FSDP2 wrap (their hooks run on a module's forward)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+        return response_hidden(self.lm, input_ids, attention_mask, response_len)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a DDP / HiddenStates wrapper (itself when unwrapped)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.lm if isinstance(model, HiddenStates) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def wrap(lm: nn.Module, mode: str, coll: Collective, *, trainable: bool, mixed_precision: str | None) -> nn.Module:
+    """`lm` distributed over the ranks of `coll`: 'ddp' (replicated; a frozen model stays a plain
+    replica) or 'fsdp' (FSDP2, every decoder layer and the root a unit). One process: `lm` itself."""
+    if coll.world == 1:
+        return lm
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel mode must be one of {list(PARALLEL_MODES)}, got {mode!r}")
+    body = HiddenStates(lm)
+    if mode == "ddp":
+        if not trainable:
+            return body
+        dev = next(lm.parameters()).device
+        return nn.parallel.DistributedDataParallel(
+            body, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy() if mixed_precision is None else MixedPrecisionPolicy(
+        param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
+    for layer in _decoder_layers(lm):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(body, mp_policy=mp)
+    return body
+
+
+def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    base = _unwrapped(lm)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(base).__name__}: parallel=fsdp shards each decoder layer and needs "
+                         "model.model.layers (a ModuleList); use parallel=ddp for this model")
+    return list(layers)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module):
+    """Yield the Hugging Face model to generate with: for an FSDP2 model, its root unit unsharded for the
+    duration (each layer gathers itself in its own forward); otherwise the plain model."""
+    lm = language_model(model)
+    if not is_sharded(model):
+        yield lm
+        return
+    model.unshard()
+    try:
+        yield lm
+    finally:
+        model.reshard()
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool):
+    """DDP: skip the gradient all-reduce unless `sync` (micro-batches before the last accumulate locally).
+    FSDP2: reduce-scatter only at the last micro-batch."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+        return
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+    yield
