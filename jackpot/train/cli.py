@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from jackpot.fileio import write_text_atomic
@@ -46,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
     if args.resume and args.config is None and (out / "config.yaml").is_file():
         cfg = build_config(str(out / "config.yaml"), args.overrides)  # the run's own config, plus overrides
     run_dir = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes: rank 0 summarises
+        return 0
     summary = summarize(run_dir)
     reference = Path(args.reference) if args.reference else run_dir.parent / "on-policy-none"
     if reference.resolve() != run_dir.resolve() and (reference / "metrics.jsonl").is_file():

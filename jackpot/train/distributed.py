@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 
 import torch
@@ -170,8 +171,11 @@ def wrap(lm: nn.Module, mode: str, coll: Collective, *, trainable: bool, mixed_p
         if not trainable:
             return body
         dev = next(lm.parameters()).device
-        return nn.parallel.DistributedDataParallel(
-            body, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel
+        # no buffer broadcast at each forward (a causal LM's buffers are constants); the flag's newer name
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"
+        return ddp(body, device_ids=[dev.index] if dev.type == "cuda" else None, **{no_sync: False})
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy() if mixed_precision is None else MixedPrecisionPolicy(
@@ -179,6 +183,10 @@ def wrap(lm: nn.Module, mode: str, coll: Collective, *, trainable: bool, mixed_p
     for layer in _decoder_layers(lm):
         fully_shard(layer, mp_policy=mp)
     fully_shard(body, mp_policy=mp)
+    with torch.no_grad():  # FSDP2 initialises its root at the first forward; generation comes first
+        ids = torch.zeros(1, 2, dtype=torch.long, device=next(lm.parameters()).device)
+        body(ids, torch.ones_like(ids), 1)
+    body.reshard()  # the root unit stays gathered after a forward; the optimizer must see the shards
     return body
 
 

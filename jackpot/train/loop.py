@@ -235,7 +235,7 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
                                 temperature=s.temperature, top_p=s.top_p, topk=s.topk,
                                 seed=step_seed(t.seed, step, 3), uniforms=uniforms, synced=is_sharded(actor))
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
-    rewards = torch.tensor([run.task.reward(ex, c) for ex, c in zip(repeated, completions)])
+    rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
     return batch, rewards.reshape(len(share), t.group_size).to(batch.logprobs.device)
 
 
@@ -263,7 +263,7 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
             temperature=t.eval_temperature or s.temperature, topk=1, seed=step_seed(t.seed, 0, 4),
             uniforms=uniforms, synced=is_sharded(model))
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
-    rewards = torch.tensor([run.task.reward(ex, c) for ex, c in zip(repeated, completions)])
+    rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
     rewards = run.coll.gather_rows(rewards.reshape(len(share), t.eval_samples))[0]
     return {"accuracy": mean_at_k(rewards), f"pass@{t.eval_samples}": pass_at_k(rewards, t.eval_samples)}
 

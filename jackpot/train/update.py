@@ -372,14 +372,14 @@ def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, r
                         CorrectionResult(torch.zeros_like(new_logp), torch.zeros_like(new_logp))
                     start += len(idx) if real else 0
                     loss, stats = _policy_loss(cfg, prep, _or_first(idx), new_logp, part, denom_pol)
+                    if joint:  # before the policy's backward, which reshards an FSDP2 policy's head (the teacher)
+                        with gradient_sync(rollout_model, last):
+                            roll_loss, roll_stats = _rollout_model_loss(
+                                cfg, prep, _or_first(idx), _forward(rollout_model, mb, temp), _detached(new_head),
+                                new_logp.detach(), denom_resp)
+                            (roll_loss * (coll.world if real else 0.0)).backward()
+                        stats.update(roll_stats)
                     (loss * coll.world).backward()  # DDP / FSDP2 average over ranks; the loss is a share
-                if joint:
-                    with gradient_sync(rollout_model, last):
-                        roll_loss, roll_stats = _rollout_model_loss(
-                            cfg, prep, _or_first(idx), _forward(rollout_model, mb, temp), _detached(new_head),
-                            new_logp.detach(), denom_resp)
-                        (roll_loss * (coll.world if real else 0.0)).backward()
-                    stats.update(roll_stats)
                 micro_stats.append(stats if real else _zeroed(stats))
             record = _combine(micro_stats, coll)
             record.update(corr.stats)

@@ -1,0 +1,122 @@
+"""Several processes (gloo on CPU) against one: the same global batch and seed give the same run.
+
+Each case runs `tests/dist_worker.py` for 2 steps in one process and under
+`torchrun --nproc_per_node 2`, and compares, per step, the whole batch's rows (sampled ids, rewards,
+the correction's mask exactly; log-probs and weights to float32 reduction-order noise), every logged
+metric, and both models' parameters after the 2 steps. Micro-batching is on (micro_batch_size 3: each
+rank's 8 rows are 3 + 3 + 2, one process's 16 rows 6 micro-batches). Then the CLI: `torchrun -m jackpot
+train` with a resume from its sharded checkpoint continues exactly.
+
+Tolerances: one process and two differ only in the order of float32 sums (batch size 8 vs 16 in the
+matmuls, gradients all-reduced over 2 ranks), so values agree to ~1e-6 here; parameters after two
+AdamW steps within 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+BASE = ["train.threads=1", "policy.sft_steps=3", "rollout_model.sft_steps=3", "policy.hidden_size=32",
+        "rollout_model.hidden_size=16", "policy.num_layers=2", "rollout_model.num_layers=1",
+        "train.prompts_per_step=4", "train.group_size=4", "train.eval_prompts=4", "train.eval_samples=2",
+        "train.micro_batch_size=3", "tensorboard=false", "policy.lr=1e-3", "rollout_model.lr=1e-3"]
+CASES = {
+    "on-policy": ["train.mode=on-policy"],
+    "jackpot-exact-z": ["correction.z=exact"],
+    "jackpot-topk-z-kappa": ["correction.z=topk"],
+    "jackpot-budget": ["correction.budget=0.8"],
+    # the correction recomputed per mini-batch from the current policy; 2 mini-batches split unevenly over
+    # the ranks (padding micro-batches)
+    "target-new-two-minibatches": ["correction.z=topk", "correction.target=new", "train.minibatches=2"],
+    "fsdp-both-models": ["correction.z=exact", "parallel.policy=fsdp", "parallel.rollout_model=fsdp"],
+    "fsdp-policy-frozen-ddp-rollout": ["correction.budget=0.8", "parallel.policy=fsdp",
+                                       "distill.rollout_model=frozen"],
+}
+EXACT_ROWS = ("response_ids", "response_mask", "rewards", "keep")
+ATOL = 1e-5
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+
+
+def _run_worker(tmp: Path, name: str, processes: int, overrides: list[str], cache: Path) -> dict:
+    out = tmp / f"{name}.pt"
+    launcher = [sys.executable] if processes == 1 else _torchrun(processes)
+    cmd = [*launcher, str(WORKER), str(out), str(tmp / name), "2", *BASE, *overrides, f"cache_dir={cache}"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("dist-cache")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one(tmp_path, cache, case):
+    one = _run_worker(tmp_path, "one", 1, CASES[case], cache)
+    two = _run_worker(tmp_path, "two", 2, CASES[case], cache)
+    assert (one["world"], two["world"]) == (1, 2)
+    for step, (a, b) in enumerate(zip(one["steps"], two["steps"], strict=True), 1):
+        assert a["rows"].keys() == b["rows"].keys()
+        for key in a["rows"]:
+            x, y = a["rows"][key], b["rows"][key]
+            w = min(x.shape[1], y.shape[1])  # each rank pads to its own longest response; the rest is padding
+            assert not x[:, w:].any() and not y[:, w:].any(), key
+            if key in EXACT_ROWS:
+                assert torch.equal(x[:, :w], y[:, :w]), f"step {step}: {key} differs"
+            else:
+                torch.testing.assert_close(x[:, :w], y[:, :w], atol=ATOL, rtol=0, msg=f"step {step}: {key}")
+        assert a["metrics"].keys() == b["metrics"].keys()
+        for key, value in a["metrics"].items():
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-4, abs=ATOL), f"step {step}: {key}"
+        # the comparison discriminates: groups have a reward spread and the policy takes a real step
+        assert a["rows"]["rewards"].reshape(4, 4).std(1).gt(0).any()
+        assert a["metrics"]["policy/grad_norm"] > 1e-3
+    if "train.mode=on-policy" not in CASES[case] and "keep" in one["steps"][0]["rows"]:
+        rows = [s["rows"] for s in one["steps"]]
+        assert any((r["keep"] < r["response_mask"]).any() for r in rows), "no token rejected: mask not tested"
+    for name in one["params"]:
+        assert one["params"][name].keys() == two["params"][name].keys()
+        for key, p in one["params"][name].items():
+            torch.testing.assert_close(two["params"][name][key], p, atol=ATOL, rtol=1e-4, msg=f"{name}.{key}")
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_resume_from_a_two_process_checkpoint_continues_exactly(tmp_path, cache):
+    """`torchrun -m jackpot train`: 3 steps straight equal 2 steps, then --resume to 3, from the sharded
+    checkpoint (torch.distributed.checkpoint); rank 0 alone writes metrics and the summary."""
+    args = [*_torchrun(2), "-m", "jackpot", "train", "--no-progress", *BASE, f"cache_dir={cache}",
+            "train.checkpoint_every=1", "correction.z=topk"]
+    for out, extra in (("full", ["train.steps=3"]), ("cut", ["train.steps=2"]),
+                       ("cut", ["train.steps=3", "--resume"])):
+        proc = subprocess.run([*args, "--out", str(tmp_path / out), *extra], env=_env(), capture_output=True,
+                              text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("policy eval accuracy, after") == 1, "the summary is printed once (rank 0)"
+    ckpt = tmp_path / "cut" / "checkpoints" / (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip()
+    assert (ckpt / ".metadata").is_file() and json.loads((ckpt / "state.json").read_text())["processes"] == 2
+    assert not list((tmp_path / "cut" / "checkpoints").glob(".tmp_*"))
+    full, cut = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert [r["step"] for r in full] == [r["step"] for r in cut] == [0, 1, 2, 3]
+    for key, value in full[3].items():
+        if not key.startswith("perf/"):
+            assert cut[3][key] == value, key  # same ranks, same seeds: bitwise-identical arithmetic
