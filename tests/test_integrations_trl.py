@@ -189,3 +189,62 @@ def test_misconfiguration_fails_with_one_clear_error(tmp_path, kw, args_cls, mat
         JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, args=args_cls(**args),
                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=TOK,
                            rollout_func=rollout_func)
+
+
+def _probe_kl(policy, rollout):
+    """Mean forward KL(p_policy || p_rollout) over the positions of fixed probe sequences."""
+    from jackpot.core.losses import distill_kl
+    from jackpot.models.forward import response_logits
+
+    enc = TOK([p + "12" for p in PROMPTS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        t = response_logits(policy, enc["input_ids"], enc["attention_mask"], 3)
+        s = response_logits(rollout, enc["input_ids"], enc["attention_mask"], 3)
+        return distill_kl(s, t).mean().item()
+
+
+@pytest.mark.parametrize("ppo", [False, True])
+def test_joint_training_moves_the_rollout_model_toward_the_policy(tmp_path, ppo):
+    policy, rollout = _model(0, 64), _model(1, 32, peak=4.0)
+    before_kl = _probe_kl(policy, rollout)
+    policy_before = [p.detach().clone() for p in policy.parameters()]
+    opt = torch.optim.Adam(rollout.parameters(), lr=3e-3)
+    trainer = JackpotGRPOTrainer(model=policy, reward_funcs=_reward,
+                                 train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                                 args=_config(tmp_path, learning_rate=0.0, max_steps=6, rollout_ppo=ppo),
+                                 processing_class=TOK, rollout_model=rollout, rollout_optimizer=opt)
+    trainer.train()
+    assert all(torch.equal(a, p) for a, p in zip(policy_before, policy.parameters()))  # policy lr 0: a fixed teacher
+    kls = [h["rollout/distill_kl"] for h in trainer.state.log_history if "rollout/distill_kl" in h]
+    assert len(kls) == 6 and all(math.isfinite(k) for k in kls)
+    assert _probe_kl(policy, rollout) < 0.5 * before_kl  # distillation toward the policy works
+
+
+def test_rollout_optimizer_needs_its_model(tmp_path):
+    with pytest.raises(ValueError, match="rollout_optimizer needs rollout_model"):
+        JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, args=_config(tmp_path),
+                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=TOK,
+                           rollout_func=hf_rollout_func(_model(1, 32)),
+                           rollout_optimizer=torch.optim.SGD(_model(2, 32).parameters(), lr=0.1))
+
+
+def test_rollout_models_ppo_uses_the_unweighted_advantages_on_every_produced_token(tmp_path, monkeypatch):
+    raw = _record_raw(monkeypatch)
+    rollout = _model(1, 32, peak=4.0)
+    trainer = JackpotGRPOTrainer(model=_model(0, 64), reward_funcs=_reward, processing_class=TOK,
+                                 train_dataset=Dataset.from_dict({"prompt": PROMPTS}), rollout_model=rollout,
+                                 rollout_optimizer=torch.optim.SGD(rollout.parameters(), lr=0.0),
+                                 args=_config(tmp_path, max_steps=1, rollout_distill_coef=0.0, obrs_budget=0.6))
+    trainer.train()
+    (out,) = raw
+    (logged,) = [h["rollout/loss"] for h in trainer.state.log_history if "rollout/loss" in h]
+    mask = out["completion_mask"].float()
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    att = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logits = rollout(input_ids=ids, attention_mask=att).logits[:, -mask.shape[1] - 1:-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, out["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    per_token, _ = ppo_token_loss(logp, out["sampling_per_token_logps"].float(),
+                                  out["advantages"].float().unsqueeze(1).expand_as(logp))
+    assert logged == pytest.approx(aggregate(per_token, mask, "token-mean").item(), rel=1e-4, abs=1e-6)
+    assert logged != pytest.approx(0.0, abs=1e-4)

@@ -23,10 +23,15 @@ TRL's own IS correction (`vllm_importance_sampling_correction`) must be off: bot
 generates every completion through `jackpot.rollout.hf.HFRolloutEngine` and returns the log-probs of
 the distribution it sampled from (after temperature / top-p), which become `sampling_per_token_logps`.
 
+Joint training (paper eq. 8), optional: given `rollout_model` and `rollout_optimizer`, every training
+micro-batch also updates the rollout model on the same trajectories with
+L(omega) = L_PPO(omega) + rollout_distill_coef * KL(SG(p_new) || p_omega) (forward KL over the full
+vocabulary, `jackpot.core.losses.distill_kl`; its PPO with the unweighted advantages and
+p_omega_old = the sampling log-probs), one rollout-optimizer step per micro-batch.
+
 What TRL's API does not let this do (docs/integrations/trl.md): a per-state Z (needs top-k of both
-models per position; vLLM through TRL returns the sampled token's only), target="new" (the weights
-are fixed per generation batch, before the policy moves), and training the rollout model jointly
-(eq. 8) inside TRL's step; the rollout model here is frozen or updated by the caller.
+models per position; vLLM through TRL returns the sampled token's only) and target="new" (the
+weights are fixed per generation batch, before the policy moves).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from jackpot.core.corrections import CorrectionInputs, CorrectionResult, apply_correction
 from jackpot.core.divergences import mismatch_metrics
+from jackpot.core.losses import aggregate, distill_kl, ppo_token_loss
+from jackpot.models.forward import response_logits
 from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout.hf import HFRolloutEngine, encode_prompts
 
@@ -56,6 +63,10 @@ class JackpotGRPOConfig(GRPOConfig):
         "help": "Jackpot: Mask ~ Bernoulli(a) once per batch (paper); False: keep each token with the fraction a."})
     vllm_importance_sampling_correction: bool = field(default=False, metadata={
         "help": "TRL's own IS correction; must stay False with Jackpot, which replaces it."})
+    rollout_distill_coef: float = field(default=1.0, metadata={
+        "help": "Joint training: weight of KL(SG(p_new) || p_rollout) in the rollout model's loss (eq. 8)."})
+    rollout_ppo: bool = field(default=True, metadata={
+        "help": "Joint training: include the rollout model's own PPO loss on the same trajectories (eq. 8)."})
 
 
 def jackpot_trl_correction(
@@ -91,10 +102,17 @@ class JackpotGRPOTrainer(GRPOTrainer):
 
     The sampling log-probs must exist: run with `use_vllm=True`, or pass a `rollout_func` (e.g.
     `hf_rollout_func(rollout_model)` for the decoupled mode). Text prompts only (no images).
+    `rollout_model` alone is shorthand for `rollout_func=hf_rollout_func(rollout_model)`; with
+    `rollout_optimizer` (over its parameters) it is also trained jointly (module docstring).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, rollout_model: Any = None, rollout_optimizer: Any = None, **kwargs: Any):
+        if rollout_optimizer is not None and rollout_model is None:
+            raise ValueError("rollout_optimizer needs rollout_model (the model it updates)")
+        if rollout_model is not None and kwargs.get("rollout_func") is None:
+            kwargs["rollout_func"] = hf_rollout_func(rollout_model)
         super().__init__(*args, **kwargs)
+        self.rollout_model, self.rollout_optimizer = rollout_model, rollout_optimizer
         if not isinstance(self.args, JackpotGRPOConfig):
             raise ValueError(f"JackpotGRPOTrainer needs args=JackpotGRPOConfig(...), got {type(self.args).__name__}")
         if self.args.vllm_importance_sampling_correction:
@@ -130,8 +148,41 @@ class JackpotGRPOTrainer(GRPOTrainer):
         out["tool_mask"] = keep if tool_mask is None else tool_mask.to(torch.float32) * keep
         out["num_items_in_batch"] = self.accelerator.gather((completion_mask * out["tool_mask"]).sum()).sum()
         out["obrs_weights"], out["obrs_mask"] = result.weights, keep
+        out["rollout_advantages"], out["rollout_mask"] = advantages, mask.float()
         self._log_obrs(result, old, sampling, mask)
         return out
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        if self.rollout_optimizer is not None and self.model.training:
+            self._update_rollout_model(model, inputs)
+        return loss
+
+    def _update_rollout_model(self, model, inputs: dict[str, Any]) -> None:
+        """One optimizer step of the rollout model on this micro-batch: PPO(omega) + coef * KL(SG(p_new)||p_omega)."""
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        T = inputs["completion_ids"].size(1)
+        mask = inputs["rollout_mask"]  # every model-produced token: the rejection is the policy's, not omega's
+        with torch.no_grad():
+            teacher = response_logits(model, ids, att, T, self.temperature)
+        self.rollout_model.train()
+        student = response_logits(self.rollout_model, ids, att, T, self.temperature)
+        loss = self.args.rollout_distill_coef * aggregate(distill_kl(student, teacher), mask, "token-mean")
+        kl = loss.detach() / max(self.args.rollout_distill_coef, 1e-12)
+        if self.args.rollout_ppo:
+            logp = torch.log_softmax(student, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+            sampling = inputs["sampling_per_token_logps"]
+            sampling = torch.where(torch.isnan(sampling), logp.detach(), sampling)
+            ppo, _ = ppo_token_loss(logp, sampling, inputs["rollout_advantages"].expand_as(logp),
+                                    clip_eps=self.epsilon_low, clip_eps_high=self.epsilon_high)
+            loss = loss + aggregate(ppo, mask, "token-mean")
+        self.rollout_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.rollout_optimizer.step()
+        self.rollout_model.eval()
+        self._metrics["train"]["rollout/distill_kl"].append(kl.item())
+        self._metrics["train"]["rollout/loss"].append(loss.detach().item())
 
     @torch.no_grad()
     def _old_logps(self, out: dict[str, Any]) -> torch.Tensor:
