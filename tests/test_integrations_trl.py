@@ -1,0 +1,250 @@
+"""Jackpot inside TRL's GRPOTrainer, on CPU with tiny Qwen3-architecture models and the char tokenizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is in the test extra: pip install -e '.[test]'")
+import trl.trainer.grpo_trainer as grpo_module  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from jackpot.core.corrections import CorrectionInputs, jackpot  # noqa: E402
+from jackpot.core.losses import aggregate, ppo_token_loss  # noqa: E402
+from jackpot.integrations.trl import JackpotGRPOConfig, JackpotGRPOTrainer, hf_rollout_func  # noqa: E402
+from jackpot.models.loading import build_tiny_qwen  # noqa: E402
+from jackpot.models.tokenizer import build_char_tokenizer  # noqa: E402
+
+TOK = build_char_tokenizer()
+PROMPTS = [f"{a}+{b}=" for a in range(4) for b in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_experimental(monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def _model(seed: int, hidden: int, peak: float = 1.0):
+    model = build_tiny_qwen(len(TOK), hidden_size=hidden, num_layers=1, num_heads=2, seed=seed,
+                            pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id, bos_token_id=TOK.bos_token_id)
+    with torch.no_grad():  # a sharper rollout model: logits scaled by `peak`, far from the policy
+        model.model.norm.weight.mul_(peak)
+    return model
+
+
+def _reward(completions, **_):
+    return [float(sum(map(ord, c)) % 7) for c in completions]  # arbitrary but varied, so advantages are not 0
+
+
+def _config(tmp_path, **kw) -> JackpotGRPOConfig:
+    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, per_device_train_batch_size=8,
+                num_generations=4, max_completion_length=8, max_steps=3, logging_steps=1, report_to=[],
+                learning_rate=1e-2, save_strategy="no", seed=0)
+    base.update(kw)
+    return JackpotGRPOConfig(**base)
+
+
+def _trainer(tmp_path, cls=JackpotGRPOTrainer, policy=None, rollout=None, **kw):
+    policy = policy if policy is not None else _model(0, 64)
+    rollout = rollout if rollout is not None else _model(1, 32, peak=4.0)
+    return cls(model=policy, reward_funcs=_reward, args=_config(tmp_path, **kw),
+               train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=TOK,
+               rollout_func=hf_rollout_func(rollout))
+
+
+def test_trains_a_few_steps_on_cpu_with_a_separate_rollout_model(tmp_path):
+    trainer = _trainer(tmp_path, obrs_budget=0.8)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    logs = [h for h in trainer.state.log_history if "obrs/accept_rate" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert h["obrs/accept_prob_mean"] == pytest.approx(0.8, abs=1e-5)  # lambda solved per batch
+        assert 0.0 < h["obrs/accept_rate"] < 1.0
+        assert all(math.isfinite(h[k]) for k in ("loss", "obrs/lambda", "mismatch/kl_k3", "obrs/weight_max"))
+        assert h["mismatch/kl_k3"] > 0.05  # the two models really differ
+
+
+class _Recording(JackpotGRPOTrainer):
+    """Records, per optimizer step, the raw TRL batch, the inputs TRL's loss saw, the current policy's
+    log-probs on them and the loss TRL returned."""
+
+    raw: list[dict] = []
+    seen: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
+
+    def _compute_loss(self, model, inputs):
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with torch.no_grad():
+            new, _, _ = self._get_per_token_logps_and_entropies(model, ids, att, inputs["completion_ids"].size(1))
+        loss = super()._compute_loss(model, inputs)
+        self.seen.append((dict(inputs), new, loss.detach()))
+        return loss
+
+
+def _record_raw(monkeypatch):
+    """Keep rows in generation order (TRL shuffles them) and copy TRL's own output before Jackpot edits it."""
+    raw: list[dict] = []
+    parent = GRPOTrainer._generate_and_score_completions
+
+    def recorded(self, inputs):
+        out = parent(self, inputs)
+        raw.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(grpo_module, "shuffle_sequence_dict", lambda d: d)
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", recorded)
+    return raw
+
+
+@pytest.mark.parametrize("loss_type, mode", [("dapo", "token-mean"), ("bnpo", "token-mean"),
+                                             ("grpo", "seq-mean-token-mean")])
+def test_weights_and_mask_reach_trls_loss(tmp_path, monkeypatch, loss_type, mode):
+    raw = _record_raw(monkeypatch)
+    trainer = _trainer(tmp_path, cls=_Recording, obrs_budget=0.7, obrs_c1=1.5, loss_type=loss_type, max_steps=1)
+    trainer.seen = []
+    trainer.train()
+    (inputs, new, loss), = trainer.seen
+    (out,) = raw
+    mask = out["completion_mask"].float()
+    # the policy has not moved yet: TRL's anchor (computed by the subclass) is the policy's log-prob
+    torch.testing.assert_close(inputs["old_per_token_logps"] * mask, new * mask)
+    # the weights, recomputed independently from the raw sampling and policy log-probs (they do not
+    # depend on the uniforms); the sampled mask is the one the subclass drew
+    ref = jackpot(CorrectionInputs(rollout_logp=out["sampling_per_token_logps"].float(), ref_logp=new.float(),
+                                   mask=mask, uniforms=torch.zeros_like(mask)), budget=0.7, z="batch", c1=1.5)
+    keep = inputs["obrs_mask"] * mask
+    assert 0 < keep.sum() < mask.sum() and torch.all(keep <= mask)
+    per_token, _ = ppo_token_loss(new.float(), inputs["old_per_token_logps"].float(), out["advantages"].float(),
+                                  clip_eps=trainer.epsilon_low, clip_eps_high=trainer.epsilon_high)
+    expected = aggregate(per_token * ref.weights, keep, mode)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # and the check can tell: without the weights, or without the mask, the loss would differ
+    assert not torch.isclose(loss, aggregate(per_token, keep, mode), rtol=1e-3)
+    assert not torch.isclose(loss, aggregate(per_token * ref.weights, mask, mode), rtol=1e-3)
+
+
+def test_expected_mask_keeps_each_token_with_its_acceptance(tmp_path, monkeypatch):
+    raw = _record_raw(monkeypatch)
+    trainer = _trainer(tmp_path, cls=_Recording, obrs_lambda=1.2, obrs_sampled_mask=False, loss_type="bnpo",
+                       max_steps=1)
+    trainer.seen = []
+    trainer.train()
+    (inputs, new, loss), = trainer.seen
+    (out,) = raw
+    mask = out["completion_mask"].float()
+    ref = jackpot(CorrectionInputs(rollout_logp=out["sampling_per_token_logps"].float(), ref_logp=new.float(),
+                                   mask=mask), lam=1.2, z="batch", c1=2.0, sampled_mask=False)
+    torch.testing.assert_close(inputs["tool_mask"] * mask, ref.mask)
+    per_token, _ = ppo_token_loss(new.float(), new.float(), out["advantages"].float())
+    torch.testing.assert_close(loss, aggregate(per_token * ref.weights, ref.mask, "token-mean"), rtol=1e-5, atol=1e-6)
+
+
+def test_decoupled_generations_come_from_the_rollout_model(tmp_path, monkeypatch):
+    raw = _record_raw(monkeypatch)
+    rollout = _model(1, 32, peak=12.0)
+    trainer = _trainer(tmp_path, rollout=rollout, max_steps=2, temperature=0.7)
+    trainer.train()
+    assert len(raw) == 2
+    for out in raw:
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        att = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        T, m = out["completion_ids"].size(1), out["completion_mask"].bool()
+        with torch.no_grad():
+            logits = rollout(input_ids=ids, attention_mask=att).logits[:, -T - 1:-1].float() / 0.7
+        rollout_lp = torch.log_softmax(logits, -1).gather(-1, out["completion_ids"].unsqueeze(-1)).squeeze(-1)
+        # the recorded sampling log-probs are the rollout model's at the trainer's temperature ...
+        torch.testing.assert_close(out["sampling_per_token_logps"][m], rollout_lp[m], rtol=1e-4, atol=1e-4)
+        # ... and the tokens are those the (near-deterministic) rollout model picks, unlikely for the policy
+        with torch.no_grad():
+            policy_logits = trainer.model(input_ids=ids, attention_mask=att).logits[:, -T - 1:-1].float() / 0.7
+        policy_lp = torch.log_softmax(policy_logits, -1).gather(-1, out["completion_ids"].unsqueeze(-1)).squeeze(-1)
+        assert rollout_lp[m].mean() > -0.5 and policy_lp[m].mean() < -2.0
+
+
+def test_the_rollout_tokenizer_must_match(tmp_path):
+    other = build_char_tokenizer()
+    other.add_tokens(["<extra>"])
+    trainer = _trainer(tmp_path)
+    trainer.rollout_func = hf_rollout_func(_model(1, 32), tokenizer=other)
+    with pytest.raises(ValueError, match="vocabulary size"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("kw, args_cls, match", [
+    ({"rollout_func": None}, JackpotGRPOConfig, "sampling distribution's log-probs"),
+    ({}, GRPOConfig, "JackpotGRPOConfig"),
+    ({"vllm_importance_sampling_correction": True}, JackpotGRPOConfig, "TRL's IS weights"),
+    ({"obrs_budget": 1.5}, JackpotGRPOConfig, "obrs_budget"),
+])
+def test_misconfiguration_fails_with_one_clear_error(tmp_path, kw, args_cls, match):
+    rollout_func = kw.pop("rollout_func", hf_rollout_func(_model(1, 32)))
+    args = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=4, report_to=[], **kw)
+    with pytest.raises(ValueError, match=match):
+        JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, args=args_cls(**args),
+                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=TOK,
+                           rollout_func=rollout_func)
+
+
+def _probe_kl(policy, rollout):
+    """Mean forward KL(p_policy || p_rollout) over the positions of fixed probe sequences."""
+    from jackpot.core.losses import distill_kl
+    from jackpot.models.forward import response_logits
+
+    enc = TOK([p + "12" for p in PROMPTS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        t = response_logits(policy, enc["input_ids"], enc["attention_mask"], 3)
+        s = response_logits(rollout, enc["input_ids"], enc["attention_mask"], 3)
+        return distill_kl(s, t).mean().item()
+
+
+@pytest.mark.parametrize("ppo", [False, True])
+def test_joint_training_moves_the_rollout_model_toward_the_policy(tmp_path, ppo):
+    policy, rollout = _model(0, 64), _model(1, 32, peak=4.0)
+    before_kl = _probe_kl(policy, rollout)
+    policy_before = [p.detach().clone() for p in policy.parameters()]
+    opt = torch.optim.Adam(rollout.parameters(), lr=3e-3)
+    trainer = JackpotGRPOTrainer(model=policy, reward_funcs=_reward,
+                                 train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                                 args=_config(tmp_path, learning_rate=0.0, max_steps=6, rollout_ppo=ppo),
+                                 processing_class=TOK, rollout_model=rollout, rollout_optimizer=opt)
+    trainer.train()
+    assert all(torch.equal(a, p) for a, p in zip(policy_before, policy.parameters()))  # policy lr 0: a fixed teacher
+    kls = [h["rollout/distill_kl"] for h in trainer.state.log_history if "rollout/distill_kl" in h]
+    assert len(kls) == 6 and all(math.isfinite(k) for k in kls)
+    assert _probe_kl(policy, rollout) < 0.5 * before_kl  # distillation toward the policy works
+
+
+def test_rollout_optimizer_needs_its_model(tmp_path):
+    with pytest.raises(ValueError, match="rollout_optimizer needs rollout_model"):
+        JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, args=_config(tmp_path),
+                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=TOK,
+                           rollout_func=hf_rollout_func(_model(1, 32)),
+                           rollout_optimizer=torch.optim.SGD(_model(2, 32).parameters(), lr=0.1))
+
+
+def test_rollout_models_ppo_uses_the_unweighted_advantages_on_every_produced_token(tmp_path, monkeypatch):
+    raw = _record_raw(monkeypatch)
+    rollout = _model(1, 32, peak=4.0)
+    trainer = JackpotGRPOTrainer(model=_model(0, 64), reward_funcs=_reward, processing_class=TOK,
+                                 train_dataset=Dataset.from_dict({"prompt": PROMPTS}), rollout_model=rollout,
+                                 rollout_optimizer=torch.optim.SGD(rollout.parameters(), lr=0.0),
+                                 args=_config(tmp_path, max_steps=1, rollout_distill_coef=0.0, obrs_budget=0.6))
+    trainer.train()
+    (out,) = raw
+    (logged,) = [h["rollout/loss"] for h in trainer.state.log_history if "rollout/loss" in h]
+    mask = out["completion_mask"].float()
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    att = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logits = rollout(input_ids=ids, attention_mask=att).logits[:, -mask.shape[1] - 1:-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, out["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    per_token, _ = ppo_token_loss(logp, out["sampling_per_token_logps"].float(),
+                                  out["advantages"].float().unsqueeze(1).expand_as(logp))
+    assert logged == pytest.approx(aggregate(per_token, mask, "token-mean").item(), rel=1e-4, abs=1e-6)
+    assert logged != pytest.approx(0.0, abs=1e-4)
