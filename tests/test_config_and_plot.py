@@ -33,9 +33,26 @@ def test_preset_chain_and_overrides_take_precedence(tmp_path):
     assert cfg.rollout_model.hidden_size == Config().rollout_model.hidden_size
 
 
-def test_task_options_are_replaced_not_merged():
+def test_task_options_are_replaced_not_merged_and_completed_by_the_tasks_own_defaults():
     cfg = build_config(None, ["task.name=chain_sum", "task.options={terms: 2}"])
-    assert cfg.task.options == {"terms": 2}
+    assert cfg.task.options == {"terms": 2, "digits": 1, "eval_fraction": 0.1}
+    assert build_config().task.options == {"digits": 2, "eval_fraction": 0.1}
+    assert build_config().sampling.max_new_tokens == 6
+
+
+def test_a_file_task_alone_gets_no_other_tasks_options_and_records_its_verifier(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "answer": "1"}\n')
+    for name in ("jsonl", "file"):
+        cfg = build_config(None, [f"task.name={name}", f"task.options.path={data}"])
+        assert "digits" not in cfg.task.options and cfg.task.options["verifier"] == "math"
+        assert cfg.sampling.max_new_tokens == 1024
+    cfg = build_config(None, ["task.name=file", f"task.options.path={data}", "sampling.max_new_tokens=64"])
+    assert cfg.sampling.max_new_tokens == 64
+    with pytest.raises(ValueError, match=r"task 'file' needs option\(s\) \['path'\]"):
+        build_config(None, ["task.name=file"])
+    with pytest.raises(ValueError, match="rollout.engine must be one of"):
+        build_config(None, ["rollout.engine=vllm"])
 
 
 def test_override_syntax_errors():
