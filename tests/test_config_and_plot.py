@@ -138,3 +138,16 @@ def test_presets_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
     assert build_config("staleness-jackpot").correction.target == "new"  # a preset naming another preset
     with pytest.raises(FileNotFoundError, match="presets: .*on-policy"):
         build_config("no-such-preset")
+
+
+@pytest.mark.parametrize(("preset", "policy", "rollout"), [("qwen3-1.7b-to-8b", "Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"),
+                                                           ("qwen2.5-1.5b-to-3b", "Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-1.5B")])
+def test_real_pair_presets_build_with_the_papers_batch_shape(preset, policy, rollout):
+    cfg = build_config(preset)
+    assert (cfg.policy.path, cfg.rollout_model.path) == (policy, rollout)
+    assert cfg.policy.dtype == cfg.rollout_model.dtype == "bfloat16" and cfg.policy.gradient_checkpointing
+    assert (cfg.train.prompts_per_step, cfg.sampling.max_new_tokens, cfg.train.eval_samples) == (64, 8192, 4)
+    assert cfg.task.name == "file" and cfg.task.options["verifier"] == "math" and cfg.correction.name == "jackpot"
+    assert "{prompt}" in cfg.task.options["template"] and "\\boxed{{}}" in cfg.task.options["template"]
+    two_paths = build_config(preset, ["policy.path=/ckpt/p", "rollout_model.path=/ckpt/r"])
+    assert (two_paths.policy.path, two_paths.rollout_model.path) == ("/ckpt/p", "/ckpt/r")

@@ -425,7 +425,7 @@ def preset_path(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    if path.suffix == "" and (CONFIG_DIR / f"{name}.yaml").is_file():
+    if path.suffix not in (".yaml", ".yml") and (CONFIG_DIR / f"{name}.yaml").is_file():  # "qwen3-1.7b-to-8b"
         return CONFIG_DIR / f"{name}.yaml"
     raise FileNotFoundError(f"config file not found: {path} (not a file, and not a preset; presets: "
                             f"{', '.join(presets())})")
