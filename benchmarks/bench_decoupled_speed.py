@@ -3,7 +3,8 @@
 The premise of decoupling: generation dominates an RL step, and a model several times smaller generates
 several times faster. This measures it on random-weight Qwen3 models built from config (no download;
 random models rarely emit EOS, so every response runs to --length tokens — the long-response regime).
-Per size pair (rollout model, policy) and per variant, `--steps` measured steps after one warm-up step:
+Per size pair (rollout model, policy) and per variant, `--steps` measured steps after one warm-up step,
+the variants interleaved step by step (so load from other processes falls on all of them alike):
 
     on-policy          the policy samples its own rollouts; correction none
     jackpot joint      the rollout model samples; Jackpot (exact Z); the rollout model trained jointly
@@ -72,11 +73,11 @@ class _Ids:
     pad_token_id, eos_token_id = 0, 1
 
 
-def run_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> list[dict[str, float]]:
+def setup_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> dict:
+    """Models, engine, optimizers and config of one variant, ready for `step`."""
     from jackpot.rollout import make_engine
     from jackpot.train.config import build_config
     from jackpot.train.loop import _prepared_model
-    from jackpot.train.update import prepare, update
 
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     cfg = build_config(None, [*VARIANTS[variant], f"train.prompts_per_step={args.batch // 2}", "train.group_size=2",
@@ -86,33 +87,50 @@ def run_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> list
     rollout = None if cfg.train.mode == "on-policy" else \
         _prepared_model(build(rollout_spec, r_layers, args.vocab, 1, dtype, device), cfg.rollout_model)
     actor = rollout if rollout is not None else policy
-    engine = make_engine(cfg.rollout.engine, actor, _Ids())
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    rollout_opt = torch.optim.AdamW(rollout.parameters(), lr=1e-6) \
-        if rollout is not None and cfg.distill.rollout_model == "joint" else None
+    return {"cfg": cfg, "policy": policy, "rollout": rollout, "actor": actor, "device": device,
+            "engine": make_engine(cfg.rollout.engine, actor, _Ids()),
+            "policy_opt": torch.optim.AdamW(policy.parameters(), lr=1e-6),
+            "rollout_opt": torch.optim.AdamW(rollout.parameters(), lr=1e-6)
+            if rollout is not None and cfg.distill.rollout_model == "joint" else None}
+
+
+def step(v: dict, prompts: torch.Tensor, rewards: torch.Tensor, i: int, args) -> dict[str, float]:
+    """One trainer step (rollout, prepare, update) of a variant set up by `setup_variant`, timed by phase."""
+    from jackpot.train.update import prepare, update
+
+    cfg, device = v["cfg"], v["device"]
+    sync(device)
+    t0 = time.perf_counter()
+    v["engine"].sync_weights(v["actor"], i)
+    batch = v["engine"].generate(prompts, torch.ones_like(prompts), max_new_tokens=args.length, temperature=1.0,
+                                 top_p=1.0, topk=cfg.sampling.topk, seed=i)
+    sync(device)
+    t1 = time.perf_counter()
+    prep = prepare(cfg, batch, rewards, policy=v["policy"], rollout_model=v["rollout"], init_policy=None, step=i)
+    sync(device)
+    t2 = time.perf_counter()
+    update(cfg, prep, policy=v["policy"], rollout_model=v["rollout"], policy_opt=v["policy_opt"],
+           rollout_opt=v["rollout_opt"], step=i)
+    sync(device)
+    t3 = time.perf_counter()
+    return {"rollout": t1 - t0, "prepare": t2 - t1, "update": t3 - t2, "step": t3 - t0,
+            "tokens": float(batch.response_mask.sum())}
+
+
+def run_pair(rollout_spec: str, policy_spec: str, args) -> dict[str, list[dict[str, float]]]:
+    """Every variant's measured steps, interleaved (step i of each variant in turn) so that load from other
+    processes falls on all variants alike; step 0 of each warms up and is dropped."""
+    variants = {name: setup_variant(name, rollout_spec, policy_spec, args) for name in VARIANTS}
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, args.vocab, (args.batch, PROMPT_LEN), generator=g).to(device)
-    out = []
-    for step in range(1 + args.steps):  # step 0 warms up
-        sync(device)
-        t0 = time.perf_counter()
-        engine.sync_weights(actor, step)
-        batch = engine.generate(prompts, torch.ones_like(prompts), max_new_tokens=args.length, temperature=1.0,
-                                top_p=1.0, topk=cfg.sampling.topk, seed=step)
-        sync(device)
-        t1 = time.perf_counter()
-        rewards = torch.randint(0, 2, (args.batch // 2, 2), generator=g).float().to(device)
-        prep = prepare(cfg, batch, rewards, policy=policy, rollout_model=rollout, init_policy=None, step=step)
-        sync(device)
-        t2 = time.perf_counter()
-        update(cfg, prep, policy=policy, rollout_model=rollout, policy_opt=policy_opt, rollout_opt=rollout_opt,
-               step=step)
-        sync(device)
-        t3 = time.perf_counter()
-        if step:
-            out.append({"rollout": t1 - t0, "prepare": t2 - t1, "update": t3 - t2, "step": t3 - t0,
-                        "tokens": float(batch.response_mask.sum())})
-    return out
+    prompts = torch.randint(3, args.vocab, (args.batch, PROMPT_LEN), generator=g).to(args.device)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    for i in range(1 + args.steps):
+        rewards = torch.randint(0, 2, (args.batch // 2, 2), generator=g).float().to(args.device)
+        for name, v in variants.items():
+            row = step(v, prompts, rewards, i, args)
+            if i:
+                rows[name].append(row)
+    return rows
 
 
 def sync(device: torch.device) -> None:
@@ -152,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if size_p < 4 * size_r:
             print(f"{label}: the policy is only {size_p / size_r:.1f}x the rollout model (want >= 4x)", file=sys.stderr)
         medians = {}
-        for variant in VARIANTS:
-            rows = run_variant(variant, rollout_spec, policy_spec, args)
+        for variant, rows in run_pair(rollout_spec, policy_spec, args).items():
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             medians[variant] = med
             ratio = med["step"] / medians["on-policy"]["step"]

@@ -140,8 +140,10 @@ def test_presets_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
         build_config("no-such-preset")
 
 
-@pytest.mark.parametrize(("preset", "policy", "rollout"), [("qwen3-1.7b-to-8b", "Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"),
-                                                           ("qwen2.5-1.5b-to-3b", "Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-1.5B")])
+@pytest.mark.parametrize(("preset", "policy", "rollout"), [
+    ("qwen3-1.7b-to-8b", "Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"),
+    ("qwen2.5-1.5b-to-3b", "Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-1.5B"),
+])
 def test_real_pair_presets_build_with_the_papers_batch_shape(preset, policy, rollout):
     cfg = build_config(preset)
     assert (cfg.policy.path, cfg.rollout_model.path) == (policy, rollout)

@@ -62,8 +62,8 @@ def test_char_tokenizer_save_and_autotokenizer_roundtrip(tok, tmp_path):
     assert loaded.padding_side == "left"
 
 
-@pytest.mark.parametrize("text", ["Natalia sold 48/2 = 24 clips.\n#### 72", "\\boxed{\\frac{1}{2}} $x^2$", "Ünïcödé 日本語 🙂",
-                                  "\x00\t\r end", ""])
+@pytest.mark.parametrize("text", ["Natalia sold 48/2 = 24 clips.\n#### 72", "\\boxed{\\frac{1}{2}} $x^2$",
+                                  "Ünïcödé 日本語 🙂", "\x00\t\r end", ""])
 def test_byte_tokenizer_encodes_any_text_one_token_per_byte(text):
     tok = build_byte_tokenizer()
     ids = tok(text)["input_ids"]

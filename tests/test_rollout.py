@@ -314,7 +314,8 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one(tok):
 
     plain = build_byte_tokenizer()
     chat = build_byte_tokenizer()
-    chat.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    chat.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                          "{% if add_generation_prompt %}>{% endif %}")
 
     def text(tokenizer, **kw):
         ids, mask = encode_prompts(tokenizer, ["2+2?"], **kw)

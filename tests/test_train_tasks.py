@@ -51,8 +51,9 @@ def _check_run(run: Path) -> dict:
 def test_gsm8k_style_jsonl_trains_from_the_cli(tmp_path):
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in GSM))
-    result = _train(tmp_path, "task.name=file",
-                    f"task.options={{path: {data}, prompt_field: question, template: 'Question: {{prompt}}\\nAnswer:'}}")
+    template = "'Question: {prompt}\\nAnswer:'"
+    options = f"{{path: {data}, prompt_field: question, template: {template}}}"
+    result = _train(tmp_path, "task.name=file", f"task.options={options}")
     assert result.returncode == 0, result.stderr[-3000:]
     config = _check_run(tmp_path / "run")
     assert config["task"]["options"]["verifier"] == "math" and "digits" not in config["task"]["options"]

@@ -47,7 +47,8 @@ def task_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     fields = [f for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(options) - {f.name for f in fields})
     if unknown:
-        raise ValueError(f"task {name!r} got unknown option(s) {unknown}; its options: {sorted(f.name for f in fields)}")
+        raise ValueError(f"task {name!r} got unknown option(s) {unknown}; "
+                         f"its options: {sorted(f.name for f in fields)}")
     missing = [f.name for f in fields if f.name not in options
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

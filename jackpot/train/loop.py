@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from jackpot.metrics import MetricLogger, scalars
 from jackpot.models.loading import load_model, load_tokenizer
 from jackpot.models.tokenizer import check_same_tokenizer
-from jackpot.rollout.base import RolloutBatch
 from jackpot.rollout import RolloutEngine, make_engine
+from jackpot.rollout.base import RolloutBatch
 from jackpot.rollout.hf import decode_responses, encode_prompts
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
