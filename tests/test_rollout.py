@@ -277,6 +277,8 @@ def test_uniforms_shape_is_checked(engine, prompts):
     ids, mask = prompts
     with pytest.raises(ValueError, match="uniforms must be"):
         engine.generate(ids, mask, max_new_tokens=10, uniforms=torch.rand(4, 3))
+
+
 # ------------------------------------------------------------------------------------------ engine factory
 
 def test_engine_factory_and_unknown_engine(model, tok):
