@@ -21,6 +21,10 @@ def _module(name: str):
     ("bench_weights", ["--batch", "2", "--length", "16", "--repeats", "1"]),
     ("bench_batch_lambda", ["--tokens", "500", "--repeats", "1", "--iters", "5"]),
     ("bench_normalizer", ["--positions", "8", "--vocab", "64", "--chunk-sizes", "16,64", "--k", "4", "--repeats", "1"]),
+    ("bench_decoupled_speed", ["--pairs", "16x1:32x2", "--batch", "4", "--length", "4", "--vocab", "64",
+                               "--steps", "1"]),
+    ("bench_rollout_engines", ["--hidden", "16", "--layers", "1", "--batch", "3", "--length", "4", "--vocab", "64",
+                               "--repeats", "1", "--engines", "hf,hf-static"]),
 ])
 def test_benchmark_runs_on_tiny_sizes(name, argv, capsys):
     code = _module(name).main(argv)

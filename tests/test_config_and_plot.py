@@ -33,9 +33,26 @@ def test_preset_chain_and_overrides_take_precedence(tmp_path):
     assert cfg.rollout_model.hidden_size == Config().rollout_model.hidden_size
 
 
-def test_task_options_are_replaced_not_merged():
+def test_task_options_are_replaced_not_merged_and_completed_by_the_tasks_own_defaults():
     cfg = build_config(None, ["task.name=chain_sum", "task.options={terms: 2}"])
-    assert cfg.task.options == {"terms": 2}
+    assert cfg.task.options == {"terms": 2, "digits": 1, "eval_fraction": 0.1}
+    assert build_config().task.options == {"digits": 2, "eval_fraction": 0.1}
+    assert build_config().sampling.max_new_tokens == 6
+
+
+def test_a_file_task_alone_gets_no_other_tasks_options_and_records_its_verifier(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "answer": "1"}\n')
+    for name in ("jsonl", "file"):
+        cfg = build_config(None, [f"task.name={name}", f"task.options.path={data}"])
+        assert "digits" not in cfg.task.options and cfg.task.options["verifier"] == "math"
+        assert cfg.sampling.max_new_tokens == 1024
+    cfg = build_config(None, ["task.name=file", f"task.options.path={data}", "sampling.max_new_tokens=64"])
+    assert cfg.sampling.max_new_tokens == 64
+    with pytest.raises(ValueError, match=r"task 'file' needs option\(s\) \['path'\]"):
+        build_config(None, ["task.name=file"])
+    with pytest.raises(ValueError, match="rollout.engine must be one of"):
+        build_config(None, ["rollout.engine=vllm"])
 
 
 def test_override_syntax_errors():
@@ -121,3 +138,18 @@ def test_presets_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
     assert build_config("staleness-jackpot").correction.target == "new"  # a preset naming another preset
     with pytest.raises(FileNotFoundError, match="presets: .*on-policy"):
         build_config("no-such-preset")
+
+
+@pytest.mark.parametrize(("preset", "policy", "rollout"), [
+    ("qwen3-1.7b-to-8b", "Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B"),
+    ("qwen2.5-1.5b-to-3b", "Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-1.5B"),
+])
+def test_real_pair_presets_build_with_the_papers_batch_shape(preset, policy, rollout):
+    cfg = build_config(preset)
+    assert (cfg.policy.path, cfg.rollout_model.path) == (policy, rollout)
+    assert cfg.policy.dtype == cfg.rollout_model.dtype == "bfloat16" and cfg.policy.gradient_checkpointing
+    assert (cfg.train.prompts_per_step, cfg.sampling.max_new_tokens, cfg.train.eval_samples) == (64, 8192, 4)
+    assert cfg.task.name == "file" and cfg.task.options["verifier"] == "math" and cfg.correction.name == "jackpot"
+    assert "{prompt}" in cfg.task.options["template"] and "\\boxed{{}}" in cfg.task.options["template"]
+    two_paths = build_config(preset, ["policy.path=/ckpt/p", "rollout_model.path=/ckpt/r"])
+    assert (two_paths.policy.path, two_paths.rollout_model.path) == ("/ckpt/p", "/ckpt/r")

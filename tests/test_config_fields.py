@@ -103,6 +103,8 @@ ELSEWHERE = {
     "parallel.policy": "several processes only: test_distributed (DDP and FSDP2 against one process)",
     "parallel.rollout_model": "several processes only: test_distributed (DDP and FSDP2 against one process)",
     "parallel.mixed_precision": "several processes only (FSDP2): test_distributed",
+    "task.chat_template": "the tiny tokenizers have no chat template: test_rollout (encode_prompts with one)",
+    "rollout.engine": "engines sample the same distribution: test_rollout (each engine's log-probs, sync_weights)",
 }
 
 

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from jackpot.models.forward import response_logits, token_logprobs
 from jackpot.models.loading import build_tiny_qwen, load_model, load_tokenizer, save_model_and_tokenizer
-from jackpot.models.tokenizer import build_char_tokenizer, check_same_tokenizer
+from jackpot.models.tokenizer import build_byte_tokenizer, build_char_tokenizer, build_tokenizer, check_same_tokenizer
 from jackpot.tasks import AdditionTask, Example
 from jackpot.train.pretrain import (
     IGNORE_INDEX,
@@ -60,6 +60,31 @@ def test_char_tokenizer_save_and_autotokenizer_roundtrip(tok, tmp_path):
     check_same_tokenizer(tok, loaded)
     assert loaded("12+34=\n")["input_ids"] == tok("12+34=\n")["input_ids"]
     assert loaded.padding_side == "left"
+
+
+@pytest.mark.parametrize("text", ["Natalia sold 48/2 = 24 clips.\n#### 72", "\\boxed{\\frac{1}{2}} $x^2$",
+                                  "Ünïcödé 日本語 🙂", "\x00\t\r end", ""])
+def test_byte_tokenizer_encodes_any_text_one_token_per_byte(text):
+    tok = build_byte_tokenizer()
+    ids = tok(text)["input_ids"]
+    assert ids == [4 + b for b in text.encode("utf-8")]  # id 4 + b for byte b, no special tokens added
+    assert tok.decode(ids) == text
+    assert len(tok) == 260 and (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert tok("ok<eos>")["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(tok("ok<eos>")["input_ids"], skip_special_tokens=True) == "ok"
+
+
+def test_byte_tokenizer_save_and_autotokenizer_roundtrip(tmp_path):
+    tok = build_tokenizer("byte")
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    check_same_tokenizer(tok, loaded)
+    text = "Why? Because É = 3."
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"] and loaded.padding_side == "left"
+    with pytest.raises(ValueError, match="differ in vocabulary size"):
+        check_same_tokenizer(tok, build_char_tokenizer())
+    with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
+        build_tokenizer("bpe")
 
 
 def test_check_same_tokenizer_names_the_difference(tok):
@@ -200,6 +225,19 @@ def test_pretrained_model_caches_by_settings(tmp_path):
     other = TinyModelSpec(**{**spec.__dict__, "steps": 3})
     assert other.cache_key() != spec.cache_key()
     load_model(path), load_tokenizer(path)
+
+
+def test_a_text_task_pretrains_with_the_byte_tokenizer(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"Tom has {i} Apples. How many?", "answer": f"#### {i}"})
+                              for i in range(20)) + "\n")
+    spec = TinyModelSpec(name="t", task="file", task_kwargs={"path": str(data), "prompt_field": "question"},
+                         hidden=32, layers=1, heads=2, steps=2, batch_size=4)
+    assert spec.tokenizer_name == "byte" and TinyModelSpec().tokenizer_name == "char"
+    assert TinyModelSpec(tokenizer="byte").cache_key() != TinyModelSpec().cache_key()
+    path = pretrained_model(spec, tmp_path / "cache", eval_n=2, progress=False)
+    tok = load_tokenizer(path)
+    assert len(tok) == 260 and tok.unk_token_id not in tok("Tom has 3 Apples.")["input_ids"]
 
 
 def test_pretrain_cli_main_prints_accuracy(tmp_path, capsys):

@@ -8,7 +8,15 @@ import torch
 from jackpot.models.forward import response_logits, token_logprobs
 from jackpot.models.loading import build_tiny_qwen
 from jackpot.models.tokenizer import build_char_tokenizer
-from jackpot.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine, decode_responses, encode_prompts
+from jackpot.rollout import (
+    ENGINES,
+    HFRolloutEngine,
+    RolloutBatch,
+    RolloutEngine,
+    decode_responses,
+    encode_prompts,
+    make_engine,
+)
 from jackpot.rollout.hf import response_mask_from_ids
 
 PROMPTS = ["12+34=", "1+2=", "what is 3*4?", "9+9+9="]
@@ -56,9 +64,11 @@ def test_encode_prompts_left_pads(tok, prompts):
         encode_prompts(tok, [])
 
 
+@pytest.mark.parametrize("name", sorted(ENGINES))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_match_teacher_forced_forward(engine, model, prompts, temperature):
-    batch = rollout(engine, prompts, temperature=temperature, seed=1)
+def test_logprobs_match_teacher_forced_forward(model, tok, prompts, temperature, name):
+    """Every engine records log q of the distribution it sampled from, q = softmax(logits / T) (tolerance 1e-4)."""
+    batch = rollout(make_engine(name, model, tok), prompts, temperature=temperature, seed=1)
     with torch.no_grad():
         logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.response_len,
                                  temperature=temperature)
@@ -267,3 +277,53 @@ def test_uniforms_shape_is_checked(engine, prompts):
     ids, mask = prompts
     with pytest.raises(ValueError, match="uniforms must be"):
         engine.generate(ids, mask, max_new_tokens=10, uniforms=torch.rand(4, 3))
+
+
+# ------------------------------------------------------------------------------------------ engine factory
+
+def test_engine_factory_and_unknown_engine(model, tok):
+    for name in ENGINES:
+        assert isinstance(make_engine(name, model, tok), RolloutEngine)
+    assert make_engine("hf-static", model, tok).cache_implementation == "static"
+    with pytest.raises(ValueError, match="unknown rollout engine 'vllm'"):
+        make_engine("vllm", model, tok)
+
+
+@pytest.mark.parametrize("name", sorted(ENGINES))
+def test_after_sync_weights_the_engine_samples_from_the_new_weights(tok, prompts, name):
+    def fresh(seed):
+        return build_tiny_qwen(len(tok), hidden_size=32, num_layers=2, num_heads=2, seed=seed,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               bos_token_id=tok.bos_token_id)
+
+    old, new = fresh(0), fresh(1)
+    engine = make_engine(name, old, tok)
+    before = rollout(engine, prompts, seed=3)
+    with torch.no_grad():  # an update in place, as the optimizer does it
+        for p_old, p_new in zip(old.parameters(), new.parameters()):
+            p_old.copy_(p_new)
+    engine.sync_weights(old, version=7)
+    after = rollout(engine, prompts, seed=3)
+    assert after.model_version == 7 and before.model_version == 0
+    assert not torch.equal(before.logprobs, after.logprobs)
+    reference = rollout(make_engine(name, new, tok), prompts, seed=3)
+    torch.testing.assert_close(after.logprobs, reference.logprobs, atol=0, rtol=0)
+    torch.testing.assert_close(after.response_ids, reference.response_ids, atol=0, rtol=0)
+
+
+def test_chat_template_is_applied_when_the_tokenizer_has_one(tok):
+    from jackpot.models.tokenizer import build_byte_tokenizer
+
+    plain = build_byte_tokenizer()
+    chat = build_byte_tokenizer()
+    chat.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                          "{% if add_generation_prompt %}>{% endif %}")
+
+    def text(tokenizer, **kw):
+        ids, mask = encode_prompts(tokenizer, ["2+2?"], **kw)
+        return tokenizer.decode(ids[0][mask[0].bool()])
+
+    assert text(chat, chat_template=None) == "<user>2+2?>" == text(chat, chat_template=True)
+    assert text(chat, chat_template=False) == "2+2?" == text(plain, chat_template=None)
+    with pytest.raises(ValueError, match="has no chat template"):
+        encode_prompts(plain, ["2+2?"], chat_template=True)

@@ -1,4 +1,4 @@
-"""Tests for jackpot.tasks: arithmetic tasks, splits, rewards, registry, jsonl files, pass@k."""
+"""Tests for jackpot.tasks: arithmetic, file and reasoning-gym tasks, answer checking, registry, pass@k."""
 
 from __future__ import annotations
 
@@ -16,15 +16,18 @@ from jackpot.tasks import (
     AdditionTask,
     ChainSumTask,
     Example,
-    JsonlTask,
+    FileTask,
     MultiplyTask,
     Task,
+    default_max_new_tokens,
     extract_answer,
+    final_answer,
+    is_correct,
     make_task,
     mean_at_k,
     pass_at_k,
+    task_options,
 )
-from jackpot.tasks import files as files_module
 
 # ------------------------------------------------------------------------------------------ arithmetic
 
@@ -82,15 +85,28 @@ def test_bad_arguments_raise_value_errors():
 
 
 def test_registry_and_make_task():
-    assert set(TASKS) >= {"addition", "chain_sum", "multiply", "jsonl"}
+    assert set(TASKS) >= {"addition", "chain_sum", "multiply", "jsonl", "file", "reasoning-gym"}
     assert make_task("addition", digits=3) == AdditionTask(digits=3)
     with pytest.raises(ValueError, match="unknown task 'nope'.*addition"):
         make_task("nope")
-    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['digitz'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['digitz'\]"):
         make_task("addition", digitz=2)
+    with pytest.raises(ValueError, match=r"task 'file' needs option\(s\) \['path'\]"):
+        make_task("file")
 
 
-# ----------------------------------------------------------------------------------------------- jsonl
+def test_each_task_gets_its_own_default_options():
+    assert task_options("addition", {}) == {"digits": 2, "eval_fraction": 0.1}
+    opts = task_options("file", {"path": "x.jsonl"})
+    assert opts["verifier"] == "math" and "digits" not in opts
+    with pytest.raises(ValueError, match=r"task 'jsonl' got unknown option\(s\) \['digits'\]"):
+        task_options("jsonl", {"path": "x.jsonl", "digits": 2})
+    assert default_max_new_tokens("addition", {}) == 6  # longest answer "198" + 3
+    assert default_max_new_tokens("multiply", {"digits": 2}) == 7
+    assert default_max_new_tokens("file", {"path": "x.jsonl"}) == 1024
+
+
+# ------------------------------------------------------------------------------------------ file tasks
 
 def write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
@@ -100,44 +116,189 @@ def write_jsonl(path, rows):
 def test_jsonl_task_reads_splits_and_rewards(tmp_path):
     rows = [{"q": f"what is {i}+1?", "a": str(i + 1)} for i in range(40)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    task = JsonlTask(path, prompt_key="q", answer_key="a", eval_fraction=0.5)
+    task = make_task("jsonl", path=str(path), prompt_field="q", answer_field="a", eval_fraction=0.5)
     train, evals = task.examples("train", 100, 0), task.examples("eval", 5, 0)
     assert len(train) == 100 and len(evals) == 5
     assert not {e.prompt for e in train} & {e.prompt for e in evals}
     assert task.examples("eval", 5, 0) == evals
     ex = evals[0]
-    assert task.reward(ex, f" {ex.answer}\nbecause") == 1.0
+    assert task.reward(ex, f" {ex.answer}\n") == 1.0
     assert task.reward(ex, "-1") == 0.0
 
 
-def test_jsonl_task_errors(tmp_path):
+def test_file_task_scores_the_final_answer_of_the_whole_completion(tmp_path):
+    gsm = {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+           "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"}
+    task = FileTask(str(write_jsonl(tmp_path / "gsm.jsonl", [gsm])), prompt_field="question", eval_fraction=1.0,
+                    template="Question: {prompt}\nAnswer:")
+    ex = task.examples("eval", 1, 0)[0]
+    assert ex.prompt == "Question: " + gsm["question"] + "\nAnswer:"
+    assert task.reward(ex, "Step 1: 48/2=24\n48+24=72") == 1.0          # last number, not the first line
+    assert task.reward(ex, "48/2 = 24, so 24 + 48 = 72 clips.\n#### 72") == 1.0
+    assert task.reward(ex, "the total is \\boxed{72}. Check: 70") == 1.0  # \\boxed wins over the last number
+    assert task.reward(ex, "72 clips in May? No: 24 in May") == 0.0
+    assert task.reward(ex, gsm["answer"]) == 1.0
+    assert task.reward(ex, "") == 0.0
+
+
+@pytest.mark.parametrize(("completion", "reference", "math", "exact"), [
+    ("so \\boxed{\\frac{1}{2}}", "0.5", True, False),       # LaTeX fraction vs decimal
+    ("I think 1/2", "\\frac{1}{2}", True, False),
+    ("3,000 dollars", "3000", True, True),                 # thousands separator
+    ("#### 72\nthen 5", "72", True, True),                 # #### beats a later number
+    ("\\boxed{x^2+1}", "\\boxed{1+x^2}", True, False),      # symbolic equality
+    ("The answer is 73", "#### 72", False, False),
+    ("no number here", "72", False, False),
+    ("-3", "-3", True, True),
+])
+def test_math_verify_on_worked_examples(completion, reference, math, exact):
+    assert is_correct(completion, reference, "math") is math
+    assert is_correct(completion, reference, "exact") is exact
+
+
+@pytest.mark.parametrize(("text", "answer"), [
+    ("a \\boxed{\\frac{1}{2}} b", "\\frac{1}{2}"), ("x #### 72\nmore 5", "72"), ("1, then 2,500.", "2500"),
+    ("\\boxed{1} and \\boxed{2}", "2"), ("nothing", None), ("-0.5 and 3/4", "3/4"),
+])
+def test_final_answer_extraction(text, answer):
+    assert final_answer(text) == answer
+
+
+def test_format_reward_and_exact_verifier(tmp_path):
+    path = str(write_jsonl(tmp_path / "m.jsonl", [{"prompt": "p", "answer": "72"}]))
+    task = FileTask(path, eval_fraction=1.0, format_reward=0.25)
+    ex = task.examples("eval", 1, 0)[0]
+    assert task.reward(ex, "#### 72") == 1.25 and task.reward(ex, "72") == 1.0 and task.reward(ex, "#### 7") == 0.25
+    exact = FileTask(path, eval_fraction=1.0, verifier="exact")
+    assert exact.reward(ex, "so 72") == 1.0 and exact.reward(ex, "72.0") == 0.0
+    with pytest.raises(ValueError, match="format_reward"):
+        FileTask(path, format_reward=0.5)
+    with pytest.raises(ValueError, match="verifier must be one of"):
+        FileTask(path, verifier="fuzzy")
+
+
+def test_math_verifier_without_math_verify_is_refused(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_math_verify(name, *args, **kwargs):
+        if name == "math_verify":
+            raise ImportError("no math_verify")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_math_verify)
+    path = str(write_jsonl(tmp_path / "m.jsonl", [{"prompt": "p", "answer": "72"}]))
+    with pytest.raises(ImportError, match="pip install math-verify.*verifier=exact"):
+        FileTask(path)
+    assert FileTask(path, verifier="exact", eval_fraction=1.0).examples("eval", 1, 0)[0].answer == "72"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "x"}', r"bad.jsonl:2: missing field 'answer'; the row has \['prompt'\]"),
+    ('{"prompt": null, "answer": "1"}', r"bad.jsonl:2: field 'prompt' is null"),
+    ('{"prompt": "x", "answer": null}', r"bad.jsonl:2: field 'answer' is null"),
+    ('["x", "1"]', r"bad.jsonl:2: expected a JSON object.*got list"),
+    ('"just text"', r"bad.jsonl:2: expected a JSON object.*got str"),
+    ('{"prompt": ["x"], "answer": "1"}', r"bad.jsonl:2: field 'prompt' must be text or a number, got list"),
+    ('{"prompt": "x", "answer": 1', r"bad.jsonl:2: not valid JSON"),
+])
+def test_bad_lines_are_refused_with_file_line_and_field(tmp_path, line, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        FileTask(str(bad))
+
+
+def test_file_task_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        JsonlTask(tmp_path / "nope.jsonl")
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing key\(s\) \['answer'\]"):
-        JsonlTask(bad)
-    one_row = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "answer": "1"}])
-    only_train = JsonlTask(one_row, eval_fraction=0.0)
+        FileTask(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        FileTask(str(tmp_path / "nope.parquet"))
+    one_row = str(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "answer": "1"}]))
     with pytest.raises(ValueError, match="no examples in split 'eval'"):
-        only_train.examples("eval", 1, 0)
+        FileTask(one_row, eval_fraction=0.0).examples("eval", 1, 0)
+    with pytest.raises(ValueError, match=r"t.jsonl:1: template .* names field 'context'"):
+        FileTask(one_row, template="{context}: {prompt}")
+    with pytest.raises(ValueError, match="named fields"):
+        FileTask(one_row, template="{}")
+    assert FileTask(one_row, answer_field="prompt", eval_fraction=1.0).examples("eval", 1, 0)[0].answer == "p"
 
 
-def test_jsonl_math_verify_equivalence_when_available(tmp_path):
-    pytest.importorskip("math_verify")
-    task = JsonlTask(write_jsonl(tmp_path / "m.jsonl", [{"prompt": "half?", "answer": "\\frac{1}{2}"}]),
-                     eval_fraction=1.0)
-    ex = task.examples("eval", 1, 0)[0]
-    assert task.reward(ex, "0.5") == 1.0
-    assert task.reward(ex, "0.6") == 0.0
-    assert JsonlTask(task.path, eval_fraction=1.0, use_math_verify=False).reward(ex, "0.5") == 0.0
+def test_numbers_are_read_as_text(tmp_path):
+    task = FileTask(str(write_jsonl(tmp_path / "n.jsonl", [{"prompt": "p", "answer": 72}])), eval_fraction=1.0)
+    assert task.examples("eval", 1, 0)[0].answer == "72"
 
 
-def test_jsonl_exact_match_without_math_verify(tmp_path, monkeypatch):
-    monkeypatch.setattr(files_module, "math_verify", None)
-    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "p", "answer": " 72 "}])
-    task = JsonlTask(path, eval_fraction=1.0)
-    ex = task.examples("eval", 1, 0)[0]
-    assert task.reward(ex, "72") == 1.0 and task.reward(ex, "72.0") == 0.0
+ROWS = [{"question": f"what is {i} plus {i}?", "answer": f"#### {2 * i}", "id": i} for i in range(30)]
+
+
+def test_parquet_and_arrow_and_datasets_directory_give_the_same_examples(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    reference = FileTask(str(write_jsonl(tmp_path / "d.jsonl", ROWS)), prompt_field="question")
+    data = datasets.Dataset.from_list(ROWS)
+    data.to_parquet(str(tmp_path / "d.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": data, "test": data.select(range(5))}).save_to_disk(str(tmp_path / "dict"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for source in (tmp_path / "d.parquet", arrow, tmp_path / "saved", tmp_path / "dict"):
+        task = FileTask(str(source), prompt_field="question")
+        assert task.examples("train", 40, 1) == reference.examples("train", 40, 1), source
+        assert task.examples("eval", 5, 1) == reference.examples("eval", 5, 1), source
+    with_test = FileTask(str(tmp_path / "dict"), prompt_field="question", eval_split="test")
+    assert {e.prompt for e in with_test.examples("eval", 20, 0)} == {r["question"] for r in ROWS[:5]}
+    assert len({e.prompt for e in with_test.examples("train", 200, 0)}) == 30
+    with pytest.raises(ValueError, match=r"no split 'validation'; it has \['test', 'train'\]"):
+        FileTask(str(tmp_path / "dict"), prompt_field="question", eval_split="validation")
+
+
+def test_bad_parquet_rows_name_file_row_and_field(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"q": "a", "answer": "1"}, {"q": None, "answer": "2"}]).to_parquet(
+        str(tmp_path / "b.parquet"))
+    with pytest.raises(ValueError, match=r"b.parquet row 2: field 'q' is null"):
+        FileTask(str(tmp_path / "b.parquet"), prompt_field="q")
+    with pytest.raises(ValueError, match=r"b.parquet row 1: missing field 'question'"):
+        FileTask(str(tmp_path / "b.parquet"), prompt_field="question")
+
+
+def test_separate_eval_file(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS[:20])
+    evals = write_jsonl(tmp_path / "eval.jsonl", ROWS[20:])
+    task = FileTask(str(train), prompt_field="question", eval_path=str(evals))
+    assert {e.prompt for e in task.examples("eval", 50, 0)} == {r["question"] for r in ROWS[20:]}
+    assert {e.prompt for e in task.examples("train", 100, 0)} == {r["question"] for r in ROWS[:20]}
+
+
+# ------------------------------------------------------------------------------------------ reasoning-gym
+
+@pytest.mark.parametrize("dataset", ["gsm_symbolic", "basic_arithmetic", "chain_sum", "countdown"])
+def test_reasoning_gym_tasks_offline_seeded_and_scored_by_their_own_scorer(dataset):
+    pytest.importorskip("reasoning_gym")
+    task = make_task("reasoning-gym", dataset=dataset, size=60)
+    train = task.examples("train", 8, 0)
+    assert train == make_task("reasoning-gym", dataset=dataset, size=60).examples("train", 8, 0)
+    assert not {e.prompt for e in train} & {e.prompt for e in task.examples("eval", 20, 0)}
+    for ex in train[:3]:
+        assert task.reward(ex, ex.answer) == 1.0
+        assert task.reward(ex, f"thinking...<answer>{ex.answer}</answer>") == 1.0
+        assert task.reward(ex, "<answer>certainly not this</answer>") < 0.5
+
+
+def test_reasoning_gym_options_are_that_datasets_settings():
+    pytest.importorskip("reasoning_gym")
+    opts = task_options("reasoning-gym", {"dataset": "chain_sum", "max_terms": 3})
+    assert opts == {"dataset": "chain_sum", "eval_fraction": 0.1, "template": "{question}", "seed": 0, "size": 1000,
+                    "max_terms": 3}
+    task = make_task("reasoning-gym", **{**opts, "size": 40, "min_terms": 2, "template": "Q: {question}"})
+    assert all(ex.prompt.startswith("Q: ") and ex.prompt.count("+") + ex.prompt.count("-") <= 2
+               for ex in task.examples("train", 10, 0))
+    with pytest.raises(ValueError, match=r"no setting\(s\) \['digits'\]"):
+        task_options("reasoning-gym", {"dataset": "chain_sum", "digits": 2})
+    with pytest.raises(ValueError, match="needs options.dataset.*got 'nope'"):
+        task_options("reasoning-gym", {"dataset": "nope"})
+    with pytest.raises(ValueError, match="invalid settings"):
+        make_task("reasoning-gym", dataset="chain_sum", min_terms=5, max_terms=2)
 
 
 # --------------------------------------------------------------------------------------------- metrics

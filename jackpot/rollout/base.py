@@ -156,6 +156,20 @@ class RolloutEngine(Protocol):
         top_p: float,
         topk: int,
         seed: int | None,
+        uniforms: torch.Tensor | None = None,
+        synced: bool = False,
     ) -> RolloutBatch:
-        """Sample one response per prompt row; prompt_ids/prompt_mask are (B, P), left-padded."""
+        """Sample one response per prompt row; prompt_ids/prompt_mask are (B, P), left-padded.
+
+        `uniforms` (B, >= max_new_tokens): each row's draws, step by step, so a row's sample does not depend
+        on the rest of the batch; `synced`: the model is sharded over processes (see `hf.HFRolloutEngine`)."""
+        ...
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Make the next `generate` sample from `model`'s current weights, stamped `version`.
+
+        Call it after every update of the rollout model. An engine that holds its own copy of the weights
+        (another process, another dtype, an inference server) copies them here; one that samples from the
+        trainer's module directly only records the version.
+        """
         ...

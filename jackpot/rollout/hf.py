@@ -40,14 +40,27 @@ from jackpot.rollout.base import FILL_LOGPROB, RolloutBatch
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str]
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat_template: bool | None = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize and left-pad: list of B strings -> prompt_ids (B, P) long, prompt_mask (B, P) long."""
+    """Tokenize and left-pad: list of B strings -> prompt_ids (B, P) long, prompt_mask (B, P) long.
+
+    `chat_template`: True wraps each prompt as one user message in the tokenizer's chat template with the
+    generation prompt (ValueError if it has none); None does so when the tokenizer has a template; False never.
+    """
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before encoding prompts")
-    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template and not has_template:
+        raise ValueError("task.chat_template is true but the tokenizer has no chat template")
+    templated = has_template and chat_template is not False
+    if templated:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    # a templated prompt already holds its special tokens; a plain one gets none added by the tiny tokenizers
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt",
+                    add_special_tokens=not templated)
     if enc["input_ids"].shape[1] == 0:
         raise ValueError("prompts encode to zero tokens; every prompt needs at least one token")
     return enc["input_ids"].long(), enc["attention_mask"].long()
@@ -111,10 +124,16 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> to
 
 
 class HFRolloutEngine:
-    """A `RolloutEngine` over a Hugging Face causal LM and its tokenizer."""
+    """A `RolloutEngine` over a Hugging Face causal LM and its tokenizer.
+
+    It samples from the model object it is given (no copy of the weights), so `sync_weights` only points
+    it at the model (a new object, or the same one updated in place) and stamps the version.
+    `cache_implementation`: None for transformers' dynamic KV cache, "static" for a pre-allocated one
+    (`benchmarks/bench_rollout_engines.py` measures both).
+    """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, cache_implementation: str | None = None):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
         eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
@@ -123,11 +142,17 @@ class HFRolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos)
+        self.cache_implementation = cache_implementation
         self.model_version = 0
 
     def set_version(self, version: int) -> None:
         """Tag subsequent rollouts with `version` (call after loading new weights into the model)."""
         self.model_version = int(version)
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Sample from `model`'s current weights from now on, tagged `version` (no copy: it is used as is)."""
+        self.model = model
+        self.set_version(version)
 
     @torch.no_grad()
     def generate(
@@ -167,7 +192,7 @@ class HFRolloutEngine:
         config = GenerationConfig(
             do_sample=True, num_beams=1, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0,
             top_p=1.0, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.eos_token_ids,
+            eos_token_id=self.eos_token_ids, cache_implementation=self.cache_implementation,
         )
         with _seeded(seed, device), _neutral_generation_mode(self.model):
             sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,

@@ -21,6 +21,7 @@ from typing import ClassVar
 from jackpot.tasks.base import Example, check_split, extract_answer, split_of
 
 MAX_TRIES_PER_EXAMPLE = 10_000
+SPARE_TOKENS = 3  # response budget beyond the longest answer: <eos> and room for a stray character or two
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class _ArithmeticTask:
     """Shared sampling and reward; subclasses define `_problem(rng) -> Example` and `max_answer_len`."""
 
     name: ClassVar[str] = "arithmetic"
+    tiny_tokenizer: ClassVar[str] = "char"
     eval_fraction: float = 0.1
     """Fraction of the problem space (by prompt hash) reserved for the eval split."""
 
@@ -37,6 +39,11 @@ class _ArithmeticTask:
 
     def _problem(self, rng: random.Random) -> Example:
         raise NotImplementedError
+
+    @classmethod
+    def default_max_new_tokens(cls, **options) -> int:
+        """Longest answer + SPARE_TOKENS (6 for 2-digit addition)."""
+        return cls(**options).max_answer_len + SPARE_TOKENS
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
         """`n` examples of `split`, drawn with replacement; the same `seed` gives the same list."""

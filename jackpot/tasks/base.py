@@ -11,8 +11,8 @@ stable hash of its prompt (`split_of`), never from Python's salted `hash`.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 SPLITS = ("train", "eval")
 # Decoded completions end at the first of these; the answer is what precedes it, stripped.
@@ -25,6 +25,8 @@ class Example:
 
     prompt: str
     answer: str
+    meta: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """What the task's scorer needs beyond the answer (e.g. a reasoning-gym entry's index); not compared."""
 
 
 @runtime_checkable
@@ -39,6 +41,11 @@ class Task(Protocol):
 
     def reward(self, example: Example, completion: str) -> float:
         """1.0 if `completion` answers `example` correctly, else 0.0."""
+        ...
+
+    @classmethod
+    def default_max_new_tokens(cls, **options: Any) -> int:
+        """The response budget the task needs with these constructor options (`sampling.max_new_tokens`'s default)."""
         ...
 
 

@@ -1,64 +1,126 @@
-"""A task read from a local JSON-lines file: one `{"prompt": ..., "answer": ...}` object per line.
+"""A task read from data you have: a local file or directory, or a Hugging Face dataset name when online.
 
-Nothing is downloaded: point it at a file you have (e.g. a GSM8K or MATH-500 export). The split
-is decided per problem by a stable hash of the prompt (`base.split_of`), so train and eval are
-disjoint; pass `eval_fraction=1.0` to use the whole file as an eval set.
+    task.name=file task.options='{path: data/gsm8k.jsonl, prompt_field: question, answer_field: answer}'
 
-Reward: 1.0 if the completion's first line (before newline / EOS), stripped, equals the answer
-stripped. If the optional `math_verify` package is installed, a mismatch is given a second chance
-by `math_verify.verify(parse(answer), parse(completion))`, which accepts equivalent forms
-(`\\frac{1}{2}` vs `0.5`, `#### 72` vs `72`); it is only used when importable.
+Sources (`path`):
+    *.jsonl / *.json   one JSON object per non-empty line (no dependency)
+    *.parquet          a Parquet table (needs pyarrow: pip install "jackpot[data]")
+    *.arrow            an Arrow file written by `datasets` (needs datasets)
+    a directory        written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`
+    anything else      a hub dataset name for `datasets.load_dataset(path, subset, split=...)` (online)
+
+Each row gives one `Example`: the prompt is `template.format(prompt=row[prompt_field], **row)`
+(default template "{prompt}"; e.g. "Question: {prompt}\\nAnswer:"), the answer is `row[answer_field]`
+as text. A row that is not an object, lacks a field, holds null there, or holds something other than
+text or a number is refused with the file, the line (or row) and the field named — nothing is turned
+into the string "None".
+
+Splits: `eval_path` (another source) or `eval_split` (another split of a dataset with splits, e.g.
+"test") give the eval set; otherwise problems are assigned by a stable hash of the prompt
+(`base.split_of`) with `eval_fraction` of them in eval, so train and eval are disjoint. `split` picks
+the split read for training from a dataset with splits ("train").
+
+Reward (`answers.py`): 1.0 when the completion's final answer — the last `\\boxed{}`, else what follows
+the last `####`, else the last number, read over the whole completion — equals the reference's under
+`verifier` ('math': math-verify equivalence, the default; 'exact': string equality), plus
+`format_reward` when the completion marks its answer with `\\boxed{}` or `####` (default 0).
+The chat template, when the model's tokenizer has one, is applied by the trainer, not here.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from jackpot.tasks.base import Example, check_split, extract_answer, split_of
+from jackpot.tasks.answers import VERIFIERS, is_correct, marked_answer, require_math_verify
+from jackpot.tasks.base import Example, check_split, split_of
 
-try:  # optional dependency (`pip install jackpot[math]`)
-    import math_verify
-except ImportError:
-    math_verify = None
+MAX_NEW_TOKENS = 1024  # default response budget: worked solutions run to hundreds of tokens
+_TABLE_SUFFIXES = (".parquet", ".arrow")
 
 
 @dataclass(frozen=True)
-class JsonlTask:
-    """Examples from a jsonl file; see the module docstring."""
+class FileTask:
+    """Examples from a file, directory or hub dataset; see the module docstring."""
 
-    path: str | Path
-    """The .jsonl file; one JSON object per non-empty line."""
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    name: ClassVar[str] = "file"
+    tiny_tokenizer: ClassVar[str] = "byte"
+    path: str
+    """A .jsonl/.json, .parquet or .arrow file, a `save_to_disk` directory, or a hub dataset name."""
+    prompt_field: str = "prompt"
+    """The row field holding the problem text."""
+    answer_field: str = "answer"
+    """The row field holding the reference answer (a worked solution ending in `#### 72` works)."""
+    template: str = "{prompt}"
+    """Prompt shown to the model: `str.format` with {prompt} = the prompt field and every row field by name."""
     eval_fraction: float = 0.1
-    """Fraction of problems (by prompt hash) in the eval split; 0.0 or 1.0 put all in one split."""
-    use_math_verify: bool = True
-    """Fall back to `math_verify` equivalence when the package is importable."""
-    name: str = "jsonl"
+    """Fraction of problems (by prompt hash) in the eval split when neither eval_path nor eval_split is set."""
+    eval_path: str | None = None
+    """A separate source for the eval split (same fields)."""
+    split: str = "train"
+    """The split read from a dataset with splits (a DatasetDict directory or a hub dataset)."""
+    eval_split: str | None = None
+    """The eval split of the same dataset (e.g. 'test'); None: a hash split of `split`."""
+    subset: str | None = None
+    """Hub datasets only: the configuration name, e.g. 'main' for gsm8k."""
+    verifier: str = "math"
+    """'math' (math-verify equivalence of the final answers) or 'exact' (equal strings)."""
+    format_reward: float = 0.0
+    """Added to the reward when the completion marks its answer with \\boxed{} or ####."""
     _pool: dict[str, list[Example]] = field(init=False, repr=False, compare=False)
+
+    @classmethod
+    def default_max_new_tokens(cls, **options: Any) -> int:
+        return MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction <= 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1], got {self.eval_fraction}")
-        path = Path(self.path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"JsonlTask path {str(path)!r} does not exist or is not a file")
-        pool: dict[str, list[Example]] = {"train": [], "eval": []}
-        for ex in _read_examples(path, self.prompt_key, self.answer_key):
-            pool[split_of(ex.prompt, self.eval_fraction)].append(ex)
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"verifier must be one of {list(VERIFIERS)}, got {self.verifier!r}")
+        if self.verifier == "math":
+            require_math_verify()
+        if not 0.0 <= self.format_reward < 0.5:
+            raise ValueError(f"format_reward must be in [0, 0.5) (a formatted wrong answer must stay below a "
+                             f"correct one for pass@k), got {self.format_reward}")
+        _check_template(self.template)
+        if self.eval_path is not None and self.eval_split is not None:
+            raise ValueError("give eval_path or eval_split, not both")
+        rows = self._examples(self.path, self.split)
+        if self.eval_path is not None or self.eval_split is not None:
+            evals = self._examples(self.eval_path or self.path, self.eval_split or self.split)
+            pool = {"train": rows, "eval": evals}
+        else:
+            pool = {"train": [], "eval": []}
+            for ex in rows:
+                pool[split_of(ex.prompt, self.eval_fraction)].append(ex)
         object.__setattr__(self, "_pool", pool)
 
+    def _examples(self, source: str, split: str) -> list[Example]:
+        return [self._example(row, where) for row, where in read_rows(source, split=split, subset=self.subset)]
+
+    def _example(self, row: Any, where: str) -> Example:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object with fields {self.prompt_field!r} and "
+                             f"{self.answer_field!r}, got {type(row).__name__}")
+        prompt, answer = (_text_field(row, key, where) for key in (self.prompt_field, self.answer_field))
+        try:
+            text = self.template.format(**{**row, "prompt": prompt})
+        except KeyError as e:
+            raise ValueError(f"{where}: template {self.template!r} names field {e.args[0]!r}, which the row "
+                             f"lacks; it has {sorted(row)}") from None
+        return Example(prompt=text, answer=answer)
+
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
-        """`n` examples of `split`: a seeded shuffle of the file's problems, cycled if `n` exceeds them."""
+        """`n` examples of `split`: a seeded shuffle of the problems, cycled if `n` exceeds them."""
         check_split(split, n)
         pool = self._pool[split]
         if n and not pool:
-            raise ValueError(f"{self.path}: no examples in split {split!r} "
-                             f"(eval_fraction={self.eval_fraction})")
+            raise ValueError(f"{self.path}: no examples in split {split!r} (eval_fraction={self.eval_fraction})")
         out: list[Example] = []
         rng = random.Random(f"jsonl/{split}/{seed}")
         while len(out) < n:
@@ -68,31 +130,83 @@ class JsonlTask:
         return out
 
     def reward(self, example: Example, completion: str) -> float:
-        """1.0 on exact match after strip (or math_verify equivalence), else 0.0."""
-        given = extract_answer(completion)
-        if given == example.answer.strip():
-            return 1.0
-        if self.use_math_verify and math_verify is not None and given:
-            try:
-                ok = math_verify.verify(math_verify.parse(example.answer), math_verify.parse(given))
-            except Exception:  # math_verify raises on unparsable input; that is a wrong answer
-                return 0.0
-            return 1.0 if ok else 0.0
-        return 0.0
+        """1.0 if the completion's final answer is the reference's (see module docstring), plus format_reward."""
+        correct = 1.0 if is_correct(completion, example.answer, self.verifier) else 0.0
+        formatted = self.format_reward if self.format_reward and marked_answer(completion) is not None else 0.0
+        return correct + formatted
 
 
-def _read_examples(path: Path, prompt_key: str, answer_key: str) -> list[Example]:
-    examples = []
+JsonlTask = FileTask  # the name the task had when it read only JSON lines
+
+
+def _check_template(template: str) -> None:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ValueError(f"template {template!r} is not a valid format string: {e}") from None
+    if any(name == "" or name.isdigit() for name in names):
+        raise ValueError(f"template {template!r}: use named fields like {{prompt}}, not {{}} or {{0}}")
+
+
+def _text_field(row: dict, key: str, where: str) -> str:
+    if key not in row:
+        raise ValueError(f"{where}: missing field {key!r}; the row has {sorted(row)}")
+    value = row[key]
+    if value is None:
+        raise ValueError(f"{where}: field {key!r} is null")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: field {key!r} must be text or a number, got {type(value).__name__}")
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_rows(source: str, *, split: str = "train", subset: str | None = None) -> list[tuple[Any, str]]:
+    """Rows of `source` (see the module docstring), each with where it came from ('file:line' / 'file row N')."""
+    path = Path(str(source)).expanduser()
+    if path.suffix in (".jsonl", ".json") or (path.is_file() and path.suffix not in _TABLE_SUFFIXES):
+        if not path.is_file():
+            raise FileNotFoundError(f"task data file {str(path)!r} does not exist")
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise FileNotFoundError(f"task data file {str(path)!r} does not exist")
+        pq = _require("pyarrow.parquet", "Parquet files")
+        return [(row, f"{path} row {i}") for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+    datasets = _require("datasets", "Arrow files, dataset directories and hub datasets")
+    if path.suffix == ".arrow":
+        if not path.is_file():
+            raise FileNotFoundError(f"task data file {str(path)!r} does not exist")
+        data = datasets.Dataset.from_file(str(path))
+    elif path.is_dir():
+        data = datasets.load_from_disk(str(path))
+    elif str(source).startswith((".", "/", "~")) or path.suffix:
+        raise FileNotFoundError(f"task data {str(path)!r} does not exist (and is not a hub dataset name)")
+    else:
+        data = datasets.load_dataset(str(source), subset, split=split)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{source}: no split {split!r}; it has {sorted(data)}")
+        data = data[split]
+    return [(row, f"{source} row {i}") for i, row in enumerate(data, start=1)]
+
+
+def _read_jsonl(path: Path) -> list[tuple[Any, str]]:
+    rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row: dict[str, Any] = json.loads(line)
+                rows.append((json.loads(line), f"{path}:{lineno}"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            missing = [k for k in (prompt_key, answer_key) if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing key(s) {missing}; has {sorted(row)}")
-            examples.append(Example(prompt=str(row[prompt_key]), answer=str(row[answer_key])))
-    return examples
+    return rows
+
+
+def _require(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"reading {what} needs the `datasets` package: pip install 'jackpot[data]'") from None

@@ -62,9 +62,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "addition"
-    """Task name (see jackpot.tasks.TASKS) or 'jsonl' with options.path."""
-    options: dict = field(default_factory=lambda: {"digits": 2})
-    """Keyword arguments of the task's constructor."""
+    """Task name (jackpot.tasks.TASKS): 'addition', 'chain_sum', 'multiply', 'file' (your data: options.path,
+    prompt_field, answer_field, template, ...) or 'reasoning-gym' (options.dataset plus its settings)."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments of the task's constructor; the task's own defaults fill in the rest when the config is
+    built (so config.yaml records every option a run used, e.g. the verifier), never another task's."""
+    chat_template: bool | None = None
+    """Wrap each prompt in the tokenizer's chat template (one user message plus the generation prompt);
+    None: when the tokenizer has one (the tiny offline tokenizers have none)."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,17 @@ class SamplingConfig:
     """Sampling temperature of the rollout engine (the policy's log-probs use the same)."""
     top_p: float = 1.0
     """Nucleus sampling; < 1 makes p_inf sparse, so exact Z needs z='topk' or 'batch'."""
-    max_new_tokens: int = 6
-    """Maximum response length."""
+    max_new_tokens: int | None = None
+    """Maximum response length; None: the task's default (arithmetic: longest answer + 3, i.e. 6 for
+    2-digit addition; file and reasoning-gym tasks: 1024)."""
     topk: int = 20
     """How many top log-probs of p_inf the rollout records per position (paper: 20)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = "hf"
+    """Rollout engine (jackpot.rollout.ENGINES): 'hf' (transformers' generate with a dynamic KV cache)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +234,7 @@ class Config:
     rollout_model: ModelConfig = field(default_factory=lambda: ModelConfig(
         hidden_size=64, num_layers=2, num_heads=4, sft_steps=600, sft_lr=3e-3, seed=1))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -234,6 +247,27 @@ class Config:
     """Log to Weights & Biases under this project (needs `wandb` installed)."""
 
     def validate(self) -> Config:
+        """This config with the task's defaults filled in (options, max_new_tokens), checked; ValueError if bad."""
+        cfg = self._with_task_defaults()
+        cfg._check()
+        return cfg
+
+    def _with_task_defaults(self) -> Config:
+        from jackpot.tasks import default_max_new_tokens, task_options
+
+        if not isinstance(self.task.options, dict):
+            raise ValueError(f"task.options must be a mapping, got {self.task.options!r}")
+        options = task_options(self.task.name, self.task.options)
+        max_new = self.sampling.max_new_tokens
+        if max_new is None:
+            max_new = default_max_new_tokens(self.task.name, options)
+        return dataclasses.replace(self, task=dataclasses.replace(self.task, options=options),
+                                   sampling=dataclasses.replace(self.sampling, max_new_tokens=max_new))
+
+    def _check(self) -> None:
+        from jackpot.rollout import ENGINES
+
+        _check_choice("rollout.engine", self.rollout.engine, tuple(ENGINES))
         _check_choice("train.mode", self.train.mode, MODES)
         _check_choice("policy.dtype", self.policy.dtype, DTYPES)
         _check_choice("rollout_model.dtype", self.rollout_model.dtype, DTYPES)
@@ -277,7 +311,6 @@ class Config:
         if needs.z == "exact" and needs.current_policy:
             raise ValueError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
                              "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
-        return self
 
 
     def _validate_ranges(self) -> None:
@@ -392,7 +425,7 @@ def preset_path(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    if path.suffix == "" and (CONFIG_DIR / f"{name}.yaml").is_file():
+    if path.suffix not in (".yaml", ".yml") and (CONFIG_DIR / f"{name}.yaml").is_file():  # "qwen3-1.7b-to-8b"
         return CONFIG_DIR / f"{name}.yaml"
     raise FileNotFoundError(f"config file not found: {path} (not a file, and not a preset; presets: "
                             f"{', '.join(presets())})")

@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from jackpot.metrics import MetricLogger, scalars
 from jackpot.models.loading import load_model, load_tokenizer
 from jackpot.models.tokenizer import check_same_tokenizer
+from jackpot.rollout import RolloutEngine, make_engine
 from jackpot.rollout.base import RolloutBatch
-from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts
+from jackpot.rollout.hf import decode_responses, encode_prompts
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
@@ -69,6 +70,7 @@ class Run:
     @property
     def rollout_train(self) -> torch.nn.Module | None:
         return self.rollout_wrapper if self.rollout_wrapper is not None else self.rollout_model
+    engine: RolloutEngine | None = None           # samples the rollouts (rollout model, or policy on-policy)
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -179,6 +181,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt,
               coll=coll, policy_wrapper=policy_train if policy_train is not policy else None,
               rollout_wrapper=rollout_train if rollout_train is not rollout_model else None)
+    run.engine = make_engine(cfg.rollout.engine, rollout_model if rollout_model is not None else policy, tokenizer)
     if resume:
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), run.models, run.optimizers)
         run.start_step = state["step"] + 1
@@ -225,15 +228,15 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
     examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, 0))
     share = run.coll.share(t.prompts_per_step, "train.prompts_per_step")
     repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.group_size)]
-    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated])
+    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated],
+                                             chat_template=run.cfg.task.chat_template)
     actor = run.rollout_train if run.rollout_model is not None else run.policy_train
     uniforms = row_uniforms(t.seed, step, 3, t.prompts_per_step * t.group_size, s.max_new_tokens, _rows(run))
     with gathered_for_generation(actor) as model:
-        engine = HFRolloutEngine(model, run.tokenizer)
-        engine.set_version(step)
-        batch = engine.generate(prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens,
-                                temperature=s.temperature, top_p=s.top_p, topk=s.topk,
-                                seed=step_seed(t.seed, step, 3), uniforms=uniforms, synced=is_sharded(actor))
+        run.engine.sync_weights(model, step)  # the actor's weights after the previous step's update
+        batch = run.engine.generate(prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens,
+                                    temperature=s.temperature, top_p=s.top_p, topk=s.topk,
+                                    seed=step_seed(t.seed, step, 3), uniforms=uniforms, synced=is_sharded(actor))
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
     return batch, rewards.reshape(len(share), t.group_size).to(batch.logprobs.device)
@@ -254,11 +257,12 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     examples = run.task.examples("eval", t.eval_prompts, t.seed)
     share = run.coll.uneven_share(len(examples))
     repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.eval_samples)]
-    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated])
+    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated],
+                                             chat_template=run.cfg.task.chat_template)
     rows = range(share.start * t.eval_samples, share.stop * t.eval_samples)
     uniforms = row_uniforms(t.seed, 0, 4, len(examples) * t.eval_samples, s.max_new_tokens, rows)
     with gathered_for_generation(model) as lm:
-        batch = HFRolloutEngine(lm, run.tokenizer).generate(
+        batch = make_engine(run.cfg.rollout.engine, lm, run.tokenizer).generate(
             prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens,
             temperature=t.eval_temperature or s.temperature, topk=1, seed=step_seed(t.seed, 0, 4),
             uniforms=uniforms, synced=is_sharded(model))

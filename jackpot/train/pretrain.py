@@ -14,6 +14,9 @@ Measured on 2-digit addition (2 shared CPU cores, 1 torch thread, 200 eval probl
     h128, 3 layers (0.65M params), lr 2e-3, 600 steps: greedy 20-60%, sampled 11-39%, ~45-50 s
 Accuracy jumps late and abruptly (h64: 8% at 500 steps, 51% at 600), so it varies with the seed.
 
+Tokenizer: the built-in arithmetic tasks use the 56-symbol character tokenizer; every other task (files,
+reasoning-gym) the byte-level one, which encodes any text (`jackpot.models.tokenizer`).
+
 Example:
     jackpot pretrain --task addition --hidden 128 --layers 3 --heads 4 --steps 600 --out runs/policy
 """
@@ -35,9 +38,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from jackpot.models.loading import build_tiny_qwen, save_model_and_tokenizer
-from jackpot.models.tokenizer import CHARACTERS, build_char_tokenizer
+from jackpot.models.tokenizer import CHARACTERS, build_tokenizer
 from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts, response_mask_from_ids
-from jackpot.tasks import Example, Task, make_task
+from jackpot.tasks import Example, Task, make_task, tiny_tokenizer
 
 IGNORE_INDEX = -100  # label value excluded from the loss by Hugging Face models
 WARMUP_FRACTION = 0.05
@@ -66,11 +69,18 @@ class TinyModelSpec:
     lr: float = 2e-3
     seed: int = 0
     """Seeds both the initialisation and the order of training examples."""
+    tokenizer: str | None = None
+    """'char' or 'byte' (jackpot.models.tokenizer); None: the task's choice (char for arithmetic, else byte)."""
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or tiny_tokenizer(self.task)
 
     def cache_key(self) -> str:
         """Short hash of every field plus the tokenizer vocabulary and recipe version."""
-        payload = json.dumps({**dataclasses.asdict(self), "vocab": CHARACTERS, "format": CACHE_FORMAT},
-                             sort_keys=True)
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "tokenizer"}
+        vocab = CHARACTERS if self.tokenizer_name == "char" else self.tokenizer_name
+        payload = json.dumps({**fields, "vocab": vocab, "format": CACHE_FORMAT}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -161,7 +171,9 @@ def evaluate_accuracy(
     examples = task.examples("eval", n, seed)
     if not examples:
         return float("nan")
-    max_new = max_new_tokens or getattr(task, "max_answer_len", 15) + 1
+    longest = getattr(task, "max_answer_len", None) or max(
+        len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
+    max_new = max_new_tokens or longest + 1
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples])
     if temperature is None:
         device = model.device
@@ -181,13 +193,13 @@ def evaluate_accuracy(
 def train_tiny_model(
     spec: TinyModelSpec, *, eval_n: int = 100, progress: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, float]]:
-    """Build the char tokenizer and a tiny Qwen3 per `spec`, SFT it, and measure eval accuracy.
+    """Build the tokenizer and a tiny Qwen3 per `spec`, SFT it, and measure eval accuracy.
 
     Stats: `eval/{greedy,sampled}_acc_{before,after}` (sampled at temperature 1 on `eval_n`
     eval examples), `model/params`, and the `sft/*` stats of `pretrain`.
     """
     task = make_task(spec.task, **spec.task_kwargs)
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_tokenizer(spec.tokenizer_name)
     model = build_tiny_qwen(
         len(tokenizer), hidden_size=spec.hidden, num_layers=spec.layers, num_heads=spec.heads,
         intermediate_size=spec.intermediate, seed=spec.seed, pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,72 @@
+"""`jackpot eval` end to end on a tiny model (as a user runs it), and its Mean@k / Pass@k against references."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jackpot.models.loading import build_tiny_qwen, save_model_and_tokenizer
+from jackpot.models.tokenizer import build_byte_tokenizer
+from jackpot.tasks import FileTask, pass_at_k
+from jackpot.train.pretrain import pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tiny_model_dir(path: Path, data: Path) -> Path:
+    """A tiny byte-level model fine-tuned for a few steps to answer "7", so samples are partly right."""
+    tok = build_byte_tokenizer()
+    model = build_tiny_qwen(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=0,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    task = FileTask(str(data), prompt_field="q", answer_field="a", eval_fraction=0.0)
+    pretrain(task, tok, model, steps=25, batch_size=8, lr=1e-2, seed=0, progress=False)
+    return save_model_and_tokenizer(model, tok, path)
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "jackpot.cli", *argv], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+
+def test_jackpot_eval_writes_mean_and_pass_at_k_and_every_completion(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Q{i}?", "a": "7"}) + "\n" for i in range(6)))
+    model = _tiny_model_dir(tmp_path / "model", data)
+    out = tmp_path / "evals" / "e.json"
+    result = _run("eval", "--model", str(model), "--k", "3", "--out", str(out), "--prompts", "6",
+                  "--batch-size", "5", "--max-new-tokens", "3", "--no-progress", "task.name=file",
+                  f"task.options={{path: {data}, prompt_field: q, answer_field: a, eval_fraction: 1.0}}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["completions"]) == 3 == len(r["rewards"]) for r in rows)
+    assert {r["prompt"] for r in rows} == {f"Q{i}?" for i in range(6)}
+    assert all(len(c) <= 3 for r in rows for c in r["completions"])  # 3 bytes: at most 3 characters
+    rewards = [r["rewards"] for r in rows]
+    assert 0 < sum(map(sum, rewards)) < 18, rewards  # some samples right, some wrong
+    assert summary["mean@3"] == pytest.approx(sum(map(sum, rewards)) / 18)
+    assert summary["pass@3"] == pytest.approx(sum(any(x > 0.5 for x in r) for r in rewards) / 6)
+    assert summary["task"]["options"]["verifier"] == "math" and summary["sampling"]["max_new_tokens"] == 3
+    assert "mean@3" in result.stdout
+
+
+def test_jackpot_eval_bad_input_is_one_clear_error(tmp_path):
+    result = _run("eval", "--model", str(tmp_path / "missing"), "--k", "2", "--out", str(tmp_path / "e.json"),
+                  "task.name=addition")
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    result = _run("eval", "--model", "x", "--k", "0", "--out", str(tmp_path / "e.json"))
+    assert result.returncode == 2 and "--k must be >= 1" in result.stderr
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(10, 3, 4), (20, 0, 5), (20, 19, 2), (200, 7, 100), (8, 8, 8), (5, 1, 1)])
+def test_pass_at_k_equals_the_float64_combinatorial_formula(n, c, k):
+    row = [1.0] * c + [0.0] * (n - c)
+    expected = 1.0 - math.comb(n - c, k) / math.comb(n, k)  # exact integers, one float64 division
+    assert pass_at_k([row], k) == pytest.approx(expected, rel=1e-12, abs=1e-15)
