@@ -61,6 +61,7 @@ class Run:
     coll: Collective = dataclasses.field(default_factory=Collective)
     policy_wrapper: torch.nn.Module | None = None   # the policy wrapped by DDP / FSDP2 (several processes)
     rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
+    engine: RolloutEngine | None = None           # samples the rollouts (rollout model, or policy on-policy)
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -70,7 +71,6 @@ class Run:
     @property
     def rollout_train(self) -> torch.nn.Module | None:
         return self.rollout_wrapper if self.rollout_wrapper is not None else self.rollout_model
-    engine: RolloutEngine | None = None           # samples the rollouts (rollout model, or policy on-policy)
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
