@@ -120,3 +120,20 @@ def test_cli_resume_from_a_two_process_checkpoint_continues_exactly(tmp_path, ca
     for key, value in full[3].items():
         if not key.startswith("perf/"):
             assert cut[3][key] == value, key  # same ranks, same seeds: bitwise-identical arithmetic
+
+
+def test_accelerate_launch_runs_the_same_training(tmp_path, cache):
+    """`accelerate launch --multi_gpu --num_processes 2 -m jackpot train` (accelerate starts torchrun's
+    workers; on CPU they join over gloo) makes the run torchrun makes."""
+    common = ["--no-progress", *BASE, f"cache_dir={cache}", "train.steps=2"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                  "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]
+    for out, launcher in (("torchrun", _torchrun(2)), ("accelerate", accelerate)):
+        proc = subprocess.run([*launcher, "-m", "jackpot", "train", "--out", str(tmp_path / out), *common],
+                              env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = tmp_path / "accelerate" / "checkpoints" / "step_000002"
+    assert json.loads((ckpt / "state.json").read_text())["processes"] == 2
+    a, b = _metrics(tmp_path / "torchrun"), _metrics(tmp_path / "accelerate")
+    assert [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in a] == \
+        [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in b]
