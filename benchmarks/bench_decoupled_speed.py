@@ -31,13 +31,8 @@ import time
 
 import torch
 
-# the published configs' widths (no download): hidden, intermediate, heads, kv heads, head_dim, tied
-QWEN3 = {
-    "qwen3-0.6b": (1024, 3072, 16, 8, 128, True),
-    "qwen3-1.7b": (2048, 6144, 16, 8, 128, True),
-    "qwen3-4b": (2560, 9728, 32, 8, 128, True),
-    "qwen3-8b": (4096, 12288, 32, 8, 128, False),
-}
+from jackpot.models.shapes import QWEN3  # the published widths, no download
+
 VARIANTS = {
     "on-policy": ["train.mode=on-policy", "correction.name=none"],
     "jackpot joint": ["correction.name=jackpot", "correction.z=exact", "distill.rollout_model=joint"],

@@ -34,14 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from jackpot.models.shapes import QWEN3, VOCAB  # the published widths, no download
+
 ROOT = Path(__file__).resolve().parent.parent
-QWEN3 = {  # the published configs' widths (no download): hidden, intermediate, heads, kv heads, head_dim, tied
-    "qwen3-0.6b": (1024, 3072, 16, 8, 128, True),
-    "qwen3-1.7b": (2048, 6144, 16, 8, 128, True),
-    "qwen3-4b": (2560, 9728, 32, 8, 128, True),
-    "qwen3-8b": (4096, 12288, 32, 8, 128, False),
-}
-VOCAB = 151_936
 VARIANTS = {
     "on-policy": ["train.mode=on-policy", "correction.name=none"],
     "tis": ["correction.name=tis", "distill.rollout_model=frozen"],

@@ -100,6 +100,7 @@ ELSEWHERE = {
     "cache_dir": "where pre-trained tiny models are cached: test_models",
     "tensorboard": "logging only: test_config_and_plot (metric logger)",
     "wandb_project": "logging only: test_config_and_plot (W&B logger)",
+    "rollout.batch_size": "designed to change nothing: test_train (generation in chunks equals all at once)",
     "parallel.policy": "several processes only: test_distributed (DDP and FSDP2 against one process)",
     "parallel.rollout_model": "several processes only: test_distributed (DDP and FSDP2 against one process)",
     "parallel.mixed_precision": "several processes only (FSDP2): test_distributed",

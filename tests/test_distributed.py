@@ -137,3 +137,38 @@ def test_accelerate_launch_runs_the_same_training(tmp_path, cache):
     a, b = _metrics(tmp_path / "torchrun"), _metrics(tmp_path / "accelerate")
     assert [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in a] == \
         [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in b]
+
+
+def test_ctrl_c_on_one_rank_saves_and_stops_every_rank(tmp_path, cache):
+    """SIGINT to rank 1 alone: both ranks finish the step, save the same checkpoint and stop."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*_torchrun(2), "-m", "jackpot", "train", "--no-progress", "--out", str(out), *BASE,
+                             f"cache_dir={cache}", "train.steps=500", "train.checkpoint_every=1000",
+                             "train.eval_every=1000"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "metrics.jsonl").is_file() or len(_metrics(out)) < 2:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        ranks = {}
+        for pid in workers:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ranks[int(next(e for e in env if e.startswith(b"RANK=")).split(b"=")[1])] = pid
+        os.kill(ranks[1], signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = _metrics(out)[-1]["step"]
+    assert last < 500, "the run was not stopped"
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{last:06d}", "the checkpoint is not the last logged step's"
+    state = json.loads((out / "checkpoints" / latest / "state.json").read_text())
+    assert state == {"step": last, "processes": 2}
+    assert "interrupted" in err

@@ -222,3 +222,15 @@ def test_loss_metrics_do_not_depend_on_micro_batching(tmp_path, cache):
                              rollout_opt=torch.optim.SGD(run.rollout_model.parameters(), lr=0.0)))
     for key in ("policy/loss", "rollout_model/ppo_loss", "rollout_model/distill_kl"):
         torch.testing.assert_close(logged[0][key], logged[1][key], rtol=1e-5, atol=1e-7)
+
+
+def test_generation_in_chunks_equals_all_at_once(tmp_path, cache):
+    """rollout.batch_size bounds the sequences generated at once; each row's draws are its own, so the
+    batch is the same (ids, masks, log-probs) as generating all 16 rows together."""
+    whole, _ = collect(setup(_cfg(cache), tmp_path / "whole"), step=1)
+    chunked, _ = collect(setup(_cfg(cache, "rollout.batch_size=3"), tmp_path / "chunked"), step=1)
+    assert len(whole) == len(chunked) == 16
+    w = whole.response_len
+    assert chunked.response_len == w and torch.equal(chunked.response_ids, whole.response_ids)
+    assert torch.equal(chunked.response_mask, whole.response_mask)
+    torch.testing.assert_close(chunked.logprobs, whole.logprobs, atol=1e-5, rtol=0)

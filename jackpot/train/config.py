@@ -89,6 +89,10 @@ class SamplingConfig:
 class RolloutConfig:
     engine: str = "hf"
     """Rollout engine (jackpot.rollout.ENGINES): 'hf' (transformers' generate with a dynamic KV cache)."""
+    batch_size: int | None = None
+    """Sequences each process generates at once (null: its whole share of the batch). The KV cache grows
+    with it — the largest part of a long-response run's memory (benchmarks/memory_plan.py); the samples do
+    not depend on it (each row's draws are its own)."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,8 @@ class Config:
             raise ValueError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
         _check_positive_int("train.head_chunk", t.head_chunk)
         _check_positive_int("train.micro_batch_tokens", t.micro_batch_tokens)
-        for name in ("train.micro_batch_size", "train.threads", "policy.lora_rank", "rollout_model.lora_rank"):
+        for name in ("train.micro_batch_size", "rollout.batch_size", "train.threads", "policy.lora_rank",
+                     "rollout_model.lora_rank"):
             if _get(self, name) is not None:
                 _check_positive_int(name, _get(self, name))
         for name in ("train.kl_coef", "distill.coef"):

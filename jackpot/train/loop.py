@@ -232,11 +232,15 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
                                              chat_template=run.cfg.task.chat_template)
     actor = run.rollout_train if run.rollout_model is not None else run.policy_train
     uniforms = row_uniforms(t.seed, step, 3, t.prompts_per_step * t.group_size, s.max_new_tokens, _rows(run))
+    size = run.cfg.rollout.batch_size or len(repeated)  # equal shares: every rank runs as many generate calls
     with gathered_for_generation(actor) as model:
         run.engine.sync_weights(model, step)  # the actor's weights after the previous step's update
-        batch = run.engine.generate(prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens,
-                                    temperature=s.temperature, top_p=s.top_p, topk=s.topk,
-                                    seed=step_seed(t.seed, step, 3), uniforms=uniforms, synced=is_sharded(actor))
+        parts = [run.engine.generate(prompt_ids[i:i + size], prompt_mask[i:i + size],
+                                     max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                     topk=s.topk, seed=step_seed(t.seed, step, 3), uniforms=uniforms[i:i + size],
+                                     synced=is_sharded(actor))
+                 for i in range(0, len(repeated), size)]
+    batch = parts[0] if len(parts) == 1 else RolloutBatch.cat(parts)
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
     return batch, rewards.reshape(len(share), t.group_size).to(batch.logprobs.device)
