@@ -1,7 +1,7 @@
 """Runs a few training steps in this process — alone, or as one rank under torchrun — and saves (rank 0)
 what the distributed tests compare: per step the whole batch's rows (sampled ids, rewards, correction
-weights and masks, gathered over ranks in global order) and the logged metrics, then both models' full
-parameters.
+weights and masks, gathered over ranks in global order) and the logged metrics, then an evaluation of
+both models and their full parameters.
 
     python tests/dist_worker.py OUT.pt RUN_DIR STEPS override...
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py OUT.pt RUN_DIR STEPS override...
@@ -44,9 +44,10 @@ def main(out: str, run_dir: str, steps: int, overrides: list[str]) -> None:
             rows.update(weights=prep.correction.weights, keep=prep.correction.mask)
         gathered = {k: coll.gather_rows(v)[0] for k, v in rows.items()}
         record.append({"rows": gathered, "metrics": {k: v for k, v in values.items() if not k.startswith("perf/")}})
+    evaluation = {k: v for k, v in loop._evaluate_all(run).items() if not k.startswith("perf/")}
     params = {name: _full_state(run, name) for name in run.models}
     if coll.is_main:
-        torch.save({"steps": record, "params": params, "world": coll.world}, out)
+        torch.save({"steps": record, "eval": evaluation, "params": params, "world": coll.world}, out)
     coll.barrier()
 
 

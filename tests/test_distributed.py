@@ -91,6 +91,8 @@ def test_two_processes_equal_one(tmp_path, cache, case):
     if "train.mode=on-policy" not in CASES[case] and "keep" in one["steps"][0]["rows"]:
         rows = [s["rows"] for s in one["steps"]]
         assert any((r["keep"] < r["response_mask"]).any() for r in rows), "no token rejected: mask not tested"
+    # the evaluation: prompts split over the ranks, scores gathered (the dense test reward: not all equal)
+    assert one["eval"] == pytest.approx(two["eval"], rel=1e-6) and 0 < one["eval"]["eval/accuracy"]
     for name in one["params"]:
         assert one["params"][name].keys() == two["params"][name].keys()
         for key, p in one["params"][name].items():
