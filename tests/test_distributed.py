@@ -174,3 +174,20 @@ def test_ctrl_c_on_one_rank_saves_and_stops_every_rank(tmp_path, cache):
     state = json.loads((out / "checkpoints" / latest / "state.json").read_text())
     assert state == {"step": last, "processes": 2}
     assert "interrupted" in err
+
+
+def test_fsdp_mixed_precision_computes_in_bfloat16(tmp_path, cache):
+    """parallel.mixed_precision=bfloat16: FSDP2 computes in bf16 with float32 master weights — the run stays
+    close to float32 (not equal: the option acts) and the weights stay float32."""
+    common = ["correction.z=exact", "parallel.policy=fsdp", "parallel.rollout_model=fsdp"]
+    fp32 = _run_worker(tmp_path, "fp32", 2, common, cache)
+    bf16 = _run_worker(tmp_path, "bf16", 2, [*common, "parallel.mixed_precision=bfloat16"], cache)
+    a, b = fp32["steps"][0]["metrics"], bf16["steps"][0]["metrics"]
+    assert b["policy/grad_norm"] == pytest.approx(a["policy/grad_norm"], rel=0.05)
+    diffs = []
+    for name in fp32["params"]:
+        for key, p in fp32["params"][name].items():
+            q = bf16["params"][name][key]
+            assert q.dtype == p.dtype == torch.float32
+            diffs.append((q - p).abs().max().item())
+    assert 1e-6 < max(diffs) < 0.02
