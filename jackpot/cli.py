@@ -16,6 +16,8 @@ COMMANDS = {
     "train": ("jackpot.train.cli", "RL-train a policy on rollouts from a (smaller) rollout model"),
     "eval": ("jackpot.eval", "Mean@k and Pass@k of a model on a task, with every completion written out"),
     "plot": ("jackpot.plot", "overlay the metrics of one or more run directories into a PNG"),
+    "config": ("jackpot.train.show_config", "list every config field of `jackpot train` (default, docstring) "
+                                            "and the presets"),
 }
 
 
@@ -23,6 +25,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported (so `jackpot --help` and each subcommand load
     just what they use, and one subcommand's import error cannot break the others)."""
     parser = argparse.ArgumentParser(prog="jackpot", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: JACKPOT_TRACEBACK=1); may appear anywhere")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         if name != command:
@@ -37,6 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; raises what it raises (`run` is the console entry point that reports errors)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     # overrides (section.field=value) may come before or after options: collect the stray ones
@@ -52,18 +57,38 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run() -> None:
-    """Console entry point: bad input ends with a one-line error naming the problem, not a traceback
-    (set JACKPOT_TRACEBACK=1 to see it)."""
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point: an expected failure (bad input, missing or broken files, an unreachable hub, a
+    full disk, ...) ends with one line `jackpot: error: ...` and exit status 2 instead of a traceback;
+    `JACKPOT_TRACEBACK=1` or `--debug` shows the traceback. Unexpected exceptions (bugs) keep theirs."""
     import os
+    import warnings
 
+    from jackpot.errors import JackpotWarning, describe
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("JACKPOT_TRACEBACK", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+
+    default_showwarning = warnings.showwarning
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, JackpotWarning):
+            return default_showwarning(message, category, filename, lineno, file, line)
+        print(f"jackpot: warning: {message}", file=sys.stderr)
+
+    if not debug:
+        warnings.showwarning = one_line_warning
+        warnings.simplefilter("always", JackpotWarning)
     try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        if os.environ.get("JACKPOT_TRACEBACK"):
+        code = main(argv)
+    except Exception as e:
+        message = describe(e)
+        if debug or message is None:
             raise
-        print(f"jackpot: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"jackpot: error: {message}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 if __name__ == "__main__":

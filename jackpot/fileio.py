@@ -8,11 +8,16 @@ from pathlib import Path
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call `write(tmp)` on a sibling temporary path, then rename it onto `path` (one filesystem op)."""
+    """Call `write(tmp)` on a sibling temporary path, then rename it onto `path` (one filesystem op).
+    If writing fails, the temporary file is removed and `path` is left as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (full disk, Ctrl-C) leaves the old file and no .tmp
+        raise
     return path
 
 

@@ -27,6 +27,15 @@ def scalars(metrics: dict[str, torch.Tensor | float | int]) -> dict[str, float]:
     return out
 
 
+def standard_error(rewards: torch.Tensor) -> float:
+    """Standard error of Mean@k over prompts: rewards (n prompts, k samples) -> std of the n per-prompt means
+    (ddof 1) / sqrt(n). The k samples of one prompt are not independent, so the prompt is the unit; nan for
+    n < 2."""
+    per_prompt = rewards.double().mean(-1)
+    n = per_prompt.numel()
+    return float(per_prompt.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+
+
 def mean_of(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Average per-micro-batch metric dicts key by key (keys missing in some dicts average over the rest)."""
     keys = {k for d in dicts for k in d}

@@ -25,6 +25,10 @@ def _module(name: str):
                                "--steps", "1"]),
     ("bench_rollout_engines", ["--hidden", "16", "--layers", "1", "--batch", "3", "--length", "4", "--vocab", "64",
                                "--repeats", "1", "--engines", "hf,hf-static"]),
+    ("bench_threads", ["--steps", "1", "--threads", "1", "--overrides", "policy.hidden_size=16", "policy.num_layers=1",
+                       "policy.num_heads=2", "policy.sft_steps=1", "rollout_model.hidden_size=16",
+                       "rollout_model.num_layers=1", "rollout_model.num_heads=2", "rollout_model.sft_steps=1",
+                       "train.prompts_per_step=2", "train.group_size=2", "train.eval_prompts=2"]),
 ])
 def test_benchmark_runs_on_tiny_sizes(name, argv, capsys):
     code = _module(name).main(argv)

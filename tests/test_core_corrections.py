@@ -319,7 +319,7 @@ def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance()
         inp.ref_logp,
         inp.mask,
         uniforms=inp.uniforms,
-        new_logp=inp.new_logp + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64),
+        new_logp=(inp.new_logp + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp_max(0.0),
     )
     a_before = (inp.new_logp - inp.rollout_logp - math.log(3.0)).clamp_max(0).exp()
     a_after = (moved.new_logp - moved.rollout_logp - math.log(3.0)).clamp_max(0).exp()

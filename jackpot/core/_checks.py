@@ -15,16 +15,54 @@ import torch
 SAFETY_BOUND = 20.0
 
 
-def check_logp(name: str, x: torch.Tensor) -> None:
-    """Log-probabilities: a floating tensor with no NaN and no +inf (-inf means probability zero)."""
+# Log-probabilities can exceed 0 by rounding: log_softmax of a near-one-hot row gives ~1e-7 in float32, and
+# in half precision x - logsumexp(x) is rounded at the spacing of |x| (0.125 at |x| = 20 in bfloat16).
+# Anything above this is not a log-probability (logits or log-ratios passed by mistake).
+LOGP_TOLERANCE = 1e-4
+
+
+def logp_tolerance(dtype: torch.dtype) -> float:
+    """LOGP_TOLERANCE, or 16 machine epsilons for a dtype too coarse for it (float16: 0.016, bfloat16: 0.125)."""
+    return max(LOGP_TOLERANCE, 16 * torch.finfo(dtype).eps)
+
+
+def check_logits(name: str, x: torch.Tensor) -> None:
+    """Logits or log-probabilities: a floating tensor with no NaN and no +inf (-inf means probability zero)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor of log-probabilities, got {x.dtype}")
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if torch.isnan(x).any():
         raise ValueError(f"{name} contains NaN")
     if (x == math.inf).any():
-        raise ValueError(f"{name} contains +inf; log-probabilities must be <= 0 (use -inf for zero probability)")
+        raise ValueError(f"{name} contains +inf")
+
+
+def check_logp(name: str, x: torch.Tensor) -> None:
+    """Log-probabilities: a floating tensor with no NaN, no +inf and nothing above 0 (beyond LOGP_TOLERANCE);
+    -inf means probability zero."""
+    check_logits(name, x)
+    if x.numel() and (top := float(x.detach().max())) > logp_tolerance(x.dtype):
+        raise ValueError(f"{name} has values above 0 (max {top:.4g}): log-probabilities must be <= 0 "
+                         "(were logits or log-ratios passed?)")
+
+
+def check_mask(name: str, mask: torch.Tensor) -> None:
+    """A 0/1 mask: bool, integer or floating, every value exactly 0 or 1 (NaN is neither)."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must hold only 0 and 1, found {bad!r}")
+
+
+def check_in_range(name: str, x: torch.Tensor, low: float, high: float) -> None:
+    """A floating tensor with every value in [low, high] (NaN fails)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point torch.Tensor")
+    if not ((x >= low) & (x <= high)).all():
+        bad = x[~((x >= low) & (x <= high))].flatten()[0].item()
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], found {bad!r}")
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
@@ -60,6 +98,20 @@ def check_budget(name: str, budget: float) -> None:
 def check_optional_cap(name: str, value: float | None) -> None:
     if value is not None:
         check_positive(name, value)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (e^SAFETY_BOUND = 4.9e8 overflows float16); float32/64 as they are."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def to_output_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` (computed in float32 or wider) in `dtype`, clamped to that dtype's finite range (float16 tops out at
+    65504), so a half-precision result is never inf."""
+    if x.dtype == dtype:
+        return x
+    info = torch.finfo(dtype)
+    return x.clamp(info.min, info.max).to(dtype)
 
 
 def as_log(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,16 @@ import torch
 from jackpot.core._checks import (
     SAFETY_BOUND,
     check_budget,
+    check_in_range,
     check_logp,
+    check_mask,
     check_optional_cap,
     check_positive,
     check_same_shape,
+    compute_dtype,
     log_ratio,
     masked_mean,
+    to_output_dtype,
 )
 from jackpot.core.obrs import batch_lambda
 
@@ -60,6 +64,10 @@ class CorrectionInputs:
     new_logp:     log p_new(x_t), the current policy (needed only for target="new"); detached here.
     uniforms:     U(0,1) per token, drawn once per batch (Jackpot's mask); None -> expected mask.
     z:            per-state OBRS normaliser Z_t for the chosen target and lam (Jackpot, fixed lam).
+
+    Checked on construction: no NaN anywhere, log-probabilities <= 0, mask 0/1, uniforms in [0, 1], z >= 0.
+    Weights are computed in float32 (or float64) whatever the inputs' dtype, and returned in rollout_logp's
+    dtype clamped to its finite range (a float16 weight tops out at 65504 instead of overflowing to inf).
     """
 
     rollout_logp: torch.Tensor
@@ -76,6 +84,11 @@ class CorrectionInputs:
             check_logp("new_logp", self.new_logp)
         check_same_shape(rollout_logp=self.rollout_logp, ref_logp=self.ref_logp, mask=self.mask,
                          new_logp=self.new_logp, uniforms=self.uniforms, z=self.z)
+        check_mask("mask", self.mask)
+        if self.uniforms is not None:
+            check_in_range("uniforms", self.uniforms, 0.0, 1.0)
+        if self.z is not None:
+            check_in_range("z", self.z, 0.0, math.inf)
         if self.rollout_logp.dim() != 2:
             raise ValueError(f"rollout_logp must be (B, T), got shape {tuple(self.rollout_logp.shape)}")
 
@@ -155,6 +168,20 @@ def _base_stats(name: str, log_r: torch.Tensor, weights: torch.Tensor, mask: tor
     }
 
 
+def _upcast_inputs(inp: CorrectionInputs, target_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, log(p_tgt/p_inf)) detached, in the compute dtype (float32 for half-precision inputs)."""
+    dtype = compute_dtype(inp.rollout_logp)
+    tgt = inp.ref_logp if target_logp is None else target_logp
+    return inp.mask.to(dtype), log_ratio(tgt.detach().to(dtype), inp.rollout_logp.detach().to(dtype))
+
+
+def _result(inp: CorrectionInputs, weights: torch.Tensor, keep: torch.Tensor,
+            stats: dict[str, torch.Tensor]) -> CorrectionResult:
+    """Weights and mask back in the inputs' dtype (clamped to its finite range); statistics stay float32+."""
+    dtype = inp.rollout_logp.dtype
+    return CorrectionResult(to_output_dtype(weights.detach(), dtype), to_output_dtype(keep, dtype), stats)
+
+
 def no_correction(inp: CorrectionInputs) -> CorrectionResult:
     """Off-policy, uncorrected: every response token kept with weight 1."""
     mask = inp.mask.to(inp.rollout_logp.dtype)
@@ -169,14 +196,14 @@ def tis(inp: CorrectionInputs, *, cap: float = 2.0, cap_min: float | None = None
     check_optional_cap("cap_min", cap_min)
     if cap_min is not None and cap_min > cap:
         raise ValueError(f"cap_min ({cap_min}) must be <= cap ({cap})")
-    mask = inp.mask.to(inp.rollout_logp.dtype)
-    lr = _level_log_ratio(log_ratio(inp.ref_logp, inp.rollout_logp).detach(), mask, level)
+    mask, lr = _upcast_inputs(inp)
+    lr = _level_log_ratio(lr, mask, level)
     w = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp(min=cap_min, max=cap)
     stats = _base_stats("tis", lr, w, mask, mask)
     stats["tis/clipped_frac"] = masked_mean((lr.exp() > cap).to(mask.dtype), mask)
     if cap_min is not None:
         stats["tis/clipped_low_frac"] = masked_mean((lr.exp() < cap_min).to(mask.dtype), mask)
-    return CorrectionResult(w, mask, stats)
+    return _result(inp, w, mask, stats)
 
 
 def icepop(inp: CorrectionInputs, *, low: float = 0.5, high: float = 2.0, level: str = "token") -> CorrectionResult:
@@ -185,11 +212,11 @@ def icepop(inp: CorrectionInputs, *, low: float = 0.5, high: float = 2.0, level:
     check_positive("high", high)
     if low > high:
         raise ValueError(f"low ({low}) must be <= high ({high})")
-    mask = inp.mask.to(inp.rollout_logp.dtype)
-    lr = _level_log_ratio(log_ratio(inp.ref_logp, inp.rollout_logp).detach(), mask, level)
+    mask, lr = _upcast_inputs(inp)
+    lr = _level_log_ratio(lr, mask, level)
     r = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
     keep = ((r >= low) & (r <= high)).to(mask.dtype) * mask
-    return CorrectionResult(r * keep, keep, _base_stats("icepop", lr, r * keep, mask, keep))
+    return _result(inp, r * keep, keep, _base_stats("icepop", lr, r * keep, mask, keep))
 
 
 def jackpot(
@@ -225,13 +252,11 @@ def jackpot(
         raise ValueError(f"z must be one of {Z_MODES}, got {z!r}")
     check_optional_cap("c1", c1)
     check_optional_cap("c2", c2)
-    mask = inp.mask.to(inp.rollout_logp.dtype)
     if target == "new" and inp.new_logp is None:
         raise ValueError("target='new' needs new_logp in CorrectionInputs")
     if sampled_mask and inp.uniforms is None:
         raise ValueError("sampled_mask=True needs uniforms in CorrectionInputs (one U(0,1) per token)")
-    tgt = (inp.ref_logp if target == "ref" else inp.new_logp).detach()
-    lr = log_ratio(tgt, inp.rollout_logp).detach()
+    mask, lr = _upcast_inputs(inp, inp.ref_logp if target == "ref" else inp.new_logp)
     if budget is not None:
         check_budget("budget", budget)
         lam_t = batch_lambda(lr, mask, budget)
@@ -245,13 +270,14 @@ def jackpot(
         elif inp.z is None:
             raise ValueError(f"z={z!r} needs the per-state normaliser in CorrectionInputs.z")
         else:
-            log_z = inp.z.detach().clamp_min(torch.finfo(lr.dtype).tiny).log()
+            log_z = inp.z.detach().to(lr.dtype).clamp_min(torch.finfo(lr.dtype).tiny).log()
     log_lam = lam_t.log()
     accept_prob = (lr - log_lam).clamp_max(0.0).exp()
     log_w = (log_z + torch.maximum(lr, log_lam.expand_as(lr))).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     w = log_w.exp() if c1 is None else log_w.exp().clamp_max(c1)
     if target == "new":
-        second = log_ratio(inp.ref_logp, tgt).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
+        ref, new = inp.ref_logp.detach().to(lr.dtype), inp.new_logp.detach().to(lr.dtype)
+        second = log_ratio(ref, new).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
         w = w * (second if c2 is None else second.clamp_max(c2))
     if sampled_mask:
         keep = (inp.uniforms < accept_prob).to(mask.dtype) * mask
@@ -265,7 +291,7 @@ def jackpot(
         "obrs/z_mean": masked_mean(log_z.exp(), mask),
         "obrs/c1_clipped_frac": masked_mean((log_w.exp() > c1).to(mask.dtype), mask) if c1 else lr.new_zeros(()),
     })
-    return CorrectionResult(w.detach(), keep, stats)
+    return _result(inp, w, keep, stats)
 
 
 def _jackpot_needs(*, lam: float = 1.0, budget: float | None = None, target: str = "ref", z: str = "exact",

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from jackpot.core._checks import SAFETY_BOUND, check_logp, check_same_shape
+from jackpot.core._checks import SAFETY_BOUND, check_logits, check_same_shape
 from jackpot.core.obrs import DEFAULT_VOCAB_CHUNK, _chunked_logsumexp, _compute_dtype, _upcast
 
 AGGREGATIONS = ("token-mean", "token-mean-all", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -67,8 +67,8 @@ def ppo_token_loss(
     Returns (loss, {"ratio", "clipped", "clipped_lower"}) — per-token tensors, reduce them with a mask;
     "clipped_lower" marks the tokens the dual clip capped.
     """
-    check_logp("new_logp", new_logp)
-    check_logp("ref_logp", ref_logp)
+    check_logits("new_logp", new_logp)  # only their difference matters here
+    check_logits("ref_logp", ref_logp)
     check_same_shape(new_logp=new_logp, ref_logp=ref_logp)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(new_logp)
@@ -242,7 +242,7 @@ def distill_kl(
             raise ValueError("estimator='full' needs teacher_logits")
         check_same_shape(student_logits=student_logits, teacher_logits=teacher_logits)
         return _ChunkedKL.apply(student_logits, teacher_logits.detach(), reverse, chunk_size)
-    check_logp("student_logits", student_logits)
+    check_logits("student_logits", student_logits)
     log_ps = torch.log_softmax(_upcast(student_logits), dim=-1)
     if estimator == "topk":
         if teacher_topk_ids is None or teacher_topk_logp is None:

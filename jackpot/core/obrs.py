@@ -37,7 +37,9 @@ import torch
 from jackpot.core._checks import (
     as_log,
     check_budget,
+    check_in_range,
     check_logp,
+    check_mask,
     check_positive,
     check_same_shape,
     log_ratio,
@@ -229,6 +231,9 @@ def kappa(accept_prob: torch.Tensor, z_approx: torch.Tensor, mask: torch.Tensor)
     by kappa makes its batch mean match. Args: (B, T) each; returns a 0-dim tensor (detached).
     """
     check_same_shape(accept_prob=accept_prob, z_approx=z_approx, mask=mask)
+    check_in_range("accept_prob", accept_prob, 0.0, 1.0)
+    check_in_range("z_approx", z_approx, 0.0, math.inf)
+    check_mask("mask", mask)
     m = mask.to(accept_prob.dtype)
     a_mean = (accept_prob.detach() * m).sum()
     z_mean = (z_approx.detach() * m).sum()
@@ -305,6 +310,7 @@ def batch_lambda(log_ratio: torch.Tensor, mask: torch.Tensor, budget: float) -> 
     if torch.isnan(log_ratio).any():
         raise ValueError("log_ratio contains NaN")
     check_same_shape(log_ratio=log_ratio, mask=mask)
+    check_mask("mask", mask)
     check_budget("budget", budget)
     m = mask.reshape(-1) > 0
     n = int(m.sum())

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from jackpot.errors import checkpoint_write_error
 from jackpot.fileio import write_text_atomic
 from jackpot.train.distributed import Collective
 
@@ -39,10 +40,16 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, model in models.items():
-        save_file(_untie(_saved_state(model)), str(tmp / f"{name}.safetensors"))
-    torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    try:  # a failed write (full disk, Ctrl-C) leaves no temporary directory; `latest` still names the last one
+        for name, model in models.items():
+            save_file(_untie(_saved_state(model)), str(tmp / f"{name}.safetensors"))
+        torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        raise checkpoint_write_error(e, final, latest_checkpoint(run_dir)) from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

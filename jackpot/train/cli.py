@@ -1,117 +1,156 @@
 """`jackpot train`: RL-train a policy on rollouts from a (smaller) rollout model, corrected with Jackpot.
 
 With no arguments it runs the offline default: two tiny Qwen3-architecture models are pre-trained on
-2-digit addition (cached), then the larger policy is trained from the smaller model's rollouts with
-Jackpot, and a summary table compares the policy before and after.
+2-digit addition (cached under $JACKPOT_CACHE_DIR, default ~/.cache/jackpot), then the larger policy is
+trained from the smaller model's rollouts with Jackpot, and a summary table compares the policy before and
+after. Each run gets its own directory (default: $JACKPOT_RUNS_DIR or ./runs, then
+<mode>-<correction>-<date>-<time>).
 
 Examples:
     jackpot train
-    jackpot train --config tis-reverse-kl --out runs/tis
+    jackpot train --config tis-reverse-kl --out runs/tis train.steps=50
     jackpot train train.steps=50 correction.name=tis distill.coef=0
-    jackpot train --out runs/default --resume
+    jackpot train --out runs/tis --resume train.steps=100
+    jackpot config                      (every field with its default and docstring, and the presets)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
+import time
 from pathlib import Path
 
+import torch
+import yaml
+
+from jackpot.errors import JackpotError, warn
 from jackpot.fileio import write_text_atomic
-from jackpot.metrics import read_metrics
-from jackpot.train.config import build_config
+from jackpot.train.config import build_config, default_runs_dir, describe_fields, describe_presets, presets
+from jackpot.train.preflight import check_run
+from jackpot.train.summary import print_summary, summarize
+from jackpot.train.threads import choose_threads
+
+__all__ = ["add_arguments", "main", "summarize"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
-                        help="a preset name (jackpot/configs: decoupled-none, tis-reverse-kl, on-policy, ...) or a "
-                             "YAML config file (which may name a `preset:`)")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/<mode>-<correction>)")
+                        help=f"a preset name ({', '.join(presets())}) or a YAML config file (which may name a "
+                             "`preset:`)")
+    parser.add_argument("--out", default=None,
+                        help="run directory (default: a new one under $JACKPOT_RUNS_DIR or ./runs, named "
+                             "<mode>-<correction>-<date>-<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run directory's latest checkpoint, with the run's saved config "
-                             "(unless --config is given) plus any overrides")
+                             "(unless --config is given) plus any overrides; a run that stopped before its "
+                             "first checkpoint starts again from step 0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--reference", default=None,
-                        help="an on-policy run directory to compare with in the summary (default: a sibling "
-                             "'on-policy-none' run, if there is one)")
+                        help="an on-policy run directory to compare with in the summary (default: the newest "
+                             "on-policy run beside this one with the same task and policy, if any)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="config overrides, e.g. train.steps=10 correction.name=tis")
+                        help="config overrides, e.g. train.steps=10 correction.name=tis (all fields below)")
+    parser.epilog = (f"presets (--config NAME):\n{describe_presets()}\n\n"
+                     f"config fields (section.field = default):\n{describe_fields()}")
+
+
+def default_out(cfg, now: float | None = None) -> Path:
+    """A new directory under the runs root: <mode>-<correction>-<YYYYmmdd-HHMMSS>[-N]."""
+    root = default_runs_dir()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = f"{cfg.train.mode}-{cfg.correction.name}-{stamp}"
+    out, n = root / base, 1
+    while out.exists():
+        n += 1
+        out = root / f"{base}-{n}"
+    return out
+
+
+def _started_without_checkpoint(out: Path) -> bool:
+    from jackpot.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(out) is None and any((out / n).exists() for n in ("metrics.jsonl", "checkpoints"))
+
+
+def _clear_unfinished(out: Path) -> None:
+    """Remove what a run that died before its first complete checkpoint wrote, so it can start again."""
+    for name in ("metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "wandb_id"):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def main(args: argparse.Namespace) -> int:
     from jackpot.train.loop import train
 
     cfg = build_config(args.config, args.overrides)
-    out = Path(args.out or f"runs/{cfg.train.mode}-{cfg.correction.name}")
+    out = Path(args.out) if args.out else default_out(cfg)
     if args.resume and args.config is None and (out / "config.yaml").is_file():
         cfg = build_config(str(out / "config.yaml"), args.overrides)  # the run's own config, plus overrides
-    run_dir = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) != 0:  # several processes: rank 0 summarises
-        return 0
+    resume = args.resume
+    if resume and _started_without_checkpoint(out):
+        warn(f"{out} holds a run that stopped before its first checkpoint: starting it again from step 0")
+        resume = False
+    elif not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+        raise JackpotError(f"run directory {out} already holds a run: continue it with `jackpot train --out {out} "
+                           "--resume`, or leave out --out to start a new one")
+    check_run(cfg, out)
+    if args.resume and not resume:
+        _clear_unfinished(out)
+    interrupted = False
+    try:
+        run_dir = train(cfg, out, resume=resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        if not (out / "metrics.jsonl").is_file():
+            raise
+        run_dir, interrupted = out, True
     summary = summarize(run_dir)
-    reference = Path(args.reference) if args.reference else run_dir.parent / "on-policy-none"
-    if reference.resolve() != run_dir.resolve() and (reference / "metrics.jsonl").is_file():
-        ref = summarize(reference)
-        summary["reference"] = {"run": str(reference), "eval_after": ref["eval_after"], "steps": ref["steps"]}
-    elif args.reference:
-        raise FileNotFoundError(f"--reference {reference}: no metrics.jsonl there")
+    summary["threads"], summary["threads_why"] = torch.get_num_threads(), choose_threads(cfg)[1]
+    _add_reference(summary, run_dir, args.reference, cfg)
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    print_summary(summary, run_dir)
-    return 0
+    print_summary(summary, str(run_dir), interrupted=interrupted)
+    return 130 if interrupted else 0
 
 
-def summarize(run_dir: str | Path) -> dict:
-    """Headline figures of a run from its metrics.jsonl: eval before/after and means over training."""
-    records = read_metrics(run_dir)
-    evals = [r for r in records if r.get("eval/accuracy") is not None]
-    train_steps = [r for r in records if r["step"] > 0]
-
-    def mean(key: str) -> float | None:
-        vals = [r[key] for r in train_steps if r.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    return {
-        "steps": train_steps[-1]["step"] if train_steps else 0,
-        "eval_before": evals[0].get("eval/accuracy") if evals else None,
-        "eval_after": evals[-1].get("eval/accuracy") if evals else None,
-        "rollout_model_eval_before": evals[0].get("eval_rollout_model/accuracy") if evals else None,
-        "rollout_model_eval_after": evals[-1].get("eval_rollout_model/accuracy") if evals else None,
-        "reward_mean": mean("reward/mean"),
-        "accept_rate_mean": mean("obrs/accept_rate"),
-        "actor_policy_kl_k3_mean": mean("mismatch/kl_k3"),
-        "actor_policy_kl_k3_last": train_steps[-1].get("mismatch/kl_k3") if train_steps else None,
-        "rollout_s_mean": mean("perf/rollout_s"),
-        "update_s_mean": mean("perf/update_s"),
-        "step_s_mean": mean("perf/step_s"),
-    }
+def _add_reference(summary: dict, run_dir: Path, reference: str | None, cfg) -> None:
+    """Put the eval accuracy of an on-policy run (given, or the newest matching sibling) into the summary."""
+    if reference is not None:
+        ref_dir = Path(reference)
+        if not (ref_dir / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"--reference {ref_dir}: no metrics.jsonl there")
+    else:
+        ref_dir = _matching_on_policy_run(run_dir, cfg)
+        if ref_dir is None:
+            return
+    ref = summarize(ref_dir)
+    summary["reference"] = {"run": str(ref_dir), "eval_after": ref["eval_after"], "steps": ref["steps"]}
 
 
-def print_summary(summary: dict, run_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _matching_on_policy_run(run_dir: Path, cfg) -> Path | None:
+    """The newest sibling run directory trained on-policy on the same task from the same policy."""
+    if cfg.train.mode == "on-policy" or not run_dir.parent.is_dir():
+        return None
+    found = []
+    for sibling in run_dir.parent.iterdir():
+        config = sibling / "config.yaml"
+        if sibling == run_dir or not config.is_file() or not (sibling / "metrics.jsonl").is_file():
+            continue
+        try:
+            other = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError:
+            continue
+        same = (other.get("train", {}).get("mode") == "on-policy" and other.get("task") == _plain(cfg.task)
+                and other.get("policy") == _plain(cfg.policy))
+        if same:
+            found.append((config.stat().st_mtime, sibling))
+    return max(found)[1] if found else None
 
-    def fmt(v: float | None, spec: str = ".3f") -> str:
-        return "n/a" if v is None else format(v, spec)
 
-    table = Table(title=f"jackpot train — {run_dir}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [
-        ("policy eval accuracy, before", fmt(summary["eval_before"])),
-        ("policy eval accuracy, after", fmt(summary["eval_after"])),
-        ("on-policy reference, after" + (f" ({summary['reference']['run']})" if "reference" in summary else ""),
-         fmt(summary["reference"]["eval_after"]) if "reference" in summary
-         else "n/a (jackpot train --config on-policy)"),
-        ("rollout model eval accuracy, before", fmt(summary["rollout_model_eval_before"])),
-        ("rollout model eval accuracy, after", fmt(summary["rollout_model_eval_after"])),
-        ("mean train reward", fmt(summary["reward_mean"])),
-        ("mean OBRS acceptance rate", fmt(summary["accept_rate_mean"])),
-        ("actor-policy KL (k3), mean / last", f"{fmt(summary['actor_policy_kl_k3_mean'], '.4f')} / "
-                                              f"{fmt(summary['actor_policy_kl_k3_last'], '.4f')}"),
-        ("seconds per step: rollout / update", f"{fmt(summary['rollout_s_mean'], '.2f')} / "
-                                               f"{fmt(summary['update_s_mean'], '.2f')}"),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)
+def _plain(section) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(section)

@@ -8,7 +8,10 @@ policy on 2-digit addition with Jackpot, on CPU, in a few minutes.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -19,6 +22,20 @@ from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, corr
 from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # presets ship inside the package
+CACHE_ENV = "JACKPOT_CACHE_DIR"
+RUNS_ENV = "JACKPOT_RUNS_DIR"
+
+
+def default_cache_dir() -> Path:
+    """$JACKPOT_CACHE_DIR, else $XDG_CACHE_HOME/jackpot, else ~/.cache/jackpot (the user cache directory)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "jackpot"
+
+
+def default_runs_dir() -> Path:
+    """$JACKPOT_RUNS_DIR, else ./runs (under the current directory, where a user looks for them)."""
+    return Path(os.environ.get(RUNS_ENV) or "runs").expanduser()
 MODES = ("decoupled", "on-policy")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -214,7 +231,8 @@ class TrainConfig:
     device: str = "cpu"
     """Torch device, e.g. 'cpu' or 'cuda'."""
     threads: int | None = None
-    """torch CPU threads (None: torch's default)."""
+    """torch CPU threads. None: 1 for tiny models (under 5M parameters: a second thread costs more than it
+    gives), else the CPUs this process may use (affinity mask and cgroup quota; jackpot/train/threads.py)."""
 
 
 @dataclass(frozen=True)
@@ -243,8 +261,9 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    cache_dir: str = ".cache/jackpot/models"
-    """Where pre-trained tiny models are cached."""
+    cache_dir: str = field(default_factory=lambda: str(default_cache_dir() / "models"))
+    """Where pre-trained tiny models are cached (shared by every run and by `jackpot pretrain`). Default:
+    $JACKPOT_CACHE_DIR/models, else $XDG_CACHE_HOME/jackpot/models, else ~/.cache/jackpot/models."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.jsonl."""
     wandb_project: str | None = None
@@ -423,6 +442,87 @@ def _deep_merge(base: dict, update: dict) -> dict:
 def presets() -> list[str]:
     """Names of the presets shipped with the package (jackpot/configs/*.yaml)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def preset_descriptions() -> dict[str, str]:
+    """Preset name -> the comment block at the top of its YAML file, as one line."""
+    out = {}
+    for name in presets():
+        lines = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()
+        comment = []
+        for line in lines:
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("#").strip())
+        out[name] = " ".join(comment)
+    return out
+
+
+def field_docs() -> dict[str, tuple[Any, str]]:
+    """'section.field' -> (default, docstring) for every field of `Config`, read from the attribute
+    docstrings in this module's source (the single place they are written)."""
+    out: dict[str, tuple[Any, str]] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        docs = _attribute_docstrings(type(obj))
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = (value, " ".join(docs.get(f.name, "").split()))
+
+    walk(Config(), "")
+    return out
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def describe_fields(cfg: Config | None = None, width: int = 100) -> str:
+    """Every field as `section.field = value` and its docstring, wrapped; the values of `cfg` if given, else
+    the defaults."""
+    import textwrap
+
+    values = {k: v for k, (v, _) in field_docs().items()}
+    if cfg is not None:
+        values.update(_flat(to_dict(cfg)))
+    lines = []
+    for name, (_, doc) in field_docs().items():
+        lines.append(f"  {name} = {_yaml_scalar(values[name])}")
+        lines.extend(textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and k not in _LEAF_MAPPINGS:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def describe_presets(width: int = 100) -> str:
+    """Every preset by name with its description, wrapped."""
+    import textwrap
+
+    lines = []
+    for name, text in preset_descriptions().items():
+        lines.extend(textwrap.wrap(text, width=width, initial_indent=f"  {name:<20s}", subsequent_indent=" " * 22))
+    return "\n".join(lines)
 
 
 def preset_path(name: str | Path) -> Path:

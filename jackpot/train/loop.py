@@ -29,7 +29,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from jackpot.metrics import MetricLogger, scalars
+from jackpot.metrics import MetricLogger, scalars, standard_error
 from jackpot.models.loading import load_model, load_tokenizer
 from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout import RolloutEngine, make_engine
@@ -40,6 +40,7 @@ from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
 from jackpot.train.distributed import Collective, gathered_for_generation, is_sharded, wrap
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
+from jackpot.train.threads import choose_threads
 from jackpot.train.update import prepare, row_uniforms, step_seed, update
 
 
@@ -154,8 +155,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
         raise ValueError(f"train.eval_prompts ({cfg.train.eval_prompts}) must be >= the number of processes "
                          f"({coll.world})")
     coll.barrier()  # every rank has checked `out` before rank 0 writes to it
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch.set_num_threads(choose_threads(cfg)[0])  # train.threads, or a default that fits the models and CPUs
     task = make_task(cfg.task.name, **cfg.task.options)
     device = coll.device(cfg.train.device)
     policy_dir = _main_first(coll, lambda: _model_dir("policy", cfg.policy, cfg, progress and coll.is_main))
@@ -273,7 +273,8 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
     rewards = run.coll.gather_rows(rewards.reshape(len(share), t.eval_samples))[0]
-    return {"accuracy": mean_at_k(rewards), f"pass@{t.eval_samples}": pass_at_k(rewards, t.eval_samples)}
+    return {"accuracy": mean_at_k(rewards), "accuracy_se": standard_error(rewards),
+            f"pass@{t.eval_samples}": pass_at_k(rewards, t.eval_samples)}
 
 
 def _train_step(run: Run, step: int) -> dict[str, float]:
