@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from jackpot.errors import warn
 from jackpot.fileio import write_text_atomic
 
 
@@ -74,7 +75,7 @@ class MetricLogger:
         """On resume, drop lines of steps after the checkpoint so the log has no duplicates."""
         if not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        kept = [json.dumps(r) for r in read_metrics(self.path.parent) if r["step"] <= step]
         write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -100,7 +101,22 @@ class MetricLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl`. A line that is not a JSON object with a "step" (the torn last
+    line of a run killed mid-write) is skipped with a warning naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    records = []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            warn(f"{path}:{lineno}: skipped a line that is not a complete metrics record (torn by an interrupted "
+                 f"write?): {line[:60]!r}")
+            continue
+        records.append(record)
+    return records

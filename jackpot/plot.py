@@ -7,6 +7,7 @@ their mean with a min-max band.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -20,11 +21,17 @@ PANELS = (  # (metric, title, smoothed)
     ("mismatch/kl_k3", "actor-policy KL (k3)", True),
     ("obrs/accept_rate", "OBRS acceptance rate", True),
 )
+# Axes show scale honestly: fractions span [0, 1] (a +0.02 change looks like one), non-negative quantities
+# start at 0; a panel whose data leave those ranges keeps matplotlib's limits and says so in its title.
+FRACTIONS = ("reward/mean", "eval/accuracy", "obrs/accept_rate")
+NON_NEGATIVE = ("mismatch/kl_k3",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
-    parser.add_argument("--out", default="runs/plot.png", help="output PNG (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="output PNG (default: RUN/plot.png for one run; for several, plot-<names>.png in "
+                             "their common parent directory)")
     parser.add_argument("--title", default=None)
     parser.add_argument("--smooth", type=int, default=5,
                         help="moving-average window for per-step curves (1: raw; default: %(default)s)")
@@ -53,6 +60,30 @@ def _moving_average(values, window: int):
     return np.stack([np.convolve(v, kernel, mode="valid") for v in values])
 
 
+def _set_limits(ax, key: str, values: list[float]) -> bool:
+    """[0, 1] for fractions and [0, ...) for non-negative quantities; False if the data leave that range."""
+    if not values:
+        return True
+    lo, hi = min(values), max(values)
+    if key in FRACTIONS and 0 <= lo and hi <= 1:
+        ax.set_ylim(0, 1)
+        return True
+    if key in NON_NEGATIVE and lo >= 0:
+        ax.set_ylim(bottom=0, top=hi * 1.05 if hi > 0 else 1)
+        return True
+    return False
+
+
+def default_out(run_dirs: list[str | Path]) -> Path:
+    """RUN/plot.png for one run; plot-<name>+<name>....png in the runs' common parent for several."""
+    dirs = [Path(d).resolve() for d in run_dirs]
+    if len(dirs) == 1:
+        return dirs[0] / "plot.png"
+    parent = Path(os.path.commonpath([str(d.parent) for d in dirs]))
+    names = "+".join(dict.fromkeys(re.sub(r"-seed\d+$", "", d.name) for d in dirs))
+    return parent / f"plot-{names[:120]}.png"
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = None, smooth: int = 5) -> Path:
     import matplotlib
 
@@ -75,7 +106,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
             ax.plot(steps, vals.mean(0), color=colors[label], label=f"{label} (n={len(series)})")
             if len(series) > 1:
                 ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[label], alpha=0.15)
-        ax.set_title(name + (f" (moving avg {smooth})" if smoothed and smooth > 1 else ""), fontsize=10)
+        honest = _set_limits(ax, key, [v for line in ax.get_lines() for v in line.get_ydata()])
+        ax.set_title(name + (f" (moving avg {smooth})" if smoothed and smooth > 1 else "")
+                     + ("" if honest else "\n(y axis zoomed, not from 0)"), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(groups), fontsize=8,
@@ -91,5 +124,5 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
 
 
 def main(args: argparse.Namespace) -> int:
-    print(plot_runs(args.runs, args.out, args.title, smooth=args.smooth))
+    print(plot_runs(args.runs, args.out or default_out(args.runs), args.title, smooth=args.smooth))
     return 0

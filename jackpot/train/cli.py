@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from jackpot.errors import JackpotError, warn
+from jackpot.errors import warn
 from jackpot.fileio import write_text_atomic
 from jackpot.train.config import build_config, default_runs_dir, describe_fields, describe_presets, presets
 from jackpot.train.preflight import check_run
@@ -96,8 +96,8 @@ def main(args: argparse.Namespace) -> int:
         warn(f"{out} holds a run that stopped before its first checkpoint: starting it again from step 0")
         resume = False
     elif not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-        raise JackpotError(f"run directory {out} already holds a run: continue it with `jackpot train --out {out} "
-                           "--resume`, or leave out --out to start a new one")
+        raise FileExistsError(f"run directory {out} already holds a run: continue it with `jackpot train --out "
+                              f"{out} --resume`, or leave out --out to start a new one")
     check_run(cfg, out)
     if args.resume and not resume:
         _clear_unfinished(out)

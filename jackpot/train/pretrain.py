@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,12 @@ from jackpot.models.loading import build_tiny_qwen, save_model_and_tokenizer
 from jackpot.models.tokenizer import CHARACTERS, build_tokenizer
 from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts, response_mask_from_ids
 from jackpot.tasks import Example, Task, make_task, tiny_tokenizer
+from jackpot.train.config import default_cache_dir
 
 IGNORE_INDEX = -100  # label value excluded from the loss by Hugging Face models
 WARMUP_FRACTION = 0.05
 MIN_LR_FRACTION = 0.1
-CACHE_FORMAT = 1  # bump when the training recipe changes, to invalidate cached models
+CACHE_FORMAT = 2  # bump when the training recipe changes, to invalidate cached models
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,32 @@ class TinyModelSpec:
         return self.tokenizer or tiny_tokenizer(self.task)
 
     def cache_key(self) -> str:
-        """Short hash of every field plus the tokenizer vocabulary and recipe version."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "tokenizer"}
+        """Short hash of what defines the model: every field but `name`, with the task's arguments completed by
+        its defaults and any data file replaced by a hash of its contents (`task_identity`), plus the tokenizer
+        vocabulary and the recipe version. So `jackpot pretrain` and `jackpot train` find the same model, and
+        an edited data file trains a new one."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "tokenizer")}
+        fields["task_kwargs"] = task_identity(self.task, self.task_kwargs)
         vocab = CHARACTERS if self.tokenizer_name == "char" else self.tokenizer_name
-        payload = json.dumps({**fields, "vocab": vocab, "format": CACHE_FORMAT}, sort_keys=True)
+        payload = json.dumps({**fields, "vocab": vocab, "format": CACHE_FORMAT}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def task_identity(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The task's constructor arguments with its defaults filled in; a `...path` argument naming a file is
+    replaced by the SHA-256 of the file's contents (its name does not define the data, its bytes do)."""
+    task = make_task(name, **kwargs)
+    if not dataclasses.is_dataclass(task):
+        return dict(kwargs)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(task):
+        if not f.init:
+            continue
+        value = getattr(task, f.name)
+        if f.name.endswith("path") and isinstance(value, (str, Path)) and Path(value).expanduser().is_file():
+            value = {"sha256": hashlib.sha256(Path(value).expanduser().read_bytes()).hexdigest()}
+        out[f.name] = value
+    return out
 
 
 def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -135,7 +158,7 @@ def pretrain(
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="sft", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="pre-train (SFT)", disable=not progress, leave=False)
     for step in bar:
         batch = sft_batch(tokenizer, examples[step * batch_size:(step + 1) * batch_size])
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -235,9 +258,17 @@ def pretrained_model(spec: TinyModelSpec, cache_dir: str | Path, *, eval_n: int 
     Built, pre-trained and saved atomically on first use; reused afterwards (its stats.json holds
     the accuracies measured when it was built).
     """
-    directory = Path(cache_dir).expanduser() / f"{spec.name}-{spec.cache_key()}"
-    if (directory / "config.json").is_file():
-        return directory
+    key = spec.cache_key()
+    cache_dir = Path(cache_dir).expanduser()
+    for directory in sorted(cache_dir.glob(f"*-{key}")):  # any name: the key alone defines the model
+        if (directory / "config.json").is_file():
+            if progress:
+                print(f"{spec.name}: the pre-trained tiny model is cached in {directory}", file=sys.stderr)
+            return directory
+    directory = cache_dir / f"{spec.name}-{key}"
+    if progress:
+        print(f"{spec.name}: pre-training a tiny model ({spec.hidden} wide, {spec.layers} layers) on {spec.task} "
+              f"for {spec.steps} steps; it is cached in {directory} for later runs", file=sys.stderr)
     model, tokenizer, stats = train_tiny_model(spec, eval_n=eval_n, progress=progress)
     return _save(model, tokenizer, spec, stats, directory)
 
@@ -271,7 +302,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-n", type=int, default=100, help="eval examples for accuracy (default: 100)")
     parser.add_argument("--out", type=Path, default=None,
                         help="save here; without it the model is cached under --cache-dir")
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/jackpot/models"))
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="model cache (default: $JACKPOT_CACHE_DIR/models, else ~/.cache/jackpot/models: "
+                             "the one `jackpot train` uses)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -285,7 +318,8 @@ def main(args: argparse.Namespace) -> int:
         model, tokenizer, stats = train_tiny_model(spec, eval_n=args.eval_n, progress=not args.no_progress)
         directory = _save(model, tokenizer, spec, stats, args.out)
     else:
-        directory = pretrained_model(spec, args.cache_dir, eval_n=args.eval_n, progress=not args.no_progress)
+        cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir() / "models"
+        directory = pretrained_model(spec, cache_dir, eval_n=args.eval_n, progress=not args.no_progress)
         stats = json.loads((directory / "stats.json").read_text())
     for key, value in stats.items():
         print(f"{key:28s} {value:.4g}")

@@ -95,8 +95,6 @@ def _rollout_model_note(s: dict) -> str:
 def summary_rows(s: dict) -> list[tuple[str, str]]:
     """(label, value) rows of a summary, in reading order."""
     decoupled = s.get("mode") != "on-policy"
-    k, n = s.get("eval_samples"), s.get("eval_prompts")
-    how = f"Mean@{k} on {n} held-out prompts, ± standard error over prompts" if k and n else "± standard error"
     rows = [
         (f"policy eval accuracy, before (step {s.get('eval_before_step', 0)})",
          _with_se(s["eval_before"], s.get("eval_before_se"))),
@@ -104,7 +102,6 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
          _with_se(s["eval_after"], s.get("eval_after_se"))),
         ("policy eval accuracy, change", _change(s["eval_before"], s["eval_after"], s.get("eval_before_se"),
                                                  s.get("eval_after_se"))),
-        ("  (evaluation)", how),
     ]
     if "reference" in s:
         rows.append((f"on-policy reference, after ({s['reference']['run']})", _fmt(s["reference"]["eval_after"])))
@@ -116,7 +113,6 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
                                                              s.get("rollout_model_eval_before_se"))),
             ("rollout model eval accuracy, after", _with_se(s["rollout_model_eval_after"],
                                                             s.get("rollout_model_eval_after_se"))),
-            ("  (rollout model)", _rollout_model_note(s)),
             ("mean train reward (rollout model's samples)", _fmt(s["reward_mean"])),
             ("mean OBRS acceptance rate", _fmt(s["accept_rate_mean"])),
             ("actor-policy KL (k3), mean / last", f"{_fmt(s['actor_policy_kl_k3_mean'], '.4f')} / "
@@ -124,12 +120,22 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         ]
     else:
         rows.append(("mean train reward (policy's own samples)", _fmt(s["reward_mean"])))
-    rows += [
-        ("seconds per step: rollout / update", f"{_fmt(s['rollout_s_mean'], '.2f')} / {_fmt(s['update_s_mean'], '.2f')}"),
-    ]
+    rows.append(("seconds per step: rollout / update",
+                 f"{_fmt(s['rollout_s_mean'], '.2f')} / {_fmt(s['update_s_mean'], '.2f')}"))
     if "threads" in s:
         rows.append(("torch CPU threads", f"{s['threads']} ({s['threads_why']})"))
     return rows
+
+
+def notes(s: dict) -> list[str]:
+    """How to read the table: what the evaluation is; why the rollout model's accuracy moved."""
+    k, n = s.get("eval_samples"), s.get("eval_prompts")
+    lines = [f"eval accuracy: Mean@{k} on {n} held-out prompts, ± its standard error over prompts"
+             if k and n else "eval accuracy: ± its standard error over prompts"]
+    if s.get("mode") != "on-policy":
+        lines.append("train reward: of the rollout model's samples, the ones the policy learns from")
+        lines.append(f"rollout model: {_rollout_model_note(s)}")
+    return lines
 
 
 def next_steps(s: dict) -> list[str]:
@@ -148,11 +154,11 @@ def print_summary(s: dict, title: str, interrupted: bool = False) -> None:
     from rich.table import Table
 
     table = Table(title=f"jackpot train — {title}" + (" (interrupted)" if interrupted else ""))
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right", overflow="fold")
     for label, value in summary_rows(s):
         table.add_row(label, value)
     console = Console()
     console.print(table)
-    for line in next_steps(s):
+    for line in notes(s) + [""] + next_steps(s):
         console.print(line, highlight=False, soft_wrap=True)
