@@ -82,6 +82,9 @@ def run(argv: list[str] | None = None) -> None:
         warnings.simplefilter("always", JackpotWarning)
     try:
         code = main(argv)
+    except BrokenPipeError:  # `jackpot config | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     except Exception as e:
         message = describe(e)
         if debug or message is None:

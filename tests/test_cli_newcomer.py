@@ -236,3 +236,11 @@ def test_plot_axes_start_at_zero_and_the_plot_lands_beside_the_run(tmp_path):
     assert default_out([tmp_path / "a"]) == (tmp_path / "a" / "plot.png").resolve()
     assert default_out([tmp_path / "a-seed0", tmp_path / "a-seed1", tmp_path / "b"]) == \
         (tmp_path / "plot-a+b.png").resolve()
+
+
+def test_output_piped_into_a_reader_that_left_ends_quietly(tmp_path):
+    # `true` exits without reading (long before Python has started), so every write meets a closed pipe
+    result = subprocess.run(f"{sys.executable} -c 'from jackpot.cli import run; run()' config | true", shell=True,
+                            capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert result.stderr == ""

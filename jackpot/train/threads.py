@@ -48,8 +48,8 @@ def default_threads(cfg: Config) -> tuple[int, str]:
     models = [cfg.policy] + ([cfg.rollout_model] if cfg.train.mode == "decoupled" else [])
     sizes = [_tiny_params(mc) for mc in models]
     if all(s is not None and s < TINY_MODEL_PARAMS for s in sizes):
-        return 1, f"tiny models (< {TINY_MODEL_PARAMS / 1e6:g}M parameters); {cpus} CPU(s) available"
-    return cpus, f"the CPUs this process may use ({cpus})"
+        return 1, f"default for tiny models; {cpus} CPU(s) usable"
+    return cpus, "default: the CPUs this process may use"
 
 
 def choose_threads(cfg: Config) -> tuple[int, str]:
