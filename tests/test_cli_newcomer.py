@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import REPO, TINY, jackpot
 
 from jackpot.cli import main as cli_main
 from jackpot.errors import JackpotWarning
@@ -22,23 +23,10 @@ from jackpot.metrics import read_metrics
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, build_config, field_docs, presets
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",
-    "rollout_model.hidden_size=16", "rollout_model.num_layers=1", "rollout_model.num_heads=2",
-    "rollout_model.sft_steps=3", "train.prompts_per_step=2", "train.group_size=2", "train.eval_prompts=4",
-    "train.eval_samples=2", "tensorboard=false",
-]
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("model_cache")
-
-
-def jackpot(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jackpot.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=600)
 
 
 # ------------------------------------------------------------------------------------ run directories

@@ -10,12 +10,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import TINY, jackpot
 
 from jackpot.errors import WriteError, describe
 from jackpot.fileio import write_text_atomic
@@ -24,24 +23,6 @@ from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import build_config
 from jackpot.train.threads import available_cpus, choose_threads, default_threads
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",
-    "rollout_model.hidden_size=16", "rollout_model.num_layers=1", "rollout_model.num_heads=2",
-    "rollout_model.sft_steps=3", "train.prompts_per_step=2", "train.group_size=2", "train.eval_prompts=4",
-    "train.eval_samples=2", "tensorboard=false",
-]
-
-
-def jackpot(*args: str, env: dict | None = None, prelude: str = "", wrapper: tuple[str, ...] = (),
-            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """`jackpot ARGS` in a fresh process (`prelude`: Python run first in that process, e.g. a monkeypatch)."""
-    code = f"import sys\n{prelude}\nfrom jackpot.cli import run\nrun(sys.argv[1:])"
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(Path(tempfile.gettempdir()) / "jackpot-no-hf"),
-                "JACKPOT_TRACEBACK": "", **(env or {})}
-    return subprocess.run([*wrapper, sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=600)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

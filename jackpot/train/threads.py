@@ -4,8 +4,8 @@ torch's own default is the machine's core count, which ignores both the CPUs thi
 (affinity masks, container quotas) and how small the models are. On a shared 2-core machine with four
 jobs, that oversubscription made the offline default 40x slower (68 minutes instead of about 100 s).
 The default here is the number of CPUs the process may use (`os.sched_getaffinity`, capped by a cgroup v2
-`cpu.max` quota), and a single thread for tiny models, whose matrices are too small for a second thread to
-pay for its synchronisation (measured in docs/PERFORMANCE.md, "Threads").
+`cpu.max` quota), and a single thread for tiny models: for them a second thread gains ~20 % on an idle
+machine but costs 4-10x as soon as another job wants a core (docs/PERFORMANCE.md, "Threads").
 """
 
 from __future__ import annotations
