@@ -30,7 +30,7 @@ def test_readme_python_runs(body):
 
 @pytest.mark.parametrize("line", COMMAND_LINES)
 def test_readme_command_parses_and_its_config_builds(line):
-    argv = shlex.split(line)[1:]
+    argv = shlex.split(line, comments=True)[1:]
     command = next(a for a in argv if a in COMMANDS)
     args, extra = build_parser(command).parse_known_args(argv)
     assert all("=" in x and not x.startswith("-") for x in extra), extra

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from jackpot.errors import warn
+from jackpot.errors import JackpotError, warn
 from jackpot.fileio import write_text_atomic
 from jackpot.train.config import build_config, default_runs_dir, describe_fields, describe_presets, presets
 from jackpot.train.preflight import check_run
@@ -88,11 +89,17 @@ def main(args: argparse.Namespace) -> int:
     from jackpot.train.loop import train
 
     cfg = build_config(args.config, args.overrides)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and not args.out:  # each process would pick its own timestamped directory
+        raise JackpotError(f"several processes (WORLD_SIZE={processes}) need one run directory: pass --out DIR")
     out = Path(args.out) if args.out else default_out(cfg)
     if args.resume and args.config is None and (out / "config.yaml").is_file():
         cfg = build_config(str(out / "config.yaml"), args.overrides)  # the run's own config, plus overrides
     resume = args.resume
     if resume and _started_without_checkpoint(out):
+        if processes > 1:
+            raise JackpotError(f"{out} holds a run that stopped before its first checkpoint; start it again with "
+                               "one process (--resume) or remove the directory")
         warn(f"{out} holds a run that stopped before its first checkpoint: starting it again from step 0")
         resume = False
     elif not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
@@ -108,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
         if not (out / "metrics.jsonl").is_file():
             raise
         run_dir, interrupted = out, True
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes: rank 0 summarises
+        return 130 if interrupted else 0
     summary = summarize(run_dir)
     summary["threads"], summary["threads_why"] = torch.get_num_threads(), choose_threads(cfg)[1]
     _add_reference(summary, run_dir, args.reference, cfg)
