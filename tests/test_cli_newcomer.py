@@ -188,7 +188,9 @@ def test_summary_is_printed_after_ctrl_c(tmp_path, cache, capsys, monkeypatch):
     out = tmp_path / "run"
     assert cli_main(["train", "--no-progress", "--out", str(out), *TINY, f"cache_dir={cache}",
                      "train.steps=5"]) == 130
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert captured.err.strip().endswith(f"jackpot: interrupted after step 1; checkpoint saved in {out}")
     assert "(interrupted)" in printed and "policy eval accuracy, before" in printed
     assert f"jackpot train --out {out.resolve()} --resume" in printed and "stopped after step 1 of 5" in printed
     assert json.loads((out / "summary.json").read_text())["steps"] == 1

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -111,9 +112,10 @@ def main(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         run_dir = train(cfg, out, resume=resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not (out / "metrics.jsonl").is_file():
             raise
+        print(f"jackpot: {e or 'interrupted'}", file=sys.stderr)  # "interrupted after step N; checkpoint saved in"
         run_dir, interrupted = out, True
     if int(os.environ.get("RANK", "0")) != 0:  # several processes: rank 0 summarises
         return 130 if interrupted else 0
