@@ -213,6 +213,11 @@ def test_threads_default_to_one_for_tiny_models_and_all_usable_cpus_otherwise(mo
     assert default_threads(big)[0] == 3
     assert default_threads(build_config(None, ["policy.path=somewhere"]))[0] == 3  # a checkpoint: size unknown
     assert choose_threads(build_config(None, ["train.threads=5"])) == (5, "train.threads")
+    # several processes on one node (torchrun / accelerate set LOCAL_WORLD_SIZE) share the usable CPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert default_threads(big)[0] == 2
+    assert default_threads(build_config())[0] == 1
 
 
 def test_available_cpus_honours_a_cgroup_quota(monkeypatch, tmp_path):

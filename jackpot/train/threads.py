@@ -49,6 +49,9 @@ def default_threads(cfg: Config) -> tuple[int, str]:
     sizes = [_tiny_params(mc) for mc in models]
     if all(s is not None and s < TINY_MODEL_PARAMS for s in sizes):
         return 1, f"default for tiny models; {cpus} CPU(s) usable"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this node (torchrun, accelerate)
+    if local > 1:
+        return max(1, cpus // local), f"default: {cpus} usable CPU(s) shared by {local} processes on this node"
     return cpus, "default: the CPUs this process may use"
 
 
