@@ -191,3 +191,49 @@ def test_fsdp_mixed_precision_computes_in_bfloat16(tmp_path, cache):
             assert q.dtype == p.dtype == torch.float32
             diffs.append((q - p).abs().max().item())
     assert 1e-6 < max(diffs) < 0.02
+
+
+FAILING_SAVE = """
+import errno, os, sys
+import torch
+import torch.distributed.checkpoint.filesystem as fs
+from jackpot.train import checkpoint as ckpt
+from jackpot.train.distributed import Collective
+
+coll = Collective.from_env("cpu")
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 4)
+opt = torch.optim.AdamW(model.parameters())
+run = sys.argv[1]
+ckpt.save_checkpoint(run, 1, {"policy": model}, {"policy": opt}, coll=coll)
+real = fs.FileSystemWriter.write_data
+def full_disk(self, plan, planner):
+    if coll.rank == 1:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, plan, planner)
+fs.FileSystemWriter.write_data = full_disk
+try:
+    ckpt.save_checkpoint(run, 2, {"policy": model}, {"policy": opt}, coll=coll)
+except Exception as e:
+    print(f"rank {coll.rank}: {type(e).__name__}: {e}")
+coll.barrier()
+"""
+
+
+def test_a_failed_sharded_save_keeps_the_previous_checkpoint(tmp_path):
+    """A write failing on one rank (full disk): every rank gets the error naming the kept checkpoint, no
+    temporary directory is left and `latest` still names the previous, loadable checkpoint."""
+    script = tmp_path / "failing_save.py"
+    script.write_text(FAILING_SAVE)
+    proc = subprocess.run([*_torchrun(2), str(script), str(tmp_path / "run")], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2, proc.stdout
+    for line in lines:  # rank 1's own error, named on every rank, with the checkpoint that is kept
+        assert "No space left on device" in line and "FrameSummary" not in line, line
+        assert "step_000002" in line and "step_000001 is kept" in line, line
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_000001"
+    assert not list(root.glob(".tmp_*")) and not (root / "step_000002").exists()
+    assert (root / "step_000001" / ".metadata").is_file()

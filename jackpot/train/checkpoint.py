@@ -89,7 +89,14 @@ def _save_sharded(run_dir, step, models, optimizers, extra, coll: Collective) ->
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     coll.barrier()
-    dcp.save(_dcp_state(models, optimizers), checkpoint_id=str(tmp))
+    try:  # DCP gathers a failure on any rank and raises it on every rank (a CheckpointException: BaseException)
+        dcp.save(_dcp_state(models, optimizers), checkpoint_id=str(tmp))
+    except BaseException as e:
+        if coll.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise checkpoint_write_error(_first_failure(e), final, latest_checkpoint(run_dir)) from e
     coll.barrier()  # every rank's shards are on disk
     if coll.is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, "processes": coll.world, **(extra or {})}))
@@ -99,6 +106,15 @@ def _save_sharded(run_dir, step, models, optimizers, extra, coll: Collective) ->
         _publish(root, final)
     coll.barrier()
     return final
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (e.g. the OSError of a full disk)."""
+    failures = getattr(e, "failures", None)  # {rank: (exception, traceback summary)}
+    if not failures:
+        return e
+    first = failures[min(failures)]
+    return first[0] if isinstance(first, tuple) else first
 
 
 def _load_sharded(path: Path, models, optimizers) -> None:
