@@ -327,3 +327,26 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one(tok):
     assert text(chat, chat_template=False) == "2+2?" == text(plain, chat_template=None)
     with pytest.raises(ValueError, match="has no chat template"):
         encode_prompts(plain, ["2+2?"], chat_template=True)
+
+
+def test_eos_ids_include_the_checkpoints_generation_config(model, tok, prompts):
+    """A checkpoint whose generation_config lists a second EOS (a chat model's turn end): rollouts stop at
+    it and the response mask ends there."""
+    import copy
+
+    from jackpot.rollout.hf import default_eos_ids
+
+    chat = copy.deepcopy(model)
+    turn_end = tok.convert_tokens_to_ids("1")
+    chat.generation_config.eos_token_id = [turn_end, tok.eos_token_id]
+    assert default_eos_ids(chat, tok) == [tok.eos_token_id, turn_end]
+    assert default_eos_ids(model, tok) == [tok.eos_token_id]
+    with torch.no_grad():  # make the turn-end token likely
+        chat.lm_head.weight[turn_end] = chat.lm_head.weight[turn_end] * 0 + chat.lm_head.weight.abs().max()
+    out = HFRolloutEngine(chat, tok).generate(*prompts, max_new_tokens=10, topk=2, seed=0)
+    stops = (out.response_ids == turn_end) & out.response_mask.bool()
+    assert stops.any()
+    for row, mask in zip(out.response_ids, out.response_mask):
+        hits = (row == turn_end).nonzero()
+        if len(hits):  # nothing is kept after the first turn end
+            assert mask[hits[0, 0] + 1:].sum() == 0 and mask[hits[0, 0]] == 1

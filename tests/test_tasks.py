@@ -333,3 +333,12 @@ def test_metrics_reject_bad_input():
         pass_at_k([[1, 0]], 3)
     with pytest.raises(ValueError, match="rewards must be"):
         mean_at_k([1.0, 0.0])
+
+
+def test_exact_verifier_reads_the_reference_as_it_reads_the_completion():
+    """Thousands separators: the completion's number loses them (last_number), so must the reference's."""
+    from jackpot.tasks.answers import is_correct
+
+    assert is_correct("the total is 1,234", "1,234", "exact")
+    assert is_correct("#### 1234", "1,234", "exact")
+    assert not is_correct("the total is 1,235", "1,234", "exact")

@@ -234,3 +234,22 @@ def test_generation_in_chunks_equals_all_at_once(tmp_path, cache):
     assert chunked.response_len == w and torch.equal(chunked.response_ids, whole.response_ids)
     assert torch.equal(chunked.response_mask, whole.response_mask)
     torch.testing.assert_close(chunked.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+
+
+def test_evaluation_samples_with_the_configured_nucleus(tmp_path, cache, monkeypatch):
+    """The trainer's evaluation uses sampling.top_p (as `jackpot eval` does), with its own temperature."""
+    from jackpot.rollout.hf import HFRolloutEngine
+
+    seen = []
+    real = HFRolloutEngine.generate
+
+    def spy(self, *args, **kw):
+        seen.append(kw)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", spy)
+    run = setup(_cfg(cache, "sampling.top_p=0.9", "correction.z=topk", "train.eval_temperature=0.5"), tmp_path)
+    from jackpot.train.loop import evaluate
+
+    evaluate(run, run.policy)
+    assert seen and seen[-1]["top_p"] == 0.9 and seen[-1]["temperature"] == 0.5

@@ -116,6 +116,18 @@ def _point_mass(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return out.scatter_(-1, ids.view(-1, 1), 0.0)
 
 
+def default_eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS plus every EOS id of the checkpoint's generation_config (Qwen chat models end a
+    turn with <|im_end|> and stop at <|endoftext|> too: `generate` stops at both, and so must the mask)."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for e in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if e is not None and e not in ids:
+            ids.append(int(e))
+    return ids
+
+
 def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """(B, T) float32: 1.0 up to and including the first EOS of each row, 0.0 after."""
     is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).long()
@@ -136,7 +148,7 @@ class HFRolloutEngine:
                  eos_token_ids: list[int] | None = None, cache_implementation: str | None = None):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
-        eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
+        eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer)
         if not eos or any(e is None for e in eos):
             raise ValueError(f"eos_token_ids must be a non-empty list of ids, got {eos}")
         self.model = model

@@ -83,8 +83,10 @@ def is_correct(completion: str, reference: str, verifier: str = "math") -> bool:
     if verifier not in VERIFIERS:
         raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
     gold = marked_answer(reference) or reference.strip()
-    if verifier == "exact":
+    if verifier == "exact":  # numbers compared as final_answer reads them: without thousands separators
         given = final_answer(completion)
+        if _NUMBER.fullmatch(gold):
+            gold = last_number(gold)
         return given is not None and given == gold
     math_verify = require_math_verify()
     marked = marked_answer(completion)

@@ -268,7 +268,7 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     with gathered_for_generation(model) as lm:
         batch = make_engine(run.cfg.rollout.engine, lm, run.tokenizer).generate(
             prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens,
-            temperature=t.eval_temperature or s.temperature, topk=1, seed=step_seed(t.seed, 0, 4),
+            temperature=t.eval_temperature or s.temperature, top_p=s.top_p, topk=1, seed=step_seed(t.seed, 0, 4),
             uniforms=uniforms, synced=is_sharded(model))
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
