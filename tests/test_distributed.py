@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,15 +106,23 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_cli_resume_from_a_two_process_checkpoint_continues_exactly(tmp_path, cache):
     """`torchrun -m jackpot train`: 3 steps straight equal 2 steps, then --resume to 3, from the sharded
-    checkpoint (torch.distributed.checkpoint); rank 0 alone writes metrics and the summary."""
+    checkpoint (torch.distributed.checkpoint); rank 0 alone writes metrics and the summary. One process
+    resuming the same checkpoint continues alike (float32 reduction order aside)."""
     args = [*_torchrun(2), "-m", "jackpot", "train", "--no-progress", *BASE, f"cache_dir={cache}",
             "train.checkpoint_every=1", "correction.z=topk"]
     for out, extra in (("full", ["train.steps=3"]), ("cut", ["train.steps=2"]),
                        ("cut", ["train.steps=3", "--resume"])):
+        if extra[-1] == "--resume":  # the same checkpoint, to be resumed by one process below
+            shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
         proc = subprocess.run([*args, "--out", str(tmp_path / out), *extra], env=_env(), capture_output=True,
                               text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert proc.stdout.count("policy eval accuracy, after") == 1, "the summary is printed once (rank 0)"
+    # one process resumes the 2-process checkpoint (DCP loads into unsharded models) and continues alike
+    one = [sys.executable, "-m", "jackpot", *args[args.index("train"):], "--out", str(tmp_path / "cut1"),
+           "train.steps=3", "--resume"]
+    proc = subprocess.run(one, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = tmp_path / "cut" / "checkpoints" / (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip()
     assert (ckpt / ".metadata").is_file() and json.loads((ckpt / "state.json").read_text())["processes"] == 2
     assert not list((tmp_path / "cut" / "checkpoints").glob(".tmp_*"))
@@ -122,6 +131,11 @@ def test_cli_resume_from_a_two_process_checkpoint_continues_exactly(tmp_path, ca
     for key, value in full[3].items():
         if not key.startswith("perf/"):
             assert cut[3][key] == value, key  # same ranks, same seeds: bitwise-identical arithmetic
+    cut1 = _metrics(tmp_path / "cut1")
+    assert [r["step"] for r in cut1] == [0, 1, 2, 3]
+    for key, value in full[3].items():
+        if not key.startswith("perf/"):
+            assert cut1[3][key] == pytest.approx(value, rel=1e-4, abs=ATOL), key
 
 
 def test_accelerate_launch_runs_the_same_training(tmp_path, cache):
