@@ -251,3 +251,13 @@ def test_a_failed_sharded_save_keeps_the_previous_checkpoint(tmp_path):
     assert (root / "latest").read_text().strip() == "step_000001"
     assert not list(root.glob(".tmp_*")) and not (root / "step_000002").exists()
     assert (root / "step_000001" / ".metadata").is_file()
+
+
+def test_a_one_process_checkpoint_is_refused_by_several_processes(tmp_path, cache):
+    common = ["--no-progress", *BASE, f"cache_dir={cache}", "--out", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-m", "jackpot", "train", *common, "train.steps=1"], env=_env(),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([*_torchrun(2), "-m", "jackpot", "train", *common, "train.steps=2", "--resume"],
+                          env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0 and "was written by one process: resume it with one process" in proc.stderr

@@ -159,14 +159,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, models: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer]) -> dict:
-    """Restore models and optimizers in place; returns state.json (with 'step')."""
+                    optimizers: dict[str, torch.optim.Optimizer], coll: Collective | None = None) -> dict:
+    """Restore models and optimizers in place; returns state.json (with 'step'). A checkpoint written by
+    several processes loads into any number of processes (one included); a one-process checkpoint only
+    into one process."""
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"not a checkpoint directory (no state.json): {path}")
     if (path / ".metadata").is_file():  # written by several processes (torch.distributed.checkpoint)
         _load_sharded(path, models, optimizers)
         return json.loads((path / "state.json").read_text())
+    if coll is not None and coll.world > 1:
+        raise ValueError(f"checkpoint {path} was written by one process: resume it with one process (its "
+                         "optimizer state is not laid out for sharding), or start a new run")
     for name, model in models.items():
         missing, unexpected = model.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=False)
         frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}

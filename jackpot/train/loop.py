@@ -183,7 +183,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
               rollout_wrapper=rollout_train if rollout_train is not rollout_model else None)
     run.engine = make_engine(cfg.rollout.engine, rollout_model if rollout_model is not None else policy, tokenizer)
     if resume:
-        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), run.models, run.optimizers)
+        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), run.models, run.optimizers, coll=coll)
         run.start_step = state["step"] + 1
     if coll.is_main:
         _write_config(cfg, out)
