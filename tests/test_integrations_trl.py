@@ -248,3 +248,58 @@ def test_rollout_models_ppo_uses_the_unweighted_advantages_on_every_produced_tok
                                   out["advantages"].float().unsqueeze(1).expand_as(logp))
     assert logged == pytest.approx(aggregate(per_token, mask, "token-mean").item(), rel=1e-4, abs=1e-6)
     assert logged != pytest.approx(0.0, abs=1e-4)
+
+
+def _llama_style_tokenizer():
+    """The char tokenizer made Llama-like: encoding adds BOS, and the chat template starts with BOS.
+
+    The template writes `!` when enable_thinking is False (as Qwen3's writes an empty think block) and
+    `t<number of tools>` when tools are given; `:` is the generation prompt."""
+    from tokenizers import processors
+
+    tok = build_char_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    tok.chat_template = ("{{ bos_token }}{% if tools %}t{{ tools | length }}{% endif %}"
+                         "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking is defined and not enable_thinking %}!{% endif %}"
+                         "{% if add_generation_prompt %}:{% endif %}")
+    return tok
+
+
+def _add(a: int, b: int) -> int:
+    """Add two numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a + b
+
+
+def test_conversational_prompts_are_tokenized_as_trl_tokenizes_them(tmp_path):
+    tok = _llama_style_tokenizer()
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
+    trainer = JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, processing_class=tok,
+                                 train_dataset=Dataset.from_dict({"prompt": prompts}),
+                                 args=_config(tmp_path, chat_template_kwargs={"enable_thinking": False}),
+                                 rollout_func=hf_rollout_func(_model(1, 32)))
+    out = trainer.rollout_func(prompts, trainer)
+    trl_ids, _, _ = trainer._tokenize_prompts(prompts)  # TRL's own path when it generates
+    assert out["prompt_ids"] == [list(r) for r in trl_ids]
+    for row, p in zip(out["prompt_ids"], PROMPTS[:4], strict=True):
+        assert row == [tok.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"],
+                       *tok("!:", add_special_tokens=False)["input_ids"]]  # one BOS; thinking off
+    trainer.tools = [_add]  # the trainer's tools reach the template
+    assert tok.decode(trainer.rollout_func(prompts[:1], trainer)["prompt_ids"][0]).startswith("<bos>t1")
+    plain = trainer.rollout_func(PROMPTS[:2], trainer)["prompt_ids"]  # text prompts: the tokenizer's own call
+    assert plain == tok(PROMPTS[:2])["input_ids"]
+
+
+@pytest.mark.parametrize("kw, match", [({"top_k": 5}, "top_k=5"), ({"min_p": 0.1}, "min_p=0.1"),
+                                       ({"repetition_penalty": 1.2}, "repetition_penalty=1.2"),
+                                       ({"generation_kwargs": {"no_repeat_ngram_size": 2}}, "generation_kwargs")])
+def test_sampling_settings_the_rollout_model_cannot_honour_are_refused(tmp_path, kw, match):
+    trainer = _trainer(tmp_path, **kw)
+    with pytest.raises(ValueError, match=match):
+        trainer.rollout_func(PROMPTS[:2], trainer)

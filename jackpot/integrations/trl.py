@@ -41,13 +41,14 @@ from typing import Any
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import is_conversational
 
 from jackpot.core.corrections import CorrectionInputs, CorrectionResult, apply_correction
 from jackpot.core.divergences import mismatch_metrics
 from jackpot.core.losses import aggregate, distill_kl, ppo_token_loss
 from jackpot.models.forward import response_logits
 from jackpot.models.tokenizer import check_same_tokenizer
-from jackpot.rollout.hf import HFRolloutEngine, encode_prompts
+from jackpot.rollout.hf import HFRolloutEngine
 
 
 @dataclass
@@ -212,8 +213,9 @@ def hf_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1)
 
     Sampling uses the trainer's temperature, top_p and max_completion_length, so the returned log-probs
     are those of the distribution sampled from, on the temperature the policy's log-probs use.
-    `tokenizer` (default: the trainer's) must be identical to the trainer's. Conversational prompts go
-    through the tokenizer's chat template. top_k / min_p sampling is not supported (ValueError).
+    `tokenizer` (default: the trainer's) must be identical to the trainer's. Prompts are tokenized as
+    TRL's own generation path does (`_rollout_prompt_ids`). Settings this sampler cannot honour raise a
+    ValueError: top_k, min_p, repetition_penalty != 1 and a non-empty generation_kwargs.
     """
 
     def rollout_func(prompts: list[Any], trainer: GRPOTrainer) -> dict[str, Any]:
@@ -221,11 +223,8 @@ def hf_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1)
         if tokenizer is not None:
             check_same_tokenizer(tokenizer, trainer.processing_class, names=("rollout", "policy"))
         args = trainer.args
-        if args.top_k or args.min_p:
-            raise ValueError("hf_rollout_func samples with temperature and top_p only; set top_k=0 and min_p=None")
-        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-                 for p in prompts]
-        prompt_ids, prompt_mask = encode_prompts(tok, texts)
+        _check_sampling_settings(args)
+        prompt_ids, prompt_mask = _left_pad(_rollout_prompt_ids(prompts, trainer, tok), tok.pad_token_id)
         engine = HFRolloutEngine(rollout_model, tok, eos_token_ids=list(trainer.eos_token_ids))
         batch = engine.generate(prompt_ids.to(rollout_model.device), prompt_mask.to(rollout_model.device),
                                 max_new_tokens=trainer.max_completion_length, temperature=trainer.temperature,
@@ -239,6 +238,53 @@ def hf_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1)
         }
 
     return rollout_func
+
+
+def _check_sampling_settings(args: Any) -> None:
+    """ValueError for every GRPOConfig sampling setting `hf_rollout_func` would otherwise ignore."""
+    refused = []
+    if args.top_k:
+        refused.append(f"top_k={args.top_k} (set 0)")
+    if args.min_p:
+        refused.append(f"min_p={args.min_p} (set None)")
+    if args.repetition_penalty != 1.0:
+        refused.append(f"repetition_penalty={args.repetition_penalty} (set 1.0)")
+    if args.generation_kwargs:
+        refused.append(f"generation_kwargs={args.generation_kwargs!r} (set None)")
+    if refused:
+        raise ValueError("hf_rollout_func samples with temperature and top_p only; it cannot honour "
+                         + ", ".join(refused))
+
+
+def _rollout_prompt_ids(prompts: list[Any], trainer: GRPOTrainer, tok: Any) -> list[list[int]]:
+    """Token ids of each prompt, as TRL 1.16's `GRPOTrainer._tokenize_prompts` makes them for text models.
+
+    Conversational prompts: one `apply_chat_template(tokenize=True, add_generation_prompt=True)` call with
+    the trainer's tools, chat_template and chat_template_kwargs (no special tokens added on top, so a
+    template that starts with BOS gives one BOS). Plain text: the tokenizer's own call (its special tokens).
+    """
+    if is_conversational({"prompt": prompts[0]}):
+        tokenized = tok.apply_chat_template(
+            conversation=prompts, tools=getattr(trainer, "tools", None) or None,  # TRL: `or None` (Llama, tools=[])
+            chat_template=getattr(trainer, "chat_template", None), add_generation_prompt=True, tokenize=True,
+            return_dict=True, **(getattr(trainer, "chat_template_kwargs", None) or {}))
+        return [list(row) for row in tokenized["input_ids"]]
+    return [list(row) for row in tok(text=prompts)["input_ids"]]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists: -> prompt_ids (B, P) long, prompt_mask (B, P) long."""
+    if pad_id is None:
+        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before rollouts")
+    if not rows or min(len(r) for r in rows) == 0:
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
 
 
 __all__ = ["JackpotGRPOConfig", "JackpotGRPOTrainer", "hf_rollout_func", "jackpot_trl_correction"]
