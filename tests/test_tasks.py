@@ -301,6 +301,26 @@ def test_reasoning_gym_options_are_that_datasets_settings():
         make_task("reasoning-gym", dataset="chain_sum", min_terms=5, max_terms=2)
 
 
+@pytest.mark.parametrize("template, match", [
+    ("Q: {prompt}", r"template 'Q: \{prompt\}' names field \{prompt\}; allowed: \{question\}"),
+    ("Q: {question[0]}", r"\{question\[0\]\} reaches into a field"),
+    ("Q: {}", "named fields")])
+def test_reasoning_gym_templates_may_name_only_the_question(template, match):
+    pytest.importorskip("reasoning_gym")
+    with pytest.raises(ValueError, match=match):
+        task_options("reasoning-gym", {"dataset": "chain_sum", "template": template})
+    with pytest.raises(ValueError, match=match):
+        make_task("reasoning-gym", dataset="chain_sum", size=5, template=template)
+
+
+@pytest.mark.parametrize("settings", [{"min_terms": "abc"}, {"size": "ten"}, {"min_terms": 5, "max_terms": 2}])
+def test_reasoning_gym_settings_it_rejects_give_one_value_error_naming_them(settings):
+    pytest.importorskip("reasoning_gym")
+    key, value = next(iter(settings.items()))
+    with pytest.raises(ValueError, match=rf"reasoning-gym dataset 'chain_sum': invalid settings .*'{key}': {value!r}"):
+        make_task("reasoning-gym", dataset="chain_sum", **settings)
+
+
 # --------------------------------------------------------------------------------------------- metrics
 
 def slow_pass_at_k(row, k):

@@ -11,6 +11,7 @@ stable hash of its prompt (`split_of`), never from Python's salted `hash`.
 from __future__ import annotations
 
 import hashlib
+import string
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -62,6 +63,28 @@ def split_of(prompt: str, eval_fraction: float) -> str:
     digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
     u = int.from_bytes(digest, "big") / 2**64
     return "eval" if u < eval_fraction else "train"
+
+
+def check_template(template: str, allowed: set[str] | None = None) -> list[str]:
+    """The field names of a prompt `template` (a `str.format` string); ValueError naming the template when
+    it is not one, uses positional fields ({} / {0}), reaches into a field ({prompt[0]}, {prompt.upper}),
+    or names a field outside `allowed` (when given)."""
+    if not isinstance(template, str):
+        raise ValueError(f"template must be text, got {type(template).__name__}")
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ValueError(f"template {template!r} is not a valid format string: {e}") from None
+    for name in names:
+        if name == "" or name.isdigit():
+            raise ValueError(f"template {template!r}: use named fields like {{prompt}}, not {{}} or {{0}}")
+        if "." in name or "[" in name:
+            raise ValueError(f"template {template!r}: field {{{name}}} reaches into a field (attribute or index "
+                             f"access); name whole fields only, like {{{name.split('.')[0].split('[')[0]}}}")
+        if allowed is not None and name not in allowed:
+            raise ValueError(f"template {template!r} names field {{{name}}}; allowed: "
+                             f"{', '.join('{' + a + '}' for a in sorted(allowed))}")
+    return names
 
 
 def extract_answer(completion: str) -> str:

@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from jackpot.tasks.answers import VERIFIERS, is_correct, marked_answer, require_math_verify
-from jackpot.tasks.base import Example, check_split, split_of
+from jackpot.tasks.base import Example, check_split, check_template, split_of
 
 MAX_NEW_TOKENS = 1024  # default response budget: worked solutions run to hundreds of tokens
 _TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -87,7 +86,7 @@ class FileTask:
         if not 0.0 <= self.format_reward < 0.5:
             raise ValueError(f"format_reward must be in [0, 0.5) (a formatted wrong answer must stay below a "
                              f"correct one for pass@k), got {self.format_reward}")
-        _check_template(self.template)
+        check_template(self.template)
         if self.eval_path is not None and self.eval_split is not None:
             raise ValueError("give eval_path or eval_split, not both")
         rows = self._examples(self.path, self.split)
@@ -137,15 +136,6 @@ class FileTask:
 
 
 JsonlTask = FileTask  # the name the task had when it read only JSON lines
-
-
-def _check_template(template: str) -> None:
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as e:
-        raise ValueError(f"template {template!r} is not a valid format string: {e}") from None
-    if any(name == "" or name.isdigit() for name in names):
-        raise ValueError(f"template {template!r}: use named fields like {{prompt}}, not {{}} or {{0}}")
 
 
 def _text_field(row: dict, key: str, where: str) -> str:

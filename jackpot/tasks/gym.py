@@ -8,7 +8,7 @@ dataset's own setting, passed to its config class (`seed` and `size` among them:
 generated from `seed`, default 0, so a run is reproducible). Problems are assigned to train or eval
 by a stable hash of the question (`base.split_of`), `eval_fraction` of them to eval.
 
-Prompt: `template.format(question=...)` (default "{question}"). Reward: the dataset's own scorer,
+Prompt: `template.format(question=...)` (default "{question}"; {question} is the only field). Reward: the dataset's own scorer,
 `score_answer(answer, entry)`, applied to the text inside the completion's last `<answer>...</answer>`
 when there is one, else to the whole completion stripped (what a model fine-tuned on bare answers
 writes). Scorers may give partial credit (e.g. 0.01 for a well-formed wrong answer); pass@k counts a
@@ -22,7 +22,7 @@ import random
 import re
 from typing import Any, ClassVar
 
-from jackpot.tasks.base import Example, check_split, split_of
+from jackpot.tasks.base import Example, check_split, check_template, split_of
 
 MAX_NEW_TOKENS = 1024
 OWN_OPTIONS = {"eval_fraction": 0.1, "template": "{question}"}
@@ -52,14 +52,15 @@ class ReasoningGymTask:
         self.dataset_name, self.eval_fraction, self.template = dataset, eval_fraction, template
         self.settings = {k: v for k, v in options.items() if k not in OWN_OPTIONS and k != "dataset"}
         dataset_cls, config_cls = _registry()[dataset]
-        config = config_cls(**self.settings)
-        try:
+        try:  # reasoning-gym checks settings with asserts, or fails on them with whatever error comes first
+            config = config_cls(**self.settings)
             if hasattr(config, "validate"):
                 config.validate()
-        except AssertionError as e:
-            raise ValueError(f"reasoning-gym dataset {dataset!r}: invalid settings {self.settings}: {e}") from None
-        self._data = dataset_cls(config=config)
-        self._entries = [self._data[i] for i in range(len(self._data))]
+            self._data = dataset_cls(config=config)
+            self._entries = [self._data[i] for i in range(len(self._data))]
+        except Exception as e:
+            raise ValueError(f"reasoning-gym dataset {dataset!r}: invalid settings {self.settings}: "
+                             f"{type(e).__name__}: {e}") from e
         self._pool: dict[str, list[Example]] = {"train": [], "eval": []}
         for index, entry in enumerate(self._entries):
             prompt = template.format(question=entry["question"])
@@ -80,6 +81,7 @@ class ReasoningGymTask:
         if unknown:
             raise ValueError(f"reasoning-gym dataset {dataset!r} has no setting(s) {unknown}; its settings: "
                              f"{sorted(settings)}, plus {sorted(OWN_OPTIONS)}")
+        check_template(options.get("template", OWN_OPTIONS["template"]), allowed={"question"})
         if not 0.0 < float(options.get("eval_fraction", OWN_OPTIONS["eval_fraction"])) < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {options.get('eval_fraction')}")
         return {"dataset": dataset, **OWN_OPTIONS, **GENERATED_DEFAULTS, **options}
