@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -223,6 +224,32 @@ def test_file_task_errors(tmp_path):
     with pytest.raises(ValueError, match="named fields"):
         FileTask(one_row, template="{}")
     assert FileTask(one_row, answer_field="prompt", eval_fraction=1.0).examples("eval", 1, 0)[0].answer == "p"
+
+
+@pytest.mark.parametrize("template", ["{prompt[9]}", "{prompt.upper}", "Q: {answer[0]}"])
+def test_templates_that_reach_into_a_field_are_refused(tmp_path, template):
+    one_row = str(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a long enough prompt", "answer": "1"}]))
+    with pytest.raises(ValueError, match=rf"template '{re.escape(template)}': field .* reaches into a field"):
+        FileTask(one_row, template=template)
+
+
+def test_a_pretty_printed_json_array_reads_like_json_lines(tmp_path):
+    rows = [{"question": f"what is {i} plus {i}?", "answer": f"#### {2 * i}"} for i in range(12)]
+    as_lines = FileTask(str(write_jsonl(tmp_path / "d.jsonl", rows)), prompt_field="question")
+    (tmp_path / "d.json").write_text("\n" + json.dumps(rows, indent=2))
+    as_array = FileTask(str(tmp_path / "d.json"), prompt_field="question")
+    assert as_array._pool == as_lines._pool and len(as_array._pool["train"] + as_array._pool["eval"]) == 12
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))  # JSON lines named .json
+    assert FileTask(str(tmp_path / "lines.json"), prompt_field="question")._pool == as_lines._pool
+    (tmp_path / "bad.json").write_text('[\n  {"prompt": "x", "answer": "1"},\n  {"prompt": "y",\n]')
+    with pytest.raises(ValueError, match=r"bad.json:4: not valid JSON .*one JSON array of objects, or as JSON lines"):
+        FileTask(str(tmp_path / "bad.json"))
+    (tmp_path / "obj.json").write_text('{\n  "prompt": "x",\n  "answer": "1"\n}')
+    with pytest.raises(ValueError, match=r"obj.json:1: not valid JSON .*one JSON array of objects, or as JSON lines"):
+        FileTask(str(tmp_path / "obj.json"))
+    (tmp_path / "item.json").write_text('[{"prompt": "x", "answer": "1"}, {"prompt": "y"}]')
+    with pytest.raises(ValueError, match=r"item.json item 2: missing field 'answer'"):
+        FileTask(str(tmp_path / "item.json"))
 
 
 def test_numbers_are_read_as_text(tmp_path):

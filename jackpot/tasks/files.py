@@ -3,7 +3,8 @@
     task.name=file task.options='{path: data/gsm8k.jsonl, prompt_field: question, answer_field: answer}'
 
 Sources (`path`):
-    *.jsonl / *.json   one JSON object per non-empty line (no dependency)
+    *.jsonl / *.json   one JSON object per non-empty line (no dependency); a .json file whose text
+                       starts with `[` is one JSON array of objects instead (e.g. GSM8K-style files)
     *.parquet          a Parquet table (needs pyarrow: pip install "jackpot[data]")
     *.arrow            an Arrow file written by `datasets` (needs datasets)
     a directory        written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`
@@ -181,6 +182,16 @@ def read_rows(source: str, *, split: str = "train", subset: str | None = None) -
 
 
 def _read_jsonl(path: Path) -> list[tuple[Any, str]]:
+    """JSON lines; a `.json` file whose text starts with `[` is read as one JSON array instead."""
+    if path.suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e}); a .json file is read as one JSON "
+                                 f"array of objects, or as JSON lines (one object per line)") from e
+            return [(row, f"{path} item {i}") for i, row in enumerate(items, start=1)]
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -189,7 +200,9 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str]]:
             try:
                 rows.append((json.loads(line), f"{path}:{lineno}"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+                hint = ("; a .json file is read as one JSON array of objects, or as JSON lines (one object per "
+                        "line)" if path.suffix == ".json" else "")
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e}){hint}") from e
     return rows
 
 
