@@ -9,7 +9,9 @@ k completions are sampled for each of --prompts problems of the task's eval spli
 
 written to --out as JSON (keys `mean@K` and `pass@K` with K the given k, plus what was evaluated), and one
 JSON line per problem (prompt, reference answer, completions, rewards) to the same path with suffix .jsonl.
-Problems are drawn without repetition while the split has enough (a larger --prompts cycles through it).
+Problems are distinct: when the split has fewer than --prompts distinct problems (or a task draws a problem
+twice), each is evaluated once, with a notice on stderr; the summary's `prompts` counts the distinct problems
+evaluated and `prompts_requested` the --prompts asked for.
 Sampling: --temperature, --top-p, --max-new-tokens (default: the task's, e.g. 1024 for file tasks),
 --batch-size sequences per generate call, a progress bar over them; each batch is seeded from --seed.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -88,7 +91,10 @@ def evaluate_model(model_path: str, cfg, *, k: int, prompts: int, split: str, ba
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, dtype=dtype, device=device)
     engine = make_engine(cfg.rollout.engine, model, tokenizer)
-    examples = task.examples(split, prompts, seed)
+    examples = list(dict.fromkeys(task.examples(split, prompts, seed)))  # a split smaller than --prompts repeats
+    if len(examples) < prompts:
+        print(f"jackpot eval: --prompts {prompts}, but the {split} split gave {len(examples)} distinct problems; "
+              f"evaluating those {len(examples)}", file=sys.stderr)
     jobs = [(i, ex) for i, ex in enumerate(examples) for _ in range(k)]
     completions: list[str] = []
     for b, first in enumerate(tqdm(range(0, len(jobs), batch_size), desc="eval", disable=not progress)):
@@ -108,6 +114,7 @@ def evaluate_model(model_path: str, cfg, *, k: int, prompts: int, split: str, ba
     write_text_atomic(per_example, "".join(line + "\n" for line in lines))
     summary = {
         f"mean@{k}": mean_at_k(rewards), f"pass@{k}": pass_at_k(rewards, k), "k": k, "prompts": len(examples),
+        "prompts_requested": prompts,
         "split": split, "model": str(model_path), "task": {"name": cfg.task.name, "options": cfg.task.options},
         "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
         "engine": cfg.rollout.engine, "completions": str(per_example), "seconds": time.perf_counter() - start,

@@ -40,7 +40,7 @@ def test_jackpot_eval_writes_mean_and_pass_at_k_and_every_completion(tmp_path):
     data.write_text("".join(json.dumps({"q": f"Q{i}?", "a": "7"}) + "\n" for i in range(6)))
     model = _tiny_model_dir(tmp_path / "model", data)
     out = tmp_path / "evals" / "e.json"
-    result = _run("eval", "--model", str(model), "--k", "3", "--out", str(out), "--prompts", "6",
+    result = _run("eval", "--model", str(model), "--k", "3", "--out", str(out), "--prompts", "9",
                   "--batch-size", "5", "--max-new-tokens", "3", "--no-progress", "task.name=file",
                   f"task.options={{path: {data}, prompt_field: q, answer_field: a, eval_fraction: 1.0}}")
     assert result.returncode == 0, result.stderr
@@ -55,6 +55,9 @@ def test_jackpot_eval_writes_mean_and_pass_at_k_and_every_completion(tmp_path):
     assert summary["pass@3"] == pytest.approx(sum(any(x > 0.5 for x in r) for r in rewards) / 6)
     assert summary["task"]["options"]["verifier"] == "math" and summary["sampling"]["max_new_tokens"] == 3
     assert "mean@3" in result.stdout
+    # 9 asked of a 6-problem split: each problem once, both counts recorded, a one-line notice
+    assert summary["prompts"] == 6 and summary["prompts_requested"] == 9 and "(6 problems;" in result.stdout
+    assert "--prompts 9, but the eval split gave 6 distinct problems; evaluating those 6" in result.stderr
 
 
 def test_jackpot_eval_bad_input_is_one_clear_error(tmp_path):
