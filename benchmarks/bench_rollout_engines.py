@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     engines = args.engines.split(",")
     model = build(args)
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(4, 33, (args.batch,), generator=g)  # ragged prompts too, left-padded
+    # Prompts are not ragged: every row is full width (the longest of the drawn lengths) with an all-ones mask;
+    # the raggedness measured is the responses'. The draw stays so the prompt width is that of the runs recorded.
+    lengths = torch.randint(4, 33, (args.batch,), generator=g)
     prompts = torch.randint(3, args.vocab, (args.batch, int(lengths.max())), generator=g).to(args.device)
     if "generate_batch" in engines:  # continuous batching takes unpadded prompts; give every row the same length
         prompts = prompts[:, -16:]
