@@ -299,11 +299,12 @@ def test_after_sync_weights_the_engine_samples_from_the_new_weights(tok, prompts
     old, new = fresh(0), fresh(1)
     engine = make_engine(name, old, tok)
     before = rollout(engine, prompts, seed=3)
-    with torch.no_grad():  # an update in place, as the optimizer does it
-        for p_old, p_new in zip(old.parameters(), new.parameters()):
-            p_old.copy_(p_new)
-    engine.sync_weights(old, version=7)
+    # a different module object (as after a reload, or a copy on another device): an engine that kept
+    # sampling from the module it was built with would still give `before`
+    engine.sync_weights(new, version=7)
     after = rollout(engine, prompts, seed=3)
+    torch.testing.assert_close(rollout(make_engine(name, old, tok), prompts, seed=3).logprobs, before.logprobs,
+                               atol=0, rtol=0)  # `old` itself is left as it was
     assert after.model_version == 7 and before.model_version == 0
     assert not torch.equal(before.logprobs, after.logprobs)
     reference = rollout(make_engine(name, new, tok), prompts, seed=3)
