@@ -8,11 +8,11 @@ dataset's own setting, passed to its config class (`seed` and `size` among them:
 generated from `seed`, default 0, so a run is reproducible). Problems are assigned to train or eval
 by a stable hash of the question (`base.split_of`), `eval_fraction` of them to eval.
 
-Prompt: `template.format(question=...)` (default "{question}"; {question} is the only field). Reward: the dataset's own scorer,
-`score_answer(answer, entry)`, applied to the text inside the completion's last `<answer>...</answer>`
-when there is one, else to the whole completion stripped (what a model fine-tuned on bare answers
-writes). Scorers may give partial credit (e.g. 0.01 for a well-formed wrong answer); pass@k counts a
-sample as correct above 0.5.
+Prompt: `template.format(question=...)` (default "{question}"; {question} is the only field). Reward:
+the dataset's own scorer, `score_answer(answer, entry)`, applied to the text inside the completion's
+last `<answer>...</answer>` when there is one, else to the whole completion stripped (what a model
+fine-tuned on bare answers writes). Scorers may give partial credit (e.g. 0.01 for a well-formed wrong
+answer); pass@k counts a sample as correct above 0.5.
 """
 
 from __future__ import annotations
