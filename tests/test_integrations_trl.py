@@ -290,8 +290,6 @@ def test_conversational_prompts_are_tokenized_as_trl_tokenizes_them(tmp_path):
     for row, p in zip(out["prompt_ids"], PROMPTS[:4], strict=True):
         assert row == [tok.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"],
                        *tok("!:", add_special_tokens=False)["input_ids"]]  # one BOS; thinking off
-    trainer.tools = [_add]  # the trainer's tools reach the template
-    assert tok.decode(trainer.rollout_func(prompts[:1], trainer)["prompt_ids"][0]).startswith("<bos>t1")
     plain = trainer.rollout_func(PROMPTS[:2], trainer)["prompt_ids"]  # text prompts: the tokenizer's own call
     assert plain == tok(PROMPTS[:2])["input_ids"]
 
@@ -303,3 +301,14 @@ def test_sampling_settings_the_rollout_model_cannot_honour_are_refused(tmp_path,
     trainer = _trainer(tmp_path, **kw)
     with pytest.raises(ValueError, match=match):
         trainer.rollout_func(PROMPTS[:2], trainer)
+
+
+def test_rollout_func_refuses_tools():
+    """TRL would generate the turn after a tool call with its own path: refused before anything runs."""
+    from types import SimpleNamespace
+
+    from jackpot.integrations.trl import hf_rollout_func
+
+    trainer = SimpleNamespace(tools=[_add], processing_class=None, args=None)
+    with pytest.raises(ValueError, match="tool-call loop"):
+        hf_rollout_func(object())(["1+1="], trainer)

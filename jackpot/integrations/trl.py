@@ -222,6 +222,10 @@ def hf_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1)
         tok = tokenizer if tokenizer is not None else trainer.processing_class
         if tokenizer is not None:
             check_same_tokenizer(tokenizer, trainer.processing_class, names=("rollout", "policy"))
+        if getattr(trainer, "tools", None):
+            raise ValueError("hf_rollout_func cannot serve TRL's tool-call loop: TRL generates the turn after a "
+                             "tool call with its own generation path (the policy or vLLM), not the rollout model, "
+                             "so the batch would mix two samplers; train without tools in decoupled mode")
         args = trainer.args
         _check_sampling_settings(args)
         prompt_ids, prompt_mask = _left_pad(_rollout_prompt_ids(prompts, trainer, tok), tok.pad_token_id)
@@ -260,14 +264,13 @@ def _rollout_prompt_ids(prompts: list[Any], trainer: GRPOTrainer, tok: Any) -> l
     """Token ids of each prompt, as TRL 1.16's `GRPOTrainer._tokenize_prompts` makes them for text models.
 
     Conversational prompts: one `apply_chat_template(tokenize=True, add_generation_prompt=True)` call with
-    the trainer's tools, chat_template and chat_template_kwargs (no special tokens added on top, so a
+    the trainer's chat_template and chat_template_kwargs (tools are refused; no special tokens on top, so a
     template that starts with BOS gives one BOS). Plain text: the tokenizer's own call (its special tokens).
     """
     if is_conversational({"prompt": prompts[0]}):
         tokenized = tok.apply_chat_template(
-            conversation=prompts, tools=getattr(trainer, "tools", None) or None,  # TRL: `or None` (Llama, tools=[])
-            chat_template=getattr(trainer, "chat_template", None), add_generation_prompt=True, tokenize=True,
-            return_dict=True, **(getattr(trainer, "chat_template_kwargs", None) or {}))
+            conversation=prompts, chat_template=getattr(trainer, "chat_template", None), add_generation_prompt=True,
+            tokenize=True, return_dict=True, **(getattr(trainer, "chat_template_kwargs", None) or {}))
         return [list(row) for row in tokenized["input_ids"]]
     return [list(row) for row in tok(text=prompts)["input_ids"]]
 
