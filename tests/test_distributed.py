@@ -136,12 +136,26 @@ def test_cli_resume_from_a_two_process_checkpoint_continues_exactly(tmp_path, ca
     for key, value in full[3].items():
         if not key.startswith("perf/"):
             assert cut1[3][key] == pytest.approx(value, rel=1e-4, abs=ATOL), key
+    # the exported Hugging Face directories (rank 0 writes; the one-process continuation agrees)
+    a, b = _exported(tmp_path / "full" / "final" / "policy"), _exported(tmp_path / "cut1" / "final" / "policy")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=ATOL, rtol=1e-4, msg=key)
+
+
+def _exported(path: Path) -> dict:
+    """An exported directory's weights, loaded as a model (shapes checked against its config)."""
+    from jackpot.models.loading import load_model, load_tokenizer
+
+    load_tokenizer(str(path))
+    return load_model(str(path), dtype="float32", device=torch.device("cpu")).state_dict()
 
 
 def test_accelerate_launch_runs_the_same_training(tmp_path, cache):
     """`accelerate launch --multi_gpu --num_processes 2 -m jackpot train` (accelerate starts torchrun's
-    workers; on CPU they join over gloo) makes the run torchrun makes."""
-    common = ["--no-progress", *BASE, f"cache_dir={cache}", "train.steps=2"]
+    workers; on CPU they join over gloo) makes the run torchrun makes — here with an FSDP2-sharded policy,
+    whose exported final weights (gathered from the shards) are the same too."""
+    common = ["--no-progress", *BASE, f"cache_dir={cache}", "train.steps=2", "parallel.policy=fsdp"]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]
     for out, launcher in (("torchrun", _torchrun(2)), ("accelerate", accelerate)):
@@ -153,6 +167,8 @@ def test_accelerate_launch_runs_the_same_training(tmp_path, cache):
     a, b = _metrics(tmp_path / "torchrun"), _metrics(tmp_path / "accelerate")
     assert [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in a] == \
         [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in b]
+    x, y = (_exported(tmp_path / run / "final" / "policy") for run in ("torchrun", "accelerate"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_ctrl_c_on_one_rank_saves_and_stops_every_rank(tmp_path, cache):

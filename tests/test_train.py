@@ -61,6 +61,25 @@ def test_cli_two_steps_trains_both_models_and_checkpoints(tmp_path, cache):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["accept_rate_mean"] is not None
     assert (out / "config.yaml").is_file()
+    # the trained models as Hugging Face directories: what `jackpot eval --model` and from_pretrained load
+    from jackpot.models.loading import load_model, load_tokenizer
+
+    for name in ("policy", "rollout_model"):
+        exported = load_model(str(out / "final" / name), dtype="float32", device=torch.device("cpu"))
+        for (k, p), q in zip(after.models[name].state_dict().items(), exported.state_dict().values(), strict=True):
+            assert torch.equal(p, q), f"{name}.{k}"
+        assert load_tokenizer(str(out / "final" / name)).get_vocab() == after.tokenizer.get_vocab()
+    assert not (out / ".tmp_final").exists()
+
+
+def test_jackpot_eval_takes_the_exported_policy(tmp_path, cache):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--out", str(out), "--no-progress", *TINY, f"cache_dir={cache}", "train.steps=1"]) == 0
+    result = tmp_path / "eval.json"
+    assert cli_main(["eval", "--model", str(out / "final" / "policy"), "--k", "2", "--prompts", "4",
+                     "--out", str(result)]) == 0
+    scores = json.loads(result.read_text())
+    assert 0 <= scores["mean@2"] <= scores["pass@2"] <= 1
 
 
 def test_resume_continues_exactly(tmp_path, cache):

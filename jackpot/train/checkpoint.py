@@ -182,3 +182,39 @@ def load_checkpoint(path: str | Path, models: dict[str, torch.nn.Module],
     for name, opt in optimizers.items():
         opt.load_state_dict(states[name])
     return json.loads((path / "state.json").read_text())
+
+
+def export_models(run_dir: str | Path, models: dict[str, torch.nn.Module], wrapped: dict[str, torch.nn.Module],
+                  tokenizer, coll: Collective | None = None) -> Path:
+    """Write the models as Hugging Face directories RUN/final/<name> (config, safetensors, tokenizer), which
+    `jackpot eval --model`, `from_pretrained` and vLLM load. Written into a temporary directory and renamed
+    into place (rank 0; a sharded model is gathered first). LoRA: the adapters (peft's format)."""
+    coll = coll or Collective()
+    states = {name: _full_state(model, wrapped.get(name)) for name, model in models.items()}
+    final, tmp = Path(run_dir) / "final", Path(run_dir) / ".tmp_final"
+    if coll.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for name, model in models.items():
+                model.save_pretrained(tmp / name, state_dict=states[name])
+                tokenizer.save_pretrained(tmp / name)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, Exception):
+                raise
+            raise checkpoint_write_error(e, final, latest_checkpoint(run_dir)) from e
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    coll.barrier()
+    return final
+
+
+def _full_state(model: torch.nn.Module, wrapped: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state on the CPU; every rank must call it (FSDP2 gathers)."""
+    from jackpot.train.distributed import is_sharded
+
+    if wrapped is not None and is_sharded(wrapped):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

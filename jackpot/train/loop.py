@@ -338,6 +338,9 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                     ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, coll=run.coll)
                 if stop:
                     raise KeyboardInterrupt(f"interrupted after step {step}; checkpoint saved in {run.out}")
+        # the trained models as Hugging Face directories: RUN/final/policy (and rollout_model)
+        ckpt.export_models(run.out, run.models, {"policy": run.policy_train, "rollout_model": run.rollout_train},
+                           run.tokenizer, coll=run.coll)
     finally:
         run.logger.close()
     return run.out

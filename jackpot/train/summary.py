@@ -142,6 +142,10 @@ def next_steps(s: dict) -> list[str]:
     """What to run next: look at the curves; continue an interrupted run."""
     run = shlex.quote(s["run_dir"])
     lines = [f"run directory: {s['run_dir']}", f"plot it:       jackpot plot {run}"]
+    final = Path(s["run_dir"]) / "final" / "policy"
+    if final.is_dir():
+        lines.append(f"evaluate it:   jackpot eval --model {shlex.quote(str(final))} --k 4 --out "
+                     f"{shlex.quote(str(final.parent / 'eval.json'))}   (the trained policy, a Hugging Face directory)")
     planned = s.get("steps_planned")
     if planned is not None and s["steps"] < planned:
         lines.append(f"continue it:   jackpot train --out {run} --resume   (stopped after step {s['steps']} of "
