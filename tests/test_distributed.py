@@ -41,6 +41,8 @@ CASES = {
     "fsdp-both-models": ["correction.z=exact", "parallel.policy=fsdp", "parallel.rollout_model=fsdp"],
     "fsdp-policy-frozen-ddp-rollout": ["correction.budget=0.8", "parallel.policy=fsdp",
                                        "distill.rollout_model=frozen"],
+    # the KL-to-init reference sharded like the policy
+    "fsdp-kl-to-init": ["correction.z=exact", "parallel.policy=fsdp", "train.kl_coef=0.5"],
 }
 EXACT_ROWS = ("response_ids", "response_mask", "rewards", "keep")
 ATOL = 1e-5

@@ -163,6 +163,8 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     policy = _prepared_model(load_model(policy_dir, dtype=cfg.policy.dtype, device=device), cfg.policy)
     init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
     mp = cfg.parallel.mixed_precision
+    if init_policy is not None:  # the KL reference is distributed like the policy (sharded with it)
+        init_policy = wrap(init_policy, cfg.parallel.policy, coll, trainable=False, mixed_precision=mp)
     policy_train = wrap(policy, cfg.parallel.policy, coll, trainable=True, mixed_precision=mp)
     rollout_model = rollout_train = rollout_opt = None
     if cfg.train.mode == "decoupled":
