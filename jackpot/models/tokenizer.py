@@ -42,12 +42,13 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     # Split every character into its own piece (newline included), and glue pieces back on decode.
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
-        padding_side="left",
-        model_max_length=MODEL_MAX_LENGTH,
-    )
+    return _fast(backend, MODEL_MAX_LENGTH)
+
+
+def _fast(backend: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer over `backend` with the special tokens and left padding both tiny ones share."""
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, bos_token=BOS,
+                                   unk_token=UNK, padding_side="left", model_max_length=max_length)
 
 
 def byte_alphabet() -> list[str]:
@@ -70,12 +71,7 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))  # no merges: one token per byte
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
-        padding_side="left",
-        model_max_length=BYTE_MODEL_MAX_LENGTH,
-    )
+    return _fast(backend, BYTE_MODEL_MAX_LENGTH)
 
 
 TOKENIZERS = {"char": build_char_tokenizer, "byte": build_byte_tokenizer}

@@ -11,6 +11,7 @@ stable hash of its prompt (`split_of`), never from Python's salted `hash`.
 from __future__ import annotations
 
 import hashlib
+import random
 import string
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -56,6 +57,18 @@ def check_split(split: str, n: int) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+
+
+def draw(pool: list[Example], n: int, key: str) -> list[Example]:
+    """n examples from `pool` in an order seeded by `key`: shuffled passes over the pool, so every example
+    comes once before any comes twice."""
+    rng = random.Random(key)
+    out: list[Example] = []
+    while len(out) < n:
+        order = list(pool)
+        rng.shuffle(order)
+        out.extend(order[: n - len(out)])
+    return out
 
 
 def split_of(prompt: str, eval_fraction: float) -> str:

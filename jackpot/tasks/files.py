@@ -31,13 +31,12 @@ The chat template, when the model's tokenizer has one, is applied by the trainer
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from jackpot.tasks.answers import VERIFIERS, is_correct, marked_answer, require_math_verify
-from jackpot.tasks.base import Example, check_split, check_template, split_of
+from jackpot.tasks.base import Example, check_split, check_template, draw, split_of
 
 MAX_NEW_TOKENS = 1024  # default response budget: worked solutions run to hundreds of tokens
 _TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -121,13 +120,7 @@ class FileTask:
         pool = self._pool[split]
         if n and not pool:
             raise ValueError(f"{self.path}: no examples in split {split!r} (eval_fraction={self.eval_fraction})")
-        out: list[Example] = []
-        rng = random.Random(f"jsonl/{split}/{seed}")
-        while len(out) < n:
-            order = list(pool)
-            rng.shuffle(order)
-            out.extend(order[: n - len(out)])
-        return out
+        return draw(pool, n, f"jsonl/{split}/{seed}")
 
     def reward(self, example: Example, completion: str) -> float:
         """1.0 if the completion's final answer is the reference's (see module docstring), plus format_reward."""

@@ -18,11 +18,10 @@ answer); pass@k counts a sample as correct above 0.5.
 from __future__ import annotations
 
 import dataclasses
-import random
 import re
 from typing import Any, ClassVar
 
-from jackpot.tasks.base import Example, check_split, check_template, split_of
+from jackpot.tasks.base import Example, check_split, check_template, draw, split_of
 
 MAX_NEW_TOKENS = 1024
 OWN_OPTIONS = {"eval_fraction": 0.1, "template": "{question}"}
@@ -96,13 +95,7 @@ class ReasoningGymTask:
         pool = self._pool[split]
         if n and not pool:
             raise ValueError(f"reasoning-gym {self.dataset_name!r}: no examples in split {split!r}; raise size")
-        rng = random.Random(f"reasoning-gym/{split}/{seed}")
-        out: list[Example] = []
-        while len(out) < n:
-            order = list(pool)
-            rng.shuffle(order)
-            out.extend(order[: n - len(out)])
-        return out
+        return draw(pool, n, f"reasoning-gym/{split}/{seed}")
 
     def reward(self, example: Example, completion: str) -> float:
         """The dataset's score of the completion's answer (see module docstring), in [0, 1]."""
