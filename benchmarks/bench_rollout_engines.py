@@ -14,7 +14,7 @@ Ragged responses: the EOS row of the output embedding is scaled by --eos-scale s
 lengths (the mean and spread are printed). tokens/s counts generated tokens up to each row's EOS, so padding
 work that an engine does after a row has finished counts against it. Every engine's recorded log-probs are
 compared with a teacher-forced forward of the same model on its own samples (max |difference| printed;
-`tests/test_rollout.py` holds the jackpot engines to 1e-4).
+`tests/rollout/test_hf_engine.py` holds the jackpot engines to 1e-4).
 
     python benchmarks/bench_rollout_engines.py                     # CPU, ~3 min
     python benchmarks/bench_rollout_engines.py --device cuda --hidden 2048 --layers 8 --batch 64 --length 1024

@@ -2,7 +2,7 @@
 
 Pure Python floats (IEEE float64) and explicit loops, one state / one token / one group at a time,
 so that a reader can check each line against the paper's formulas. Nothing here imports `jackpot`.
-The vectorised functions in `jackpot.core` are tested against these in tests/test_core_*.py.
+The vectorised functions in `jackpot.core` are tested against these in tests/core/test_*.py.
 
 Conventions (the same as the package's documented ones):
   * probabilities are given as log-probabilities; -inf means probability 0;

@@ -16,7 +16,7 @@ from jackpot.models.tokenizer import build_byte_tokenizer
 from jackpot.tasks import FileTask, pass_at_k
 from jackpot.train.pretrain import pretrain
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny_model_dir(path: Path, data: Path) -> Path:

@@ -14,7 +14,7 @@ import yaml
 
 from jackpot.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "policy.hidden_size=32", "policy.num_layers=1", "policy.num_heads=2", "policy.sft_steps=2",
     "rollout_model.hidden_size=16", "rollout_model.num_layers=1", "rollout_model.num_heads=2",

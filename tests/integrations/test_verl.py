@@ -1,4 +1,4 @@
-"""Runs the verl checks (tests/verl_env/checks_verl.py) in verl's own virtual environment.
+"""Runs the verl checks (tests/integrations/verl_env/checks_verl.py) in verl's own virtual environment.
 
 verl 0.9 pins transformers < 5.11, so it cannot share the test environment. .ci/run builds
 `.venv-verl` (torch 2.13.0 CPU, then `pip install -e ".[verl]" pytest`) and sets
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ROOT / "tests" / "verl_env" / "checks_verl.py"
+ROOT = Path(__file__).resolve().parents[2]
+CHECKS = ROOT / "tests" / "integrations" / "verl_env" / "checks_verl.py"
 
 
 def _verl_python() -> Path | None:

@@ -1,7 +1,7 @@
 """Jackpot inside verl, tested against the real verl package (run in the verl environment).
 
 verl pins transformers < 5.11, so these checks run in their own virtual environment (`.venv-verl`,
-made by .ci/run); tests/test_integrations_verl.py runs this file there. The file name does not match
+made by .ci/run); tests/integrations/test_verl.py runs this file there. The file name does not match
 `test_*.py`, so the main suite never collects it directly.
 """
 

@@ -13,7 +13,7 @@ import pytest
 from jackpot.cli import COMMANDS, build_parser
 from jackpot.train.config import build_config
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
 COMMAND_LINES = [line.strip() for lang, body in BLOCKS if lang == "bash" for line in body.splitlines()
                  if line.strip().startswith("jackpot ")]

@@ -15,7 +15,7 @@ GiB = 1024 ** 3
 
 
 def _plan():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_plan.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_plan.py"
     spec = importlib.util.spec_from_file_location("memory_plan", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

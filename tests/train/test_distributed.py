@@ -1,6 +1,6 @@
 """Several processes (gloo on CPU) against one: the same global batch and seed give the same run.
 
-Each case runs `tests/dist_worker.py` for 2 steps in one process and under
+Each case runs `tests/train/dist_worker.py` for 2 steps in one process and under
 `torchrun --nproc_per_node 2`, and compares, per step, the whole batch's rows (sampled ids, rewards,
 the correction's mask exactly; log-probs and weights to float32 reduction-order noise), every logged
 metric, and both models' parameters after the 2 steps. Micro-batching is on (micro_batch_size 3: each
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "dist_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "train" / "dist_worker.py"
 BASE = ["train.threads=1", "policy.sft_steps=3", "rollout_model.sft_steps=3", "policy.hidden_size=32",
         "rollout_model.hidden_size=16", "policy.num_layers=2", "rollout_model.num_layers=1",
         "train.prompts_per_step=4", "train.group_size=4", "train.eval_prompts=4", "train.eval_samples=2",
