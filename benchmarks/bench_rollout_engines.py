@@ -65,7 +65,7 @@ def run_jackpot_engine(name: str, model, prompts, args, seed: int):
         engine = make_engine(name, model, _Ids())
     batch = engine.generate(prompts, torch.ones_like(prompts), max_new_tokens=args.length, temperature=1.0,
                             top_p=1.0, topk=1, seed=seed)
-    return batch.response_ids, batch.response_mask, batch.logprobs
+    return batch.response_ids, batch.response_mask, batch.rollout_logp
 
 
 def run_generate_batch(model, prompts, args, seed: int):
@@ -81,7 +81,7 @@ def run_generate_batch(model, prompts, args, seed: int):
     ids, mask, logp = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T), torch.zeros(B, T)
     for i, r in enumerate(results):
         n = len(r.generated_tokens)
-        ids[i, :n], mask[i, :n], logp[i, :n] = torch.tensor(r.generated_tokens), 1.0, torch.tensor(r.logprobs[:n])
+        ids[i, :n], mask[i, :n], logp[i, :n] = torch.tensor(r.generated_tokens), 1.0, torch.tensor(r.rollout_logp[:n])
     return ids.to(prompts.device), mask.to(prompts.device), logp.to(prompts.device)
 
 

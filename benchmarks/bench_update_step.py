@@ -155,7 +155,7 @@ def _topk_bias(cfg, policy, rollout, batch, args) -> dict:
         raw = _raw_z(cfg, needs, tgt, batch)
         exact = vocab.normalizer(tgt, roll, needs.z_lam, chunk=args.chunk).reshape(raw.shape)
         tgt_lp = vocab.logprobs_at(tgt, batch.response_ids.reshape(-1), chunk=args.chunk).reshape(raw.shape)
-        k = obrs.kappa(obrs.acceptance_prob(tgt_lp, batch.logprobs, needs.z_lam), raw, batch.response_mask)
+        k = obrs.kappa(obrs.acceptance_prob(tgt_lp, batch.rollout_logp, needs.z_lam), raw, batch.response_mask)
     rel = (k * raw - exact) / exact
     return {"topk_kappa": float(k), "topk_z_rel_bias_mean": float(rel.mean()), "topk_z_rel_err_abs_mean":
             float(rel.abs().mean()), "exact_z_mean": float(exact.mean()), "topk_z_raw_mean": float(raw.mean())}

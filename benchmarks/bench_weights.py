@@ -23,7 +23,7 @@ import torch
 from jackpot.core.corrections import CORRECTIONS, CorrectionInputs
 
 GOAL_FACTOR, GOAL_MS = 5.0, 50.0
-LOG_RATIO_STD = 0.3  # log p_ref - log p_inf at sampled tokens
+LOG_RATIO_STD = 0.3  # log p_old - log p_inf at sampled tokens
 
 VARIANTS = {  # label -> (name in CORRECTIONS, kwargs, needs a per-state z)
     "none": ("none", {}, False),
@@ -45,7 +45,7 @@ def make_inputs(batch: int, length: int, seed: int, with_z: bool) -> CorrectionI
     mask = (torch.arange(length).unsqueeze(0) < lengths).float()
     uniforms = torch.rand(batch, length, generator=gen)
     z = torch.rand(batch, length, generator=gen) * 0.1 + 0.9 if with_z else None
-    return CorrectionInputs(rollout_logp=rollout, ref_logp=ref, mask=mask, new_logp=new, uniforms=uniforms, z=z)
+    return CorrectionInputs(rollout_logp=rollout, old_logp=ref, mask=mask, new_logp=new, uniforms=uniforms, z=z)
 
 
 def time_variants(inputs: dict[bool, CorrectionInputs], repeats: int) -> dict[str, list[float]]:

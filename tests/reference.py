@@ -69,18 +69,18 @@ def acceptance(lt: float, li: float, lam: float) -> float:
     return min(1.0, ratio(lt, li) / lam)
 
 
-def z_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> float:
+def z_row(tgt_logp: list[float], rollout_logp: list[float], lam: float) -> float:
     """Z = sum_x min(p_inf(x), p_tgt(x)/lam)."""
     total = 0.0
-    for lt, li in zip(tgt_logp, inf_logp, strict=True):
+    for lt, li in zip(tgt_logp, rollout_logp, strict=True):
         total += min(exp(li), exp(lt) / lam)
     return total
 
 
-def post_rejection_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> list[float]:
+def post_rejection_row(tgt_logp: list[float], rollout_logp: list[float], lam: float) -> list[float]:
     """p'_inf(x) = min(p_inf(x), p_tgt(x)/lam) / Z, as probabilities."""
-    z = z_row(tgt_logp, inf_logp, lam)
-    return [min(exp(li), exp(lt) / lam) / z for lt, li in zip(tgt_logp, inf_logp, strict=True)]
+    z = z_row(tgt_logp, rollout_logp, lam)
+    return [min(exp(li), exp(lt) / lam) / z for lt, li in zip(tgt_logp, rollout_logp, strict=True)]
 
 
 def kl_probs(p: list[float], q: list[float]) -> float:
@@ -99,18 +99,18 @@ def tv_probs(p: list[float], q: list[float]) -> float:
     return 0.5 * sum(abs(pv - qv) for pv, qv in zip(p, q, strict=True))
 
 
-def obrs_kl_row(tgt_logp: list[float], inf_logp: list[float], lam: float) -> tuple[float, float, float]:
+def obrs_kl_row(tgt_logp: list[float], rollout_logp: list[float], lam: float) -> tuple[float, float, float]:
     """(Z, KL(p_tgt || p_inf), KL(p_tgt || p'_inf)) with p'_inf built explicitly."""
     p_tgt = [exp(v) for v in tgt_logp]
-    p_inf = [exp(v) for v in inf_logp]
-    z = z_row(tgt_logp, inf_logp, lam)
-    return z, kl_probs(p_tgt, p_inf), kl_probs(p_tgt, post_rejection_row(tgt_logp, inf_logp, lam))
+    p_inf = [exp(v) for v in rollout_logp]
+    z = z_row(tgt_logp, rollout_logp, lam)
+    return z, kl_probs(p_tgt, p_inf), kl_probs(p_tgt, post_rejection_row(tgt_logp, rollout_logp, lam))
 
 
-def r_min_row(tgt_logp: list[float], inf_logp: list[float]) -> float:
+def r_min_row(tgt_logp: list[float], rollout_logp: list[float]) -> float:
     """Smallest ratio over tokens where both p_tgt and p_inf are positive."""
     return min(
-        exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp, strict=True) if exp(lt) > 0 and exp(li) > 0
+        exp(lt) / exp(li) for lt, li in zip(tgt_logp, rollout_logp, strict=True) if exp(lt) > 0 and exp(li) > 0
     )
 
 
@@ -128,20 +128,20 @@ def _bisect_decreasing(f, target: float, lo: float, hi: float, iters: int = 200)
     return math.exp(0.5 * (a + b))
 
 
-def lambda_bisect_row(tgt_logp: list[float], inf_logp: list[float], budget: float) -> float:
+def lambda_bisect_row(tgt_logp: list[float], rollout_logp: list[float], budget: float) -> float:
     """lam with Z(lam) = budget, by bisection (as the OBRS authors do).
 
     Z(lam) is the largest (= p_inf(supp p_tgt)) for lam <= r_min and strictly decreasing after, so:
     a budget at or above that maximum returns r_min (the package's documented choice)."""
-    r_lo = r_min_row(tgt_logp, inf_logp)
-    z_max = z_row(tgt_logp, inf_logp, r_lo)
+    r_lo = r_min_row(tgt_logp, rollout_logp)
+    z_max = z_row(tgt_logp, rollout_logp, r_lo)
     if budget >= z_max:
         return r_lo
     # for lam >= r_max, Z = (p_tgt mass on supp p_inf) / lam, so this hi has Z(hi) <= budget
-    r_hi = max(exp(lt) / exp(li) for lt, li in zip(tgt_logp, inf_logp, strict=True) if exp(li) > 0)
+    r_hi = max(exp(lt) / exp(li) for lt, li in zip(tgt_logp, rollout_logp, strict=True) if exp(li) > 0)
     hi = max(r_hi, 1.0 / budget) * 2.0
-    assert z_row(tgt_logp, inf_logp, hi) < budget
-    return _bisect_decreasing(lambda lam: z_row(tgt_logp, inf_logp, lam), budget, r_lo, hi)
+    assert z_row(tgt_logp, rollout_logp, hi) < budget
+    return _bisect_decreasing(lambda lam: z_row(tgt_logp, rollout_logp, lam), budget, r_lo, hi)
 
 
 def batch_acceptance(ratios: list[float], lam: float) -> float:
@@ -166,7 +166,7 @@ def batch_lambda_bisect(ratios: list[float], budget: float) -> float:
 # --------------------------------------------------------------------------------------------------
 def jackpot_row_major(
     rollout_logp: list[list[float]],
-    ref_logp: list[list[float]],
+    old_logp: list[list[float]],
     mask: list[list[float]],
     *,
     new_logp: list[list[float]] | None = None,
@@ -174,19 +174,19 @@ def jackpot_row_major(
     z: list[list[float]] | None = None,
     lam: float = 1.0,
     budget: float | None = None,
-    target: str = "ref",
+    target: str = "old",
     c1: float | None = None,
     c2: float | None = None,
 ) -> tuple[list[list[float]], list[list[float]], float]:
     """Jackpot weights and keep-mask, Algorithm 1 with the METHOD.md decisions. Returns (w, keep, lam).
 
     per token:  r = p_tgt/p_inf;  a = min(1, r/lam);  Mask = 1[u < a]  (u drawn once per batch)
-                w = Z * max(lam, r);  rho = min(w, c1) * min(p_ref/p_tgt, c2)
+                w = Z * max(lam, r);  rho = min(w, c1) * min(p_old/p_tgt, c2)
     Z: the per-state normaliser if given; in budget mode lam solves mean a = budget and Z = budget;
     for a fixed lam without per-state Z, the (state, token)-space normaliser mean_t a_t.
     Without uniforms, the expected-mask ablation: keep a fraction a of each response token, weight rho.
     """
-    tgt = ref_logp if target == "ref" else new_logp
+    tgt = old_logp if target == "old" else new_logp
     n_rows, n_cols = len(rollout_logp), len(rollout_logp[0])
     cells = [(b, t) for b in range(n_rows) for t in range(n_cols)]
     r = {(b, t): ratio(tgt[b][t], rollout_logp[b][t]) for b, t in cells}
@@ -207,7 +207,7 @@ def jackpot_row_major(
         if c1 is not None:
             w = min(w, c1)
         if target == "new":
-            second = ratio(ref_logp[b][t], new_logp[b][t])
+            second = ratio(old_logp[b][t], new_logp[b][t])
             w *= second if c2 is None else min(second, c2)
         if uniforms is None:
             keep = mask[b][t] * a
@@ -217,10 +217,10 @@ def jackpot_row_major(
     return w_out, keep_out, lam
 
 
-def _level_log_ratios(rollout_logp, ref_logp, mask, level: str) -> list[list[float]]:
-    """log(p_ref/p_inf) per token, or its sum (sequence) / mean (geometric) over the response."""
+def _level_log_ratios(rollout_logp, old_logp, mask, level: str) -> list[list[float]]:
+    """log(p_old/p_inf) per token, or its sum (sequence) / mean (geometric) over the response."""
     out = []
-    for li_row, lr_row, m_row in zip(rollout_logp, ref_logp, mask, strict=True):
+    for li_row, lr_row, m_row in zip(rollout_logp, old_logp, mask, strict=True):
         per_tok = [
             math.log(ratio(lr, li)) if ratio(lr, li) > 0 else -INF
             for li, lr in zip(li_row, lr_row, strict=True)
@@ -239,16 +239,16 @@ def _level_log_ratios(rollout_logp, ref_logp, mask, level: str) -> list[list[flo
     return out
 
 
-def tis_ref(rollout_logp, ref_logp, mask, *, cap: float, level: str):
-    """TIS: weight min(p_ref/p_inf, cap) at token/sequence/geometric level; mask = response mask."""
-    lrs = _level_log_ratios(rollout_logp, ref_logp, mask, level)
+def tis_ref(rollout_logp, old_logp, mask, *, cap: float, level: str):
+    """TIS: weight min(p_old/p_inf, cap) at token/sequence/geometric level; mask = response mask."""
+    lrs = _level_log_ratios(rollout_logp, old_logp, mask, level)
     w = [[min(exp(v), cap) for v in row] for row in lrs]
     return w, [list(m) for m in mask]
 
 
-def icepop_ref(rollout_logp, ref_logp, mask, *, low: float, high: float, level: str):
+def icepop_ref(rollout_logp, old_logp, mask, *, low: float, high: float, level: str):
     """IcePop / MIS: weight r if low <= r <= high else 0 (token masked)."""
-    lrs = _level_log_ratios(rollout_logp, ref_logp, mask, level)
+    lrs = _level_log_ratios(rollout_logp, old_logp, mask, level)
     w, keep = [], []
     for row, m_row in zip(lrs, mask, strict=True):
         w_row, k_row = [], []
@@ -266,12 +266,12 @@ def icepop_ref(rollout_logp, ref_logp, mask, *, low: float, high: float, level: 
 # Losses and aggregation
 # --------------------------------------------------------------------------------------------------
 def ppo_loss_token(
-    new_lp: float, ref_lp: float, adv: float, eps_low: float | None, eps_high: float | None,
+    new_lp: float, old_lp: float, adv: float, eps_low: float | None, eps_high: float | None,
     dual_clip: float | None = None,
 ) -> float:
     """-min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A); -ratio A without a clip; with a dual
     clip c and A < 0, at most -c A."""
-    ratio_v = math.exp(new_lp - ref_lp)
+    ratio_v = math.exp(new_lp - old_lp)
     if eps_low is None:
         loss = -ratio_v * adv
     else:

@@ -3,16 +3,16 @@
 Every correction maps the same `CorrectionInputs` (sampled-token log-probs of the rollout model,
 the old/proximal policy and optionally the current policy, all (B, T)) to a `CorrectionResult`:
 a detached per-token weight, a per-token mask (1 = keep the token in the loss) and statistics.
-The policy loss is then `mask * weight * PPO_clip(p_new/p_ref, A)` for every variant, so the
+The policy loss is then `mask * weight * PPO_clip(p_new/p_old, A)` for every variant, so the
 training loop never branches on the correction's name: it looks it up in `CORRECTIONS`.
 
     none     weight 1, mask = response mask (off-policy, uncorrected)
-    tis      weight clip(p_ref/p_inf, cap_min, cap) at token, sequence or geometric-mean level
+    tis      weight clip(p_old/p_inf, cap_min, cap) at token, sequence or geometric-mean level
              (Yao et al., "Your efficient RL framework secretly brings you off-policy RL training";
              cap_min is TRL's vllm_importance_sampling_clip_min)
     icepop   weight r if r in [low, high] else masked (IcePop / masked IS), same three levels
     jackpot  OBRS (METHOD.md §4): a = min(1, r/lam), Mask = 1[u < a] with one uniform per token
-             drawn once per batch, weight min(Z * max(lam, r), c1) * min(p_ref/p_tgt, c2).
+             drawn once per batch, weight min(Z * max(lam, r), c1) * min(p_old/p_tgt, c2).
 
 Each table entry is a `Correction`: the function and what it needs from its caller (`Needs`): a
 per-state normaliser Z (and how to compute it), uniforms, the current policy's log-probs (then the
@@ -20,7 +20,7 @@ correction changes with every optimizer step and is recomputed per mini-batch). 
 needs, never names: adding a correction is one function and one table entry.
 
 Jackpot decisions (METHOD.md §4): the mask of eq. 5 is applied (Algorithm 1 omits it); c1 clips the
-OBRS factor and c2 clips p_ref/p_tgt (c2 = None recovers eq. 5); lam is either fixed or solved per
+OBRS factor and c2 clips p_old/p_tgt (c2 = None recovers eq. 5); lam is either fixed or solved per
 batch for a target acceptance `budget` (then Z = budget, the (state, token)-space normaliser); a
 per-state Z (exact or top-k + kappa) is passed in by the caller, who owns the logits.
 """
@@ -50,7 +50,7 @@ from jackpot.core._checks import (
 from jackpot.core.obrs import batch_lambda
 
 LEVELS = ("token", "sequence", "geometric")
-TARGETS = ("ref", "new")
+TARGETS = ("old", "new")
 Z_MODES = ("exact", "topk", "batch")
 
 
@@ -59,7 +59,7 @@ class CorrectionInputs:
     """Sampled-token quantities of one batch, each (B, T).
 
     rollout_logp: log p_inf(x_t), the distribution the rollout engine actually sampled from.
-    ref_logp:     log p_ref(x_t), the trained policy when the batch was collected (PPO "old").
+    old_logp:     log p_old(x_t), the trained policy when the batch was collected (PPO "old").
     mask:         response mask (1 for generated tokens).
     new_logp:     log p_new(x_t), the current policy (needed only for target="new"); detached here.
     uniforms:     U(0,1) per token, drawn once per batch (Jackpot's mask); None -> expected mask.
@@ -71,7 +71,7 @@ class CorrectionInputs:
     """
 
     rollout_logp: torch.Tensor
-    ref_logp: torch.Tensor
+    old_logp: torch.Tensor
     mask: torch.Tensor
     new_logp: torch.Tensor | None = None
     uniforms: torch.Tensor | None = None
@@ -79,10 +79,10 @@ class CorrectionInputs:
 
     def __post_init__(self) -> None:
         check_logp("rollout_logp", self.rollout_logp)
-        check_logp("ref_logp", self.ref_logp)
+        check_logp("old_logp", self.old_logp)
         if self.new_logp is not None:
             check_logp("new_logp", self.new_logp)
-        check_same_shape(rollout_logp=self.rollout_logp, ref_logp=self.ref_logp, mask=self.mask,
+        check_same_shape(rollout_logp=self.rollout_logp, old_logp=self.old_logp, mask=self.mask,
                          new_logp=self.new_logp, uniforms=self.uniforms, z=self.z)
         check_mask("mask", self.mask)
         if self.uniforms is not None:
@@ -110,7 +110,7 @@ class CorrectionResult:
 
 @dataclass(frozen=True)
 class Needs:
-    """What a correction needs from its caller beyond the sampled-token log-probs of p_inf and p_ref.
+    """What a correction needs from its caller beyond the sampled-token log-probs of p_inf and p_old.
 
     z:              None, or how to compute the per-state normaliser Z_t passed as `inputs.z`:
                     'exact' (both full distributions at each position) or 'topk' (the rollout's
@@ -171,7 +171,7 @@ def _base_stats(name: str, log_r: torch.Tensor, weights: torch.Tensor, mask: tor
 def _upcast_inputs(inp: CorrectionInputs, target_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, log(p_tgt/p_inf)) detached, in the compute dtype (float32 for half-precision inputs)."""
     dtype = compute_dtype(inp.rollout_logp)
-    tgt = inp.ref_logp if target_logp is None else target_logp
+    tgt = inp.old_logp if target_logp is None else target_logp
     return inp.mask.to(dtype), log_ratio(tgt.detach().to(dtype), inp.rollout_logp.detach().to(dtype))
 
 
@@ -190,7 +190,7 @@ def no_correction(inp: CorrectionInputs) -> CorrectionResult:
 
 def tis(inp: CorrectionInputs, *, cap: float = 2.0, cap_min: float | None = None,
         level: str = "token") -> CorrectionResult:
-    """Truncated importance sampling: weight clip(p_ref/p_inf, cap_min, cap) at `level`
+    """Truncated importance sampling: weight clip(p_old/p_inf, cap_min, cap) at `level`
     (cap_min None: no lower truncation)."""
     check_positive("cap", cap)
     check_optional_cap("cap_min", cap_min)
@@ -207,7 +207,7 @@ def tis(inp: CorrectionInputs, *, cap: float = 2.0, cap_min: float | None = None
 
 
 def icepop(inp: CorrectionInputs, *, low: float = 0.5, high: float = 2.0, level: str = "token") -> CorrectionResult:
-    """IcePop / masked IS: weight r = p_ref/p_inf where low <= r <= high, token masked otherwise."""
+    """IcePop / masked IS: weight r = p_old/p_inf where low <= r <= high, token masked otherwise."""
     check_positive("low", low)
     check_positive("high", high)
     if low > high:
@@ -224,7 +224,7 @@ def jackpot(
     *,
     lam: float = 1.0,
     budget: float | None = None,
-    target: str = "ref",
+    target: str = "old",
     z: str = "exact",
     c1: float | None = None,
     c2: float | None = None,
@@ -235,12 +235,12 @@ def jackpot(
     lam: fixed lam > 0, used when budget is None.
     budget: if set, lam is solved over this batch's tokens so the mean acceptance equals it
         (batch_lambda) and Z = budget; `z` and `inp.z` are then not used.
-    target: "ref" aligns p_inf to p_ref; "new" to the current policy (needs inp.new_logp).
+    target: "old" aligns p_inf to p_old; "new" to the current policy (needs inp.new_logp).
     z: where the per-state normaliser comes from: "exact" or "topk" (the caller computes it and
         passes `inp.z`; see `Needs`) or "batch" (no per-state Z: the batch's mean acceptance, the
         (state, token)-space normaliser for a fixed lam).
     c1: clip of the OBRS weight Z * max(lam, r) (None: no clip).
-    c2: clip of p_ref/p_tgt (only matters for target="new"; None: no clip).
+    c2: clip of p_old/p_tgt (only matters for target="new"; None: no clip).
     sampled_mask: True (the paper): Mask = 1[u < a] with `inp.uniforms`; False: the expected-mask
         ablation, mask = a (a fraction of each token kept) and the same weight, so that every
         aggregation divides by the expected kept count and the loss has the sampled mask's scale in
@@ -256,7 +256,7 @@ def jackpot(
         raise ValueError("target='new' needs new_logp in CorrectionInputs")
     if sampled_mask and inp.uniforms is None:
         raise ValueError("sampled_mask=True needs uniforms in CorrectionInputs (one U(0,1) per token)")
-    mask, lr = _upcast_inputs(inp, inp.ref_logp if target == "ref" else inp.new_logp)
+    mask, lr = _upcast_inputs(inp, inp.old_logp if target == "old" else inp.new_logp)
     if budget is not None:
         check_budget("budget", budget)
         lam_t = batch_lambda(lr, mask, budget)
@@ -276,7 +276,7 @@ def jackpot(
     log_w = (log_z + torch.maximum(lr, log_lam.expand_as(lr))).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     w = log_w.exp() if c1 is None else log_w.exp().clamp_max(c1)
     if target == "new":
-        ref, new = inp.ref_logp.detach().to(lr.dtype), inp.new_logp.detach().to(lr.dtype)
+        ref, new = inp.old_logp.detach().to(lr.dtype), inp.new_logp.detach().to(lr.dtype)
         second = log_ratio(ref, new).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
         w = w * (second if c2 is None else second.clamp_max(c2))
     if sampled_mask:
@@ -294,7 +294,7 @@ def jackpot(
     return _result(inp, w, keep, stats)
 
 
-def _jackpot_needs(*, lam: float = 1.0, budget: float | None = None, target: str = "ref", z: str = "exact",
+def _jackpot_needs(*, lam: float = 1.0, budget: float | None = None, target: str = "old", z: str = "exact",
                    sampled_mask: bool = True, **_) -> Needs:
     per_state = budget is None and z != "batch"
     return Needs(z=z if per_state else None, z_lam=lam, uniforms=sampled_mask, current_policy=target == "new")

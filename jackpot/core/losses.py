@@ -1,7 +1,7 @@
 """Policy-gradient and distillation losses, per token, with explicit aggregation.
 
 PPO (Schulman et al. 2017), per token, to be *minimised*:
-    ratio = p_new / p_ref
+    ratio = p_new / p_old
     clipped:   -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
     unclipped: -ratio * A          (pure importance-sampled policy gradient; the paper's "no-clip")
     dual clip: for A < 0 the clipped loss is further capped at -c * A (Ye et al. 2020, verl's
@@ -52,7 +52,7 @@ KL_ESTIMATORS = ("full", "topk", "sampled")
 
 def ppo_token_loss(
     new_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    old_logp: torch.Tensor,
     advantages: torch.Tensor,
     *,
     clip_eps: float | None = 0.2,
@@ -61,21 +61,21 @@ def ppo_token_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token PPO loss (B, T) and detached per-token diagnostics.
 
-    new_logp (B, T) carries the gradient; ref_logp (B, T) is treated as a constant; advantages (B, T)
+    new_logp (B, T) carries the gradient; old_logp (B, T) is treated as a constant; advantages (B, T)
     or (B,) (broadcast over T). clip_eps None gives the unclipped loss -ratio * A.
     dual_clip: c > 1 caps the loss of negative-advantage tokens at -c * A (None: no dual clip).
     Returns (loss, {"ratio", "clipped", "clipped_lower"}) — per-token tensors, reduce them with a mask;
     "clipped_lower" marks the tokens the dual clip capped.
     """
     check_logits("new_logp", new_logp)  # only their difference matters here
-    check_logits("ref_logp", ref_logp)
-    check_same_shape(new_logp=new_logp, ref_logp=ref_logp)
+    check_logits("old_logp", old_logp)
+    check_same_shape(new_logp=new_logp, old_logp=old_logp)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(new_logp)
     check_same_shape(new_logp=new_logp, advantages=advantages)
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
-    log_ratio = (new_logp - ref_logp.detach()).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    log_ratio = (new_logp - old_logp.detach()).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     ratio = log_ratio.exp()
     unclipped = -ratio * advantages
     if clip_eps is None:
@@ -212,7 +212,7 @@ def distill_kl(
     teacher_topk_logp: torch.Tensor | None = None,
     sampled_ids: torch.Tensor | None = None,
     teacher_sampled_logp: torch.Tensor | None = None,
-    behaviour_sampled_logp: torch.Tensor | None = None,
+    rollout_sampled_logp: torch.Tensor | None = None,
     is_cap: float = 2.0,
 ) -> torch.Tensor:
     """Per-position distillation KL (B, T) with gradient to the student (rollout model) only.
@@ -221,7 +221,7 @@ def distill_kl(
     estimator "full": teacher_logits (B, T, V) required; exact KL in the chosen direction.
     estimator "topk": teacher_topk_ids/logp (B, T, K) required; the KL terms restricted to the
         teacher's top-k tokens (forward: sum_k p_t (log p_t - log p_s); reverse: sum_k p_s (log p_s - log p_t)).
-    estimator "sampled": sampled_ids (B, T), teacher_sampled_logp (B, T) and behaviour_sampled_logp
+    estimator "sampled": sampled_ids (B, T), teacher_sampled_logp (B, T) and rollout_sampled_logp
         (B, T) (log p_inf, the distribution that sampled the token) required. Both directions are
         importance-weighted from p_inf with the weight truncated at is_cap, so the expected gradient is
         that of the named direction (up to the truncation):
@@ -249,11 +249,11 @@ def distill_kl(
             raise ValueError("estimator='topk' needs teacher_topk_ids and teacher_topk_logp")
         return distill_kl_at(log_ps.gather(-1, teacher_topk_ids), direction=direction, estimator="topk",
                              teacher_logp=teacher_topk_logp)
-    if sampled_ids is None or teacher_sampled_logp is None or behaviour_sampled_logp is None:
-        raise ValueError("estimator='sampled' needs sampled_ids, teacher_sampled_logp and behaviour_sampled_logp")
+    if sampled_ids is None or teacher_sampled_logp is None or rollout_sampled_logp is None:
+        raise ValueError("estimator='sampled' needs sampled_ids, teacher_sampled_logp and rollout_sampled_logp")
     return distill_kl_at(log_ps.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1), direction=direction,
                          estimator="sampled", teacher_logp=teacher_sampled_logp,
-                         behaviour_logp=behaviour_sampled_logp, is_cap=is_cap)
+                         rollout_logp=rollout_sampled_logp, is_cap=is_cap)
 
 
 def distill_kl_at(
@@ -262,13 +262,13 @@ def distill_kl_at(
     direction: str = "forward",
     estimator: str = "topk",
     teacher_logp: torch.Tensor,
-    behaviour_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
     is_cap: float = 2.0,
 ) -> torch.Tensor:
     """The sparse distillation estimators of `distill_kl` from the student's log-probs at chosen tokens.
 
     estimator "topk": student_logp and teacher_logp (..., K) at the teacher's top-k tokens -> (...).
-    estimator "sampled": student_logp, teacher_logp, behaviour_logp (...) at the sampled tokens -> (...).
+    estimator "sampled": student_logp, teacher_logp, rollout_logp (...) at the sampled tokens -> (...).
     Used when the student's log-probs come from its hidden states and head (jackpot.core.head), so
     that no full (B, T, V) log-softmax is formed; the gradient flows through student_logp.
     """
@@ -282,10 +282,10 @@ def distill_kl_at(
         return terms.sum(-1)
     if estimator != "sampled":
         raise ValueError(f"estimator must be 'topk' or 'sampled' here, got {estimator!r}")
-    if behaviour_logp is None:
-        raise ValueError("estimator='sampled' needs behaviour_logp (log p_inf of the sampled tokens)")
-    check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, behaviour_logp=behaviour_logp)
-    lb = _upcast(behaviour_logp.detach())
+    if rollout_logp is None:
+        raise ValueError("estimator='sampled' needs rollout_logp (log p_inf of the sampled tokens)")
+    check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, rollout_logp=rollout_logp)
+    lb = _upcast(rollout_logp.detach())
     if reverse:
         w = (ls.detach() - lb).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(is_cap)
         log_rho = (lt - ls.detach()).clamp(-SAFETY_BOUND, SAFETY_BOUND)

@@ -4,7 +4,7 @@
 (TRL's `sampling_per_token_logps`: vLLM's log-probs, or those a `rollout_func` returns) and the policy
 at collection time (`old_per_token_logps`, computed here when TRL skipped it). Once per generation
 batch, before TRL splits it into steps, it calls `jackpot.core.corrections.jackpot` with
-target="ref" and z="batch" (lam fixed with the batch's mean acceptance as Z, or lam solved for a
+target="old" and z="batch" (lam fixed with the batch's mean acceptance as Z, or lam solved for a
 target acceptance `obrs_budget`, METHOD.md §4.2): one uniform per token, Mask = 1[u < min(1, r/lam)],
 weight min(Z * max(lam, r), c1). It hands them to TRL's unchanged `_compute_loss` through two inputs
 that method already consumes:
@@ -92,9 +92,9 @@ def jackpot_trl_correction(
     sampling = torch.where(torch.isnan(sampling_logps), old, sampling_logps.detach().float())
     if sampled_mask and uniforms is None:
         uniforms = torch.rand(old.shape, device=old.device)
-    inputs = CorrectionInputs(rollout_logp=sampling, ref_logp=old, mask=mask.float(),
+    inputs = CorrectionInputs(rollout_logp=sampling, old_logp=old, mask=mask.float(),
                               uniforms=uniforms if sampled_mask else None)
-    return apply_correction("jackpot", inputs, lam=lam, budget=budget, target="ref", z="batch", c1=c1,
+    return apply_correction("jackpot", inputs, lam=lam, budget=budget, target="old", z="batch", c1=c1,
                             sampled_mask=sampled_mask)
 
 
@@ -234,7 +234,7 @@ def hf_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1)
                                 max_new_tokens=trainer.max_completion_length, temperature=trainer.temperature,
                                 top_p=args.top_p, topk=topk)
         keep_p, keep_r = batch.prompt_mask.bool().cpu(), batch.response_mask.bool().cpu()
-        ids, resp, lps = batch.prompt_ids.cpu(), batch.response_ids.cpu(), batch.logprobs.cpu()
+        ids, resp, lps = batch.prompt_ids.cpu(), batch.response_ids.cpu(), batch.rollout_logp.cpu()
         return {
             "prompt_ids": [row[k].tolist() for row, k in zip(ids, keep_p, strict=True)],
             "completion_ids": [row[k].tolist() for row, k in zip(resp, keep_r, strict=True)],

@@ -13,7 +13,7 @@ exactly where verl splits its own rollout correction (`verl.trainer.ppo.rollout_
    target acceptance `budget` over the whole batch, METHOD.md §4.2), one uniform per token, the mask
    1[u < min(1, r/lam)] and the weight min(Z * max(lam, r), c1) with Z the batch's normaliser (the
    budget, or the batch's mean acceptance for a fixed lam) — `jackpot.core.corrections.jackpot` with
-   z="batch", target="ref". Rejected tokens leave `response_mask` (as verl's own `rollout_rs` does), the
+   z="batch", target="old". Rejected tokens leave `response_mask` (as verl's own `rollout_rs` does), the
    weights go to `rollout_is_weights`. Fixed for the whole batch: every mini-batch sees the same mask.
 2. Per micro-batch, the registered loss `jackpot` (`jackpot_policy_loss`): PPO clip with verl's
    clip_ratio_low/high and dual clip clip_ratio_c (`jackpot.core.losses.ppo_token_loss`), times the
@@ -113,9 +113,9 @@ def jackpot_batch_correction(
     mask = response_mask.to(dtype)
     if uniforms is None:
         uniforms = torch.rand(old_log_prob.shape, dtype=dtype, device=old_log_prob.device)
-    inputs = CorrectionInputs(rollout_logp=rollout_log_prob.to(dtype), ref_logp=old_log_prob.to(dtype), mask=mask,
+    inputs = CorrectionInputs(rollout_logp=rollout_log_prob.to(dtype), old_logp=old_log_prob.to(dtype), mask=mask,
                               uniforms=uniforms)
-    return apply_correction("jackpot", inputs, lam=options.lam, budget=options.budget, target="ref", z="batch",
+    return apply_correction("jackpot", inputs, lam=options.lam, budget=options.budget, target="old", z="batch",
                             c1=options.c1, sampled_mask=True)
 
 

@@ -6,10 +6,10 @@ A `RolloutBatch` holds B sampled responses to B prompts, token by token:
     prompt_mask    (B, P) long     1 on prompt tokens, 0 on padding
     response_ids   (B, T) long     right-padded with the pad id after the first EOS
     response_mask  (B, T) float32  1.0 on generated tokens up to and including the first EOS, then 0.0
-    logprobs       (B, T) float32  log q(sampled token), q = the distribution actually sampled from
+    rollout_logp   (B, T) float32  log q(sampled token), q = the distribution actually sampled from
                                    (after temperature / top-p), not the raw model softmax
     topk_ids       (B, T, K) long  the K most likely tokens under q, most likely first
-    topk_logprobs  (B, T, K) float32  their log q, descending; -inf where top-p removed a token
+    topk_logp  (B, T, K) float32  their log q, descending; -inf where top-p removed a token
     model_version  int             the version of the rollout model's weights that sampled this
 
 Values at masked positions (`response_mask == 0`) are filler (0 log-probs, pad ids): always mask.
@@ -36,9 +36,9 @@ class RolloutBatch:
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
-    logprobs: torch.Tensor
+    rollout_logp: torch.Tensor
     topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
+    topk_logp: torch.Tensor
     model_version: int = 0
     pad_token_id: int = 0
     """Id used to pad prompts (left) and responses (right), also by `cat`."""
@@ -52,8 +52,8 @@ class RolloutBatch:
         T = self.response_ids.shape[1]
         K = self.topk_ids.shape[-1] if self.topk_ids.dim() == 3 else None
         expected = {
-            "prompt_mask": (B, P), "response_mask": (B, T), "logprobs": (B, T),
-            "topk_ids": (B, T, K), "topk_logprobs": (B, T, K),
+            "prompt_mask": (B, P), "response_mask": (B, T), "rollout_logp": (B, T),
+            "topk_ids": (B, T, K), "topk_logp": (B, T, K),
         }
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
@@ -132,9 +132,9 @@ class RolloutBatch:
             prompt_mask=stack("prompt_mask", P, 0, left=True),
             response_ids=stack("response_ids", T, pad, left=False),
             response_mask=stack("response_mask", T, 0.0, left=False),
-            logprobs=stack("logprobs", T, FILL_LOGPROB, left=False),
+            rollout_logp=stack("rollout_logp", T, FILL_LOGPROB, left=False),
             topk_ids=stack("topk_ids", T, pad, left=False),
-            topk_logprobs=stack("topk_logprobs", T, FILL_LOGPROB, left=False),
+            topk_logp=stack("topk_logp", T, FILL_LOGPROB, left=False),
             model_version=first.model_version,
             pad_token_id=pad,
         )

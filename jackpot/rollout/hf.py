@@ -1,6 +1,6 @@
 """Rollouts with Hugging Face `model.generate` (sampling, KV cache), recording token log-probs.
 
-The recorded `logprobs` / `topk_logprobs` are those of the distribution tokens were actually drawn
+The recorded `rollout_logp` / `topk_logp` are those of the distribution tokens were actually drawn
 from, q = softmax(top_p(logits / temperature)), not of the raw model softmax: importance weights
 between rollout model and policy must use q.
 
@@ -78,7 +78,7 @@ class _Recorder(LogitsProcessor):
         self.uniforms = uniforms
         self.sampled: list[torch.Tensor] = []
         self.topk_ids: list[torch.Tensor] = []
-        self.topk_logprobs: list[torch.Tensor] = []
+        self.topk_logp: list[torch.Tensor] = []
         self._prev: torch.Tensor | None = None
 
     def _gather_prev(self, tokens: torch.Tensor) -> None:
@@ -91,7 +91,7 @@ class _Recorder(LogitsProcessor):
         logq = torch.log_softmax(scores.float(), dim=-1)
         values, ids = logq.topk(min(self.k, logq.shape[-1]), dim=-1)  # sorted, descending
         self.topk_ids.append(ids)
-        self.topk_logprobs.append(values)
+        self.topk_logp.append(values)
         self._prev = logq
         if self.uniforms is None:
             return scores
@@ -223,13 +223,13 @@ class HFRolloutEngine:
         mask = response_mask_from_ids(response_ids, self.eos_token_ids)
         keep = mask.bool()
         pad = self.tokenizer.pad_token_id
-        logprobs = torch.stack(recorder.sampled, dim=1).masked_fill(~keep, FILL_LOGPROB)
+        rollout_logp = torch.stack(recorder.sampled, dim=1).masked_fill(~keep, FILL_LOGPROB)
         topk_ids = torch.stack(recorder.topk_ids, dim=1).masked_fill(~keep[..., None], pad)
-        topk_logprobs = torch.stack(recorder.topk_logprobs, dim=1).masked_fill(~keep[..., None], FILL_LOGPROB)
+        topk_logp = torch.stack(recorder.topk_logp, dim=1).masked_fill(~keep[..., None], FILL_LOGPROB)
         return RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask.long(),
             response_ids=response_ids.masked_fill(~keep, pad), response_mask=mask,
-            logprobs=logprobs, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+            rollout_logp=rollout_logp, topk_ids=topk_ids, topk_logp=topk_logp,
             model_version=self.model_version, pad_token_id=pad,
         )
 

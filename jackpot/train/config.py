@@ -120,8 +120,8 @@ class CorrectionConfig:
     """Jackpot: fixed lambda (the paper's figures use 1)."""
     budget: float | None = None
     """Jackpot: solve lambda per batch for this mean acceptance (METHOD.md §4.2); None: fixed lam."""
-    target: str = "ref"
-    """Jackpot: align p_inf to 'ref' (policy at collection) or 'new' (current policy; its correction is
+    target: str = "old"
+    """Jackpot: align p_inf to 'old' (the policy at collection, the paper's p_ref) or 'new' (current policy; its correction is
     then computed per micro-batch, see jackpot/train/update.py)."""
     z: str = "exact"
     """Jackpot per-state normaliser: 'exact' (streamed over the vocabulary), 'topk' (+ kappa) or
@@ -132,9 +132,9 @@ class CorrectionConfig:
     gradient norm is ~25% larger; c1 = 2 clips 0.7% of tokens and gained the most accuracy of
     {none, 2, 5, 10} (+0.011 ± 0.004 over no clip, paired, 2 seeds). Equal to TIS's default cap."""
     c2: float | None = 5.0
-    """Jackpot, target='new': clip of p_ref/p_new (Algorithm 1's c2; None: no clip, eq. 5). Measured on the
+    """Jackpot, target='new': clip of p_old/p_new (Algorithm 1's c2; None: no clip, eq. 5). Measured on the
     staleness preset (docs/RESULTS.md, "Defaults"): {none, 2, 5} are within noise of each other in accuracy;
-    unclipped, single weights reached ~12 (c1 * p_ref/p_new), with c2 = 5 at most 2.4. A finite bound at no
+    unclipped, single weights reached ~12 (c1 * p_old/p_new), with c2 = 5 at most 2.4. A finite bound at no
     measured cost."""
     sampled_mask: bool = True
     """Jackpot: sample Mask ~ Bernoulli(a) once per batch (paper); False: the expected-mask ablation (each
@@ -185,7 +185,7 @@ class TrainConfig:
     """Responses per prompt (GRPO group)."""
     minibatches: int = 1
     """Optimizer steps per epoch over one rollout batch; > 1 is the staleness setting (rollout batch
-    = minibatches x train batch, p_ref fixed at collection)."""
+    = minibatches x train batch, p_old fixed at collection)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     micro_batch_size: int | None = None
@@ -364,9 +364,9 @@ class Config:
         for name in ("train.kl_coef", "distill.coef"):
             if not _get(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {_get(self, name)!r}")
-        if c.target != "ref" and "target" not in correction_params(c.name):
+        if c.target != "old" and "target" not in correction_params(c.name):
             raise ValueError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
-                             "weights toward p_ref)")
+                             "weights toward p_old)")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -245,7 +245,7 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
     batch = parts[0] if len(parts) == 1 else RolloutBatch.cat(parts)
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
-    return batch, rewards.reshape(len(share), t.group_size).to(batch.logprobs.device)
+    return batch, rewards.reshape(len(share), t.group_size).to(batch.rollout_logp.device)
 
 
 def _rows(run: Run) -> range:
@@ -285,7 +285,7 @@ def _train_step(run: Run, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
     batch, rewards = collect(run, step)
     t1 = time.perf_counter()
-    # ---- prepare: p_ref, p_omega_old, Z, uniforms, diagnostics (no gradients)
+    # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
     rows = _rows(run)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
                    init_policy=run.init_policy, step=step, coll=run.coll, first_row=rows.start,

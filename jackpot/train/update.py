@@ -1,12 +1,12 @@
 """The update phase: from a scored rollout batch to optimizer steps of the policy and the rollout model.
 
-    prepare()  once per rollout batch, no gradients: advantages, p_ref (policy at collection) and
+    prepare()  once per rollout batch, no gradients: advantages, p_old (policy at collection) and
                p_omega_old (rollout model) at the sampled tokens, one uniform per token, mismatch
                diagnostics and — for a correction that does not depend on the current policy — the
                correction (weights, mask) of the whole batch.
     update()   ppo_epochs x minibatches optimizer steps; in each micro-batch one forward of the policy
                (and, when trained jointly, of the rollout model):
-                 policy:        keep * w * (PPO(p_new / p_ref, A) + kl_coef * k3(p_init / p_new))
+                 policy:        keep * w * (PPO(p_new / p_old, A) + kl_coef * k3(p_init / p_new))
                  rollout model: PPO(p_omega / p_omega_old, A) * min(p_omega_old / p_inf, cap)
                                 + coef * KL(SG(p_new) || p_omega)         (paper eq. 8)
                The correction (weights w, mask keep) comes from the CORRECTIONS table.
@@ -21,7 +21,7 @@ quantities and micro-batching never changes the update (1 x 8 == 8 x 1, tested f
 
 The KL penalty to the initial policy is part of the per-token loss that the correction weights and
 masks: its value, k3 = (rho - 1) - log rho with rho = p_init / p_new at the kept tokens, weighted by w,
-estimates KL(p_new || p_init) under the correction's target distribution (p_ref or p_new); as a loss,
+estimates KL(p_new || p_init) under the correction's target distribution (p_old or p_new); as a loss,
 k3's gradient at samples of p_new is that of KL(p_init || p_new) (the usual GRPO / verl low_var_kl term).
 
 Several processes (jackpot.train.distributed): each rank holds a block of the global batch's rows.
@@ -63,8 +63,8 @@ class Prepared:
 
     batch: RolloutBatch
     advantages: torch.Tensor          # (B,)
-    ref_logp: torch.Tensor            # log p_ref(x_t): the policy at collection
-    rollout_old_logp: torch.Tensor    # log p_omega_old(x_t): the rollout model before its update
+    old_logp: torch.Tensor            # log p_old(x_t): the policy at collection
+    rollout_model_old_logp: torch.Tensor    # log p_omega_old(x_t): the rollout model before its update
     init_logp: torch.Tensor | None    # log p_init(x_t): the initial policy (kl_coef > 0)
     uniforms: torch.Tensor | None     # one U(0,1) per token, when the correction needs them
     correction: CorrectionResult | None  # the whole batch's weights and mask; None: per mini-batch
@@ -132,29 +132,29 @@ def _raw_z(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> torch.Tens
     shape = mb.response_ids.shape
     k = mb.topk_ids.shape[-1]
     tgt_at_topk = vocab.logprobs_at(tgt, mb.topk_ids.reshape(-1, k), chunk=cfg.train.head_chunk).reshape(*shape, k)
-    return obrs.topk_normalizer(mb.topk_ids, mb.topk_logprobs, tgt_at_topk, needs.z_lam)
+    return obrs.topk_normalizer(mb.topk_ids, mb.topk_logp, tgt_at_topk, needs.z_lam)
 
 
 def _correction(cfg: Config, needs: Needs, coll: Collective, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                ref_logp: torch.Tensor, new_logp: torch.Tensor | None, raw_z: torch.Tensor | None,
+                old_logp: torch.Tensor, new_logp: torch.Tensor | None, raw_z: torch.Tensor | None,
                 uniforms: torch.Tensor | None) -> CorrectionResult:
     """The correction of the rows given on every rank, computed over all ranks' rows (gathered), returned
     for this rank's rows; top-k Z is scaled by kappa = mean acceptance / mean Z_approx over all of those
     tokens (METHOD.md §4.1). Statistics are those of all ranks' rows."""
     rows, width = mask.shape
     g, first = {}, 0
-    for name, t, fill in (("rollout", rollout_logp, 0.0), ("mask", mask, 0.0), ("ref", ref_logp, 0.0),
+    for name, t, fill in (("rollout", rollout_logp, 0.0), ("mask", mask, 0.0), ("old", old_logp, 0.0),
                           ("new", new_logp, 0.0), ("z", raw_z, 1.0), ("u", uniforms, 0.0)):
         g[name], first = coll.gather_rows(t, fill) if t is not None else (None, first)
     z, z_stats = g["z"], {}
     if needs.z == "topk":
-        tgt_logp = g["new"] if needs.current_policy else g["ref"]
+        tgt_logp = g["new"] if needs.current_policy else g["old"]
         a = obrs.acceptance_prob(tgt_logp, g["rollout"], needs.z_lam)
         k = obrs.kappa(a, g["z"], g["mask"])
         m = g["mask"]
         z, z_stats = k * g["z"], {"obrs/kappa": k, "obrs/topk_z_mean": (g["z"] * m).sum() / m.sum().clamp_min(1)}
     result = apply_correction(cfg.correction.name, CorrectionInputs(
-        rollout_logp=g["rollout"], ref_logp=g["ref"], mask=g["mask"], new_logp=g["new"],
+        rollout_logp=g["rollout"], old_logp=g["old"], mask=g["mask"], new_logp=g["new"],
         uniforms=g["u"], z=z), **cfg.correction.kwargs())
     result.stats.update(z_stats)
     if coll.world == 1:
@@ -176,22 +176,23 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
     global_rows = len(batch) if global_rows is None else global_rows
     temp, needs = cfg.sampling.temperature, needs_of(cfg)
     advantages = group_advantages(rewards, mode=cfg.train.advantages).reshape(-1)
-    parts: dict[str, list] = {"ref": [], "old": [], "init": [], "z": []}
+    parts: dict[str, list] = {"old": [], "rollout_old": [], "init": [], "z": []}
     # the same micro-batch size on every rank (the longest response of all): equal numbers of forwards
     for idx in _chunks(len(batch), _micro_size(cfg, coll.max_int(batch.response_len))):
         mb = batch.select(idx)
-        ref_head = _forward(policy, mb, temp)
-        roll_head = ref_head if rollout_model is None else _forward(rollout_model, mb, temp)
+        old_head = _forward(policy, mb, temp)
+        roll_head = old_head if rollout_model is None else _forward(rollout_model, mb, temp)
         if needs.z == "exact" and not needs.current_policy:  # one pass over both heads' logits
-            ref, old, z = vocab.logprobs_and_normalizer(ref_head, roll_head, mb.response_ids.reshape(-1),
-                                                        needs.z_lam, chunk=cfg.train.head_chunk)
-            for key, value in (("ref", ref), ("old", old), ("z", z)):
+            old, rollout_old, z = vocab.logprobs_and_normalizer(old_head, roll_head, mb.response_ids.reshape(-1),
+                                                                needs.z_lam, chunk=cfg.train.head_chunk)
+            for key, value in (("old", old), ("rollout_old", rollout_old), ("z", z)):
                 parts[key].append(value.reshape(mb.response_ids.shape))
         else:
-            parts["ref"].append(_logp(cfg, ref_head, mb.response_ids))
-            parts["old"].append(parts["ref"][-1] if roll_head is ref_head else _logp(cfg, roll_head, mb.response_ids))
+            parts["old"].append(_logp(cfg, old_head, mb.response_ids))
+            parts["rollout_old"].append(parts["old"][-1] if roll_head is old_head else
+                                        _logp(cfg, roll_head, mb.response_ids))
             if not needs.current_policy:
-                parts["z"].append(_raw_z(cfg, needs, ref_head, mb))
+                parts["z"].append(_raw_z(cfg, needs, old_head, mb))
         if init_policy is not None:
             parts["init"].append(_logp(cfg, _forward(init_policy, mb, temp), mb.response_ids))
     cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}
@@ -202,15 +203,15 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
         uniforms = uniforms[:, :batch.response_len].to(batch.response_mask.device)
     correction = None
     if not needs.current_policy:  # fixed for the whole batch: computed once, sliced per mini-batch
-        correction = _correction(cfg, needs, coll, batch.logprobs, batch.response_mask, cat["ref"], None,
+        correction = _correction(cfg, needs, coll, batch.rollout_logp, batch.response_mask, cat["old"], None,
                                  cat["z"], uniforms)
-    rollout_logp, mask, ref, old = (coll.gather_rows(t)[0] for t in (batch.logprobs, batch.response_mask,
-                                                                      cat["ref"], cat["old"]))
+    rollout_logp, mask, ref, old = (coll.gather_rows(t)[0] for t in (batch.rollout_logp, batch.response_mask,
+                                                                      cat["old"], cat["rollout_old"]))
     metrics = {f"mismatch/{k}": v for k, v in mismatch_metrics(ref, rollout_logp, mask).items()}
     metrics.update(correction.stats if correction is not None else {})
     metrics.update({f"mismatch/rollout_model_{k}": v
                     for k, v in kl_estimators(old, rollout_logp, mask).items() if k == "kl_k3"})
-    return Prepared(batch, advantages, cat["ref"], cat["old"], cat["init"], uniforms, correction, metrics,
+    return Prepared(batch, advantages, cat["old"], cat["rollout_old"], cat["init"], uniforms, correction, metrics,
                     first_row, global_rows)
 
 
@@ -220,7 +221,7 @@ def _policy_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, new_logp: torch
     """The micro-batch `idx`'s share of the mini-batch policy loss (denominator: the mini-batch's)."""
     t = cfg.train
     mask = prep.batch.response_mask[idx]
-    tok, diag = ppo_token_loss(new_logp, prep.ref_logp[idx], prep.advantages[idx],
+    tok, diag = ppo_token_loss(new_logp, prep.old_logp[idx], prep.advantages[idx],
                                clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high, dual_clip=t.dual_clip)
     if prep.init_logp is not None and t.kl_coef > 0:
         log_rho = (prep.init_logp[idx] - new_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
@@ -249,9 +250,9 @@ def _rollout_model_loss(cfg: Config, prep: Prepared, idx: torch.Tensor, roll: He
     else:
         logp = _logp(cfg, roll, mb.response_ids) if d.ppo or d.estimator == "sampled" else None
     if d.ppo:
-        tok, _ = ppo_token_loss(logp, prep.rollout_old_logp[idx], prep.advantages[idx],
+        tok, _ = ppo_token_loss(logp, prep.rollout_model_old_logp[idx], prep.advantages[idx],
                                 clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high, dual_clip=t.dual_clip)
-        log_is = (prep.rollout_old_logp[idx] - mb.logprobs).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        log_is = (prep.rollout_model_old_logp[idx] - mb.rollout_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
         ppo = aggregate(tok * log_is.exp().clamp_max(d.is_cap), mask, "token-mean", denominator=denominator)
         total = total + ppo
         stats["rollout_model/ppo_loss"] = (ppo.detach(), None)
@@ -274,7 +275,7 @@ def _distill(cfg: Config, roll: Head, teacher: Head, teacher_logp: torch.Tensor,
         s_logp = vocab.logprobs_at(roll, t_ids, chunk=chunk)
         return distill_kl_at(s_logp, direction=d.direction, estimator="topk", teacher_logp=t_logp).reshape(shape)
     return distill_kl_at(roll_logp, direction=d.direction, estimator="sampled", teacher_logp=teacher_logp,
-                         behaviour_logp=mb.logprobs, is_cap=d.is_cap)
+                         rollout_logp=mb.rollout_logp, is_cap=d.is_cap)
 
 
 # ----------------------------------------------------------------------------- update
@@ -296,7 +297,7 @@ def _current_correction(cfg: Config, needs: Needs, coll: Collective, prep: Prepa
     new = torch.cat(new_logp) if new_logp else empty
     z = (torch.cat(raw_z) if heads else empty) if needs.z == "topk" else None
     uniforms = prep.uniforms[mini] if prep.uniforms is not None else None
-    return _correction(cfg, needs, coll, batch.logprobs, batch.response_mask, prep.ref_logp[mini], new, z, uniforms)
+    return _correction(cfg, needs, coll, batch.rollout_logp, batch.response_mask, prep.old_logp[mini], new, z, uniforms)
 
 
 def _checkpointed(model: torch.nn.Module) -> bool:

@@ -40,7 +40,7 @@ def batch(seed: int, dtype=torch.float64, shape=(4, 7), with_new: bool = True, w
     mask[1, 0] = 1.0
     return CorrectionInputs(
         rollout_logp=sampled_logp(g, shape, dtype),
-        ref_logp=sampled_logp(g, shape, dtype),
+        old_logp=sampled_logp(g, shape, dtype),
         mask=mask,
         new_logp=sampled_logp(g, shape, dtype) if with_new else None,
         uniforms=torch.rand(shape, generator=g, dtype=torch.float64).to(dtype),
@@ -63,7 +63,7 @@ def close(actual: torch.Tensor, expected, dtype) -> None:
 
 def as_lists(inp: CorrectionInputs) -> dict:
     out = dict(
-        rollout_logp=ref.rows(inp.rollout_logp), ref_logp=ref.rows(inp.ref_logp), mask=ref.rows(inp.mask)
+        rollout_logp=ref.rows(inp.rollout_logp), old_logp=ref.rows(inp.old_logp), mask=ref.rows(inp.mask)
     )
     for name in ("new_logp", "uniforms", "z"):
         v = getattr(inp, name)
@@ -76,7 +76,7 @@ def as_lists(inp: CorrectionInputs) -> dict:
 # --------------------------------------------------------------------------------------------------
 JACKPOT_CASES = list(
     itertools.product(
-        ["ref", "new"],  # target
+        ["old", "new"],  # target
         ["fixed", "z", "budget"],  # how lam and Z are set
         [True, False],  # sampled mask (uniforms) or expected mask
         [(None, None), (1.5, None), (None, 0.8), (1.2, 1.1)],  # (c1, c2)
@@ -89,7 +89,7 @@ JACKPOT_CASES = list(
 def test_jackpot_matches_reference(dtype, target, zmode, sampled, clips):
     inp = batch(1, dtype, with_z=zmode == "z")
     if not sampled:
-        inp = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, new_logp=inp.new_logp, z=inp.z)
+        inp = CorrectionInputs(inp.rollout_logp, inp.old_logp, inp.mask, new_logp=inp.new_logp, z=inp.z)
     c1, c2 = clips
     kw = dict(target=target, c1=c1, c2=c2)
     kw.update(dict(budget=0.6) if zmode == "budget" else dict(lam=0.7))
@@ -115,7 +115,7 @@ def test_tis_matches_reference(dtype, level, cap):
     inp = batch(2, dtype, shape=(3, 5))
     res = tis(inp, cap=cap, level=level)
     w, keep = ref.tis_ref(
-        ref.rows(inp.rollout_logp), ref.rows(inp.ref_logp), ref.rows(inp.mask), cap=cap, level=level
+        ref.rows(inp.rollout_logp), ref.rows(inp.old_logp), ref.rows(inp.mask), cap=cap, level=level
     )
     close(res.weights, w, dtype)
     assert torch.equal(res.mask.double(), torch.tensor(keep, dtype=torch.float64))
@@ -129,7 +129,7 @@ def test_icepop_matches_reference(dtype, level, low, high):
     res = icepop(inp, low=low, high=high, level=level)
     w, keep = ref.icepop_ref(
         ref.rows(inp.rollout_logp),
-        ref.rows(inp.ref_logp),
+        ref.rows(inp.old_logp),
         ref.rows(inp.mask),
         low=low,
         high=high,
@@ -168,14 +168,14 @@ def test_none_keeps_every_response_token_with_weight_one():
 # hand-worked cases
 # --------------------------------------------------------------------------------------------------
 def test_hand_jackpot_weights_with_exact_z():
-    # One state, p_inf = (.5, .3, .2), p_tgt = p_ref = (.2, .3, .5), lam = 1 -> Z = 0.7 (test_core_obrs).
+    # One state, p_inf = (.5, .3, .2), p_tgt = p_old = (.2, .3, .5), lam = 1 -> Z = 0.7 (test_core_obrs).
     # Two sampled tokens at this state: x = 2 (r = 2.5) and x = 0 (r = 0.4).
     #   x = 2: a = min(1, 2.5) = 1;  w = Z max(1, 2.5) = 1.75 = p_tgt/p'_inf = .5 / (.2/.7)
     #   x = 0: a = 0.4;              w = Z max(1, 0.4) = 0.70 = .2 / (.2/.7)
     # u = (0.99, 0.39): token 0 kept (0.99 < 1), token 1 kept (0.39 < 0.4). c1 = 1.5 clips 1.75 -> 1.5.
     inp = CorrectionInputs(
         rollout_logp=torch.tensor([[0.2, 0.5]], dtype=torch.float64).log(),
-        ref_logp=torch.tensor([[0.5, 0.2]], dtype=torch.float64).log(),
+        old_logp=torch.tensor([[0.5, 0.2]], dtype=torch.float64).log(),
         mask=torch.ones(1, 2, dtype=torch.float64),
         uniforms=torch.tensor([[0.99, 0.39]], dtype=torch.float64),
         z=torch.full((1, 2), 0.7, dtype=torch.float64),
@@ -190,14 +190,14 @@ def test_hand_jackpot_weights_with_exact_z():
     # u = 0.41 for the second token rejects it (0.41 >= 0.4)
     inp2 = CorrectionInputs(
         inp.rollout_logp,
-        inp.ref_logp,
+        inp.old_logp,
         inp.mask,
         z=inp.z,
         uniforms=torch.tensor([[0.5, 0.41]], dtype=torch.float64),
     )
     torch.testing.assert_close(jp(inp2, lam=1.0).mask, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
     # expected-mask ablation: the same weights (1.75, 0.7), each token kept by its acceptance (1, 0.4)
-    inp3 = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=inp.z)
+    inp3 = CorrectionInputs(inp.rollout_logp, inp.old_logp, inp.mask, z=inp.z)
     res3 = jp(inp3, lam=1.0)
     torch.testing.assert_close(res3.weights, torch.tensor([[1.75, 0.7]], dtype=torch.float64))
     torch.testing.assert_close(res3.mask, torch.tensor([[1.0, 0.4]], dtype=torch.float64))
@@ -210,7 +210,7 @@ def test_hand_jackpot_budget_mode():
     # no uniforms -> the expected mask: keep a = (1/3, 2/3, 1, 1), weights w unchanged
     inp = CorrectionInputs(
         rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
-        ref_logp=(torch.tensor([[0.5, 1.0, 2.0, 4.0]], dtype=torch.float64) * 0.25).log(),
+        old_logp=(torch.tensor([[0.5, 1.0, 2.0, 4.0]], dtype=torch.float64) * 0.25).log(),
         mask=torch.ones(1, 4, dtype=torch.float64),
     )
     res = jp(inp, budget=0.75)
@@ -221,12 +221,12 @@ def test_hand_jackpot_budget_mode():
 
 
 def test_hand_tis_and_icepop_levels():
-    # one sequence, ratios p_ref/p_inf = (4, 0.25, 2) on its three response tokens, a padded 4th token.
+    # one sequence, ratios p_old/p_inf = (4, 0.25, 2) on its three response tokens, a padded 4th token.
     # token: TIS cap 2 -> (2, .25, 2); sequence: prod = 2 -> min(2, 2) = 2; geometric: 2^(1/3) = 1.259921
     # IcePop [0.5, 2] at token level: 4 > 2 and 0.25 < 0.5 are masked -> keep (0, 0, 1), weights (0, 0, 2)
     inp = CorrectionInputs(
         rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
-        ref_logp=(torch.tensor([[4.0, 0.25, 2.0, 3.0]], dtype=torch.float64) * 0.25).log(),
+        old_logp=(torch.tensor([[4.0, 0.25, 2.0, 3.0]], dtype=torch.float64) * 0.25).log(),
         mask=torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64),
     )
     t = tis(inp, cap=2.0, level="token")
@@ -261,7 +261,7 @@ def test_hand_tis_and_icepop_levels():
 # properties and invariants
 # --------------------------------------------------------------------------------------------------
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from(DTYPES), st.sampled_from(["ref", "new"]))
+@given(st.integers(0, 10_000), st.sampled_from(DTYPES), st.sampled_from(["old", "new"]))
 def test_property_identical_models_accept_every_token_with_weight_one(seed, dtype, target):
     g = gen(seed)
     lp = sampled_logp(g, (3, 6), dtype)
@@ -302,7 +302,7 @@ def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance()
     shape = (400, 500)
     inp = CorrectionInputs(
         rollout_logp=sampled_logp(g, shape),
-        ref_logp=sampled_logp(g, shape),
+        old_logp=sampled_logp(g, shape),
         mask=torch.ones(shape, dtype=torch.float64),
         new_logp=sampled_logp(g, shape),
         uniforms=torch.rand(shape, generator=g, dtype=torch.float64),
@@ -316,7 +316,7 @@ def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance()
     # p_new moves a little: with the same uniforms, a token whose a did not change keeps its mask value
     moved = CorrectionInputs(
         inp.rollout_logp,
-        inp.ref_logp,
+        inp.old_logp,
         inp.mask,
         uniforms=inp.uniforms,
         new_logp=(inp.new_logp + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp_max(0.0),
@@ -331,41 +331,41 @@ def test_jackpot_mask_is_reproducible_and_its_frequency_matches_the_acceptance()
     assert 0 < (m_before != m_after).sum() < 0.01 * m_before.numel()
 
 
-@pytest.mark.parametrize("target", ["ref", "new"])
+@pytest.mark.parametrize("target", ["old", "new"])
 @pytest.mark.parametrize("lam", [0.5, 1.0, 2.5])
 def test_jackpot_total_weight_is_the_importance_weight_against_p_prime(target, lam):
     """METHOD.md §4: the weight of an accepted token is p_tgt/p'_inf = Z max(lam, r); with p_tgt = p_new
-    the loss weight rho = w * p_ref/p_new multiplies PPO's ratio p_new/p_ref, so the total gradient
-    weight rho * p_new/p_ref is the importance weight p_new/p'_inf. Checked against p'_inf built from the
+    the loss weight rho = w * p_old/p_new multiplies PPO's ratio p_new/p_old, so the total gradient
+    weight rho * p_new/p_old is the importance weight p_new/p'_inf. Checked against p'_inf built from the
     full distributions (unclipped, exact per-state Z passed in)."""
     g = gen(7)
     B, T, V = 3, 5, 11
     p_inf = ref.make_logp(g, (B, T, V))
-    p_ref = ref.make_logp(g, (B, T, V))
-    p_new = torch.log_softmax(p_ref + 0.5 * torch.randn((B, T, V), generator=g, dtype=torch.float64), -1)
+    p_old = ref.make_logp(g, (B, T, V))
+    p_new = torch.log_softmax(p_old + 0.5 * torch.randn((B, T, V), generator=g, dtype=torch.float64), -1)
     x = torch.multinomial(p_inf.exp().reshape(-1, V), 1, generator=g).reshape(B, T, 1)
-    p_tgt = p_ref if target == "ref" else p_new
+    p_tgt = p_old if target == "old" else p_new
     at = lambda lp: lp.gather(-1, x).squeeze(-1)  # noqa: E731
     inp = CorrectionInputs(
         rollout_logp=at(p_inf),
-        ref_logp=at(p_ref),
+        old_logp=at(p_old),
         new_logp=at(p_new),
         mask=torch.ones(B, T, dtype=torch.float64),
         z=normalizer(p_tgt, p_inf, lam),
         uniforms=torch.rand(B, T, generator=g, dtype=torch.float64),
     )  # sampled mask: w not scaled by a
     res = jp(inp, lam=lam, target=target)
-    total = res.weights * (at(p_new) - at(p_ref)).exp()  # rho * PPO ratio
+    total = res.weights * (at(p_new) - at(p_old)).exp()  # rho * PPO ratio
     expected = []
     for (b, t), xi in zip(itertools.product(range(B), range(T)), x.reshape(-1).tolist(), strict=True):
         p_prime = ref.post_rejection_row(p_tgt[b, t].tolist(), p_inf[b, t].tolist(), lam)
         p_new_x = math.exp(p_new[b, t, xi].item())
         p_tgt_x = math.exp(p_tgt[b, t, xi].item())
-        # target new: the total weight is p_new/p'_inf; target ref: rho = w = p_ref/p'_inf
+        # target new: the total weight is p_new/p'_inf; target old: rho = w = p_old/p'_inf
         expected.append(
             p_new_x / p_prime[xi]
             if target == "new"
-            else p_tgt_x / p_prime[xi] * p_new_x / math.exp(p_ref[b, t, xi].item())
+            else p_tgt_x / p_prime[xi] * p_new_x / math.exp(p_old[b, t, xi].item())
         )
     torch.testing.assert_close(
         total, torch.tensor(expected, dtype=torch.float64).reshape(B, T), rtol=1e-10, atol=0
@@ -378,20 +378,20 @@ def test_jackpot_total_weight_is_the_importance_weight_against_p_prime(target, l
 def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
     g = gen(8)
     inp = batch(8)
-    roll, refl, new = inp.rollout_logp.clone(), inp.ref_logp.clone(), inp.new_logp.clone()
+    roll, refl, new = inp.rollout_logp.clone(), inp.old_logp.clone(), inp.new_logp.clone()
     roll[0, -2:], refl[0, -2:], new[0, -2:] = -INF, -INF, -INF  # padding: every log-prob -inf
     refl[1, 1], new[1, 1] = -INF, -INF  # p_tgt = 0 at a sampled token
-    refl[2, 2] = -INF  # p_ref = 0 < p_new
-    new[3, 3] = -INF  # p_new = 0 < p_ref
+    refl[2, 2] = -INF  # p_old = 0 < p_new
+    new[3, 3] = -INF  # p_new = 0 < p_old
     roll[3, 4] = -INF  # p_inf = 0 at a response token (cannot be sampled)
-    roll[2, 3] = -INF  # ... and one in a row that also holds a p_ref = 0 token: sequence ratio 0 * inf
+    roll[2, 3] = -INF  # ... and one in a row that also holds a p_old = 0 token: sequence ratio 0 * inf
     inp = CorrectionInputs(
         roll, refl, inp.mask, new_logp=new, uniforms=torch.rand(roll.shape, generator=g, dtype=torch.float64)
     )
     results = [apply_correction("none", inp)]
     for level in ("token", "sequence", "geometric"):
         results += [tis(inp, level=level), icepop(inp, level=level)]
-    for target in ("ref", "new"):
+    for target in ("old", "new"):
         for kw in (dict(lam=1.0), dict(lam=0.3, c1=2.0, c2=2.0), dict(budget=0.5), dict(budget=1.0)):
             results.append(jp(inp, target=target, **kw))
     for res in results:
@@ -401,7 +401,7 @@ def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
         assert (res.mask <= inp.mask).all()
     # p_tgt = 0 at a sampled token: acceptance 0, so the token is always rejected
     assert jp(inp, lam=1.0).mask[1, 1].item() == 0.0
-    # a response with a p_ref = 0 token has sequence ratio 0 (weights at the log-ratio safety bound),
+    # a response with a p_old = 0 token has sequence ratio 0 (weights at the log-ratio safety bound),
     # also next to a p_inf = 0 token
     for level in ("sequence", "geometric"):
         for row in (1, 2):
@@ -412,7 +412,7 @@ def test_neg_inf_logprobs_give_no_nan_in_weights_masks_or_stats():
 def test_empty_mask_gives_finite_stats_for_fixed_lam():
     inp = batch(9)
     empty = CorrectionInputs(
-        inp.rollout_logp, inp.ref_logp, torch.zeros_like(inp.mask), uniforms=inp.uniforms
+        inp.rollout_logp, inp.old_logp, torch.zeros_like(inp.mask), uniforms=inp.uniforms
     )
     for res in (jp(empty, lam=1.0), tis(empty), icepop(empty)):
         assert res.mask.sum().item() == 0.0
@@ -437,7 +437,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         CorrectionInputs(lp[0], lp[0], mask[0])
     with pytest.raises(ValueError, match="rollout_logp contains NaN"):
         CorrectionInputs(nan_lp, lp, mask)
-    with pytest.raises(ValueError, match="ref_logp contains NaN"):
+    with pytest.raises(ValueError, match="old_logp contains NaN"):
         CorrectionInputs(lp, nan_lp, mask)
     with pytest.raises(ValueError, match="new_logp contains NaN"):
         CorrectionInputs(lp, lp, mask, new_logp=nan_lp)
@@ -447,7 +447,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         with pytest.raises(ValueError, match="level must be one of"):
             fn(inp, level="seq")
     with pytest.raises(ValueError, match="target must be one of"):
-        jp(inp, target="old")
+        jp(inp, target="ref")
     with pytest.raises(ValueError, match="target='new' needs new_logp"):
         jp(CorrectionInputs(lp, lp, mask), target="new")
     for lam in (0.0, -2.0, math.nan, INF):
@@ -492,7 +492,7 @@ def test_jackpot_refuses_to_run_without_what_it_declared():
     inp = batch(11)
     with pytest.raises(ValueError, match="per-state normaliser"):
         jackpot(inp, z="exact")
-    no_u = CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=torch.ones_like(inp.mask))
+    no_u = CorrectionInputs(inp.rollout_logp, inp.old_logp, inp.mask, z=torch.ones_like(inp.mask))
     with pytest.raises(ValueError, match="uniforms"):
         jackpot(no_u, z="exact", sampled_mask=True)
 
@@ -501,7 +501,7 @@ def test_tis_lower_truncation():
     # ratios (4, 0.25, 2, 0.05): cap 2, cap_min 0.5 (TRL's clip_min) -> (2, 0.5, 2, 0.5)
     inp = CorrectionInputs(
         rollout_logp=torch.full((1, 4), 0.25, dtype=torch.float64).log(),
-        ref_logp=(torch.tensor([[4.0, 0.25, 2.0, 0.05]], dtype=torch.float64) * 0.25).log(),
+        old_logp=(torch.tensor([[4.0, 0.25, 2.0, 0.05]], dtype=torch.float64) * 0.25).log(),
         mask=torch.ones(1, 4, dtype=torch.float64),
     )
     res = tis(inp, cap=2.0, cap_min=0.5)
@@ -528,7 +528,7 @@ def test_expected_mask_loss_has_the_sampled_mask_scale_in_expectation(mode):
     draws = []
     for seed in range(200):
         u = torch.rand(B, T, generator=gen(1000 + seed), dtype=torch.float64)
-        res = jackpot(CorrectionInputs(inp.rollout_logp, inp.ref_logp, inp.mask, z=inp.z, uniforms=u),
+        res = jackpot(CorrectionInputs(inp.rollout_logp, inp.old_logp, inp.mask, z=inp.z, uniforms=u),
                       lam=1.0, z="exact")
         draws.append(aggregate(token_loss * res.weights, res.mask, mode, response_mask=inp.mask))
     draws = torch.stack(draws)

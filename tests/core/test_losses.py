@@ -42,35 +42,35 @@ def close(actual: torch.Tensor, expected, dtype) -> None:
 @pytest.mark.parametrize("dual_clip", [None, 1.5])
 def test_ppo_token_loss_matches_reference(dtype, eps, eps_high, adv_per_token, dual_clip):
     g = gen(1)
-    ref_lp = (torch.rand(4, 6, generator=g, dtype=torch.float64) * 0.9 + 0.05).log().to(dtype)
+    old_lp = (torch.rand(4, 6, generator=g, dtype=torch.float64) * 0.9 + 0.05).log().to(dtype)
     new_lp = (
-        (ref_lp.double() + 0.6 * torch.randn(4, 6, generator=g, dtype=torch.float64)).clamp_max(0).to(dtype)
+        (old_lp.double() + 0.6 * torch.randn(4, 6, generator=g, dtype=torch.float64)).clamp_max(0).to(dtype)
     )
     adv = torch.randn((4, 6) if adv_per_token else (4,), generator=g, dtype=torch.float64).to(dtype)
-    loss, diag = ppo_token_loss(new_lp, ref_lp, adv, clip_eps=eps, clip_eps_high=eps_high, dual_clip=dual_clip)
+    loss, diag = ppo_token_loss(new_lp, old_lp, adv, clip_eps=eps, clip_eps_high=eps_high, dual_clip=dual_clip)
     adv_full = adv if adv_per_token else adv.unsqueeze(-1).expand(4, 6)
     high = eps if eps_high is None else eps_high
     expected = [
         [ref.ppo_loss_token(n, r, a, eps, high, dual_clip) for n, r, a in zip(nr, rr, ar, strict=True)]
-        for nr, rr, ar in zip(ref.rows(new_lp), ref.rows(ref_lp), ref.rows(adv_full), strict=True)
+        for nr, rr, ar in zip(ref.rows(new_lp), ref.rows(old_lp), ref.rows(adv_full), strict=True)
     ]
     close(loss, expected, dtype)
-    close(diag["ratio"], (new_lp.double() - ref_lp.double()).exp(), dtype)
+    close(diag["ratio"], (new_lp.double() - old_lp.double()).exp(), dtype)
     assert not diag["ratio"].requires_grad and not diag["clipped"].requires_grad
 
 
 def test_ppo_gradient_flows_only_through_unclipped_tokens():
     # d loss / d log p_new = -ratio * A where the unclipped term is active, 0 where the clip binds
     g = gen(2)
-    ref_lp = torch.full((2, 8), math.log(0.3), dtype=torch.float64, requires_grad=True)
-    new_lp = (ref_lp.detach() + 0.5 * torch.randn(2, 8, generator=g, dtype=torch.float64)).requires_grad_()
+    old_lp = torch.full((2, 8), math.log(0.3), dtype=torch.float64, requires_grad=True)
+    new_lp = (old_lp.detach() + 0.5 * torch.randn(2, 8, generator=g, dtype=torch.float64)).requires_grad_()
     adv = torch.randn(2, 8, generator=g, dtype=torch.float64)
-    loss, diag = ppo_token_loss(new_lp, ref_lp, adv, clip_eps=0.2)
+    loss, diag = ppo_token_loss(new_lp, old_lp, adv, clip_eps=0.2)
     loss.sum().backward()
-    ratio = (new_lp - ref_lp).detach().exp()
+    ratio = (new_lp - old_lp).detach().exp()
     expected = torch.where(diag["clipped"] > 0, torch.zeros_like(ratio), -ratio * adv)
     torch.testing.assert_close(new_lp.grad, expected)
-    assert ref_lp.grad is None  # p_ref is a constant
+    assert old_lp.grad is None  # p_old is a constant
     assert 0 < diag["clipped"].sum() < diag["clipped"].numel()
 
 
@@ -292,7 +292,7 @@ def test_distill_sampled_expected_gradient_is_the_named_direction(direction):
         estimator="sampled",
         sampled_ids=ids,
         teacher_sampled_logp=teacher_lp[0, 0][ids],
-        behaviour_sampled_logp=behaviour_lp[0, 0][ids],
+        rollout_sampled_logp=behaviour_lp[0, 0][ids],
         is_cap=1e12,
     )
     p_inf = behaviour_lp[0, 0].exp()
@@ -322,7 +322,7 @@ def test_distill_topk_and_sampled_match_reference(direction, dtype):
         estimator="sampled",
         sampled_ids=x,
         teacher_sampled_logp=teacher_lp.gather(-1, x[..., None])[..., 0],
-        behaviour_sampled_logp=behaviour_lp.gather(-1, x[..., None])[..., 0],
+        rollout_sampled_logp=behaviour_lp.gather(-1, x[..., None])[..., 0],
         is_cap=1.5,
     )
     exp_topk, exp_s = [], []
@@ -408,7 +408,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         ppo_token_loss(lp, lp, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="new_logp contains NaN"):
         ppo_token_loss(nan_lp, lp, torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="ref_logp contains NaN"):
+    with pytest.raises(ValueError, match="old_logp contains NaN"):
         ppo_token_loss(lp, nan_lp, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="loss aggregation must be one of"):
         aggregate(lp, torch.ones(2, 3), "mean")

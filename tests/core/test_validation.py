@@ -18,7 +18,7 @@ def _inputs(dtype=torch.float64, **over):
     shape = (3, 5)
     base = dict(
         rollout_logp=-torch.rand(shape, generator=g, dtype=torch.float64) * 3,
-        ref_logp=-torch.rand(shape, generator=g, dtype=torch.float64) * 3,
+        old_logp=-torch.rand(shape, generator=g, dtype=torch.float64) * 3,
         mask=torch.ones(shape, dtype=torch.float64),
         new_logp=-torch.rand(shape, generator=g, dtype=torch.float64) * 3,
         uniforms=torch.rand(shape, generator=g, dtype=torch.float64),
@@ -35,7 +35,7 @@ def _nan_at(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("field", ["rollout_logp", "ref_logp", "new_logp", "uniforms", "z", "mask"])
+@pytest.mark.parametrize("field", ["rollout_logp", "old_logp", "new_logp", "uniforms", "z", "mask"])
 def test_nan_in_any_input_is_refused_naming_it(field):
     kw = _inputs()
     kw[field] = _nan_at(kw[field])
@@ -63,7 +63,7 @@ def test_uniforms_and_z_ranges():
         obrs.kappa(torch.full((2, 2), math.nan), torch.full((2, 2), 0.5), torch.ones(2, 2))
 
 
-@pytest.mark.parametrize("field", ["rollout_logp", "ref_logp", "new_logp"])
+@pytest.mark.parametrize("field", ["rollout_logp", "old_logp", "new_logp"])
 def test_log_probabilities_above_zero_are_refused(field):
     kw = _inputs()
     kw[field] = kw[field].clone()
@@ -90,10 +90,10 @@ def test_logp_tolerance_follows_the_dtype():
     ("icepop", dict(low=1e-9, high=1e9)),
 ])
 def test_half_precision_weights_are_computed_in_float32_and_finite(dtype, name, kwargs):
-    # p_ref / p_inf = e^30 at one token: the weight is clamped to e^SAFETY_BOUND = 4.85e8, more than float16's
+    # p_old / p_inf = e^30 at one token: the weight is clamped to e^SAFETY_BOUND = 4.85e8, more than float16's
     # largest finite value 65504, so a float16 computation would give inf.
     kw = _inputs(torch.float64)
-    kw["rollout_logp"][0, 0], kw["ref_logp"][0, 0], kw["new_logp"][0, 0] = -35.0, -5.0, -5.0
+    kw["rollout_logp"][0, 0], kw["old_logp"][0, 0], kw["new_logp"][0, 0] = -35.0, -5.0, -5.0
     wide = CorrectionInputs(**kw)
     half = CorrectionInputs(**{k: v.to(dtype) for k, v in kw.items()})
     reference = apply_correction(name, CorrectionInputs(**{k: v.to(dtype).double() for k, v in kw.items()}), **kwargs)

@@ -115,7 +115,7 @@ def test_weights_and_mask_reach_trls_loss(tmp_path, monkeypatch, loss_type, mode
     torch.testing.assert_close(inputs["old_per_token_logps"] * mask, new * mask)
     # the weights, recomputed independently from the raw sampling and policy log-probs (they do not
     # depend on the uniforms); the sampled mask is the one the subclass drew
-    ref = jackpot(CorrectionInputs(rollout_logp=out["sampling_per_token_logps"].float(), ref_logp=new.float(),
+    ref = jackpot(CorrectionInputs(rollout_logp=out["sampling_per_token_logps"].float(), old_logp=new.float(),
                                    mask=mask, uniforms=torch.zeros_like(mask)), budget=0.7, z="batch", c1=1.5)
     keep = inputs["obrs_mask"] * mask
     assert 0 < keep.sum() < mask.sum() and torch.all(keep <= mask)
@@ -137,7 +137,7 @@ def test_expected_mask_keeps_each_token_with_its_acceptance(tmp_path, monkeypatc
     (inputs, new, loss), = trainer.seen
     (out,) = raw
     mask = out["completion_mask"].float()
-    ref = jackpot(CorrectionInputs(rollout_logp=out["sampling_per_token_logps"].float(), ref_logp=new.float(),
+    ref = jackpot(CorrectionInputs(rollout_logp=out["sampling_per_token_logps"].float(), old_logp=new.float(),
                                    mask=mask), lam=1.2, z="batch", c1=2.0, sampled_mask=False)
     torch.testing.assert_close(inputs["tool_mask"] * mask, ref.mask)
     per_token, _ = ppo_token_loss(new.float(), new.float(), out["advantages"].float())

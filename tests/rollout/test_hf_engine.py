@@ -74,10 +74,10 @@ def test_logprobs_match_teacher_forced_forward(model, tok, prompts, temperature,
                                  temperature=temperature)
     expected = token_logprobs(logits, batch.response_ids)
     m = batch.response_mask.bool()
-    torch.testing.assert_close(batch.logprobs[m], expected[m], atol=LOGPROB_TOL, rtol=0)
+    torch.testing.assert_close(batch.rollout_logp[m], expected[m], atol=LOGPROB_TOL, rtol=0)
     # the top-k are the K largest of the same distribution
     full = torch.log_softmax(logits, -1).topk(5, dim=-1).values
-    torch.testing.assert_close(batch.topk_logprobs[m], full[m], atol=LOGPROB_TOL, rtol=0)
+    torch.testing.assert_close(batch.topk_logp[m], full[m], atol=LOGPROB_TOL, rtol=0)
 
 
 def test_matches_hf_processed_scores_with_top_p(engine, model, tok, prompts):
@@ -93,22 +93,22 @@ def test_matches_hf_processed_scores_with_top_p(engine, model, tok, prompts):
     assert torch.equal(hf_response[m], batch.response_ids[m])
     hf_logq = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1)
     expected = hf_logq.gather(-1, hf_response.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(batch.logprobs[m], expected[m], atol=1e-6, rtol=0)
-    assert torch.isfinite(batch.logprobs[m]).all()
-    assert torch.isinf(batch.topk_logprobs[m]).any()  # top-p removed some of the top-5 somewhere
+    torch.testing.assert_close(batch.rollout_logp[m], expected[m], atol=1e-6, rtol=0)
+    assert torch.isfinite(batch.rollout_logp[m]).all()
+    assert torch.isinf(batch.topk_logp[m]).any()  # top-p removed some of the top-5 somewhere
 
 
 def test_topk_sorted_and_contains_sampled_token(engine, prompts):
     batch = rollout(engine, prompts, temperature=1.3, seed=2)
     m = batch.response_mask.bool()
-    lp = batch.topk_logprobs[m]
+    lp = batch.topk_logp[m]
     assert batch.topk_ids.shape == (*batch.response_ids.shape, 5) and batch.topk_ids.dtype == torch.long
     assert (lp[:, :-1] >= lp[:, 1:]).all()
     hit = batch.topk_ids[m] == batch.response_ids[m].unsqueeze(-1)
     in_topk = hit.any(-1)
     assert in_topk.any() and (~in_topk).any()  # both cases occur at this temperature
-    torch.testing.assert_close(lp[hit], batch.logprobs[m][in_topk], atol=1e-6, rtol=0)
-    assert (batch.logprobs[m][~in_topk] <= lp[~in_topk, -1] + 1e-6).all()
+    torch.testing.assert_close(lp[hit], batch.rollout_logp[m][in_topk], atol=1e-6, rtol=0)
+    assert (batch.rollout_logp[m][~in_topk] <= lp[~in_topk, -1] + 1e-6).all()
 
 
 def test_response_mask_zero_after_eos(engine, tok, prompts):
@@ -122,8 +122,8 @@ def test_response_mask_zero_after_eos(engine, tok, prompts):
             assert ids[first + 1:].eq(tok.pad_token_id).all()
         else:
             assert mask.eq(1).all()
-    assert batch.response_mask.dtype == torch.float32 and batch.logprobs.dtype == torch.float32
-    assert (batch.logprobs[batch.response_mask == 0] == 0).all()
+    assert batch.response_mask.dtype == torch.float32 and batch.rollout_logp.dtype == torch.float32
+    assert (batch.rollout_logp[batch.response_mask == 0] == 0).all()
 
 
 def test_response_mask_from_ids_handles_pad_equal_to_eos():
@@ -136,7 +136,7 @@ def test_same_seed_same_rollout_and_global_rng_untouched(engine, prompts):
     state = torch.get_rng_state()
     a, b = rollout(engine, prompts, seed=11), rollout(engine, prompts, seed=11)
     assert torch.equal(torch.get_rng_state(), state)
-    for name in ("response_ids", "response_mask", "logprobs", "topk_ids", "topk_logprobs"):
+    for name in ("response_ids", "response_mask", "rollout_logp", "topk_ids", "topk_logp"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     c = rollout(engine, prompts, seed=12)
     assert not torch.equal(a.response_ids, c.response_ids)
@@ -169,7 +169,7 @@ def test_model_generation_config_does_not_leak(engine, model, prompts):
     finally:
         model.generation_config = saved
     assert torch.equal(leaked.response_ids, plain.response_ids)
-    assert torch.equal(leaked.logprobs, plain.logprobs)
+    assert torch.equal(leaked.rollout_logp, plain.rollout_logp)
     model.train()  # a policy used as its own rollout model is in train mode; generate restores it
     try:
         rollout(engine, prompts, max_new_tokens=1)
@@ -199,8 +199,8 @@ def make_batch(B, P, T, K=3, version=0, fill=1.0):
     return RolloutBatch(
         prompt_ids=torch.full((B, P), 5), prompt_mask=torch.ones(B, P, dtype=torch.long),
         response_ids=torch.full((B, T), 6), response_mask=torch.ones(B, T),
-        logprobs=torch.full((B, T), -fill), topk_ids=torch.full((B, T, K), 7),
-        topk_logprobs=torch.full((B, T, K), -fill), model_version=version,
+        rollout_logp=torch.full((B, T), -fill), topk_ids=torch.full((B, T, K), 7),
+        topk_logp=torch.full((B, T, K), -fill), model_version=version,
     )
 
 
@@ -210,7 +210,7 @@ def test_rollout_batch_properties_select_and_to():
     sub = batch.select(torch.tensor([2, 0]))
     assert len(sub) == 2 and sub.topk_ids.shape == (2, 4, 3)
     assert len(batch.select(torch.tensor([True, False, True]))) == 2
-    assert batch.to("cpu").logprobs.device.type == "cpu"
+    assert batch.to("cpu").rollout_logp.device.type == "cpu"
 
 
 def test_rollout_batch_cat_pads_prompts_left_and_responses_right():
@@ -219,12 +219,12 @@ def test_rollout_batch_cat_pads_prompts_left_and_responses_right():
     assert merged.prompt_mask[2].tolist() == [0, 0, 1] and merged.prompt_ids[2].tolist() == [0, 0, 5]
     assert merged.response_mask[0].tolist() == [1, 1, 0, 0]
     assert merged.response_ids[0].tolist() == [6, 6, 0, 0]
-    assert merged.topk_logprobs.shape == (3, 4, 3) and merged.topk_logprobs[0, 3].tolist() == [0.0] * 3
+    assert merged.topk_logp.shape == (3, 4, 3) and merged.topk_logp[0, 3].tolist() == [0.0] * 3
 
 
 def test_rollout_batch_validates_shapes():
-    with pytest.raises(ValueError, match="topk_logprobs must have shape"):
-        RolloutBatch(**{**make_batch(2, 3, 4).__dict__, "topk_logprobs": torch.zeros(2, 4, 2)})
+    with pytest.raises(ValueError, match="topk_logp must have shape"):
+        RolloutBatch(**{**make_batch(2, 3, 4).__dict__, "topk_logp": torch.zeros(2, 4, 2)})
     with pytest.raises(ValueError, match="model_version"):
         RolloutBatch.cat([make_batch(1, 1, 1, version=0), make_batch(1, 1, 1, version=1)])
     with pytest.raises(ValueError, match="non-empty"):
@@ -245,7 +245,7 @@ def test_uniform_sampling_is_row_local(engine, tok, prompts):
             n = int(whole.response_mask[r].sum())
             assert int(part.response_mask[j].sum()) == n
             assert torch.equal(part.response_ids[j, :n], whole.response_ids[r, :n])
-            torch.testing.assert_close(part.logprobs[j, :n], whole.logprobs[r, :n], atol=1e-5, rtol=0)
+            torch.testing.assert_close(part.rollout_logp[j, :n], whole.rollout_logp[r, :n], atol=1e-5, rtol=0)
 
 
 def test_uniform_sampling_inverts_the_cdf():
@@ -269,7 +269,7 @@ def test_uniform_sampling_follows_q(engine, prompts):
     out = engine.generate(ids[rows], mask[rows], max_new_tokens=1, topk=3, uniforms=u, temperature=0.8)
     counts = torch.bincount(out.response_ids[:, 0], minlength=out.topk_ids.max() + 1).double() / n
     top = out.topk_ids[0, 0]
-    q = out.topk_logprobs[0, 0].double().exp()
+    q = out.topk_logp[0, 0].double().exp()
     assert torch.allclose(counts[top], q, atol=4 * (q * (1 - q) / n).sqrt().max().item() + 1e-3)
 
 
@@ -303,12 +303,12 @@ def test_after_sync_weights_the_engine_samples_from_the_new_weights(tok, prompts
     # sampling from the module it was built with would still give `before`
     engine.sync_weights(new, version=7)
     after = rollout(engine, prompts, seed=3)
-    torch.testing.assert_close(rollout(make_engine(name, old, tok), prompts, seed=3).logprobs, before.logprobs,
+    torch.testing.assert_close(rollout(make_engine(name, old, tok), prompts, seed=3).rollout_logp, before.rollout_logp,
                                atol=0, rtol=0)  # `old` itself is left as it was
     assert after.model_version == 7 and before.model_version == 0
-    assert not torch.equal(before.logprobs, after.logprobs)
+    assert not torch.equal(before.rollout_logp, after.rollout_logp)
     reference = rollout(make_engine(name, new, tok), prompts, seed=3)
-    torch.testing.assert_close(after.logprobs, reference.logprobs, atol=0, rtol=0)
+    torch.testing.assert_close(after.rollout_logp, reference.rollout_logp, atol=0, rtol=0)
     torch.testing.assert_close(after.response_ids, reference.response_ids, atol=0, rtol=0)
 
 

@@ -39,7 +39,7 @@ def main(out: str, run_dir: str, steps: int, overrides: list[str]) -> None:
         values = loop._train_step(run, step)
         prep = captured["prep"]
         rows = {"response_ids": prep.batch.response_ids, "response_mask": prep.batch.response_mask,
-                "rewards": captured["rewards"].reshape(-1, 1), "ref_logp": prep.ref_logp}
+                "rewards": captured["rewards"].reshape(-1, 1), "old_logp": prep.old_logp}
         if prep.correction is not None:
             rows.update(weights=prep.correction.weights, keep=prep.correction.mask)
         gathered = {k: coll.gather_rows(v)[0] for k, v in rows.items()}

@@ -252,7 +252,7 @@ def test_generation_in_chunks_equals_all_at_once(tmp_path, cache):
     w = whole.response_len
     assert chunked.response_len == w and torch.equal(chunked.response_ids, whole.response_ids)
     assert torch.equal(chunked.response_mask, whole.response_mask)
-    torch.testing.assert_close(chunked.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.rollout_logp, whole.rollout_logp, atol=1e-5, rtol=0)
 
 
 def test_evaluation_samples_with_the_configured_nucleus(tmp_path, cache, monkeypatch):

@@ -3,13 +3,13 @@
 For every correction x target x aggregation mode, one `prepare` + `update` (SGD, lr 1, one optimizer step)
 on a hand-built batch must move the policy by exactly minus the gradient of
 
-    sum_t keep_t * w_t * PPO_t(p_new / p_ref, A) / denominator
+    sum_t keep_t * w_t * PPO_t(p_new / p_old, A) / denominator
 
 with keep, w, Z, kappa, lambda, the PPO clip and the denominator recomputed here from the definitions
 (METHOD.md §4), independently of `jackpot.train.update`. The batch is built so that the formula is
 discriminating: the rollout model and the policy differ (weights far from 1, tokens rejected), and the
-policy moves between `prepare` and `update` (the staleness case), so p_new != p_ref, the PPO clip binds,
-and target='new' differs from target='ref'. Likewise for the rollout model's loss (PPO with its IS weight
+policy moves between `prepare` and `update` (the staleness case), so p_new != p_old, the PPO clip binds,
+and target='new' differs from target='old'. Likewise for the rollout model's loss (PPO with its IS weight
 + distillation toward the policy in each direction and estimator), the grad clip, and collection.
 """
 
@@ -110,18 +110,18 @@ def _bisect_lambda(r, m, budget):
     return (lo + hi) / 2
 
 
-def _weights_and_keep(cfg, batch, ref_logp, new_logp, ref_logits, new_logits, roll_logits):
+def _weights_and_keep(cfg, batch, old_logp, new_logp, old_logits, new_logits, roll_logits):
     """(w, keep) of the configured correction, from the definitions (METHOD.md §4, §7)."""
-    c, m, lp_inf = cfg.correction, batch.response_mask, batch.logprobs
+    c, m, lp_inf = cfg.correction, batch.response_mask, batch.rollout_logp
     if c.name == "none":
         return torch.ones_like(m), m
-    r_ref = (ref_logp - lp_inf).exp()
+    r_ref = (old_logp - lp_inf).exp()
     if c.name == "tis":
         return r_ref.clamp(min=c.cap_min, max=c.cap), m
     if c.name == "icepop":
         keep = m * ((r_ref >= c.low) & (r_ref <= c.high))
         return r_ref * keep, keep
-    tgt_lp, tgt_logits = (ref_logp, ref_logits) if c.target == "ref" else (new_logp, new_logits)
+    tgt_lp, tgt_logits = (old_logp, old_logits) if c.target == "old" else (new_logp, new_logits)
     r = (tgt_lp - lp_inf).exp()
     if c.budget is not None:
         lam = _bisect_lambda(r, m, c.budget)
@@ -133,7 +133,7 @@ def _weights_and_keep(cfg, batch, ref_logp, new_logp, ref_logits, new_logits, ro
         if c.z == "exact":
             z = torch.minimum(torch.softmax(roll_logits, -1), p_tgt / lam).sum(-1)
         elif c.z == "topk":
-            z = torch.minimum(batch.topk_logprobs.exp(), p_tgt.gather(-1, batch.topk_ids) / lam).sum(-1)
+            z = torch.minimum(batch.topk_logp.exp(), p_tgt.gather(-1, batch.topk_ids) / lam).sum(-1)
             kappa = max(1.0, float((a * m).sum() / (z * m).sum()))
             assert kappa > 1.05, "top-k Z should under-estimate here, or kappa is not tested"
             z = kappa * z
@@ -144,7 +144,7 @@ def _weights_and_keep(cfg, batch, ref_logp, new_logp, ref_logits, new_logits, ro
     if c.c1 is not None:
         w = w.clamp(max=c.c1)
     if c.target == "new":
-        w = w * (ref_logp - new_logp).exp().clamp(max=c.c2 if c.c2 is not None else float("inf"))
+        w = w * (old_logp - new_logp).exp().clamp(max=c.c2 if c.c2 is not None else float("inf"))
     if c.sampled_mask:
         # one row of max_new_tokens uniforms per (global) sequence, drawn from one table per (seed, step)
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, STEP, 1))
@@ -156,8 +156,8 @@ def _weights_and_keep(cfg, batch, ref_logp, new_logp, ref_logits, new_logits, ro
     return w, keep
 
 
-def _ppo(new_lp, ref_lp, adv, t):
-    ratio = (new_lp - ref_lp).exp()
+def _ppo(new_lp, old_lp, adv, t):
+    ratio = (new_lp - old_lp).exp()
     loss = -ratio * adv
     if t.clip_eps is not None:
         high = t.clip_eps_high if t.clip_eps_high is not None else t.clip_eps
@@ -173,12 +173,12 @@ def _expected_policy_grad(cfg, world, stale, moved, init=None):
     t = cfg.train
     adv = group_advantages(rewards, mode=t.advantages).reshape(-1, 1).expand(B, T)
     with torch.no_grad():
-        ref_logits = _logits(stale, batch)
-    ref_lp = _logp(ref_logits, batch.response_ids)
+        old_logits = _logits(stale, batch)
+    old_lp = _logp(old_logits, batch.response_ids)
     new_logits = _logits(moved, batch)
     new_lp = _logp(new_logits, batch.response_ids)
-    w, keep = _weights_and_keep(cfg, batch, ref_lp, new_lp.detach(), ref_logits, new_logits.detach(), roll_logits)
-    tok = _ppo(new_lp, ref_lp, adv, t)
+    w, keep = _weights_and_keep(cfg, batch, old_lp, new_lp.detach(), old_logits, new_logits.detach(), roll_logits)
+    tok = _ppo(new_lp, old_lp, adv, t)
     if init is not None:
         with torch.no_grad():
             init_lp = _logp(_logits(init, batch), batch.response_ids)
@@ -189,7 +189,7 @@ def _expected_policy_grad(cfg, world, stale, moved, init=None):
 
 
 def _trainer_step(cfg, world, stale, moved, *, rollout_opt_lr=None, init=None):
-    """prepare with the stale policy (p_ref), then one update of the moved one; returns both models'
+    """prepare with the stale policy (p_old), then one update of the moved one; returns both models'
     parameter changes (and the prepared batch)."""
     _, rollout, batch, rewards, _ = world
     prep = prepare(cfg, batch, rewards, policy=stale, rollout_model=rollout, init_policy=init, step=STEP)
@@ -319,7 +319,7 @@ def _expected_rollout_grad(cfg, world, teacher_model, rollout_moved, old_lp):
     s_lp = _logp(s_logits, batch.response_ids)
     with torch.no_grad():
         t_logits = _logits(teacher_model, batch)
-    is_w = (old_lp - batch.logprobs).exp().clamp(max=d.is_cap)
+    is_w = (old_lp - batch.rollout_logp).exp().clamp(max=d.is_cap)
     loss = (_ppo(s_lp, old_lp, adv, t) * is_w * m).sum() / m.sum() if d.ppo else 0.0
     if d.estimator == "full":
         ls, lt = torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1)
@@ -331,7 +331,7 @@ def _expected_rollout_grad(cfg, world, teacher_model, rollout_moved, old_lp):
     else:
         kl = distill_kl(s_logits, direction=d.direction, estimator="sampled", sampled_ids=batch.response_ids,
                         teacher_sampled_logp=_logp(t_logits, batch.response_ids),
-                        behaviour_sampled_logp=batch.logprobs, is_cap=d.is_cap)
+                        rollout_sampled_logp=batch.rollout_logp, is_cap=d.is_cap)
     loss = loss + d.coef * (kl * m).sum() / m.sum()
     return torch.autograd.grad(loss, list(rollout_moved.parameters()), allow_unused=True)
 
@@ -340,7 +340,7 @@ def _expected_rollout_grad(cfg, world, teacher_model, rollout_moved, old_lp):
 @pytest.mark.parametrize("estimator", ["full", "topk", "sampled"])
 @pytest.mark.parametrize("ppo", [True, False])
 def test_rollout_model_step_distils_toward_the_current_policy(world, direction, estimator, ppo):
-    """The teacher is the policy being trained (after it moved), not p_ref or p_inf; the PPO term uses
+    """The teacher is the policy being trained (after it moved), not p_old or p_inf; the PPO term uses
     the rollout model's own old log-probs with the truncated IS weight p_omega_old / p_inf."""
     cfg = _cfg("correction.z=exact", f"distill.direction={direction}", f"distill.estimator={estimator}",
                f"distill.ppo={str(ppo).lower()}", "distill.coef=0.7", "distill.is_cap=1.3")
@@ -349,8 +349,8 @@ def test_rollout_model_step_distils_toward_the_current_policy(world, direction, 
     _, d_roll, prep = _trainer_step(cfg, world, policy_stale, policy_moved, rollout_opt_lr=1.0)
     with torch.no_grad():
         old_lp = _logp(_logits(rollout, batch), batch.response_ids)
-    torch.testing.assert_close(prep.rollout_old_logp, old_lp, rtol=0, atol=1e-12)
-    # engine noise: batch.logprobs are the rollout model's own, so p_omega_old / p_inf = 1 here; the IS
+    torch.testing.assert_close(prep.rollout_model_old_logp, old_lp, rtol=0, atol=1e-12)
+    # engine noise: batch.rollout_logp are the rollout model's own, so p_omega_old / p_inf = 1 here; the IS
     # weight is exercised in test_rollout_model_is_weight_uses_the_engine_logprobs
     grad = _expected_rollout_grad(cfg, world, policy_moved, copy.deepcopy(rollout).requires_grad_(True), old_lp)
     _assert_step_is_minus_grad(d_roll, grad)
@@ -361,9 +361,9 @@ def test_rollout_model_is_weight_uses_the_engine_logprobs(world):
     weighted by min(p_omega_old / p_inf, is_cap)."""
     policy, rollout, batch, rewards, roll_logits = world
     g = torch.Generator().manual_seed(9)
-    noisy = (batch.logprobs + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp(max=-1e-3)
+    noisy = (batch.rollout_logp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp(max=-1e-3)
     noisy_batch = RolloutBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
-                               noisy * batch.response_mask, batch.topk_ids, batch.topk_logprobs)
+                               noisy * batch.response_mask, batch.topk_ids, batch.topk_logp)
     w2 = (policy, rollout, noisy_batch, rewards, roll_logits)
     cfg = _cfg("correction.name=tis", "distill.coef=0.0", "distill.is_cap=1.3")
     _, d_roll, _ = _trainer_step(cfg, w2, policy, policy, rollout_opt_lr=1.0)
@@ -396,9 +396,9 @@ def test_decoupled_mode_samples_from_the_rollout_model_and_on_policy_from_the_po
             own = {name: _logp(response_logits(model, batch.input_ids, batch.attention_mask, batch.response_len, 0.7),
                                batch.response_ids) for name, model in run.models.items()}
         sampler = "rollout_model" if mode == "decoupled" else "policy"
-        torch.testing.assert_close(batch.logprobs * m, own[sampler] * m, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(batch.rollout_logp * m, own[sampler] * m, rtol=1e-4, atol=1e-4)
         if mode == "decoupled":
-            assert ((batch.logprobs - own["policy"]).abs() * m).max() > 1e-2
+            assert ((batch.rollout_logp - own["policy"]).abs() * m).max() > 1e-2
 
 
 def _tiny_run(tmp_path, name, *extra):
@@ -438,7 +438,7 @@ def test_each_step_draws_its_own_prompts_and_samples_reproducibly(tmp_path):
 
 def test_dropout_is_off_so_the_first_ratio_is_exactly_one(tmp_path):
     """A checkpoint with dropout: the trainer keeps both models in eval mode, so at the first mini-batch
-    p_new == p_ref exactly (with dropout on, the policy's forward would be random)."""
+    p_new == p_old exactly (with dropout on, the policy's forward would be random)."""
     from jackpot.train.loop import _train_step
 
     run = _tiny_run(tmp_path, "run", "correction.name=none")

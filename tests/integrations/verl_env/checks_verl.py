@@ -78,7 +78,7 @@ def test_batch_part_gives_jackpot_core_mask_and_weights_on_a_dataproto(section):
     torch.manual_seed(123)
     u = torch.rand(old.shape, dtype=torch.float32)
     extra = section.get("jackpot", {})
-    ref = jackpot(CorrectionInputs(rollout_logp=rollout, ref_logp=old, mask=mask.float(), uniforms=u),
+    ref = jackpot(CorrectionInputs(rollout_logp=rollout, old_logp=old, mask=mask.float(), uniforms=u),
                   lam=extra.get("lam", 1.0), budget=extra.get("budget"), z="batch",
                   c1=section["rollout_is_threshold"])
     assert torch.equal(out.batch["response_mask"], (mask * ref.mask).long())
@@ -162,7 +162,7 @@ def _loss_inputs(seed=0):
     adv = torch.randn(old.shape[0], 1, generator=g, dtype=torch.float64).expand_as(old).contiguous()
     adv[::2] = -adv[::2].abs()
     u = torch.rand(old.shape, generator=g, dtype=torch.float64)
-    res = jackpot(CorrectionInputs(rollout_logp=rollout, ref_logp=old, mask=mask.double(), uniforms=u),
+    res = jackpot(CorrectionInputs(rollout_logp=rollout, old_logp=old, mask=mask.double(), uniforms=u),
                   budget=0.8, z="batch", c1=2.0)
     return old, new, adv, mask * res.mask.long(), res.weights * res.mask
 
