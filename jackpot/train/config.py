@@ -121,8 +121,8 @@ class CorrectionConfig:
     budget: float | None = None
     """Jackpot: solve lambda per batch for this mean acceptance (METHOD.md §4.2); None: fixed lam."""
     target: str = "old"
-    """Jackpot: align p_inf to 'old' (the policy at collection, the paper's p_ref) or 'new' (current policy; its correction is
-    then computed per micro-batch, see jackpot/train/update.py)."""
+    """Jackpot: align p_inf to 'old' (the policy at collection, the paper's p_ref) or 'new' (the current
+    policy; its correction is then recomputed per mini-batch, see jackpot/train/update.py)."""
     z: str = "exact"
     """Jackpot per-state normaliser: 'exact' (streamed over the vocabulary), 'topk' (+ kappa) or
     'batch' (the batch's mean acceptance). Ignored when budget is set."""
