@@ -147,12 +147,12 @@ def _topk_bias(cfg, policy, rollout, batch, args) -> dict:
 
     from jackpot.core import head as vocab
     from jackpot.core import obrs
-    from jackpot.train.update import _forward, _raw_z, needs_of
+    from jackpot.train.update import model_head, needs_of, topk_z
 
     with torch.no_grad():
-        tgt, roll = _forward(policy, batch, 1.0), _forward(rollout, batch, 1.0)
+        tgt, roll = model_head(policy, batch, 1.0), model_head(rollout, batch, 1.0)
         needs = needs_of(cfg)
-        raw = _raw_z(cfg, needs, tgt, batch)
+        raw = topk_z(cfg, needs, tgt, batch)
         exact = vocab.normalizer(tgt, roll, needs.z_lam, chunk=args.chunk).reshape(raw.shape)
         tgt_lp = vocab.logprobs_at(tgt, batch.response_ids.reshape(-1), chunk=args.chunk).reshape(raw.shape)
         k = obrs.kappa(obrs.acceptance_prob(tgt_lp, batch.rollout_logp, needs.z_lam), raw, batch.response_mask)

@@ -2,7 +2,10 @@
 
 One process is the default and nothing here changes it: `Collective()` is the identity. Under a
 launcher (WORLD_SIZE > 1 in the environment) `Collective.from_env` joins the process group (NCCL on
-CUDA, Gloo on CPU) and the trainer uses it for exactly four things:
+CUDA, Gloo on CPU). Row ownership lives here too: `Collective.shard(rows)` is this rank's contiguous
+block of a global batch (a `Shard`, which maps a mini-batch's global rows to its own), `padded` gives
+every rank as many micro-batches as the busiest one, and `backward` scales a rank's loss share for the
+gradient average. The trainer crosses ranks for exactly four things:
 
     gather_rows   the per-token tensors of a batch, row blocks in rank order (small: sampled-token
                   log-probs, masks, uniforms). Every batch statistic — the budget lambda (a sort of all
@@ -29,6 +32,7 @@ import contextlib
 import datetime
 import inspect
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -76,11 +80,25 @@ class Collective:
         size = n // self.world
         return range(self.rank * size, (self.rank + 1) * size)
 
+    def shard(self, rows: int) -> Shard:
+        """This rank's block of a global batch of `rows` rows (the number of processes divides it)."""
+        return Shard(self.share(rows, "the batch's rows"), rows)
+
     def uneven_share(self, n: int) -> range:
         """This rank's contiguous block of n items, the first n % world ranks taking one more."""
         size, extra = divmod(n, self.world)
         start = self.rank * size + min(self.rank, extra)
         return range(start, start + size + (self.rank < extra))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of this rank's share of a global loss (global denominators): DDP and FSDP2 average
+        gradients over ranks, so the share is scaled by the world size (1 in one process)."""
+        (loss * self.world).backward()
+
+    def padded(self, items: list, pad) -> list:
+        """`items` followed by as many `pad` as make every rank's list as long as the longest: a sharded
+        model's forward is a collective, so ranks with fewer micro-batches run padding ones."""
+        return items + [pad] * (self.max_int(len(items)) - len(items))
 
     # ---- collectives (identity in one process)
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -131,6 +149,20 @@ class Collective:
     def _comm_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
             else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The rows of a global batch one rank holds: the contiguous block `rows` of `total` rows."""
+
+    rows: range
+    total: int
+
+    def local(self, global_rows: torch.Tensor) -> torch.Tensor:
+        """The rows among `global_rows` (global indices) this rank holds, as indices into its block, in
+        the given order."""
+        mine = (global_rows >= self.rows.start) & (global_rows < self.rows.stop)
+        return global_rows[mine] - self.rows.start
 
 
 # ----------------------------------------------------------------------------- wrapping models

@@ -38,7 +38,7 @@ from jackpot.rollout.hf import decode_responses, encode_prompts
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
-from jackpot.train.distributed import Collective, gathered_for_generation, is_sharded, wrap
+from jackpot.train.distributed import Collective, Shard, gathered_for_generation, is_sharded, wrap
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
 from jackpot.train.update import prepare, row_uniforms, step_seed, update
@@ -225,7 +225,7 @@ def _write_config(cfg: Config, out: Path) -> None:
 # ----------------------------------------------------------------------------- phases
 def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
     """Sample this rank's share of prompts_per_step prompts x group_size responses and score them:
-    (batch, rewards (N / processes, G)). The batch's rows are the global rows `_rows(run)`."""
+    (batch, rewards (N / processes, G)). The batch's rows are the global rows `_shard(run).rows`."""
     t, s = run.cfg.train, run.cfg.sampling
     examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, 0))
     share = run.coll.share(t.prompts_per_step, "train.prompts_per_step")
@@ -233,7 +233,8 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated],
                                              chat_template=run.cfg.task.chat_template)
     actor = run.rollout_train if run.rollout_model is not None else run.policy_train
-    uniforms = row_uniforms(t.seed, step, 3, t.prompts_per_step * t.group_size, s.max_new_tokens, _rows(run))
+    shard = _shard(run)
+    uniforms = row_uniforms(t.seed, step, 3, shard.total, s.max_new_tokens, shard.rows)
     size = run.cfg.rollout.batch_size or len(repeated)  # equal shares: every rank runs as many generate calls
     with gathered_for_generation(actor) as model:
         run.engine.sync_weights(model, step)  # the actor's weights after the previous step's update
@@ -248,11 +249,10 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
     return batch, rewards.reshape(len(share), t.group_size).to(batch.rollout_logp.device)
 
 
-def _rows(run: Run) -> range:
-    """The global rows of the rollout batch this rank holds (whole groups)."""
+def _shard(run: Run) -> Shard:
+    """The rows of the global rollout batch this rank holds (whole groups: its share of the prompts)."""
     t = run.cfg.train
-    share = run.coll.share(t.prompts_per_step, "train.prompts_per_step")
-    return range(share.start * t.group_size, share.stop * t.group_size)
+    return run.coll.shard(t.prompts_per_step * t.group_size)
 
 
 @torch.no_grad()
@@ -286,10 +286,8 @@ def _train_step(run: Run, step: int) -> dict[str, float]:
     batch, rewards = collect(run, step)
     t1 = time.perf_counter()
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
-    rows = _rows(run)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
-                   init_policy=run.init_policy, step=step, coll=run.coll, first_row=rows.start,
-                   global_rows=cfg.train.prompts_per_step * cfg.train.group_size)
+                   init_policy=run.init_policy, step=step, coll=run.coll, shard=_shard(run))
     t2 = time.perf_counter()
     # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
     upd = update(cfg, prep, policy=run.policy_train, rollout_model=run.rollout_train, policy_opt=run.policy_opt,

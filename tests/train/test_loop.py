@@ -17,7 +17,7 @@ from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import build_config
 from jackpot.train.loop import collect, setup
-from jackpot.train.update import _forward, _logp, _policy_loss, prepare, update
+from jackpot.train.update import model_head, policy_loss, prepare, sampled_logp, update
 
 TINY = [
     "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",
@@ -148,10 +148,10 @@ def test_jackpot_loss_equals_on_policy_loss_for_identical_models(tmp_path, cache
     # identical models: r = 1 up to engine numerics (~1e-6), so every token is accepted with weight ~1
     assert torch.equal(prep_j.correction.mask, mask)
     torch.testing.assert_close(prep_j.correction.weights * mask, mask, rtol=0, atol=1e-4)
-    idx = torch.arange(len(prep_j.batch))
-    new_logp = _logp(cfg_j, _forward(run.policy, prep_j.batch, cfg_j.sampling.temperature), prep_j.batch.response_ids)
-    loss_j, _ = _policy_loss(cfg_j, prep_j, idx, new_logp, prep_j.correction, mask.sum())
-    loss_n, _ = _policy_loss(cfg_n, prep_n, idx, new_logp, prep_n.correction, mask.sum())
+    head = model_head(run.policy, prep_j.batch, cfg_j.sampling.temperature)
+    new_logp = sampled_logp(cfg_j, head, prep_j.batch.response_ids)
+    loss_j, _ = policy_loss(cfg_j, prep_j, new_logp, mask.sum())
+    loss_n, _ = policy_loss(cfg_n, prep_n, new_logp, mask.sum())
     torch.testing.assert_close(loss_j, loss_n, rtol=1e-4, atol=1e-6)
 
 
@@ -272,3 +272,43 @@ def test_evaluation_samples_with_the_configured_nucleus(tmp_path, cache, monkeyp
 
     evaluate(run, run.policy)
     assert seen and seen[-1]["top_p"] == 0.9 and seen[-1]["temperature"] == 0.5
+
+
+@pytest.mark.parametrize("mode", ["on-policy", "decoupled"])
+def test_trainer_log_probs_are_those_of_the_sampling_temperature(tmp_path, cache, mode):
+    """At sampling.temperature != 1 the trainer's p_old (and p_omega_old) are the distribution the engine
+    sampled from: on-policy p_old equals the engine's recorded p_inf, decoupled p_omega_old does, and the
+    first PPO ratio of the update (p_new / p_old before any step) is exactly 1."""
+    cfg = _cfg(cache, f"train.mode={mode}", "sampling.temperature=0.6", "train.minibatches=1", "train.ppo_epochs=1")
+    run = setup(cfg, tmp_path)
+    batch, rewards = collect(run, step=1)
+    prep = prepare(cfg, batch, rewards, policy=run.policy, rollout_model=run.rollout_model, init_policy=None, step=1)
+    m = batch.response_mask.bool()
+    sampler_logp = prep.old_logp if mode == "on-policy" else prep.rollout_model_old_logp
+    torch.testing.assert_close(sampler_logp[m], batch.rollout_logp[m], atol=1e-5, rtol=0)
+    assert float(prep.metrics["mismatch/rollout_model_kl_k3"]) < 1e-9
+    if mode == "on-policy":
+        assert float(prep.metrics["mismatch/kl_k3"]) < 1e-9
+    record = update(cfg, prep, policy=run.policy, rollout_model=run.rollout_model, step=1,
+                    policy_opt=torch.optim.SGD(run.policy.parameters(), lr=0.0), rollout_opt=None)
+    assert float(record["policy/ratio_mean"]) == 1.0
+
+
+def test_target_new_correction_is_that_of_the_sampling_temperature(tmp_path, cache):
+    """target='new' recomputes the correction from the policy being optimised, at sampling.temperature: at
+    the first mini-batch that policy is p_old, so its correction equals target='old''s, statistic for
+    statistic (same uniforms, same kappa)."""
+    base = ["sampling.temperature=0.6", "correction.z=topk", "train.minibatches=1", "train.ppo_epochs=1"]
+    cfg_old, cfg_new = _cfg(cache, *base), _cfg(cache, *base, "correction.target=new")
+    run = setup(cfg_old, tmp_path)
+    batch, rewards = collect(run, step=1)
+    kw = dict(policy=run.policy, rollout_model=run.rollout_model, init_policy=None, step=1)
+    old = prepare(cfg_old, batch, rewards, **kw).metrics
+    prep_new = prepare(cfg_new, batch, rewards, **kw)
+    assert prep_new.correction is None
+    record = update(cfg_new, prep_new, policy=run.policy, rollout_model=run.rollout_model, step=1,
+                    policy_opt=torch.optim.SGD(run.policy.parameters(), lr=0.0), rollout_opt=None)
+    keys = [k for k in old if k.startswith("obrs/")]
+    assert "obrs/accept_rate" in keys and "obrs/kappa" in keys
+    for k in keys:
+        torch.testing.assert_close(record[k], old[k].float(), rtol=1e-6, atol=1e-7, msg=k)

@@ -493,12 +493,12 @@ def test_bfloat16_models_train_with_float32_log_probs(tmp_path):
 def test_default_micro_batches_follow_a_token_budget(world):
     """micro_batch_size unset: micro_batch_tokens // T sequences per micro-batch (here 10 // 5 = 2), and the
     step is still the hand formula."""
-    from jackpot.train.update import _micro_size
+    from jackpot.train.update import micro_size
 
-    assert _micro_size(_cfg("train.micro_batch_tokens=10"), T) == 2
-    assert _micro_size(_cfg("train.micro_batch_tokens=10", "train.micro_batch_size=3"), T) == 3
-    assert _micro_size(_cfg("train.micro_batch_tokens=1"), T) == 1
-    assert _micro_size(_cfg(), T) >= B  # the default covers this whole batch
+    assert micro_size(_cfg("train.micro_batch_tokens=10"), T) == 2
+    assert micro_size(_cfg("train.micro_batch_tokens=10", "train.micro_batch_size=3"), T) == 3
+    assert micro_size(_cfg("train.micro_batch_tokens=1"), T) == 1
+    assert micro_size(_cfg(), T) >= B  # the default covers this whole batch
     cfg = _cfg("correction.target=new", "correction.z=topk", "train.micro_batch_tokens=10",
                "distill.rollout_model=frozen")
     stale = world[0]
