@@ -60,7 +60,7 @@ def _moving_average(values, window: int):
     return np.stack([np.convolve(v, kernel, mode="valid") for v in values])
 
 
-def _set_limits(ax, key: str, values: list[float]) -> bool:
+def set_limits(ax, key: str, values: list[float]) -> bool:
     """[0, 1] for fractions and [0, ...) for non-negative quantities; False if the data leave that range."""
     if not values:
         return True
@@ -106,7 +106,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
             ax.plot(steps, vals.mean(0), color=colors[label], label=f"{label} (n={len(series)})")
             if len(series) > 1:
                 ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[label], alpha=0.15)
-        honest = _set_limits(ax, key, [v for line in ax.get_lines() for v in line.get_ydata()])
+        honest = set_limits(ax, key, [v for line in ax.get_lines() for v in line.get_ydata()])
         ax.set_title(name + (f" (moving avg {smooth})" if smoothed and smooth > 1 else "")
                      + ("" if honest else "\n(y axis zoomed, not from 0)"), fontsize=10)
         ax.set_xlabel("step")

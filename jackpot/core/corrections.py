@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from jackpot.core._checks import (
+from jackpot.core.checks import (
     SAFETY_BOUND,
     check_budget,
     check_in_range,

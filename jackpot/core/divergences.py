@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from jackpot.core._checks import (
+from jackpot.core.checks import (
     SAFETY_BOUND,
     check_logp,
     check_positive,
