@@ -13,18 +13,19 @@ from collections import defaultdict
 from pathlib import Path
 
 from jackpot.fileio import write_atomic
+from jackpot.metric_names import EVAL_ACCURACY, MISMATCH_KL_K3, OBRS_ACCEPT_RATE, REWARD_MEAN
 from jackpot.metrics import read_metrics
 
 PANELS = (  # (metric, title, smoothed)
-    ("reward/mean", "train reward", True),
-    ("eval/accuracy", "policy eval accuracy (Mean@k)", False),
-    ("mismatch/kl_k3", "actor-policy KL (k3)", True),
-    ("obrs/accept_rate", "OBRS acceptance rate", True),
+    (REWARD_MEAN, "train reward", True),
+    (EVAL_ACCURACY, "policy eval accuracy (Mean@k)", False),
+    (MISMATCH_KL_K3, "actor-policy KL (k3)", True),
+    (OBRS_ACCEPT_RATE, "OBRS acceptance rate", True),
 )
 # Axes show scale honestly: fractions span [0, 1] (a +0.02 change looks like one), non-negative quantities
 # start at 0; a panel whose data leave those ranges keeps matplotlib's limits and says so in its title.
-FRACTIONS = ("reward/mean", "eval/accuracy", "obrs/accept_rate")
-NON_NEGATIVE = ("mismatch/kl_k3",)
+FRACTIONS = (REWARD_MEAN, EVAL_ACCURACY, OBRS_ACCEPT_RATE)
+NON_NEGATIVE = (MISMATCH_KL_K3,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,24 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from jackpot.metric_names import (
+    ACCURACY,
+    ACCURACY_SE,
+    EVAL,
+    EVAL_ACCURACY,
+    EVAL_ROLLOUT_MODEL,
+    MISMATCH_KL_K3,
+    OBRS_ACCEPT_RATE,
+    PERF_EVAL_S,
+    PERF_PREPARE_S,
+    PERF_ROLLOUT_S,
+    PERF_ROLLOUT_TOKENS_PER_S,
+    PERF_STEP_S,
+    PERF_UPDATE_S,
+    RESPONSE_LENGTH,
+    REWARD_MEAN,
+    pass_at,
+)
 from jackpot.metrics import MetricLogger, scalars, standard_error
 from jackpot.models.loading import load_model, load_tokenizer
 from jackpot.models.tokenizer import check_same_tokenizer
@@ -276,8 +294,8 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
     rewards = run.coll.gather_rows(rewards.reshape(len(share), t.eval_samples))[0]
-    return {"accuracy": mean_at_k(rewards), "accuracy_se": standard_error(rewards),
-            f"pass@{t.eval_samples}": pass_at_k(rewards, t.eval_samples)}
+    return {ACCURACY: mean_at_k(rewards), ACCURACY_SE: standard_error(rewards),
+            pass_at(t.eval_samples): pass_at_k(rewards, t.eval_samples)}
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
@@ -300,21 +318,21 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     t3 = time.perf_counter()
     coll = run.coll
     tokens = coll.sum(batch.response_mask.sum())
-    values = scalars({"reward/mean": coll.gather_rows(rewards)[0].mean(),
-                      "response/length": tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
+    values = scalars({REWARD_MEAN: coll.gather_rows(rewards)[0].mean(),
+                      RESPONSE_LENGTH: tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
                       **prep.metrics, **upd})
-    values.update({"perf/rollout_s": t1 - t0, "perf/prepare_s": t2 - t1, "perf/update_s": t3 - t2,
-                   "perf/step_s": t3 - t0, "perf/rollout_tokens_per_s": float(tokens) / max(t1 - t0, 1e-9)})
+    values.update({PERF_ROLLOUT_S: t1 - t0, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2,
+                   PERF_STEP_S: t3 - t0, PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(t1 - t0, 1e-9)})
     return values
 
 
 def evaluate_all(run: Run) -> dict[str, float]:
     """`evaluate` the policy (eval/...) and the rollout model if any (eval_rollout_model/...), timed."""
     t0 = time.perf_counter()
-    out = {f"eval/{k}": v for k, v in evaluate(run, run.policy_train).items()}
+    out = {EVAL + k: v for k, v in evaluate(run, run.policy_train).items()}
     if run.rollout_model is not None:
-        out.update({f"eval_rollout_model/{k}": v for k, v in evaluate(run, run.rollout_train).items()})
-    out["perf/eval_s"] = time.perf_counter() - t0
+        out.update({EVAL_ROLLOUT_MODEL + k: v for k, v in evaluate(run, run.rollout_train).items()})
+    out[PERF_EVAL_S] = time.perf_counter() - t0
     return out
 
 
@@ -374,5 +392,5 @@ def _deferred_interrupt():
 
 
 def _postfix(values: dict[str, float]) -> dict[str, str]:
-    keys = {"reward": "reward/mean", "accept": "obrs/accept_rate", "kl": "mismatch/kl_k3", "acc": "eval/accuracy"}
+    keys = {"reward": REWARD_MEAN, "accept": OBRS_ACCEPT_RATE, "kl": MISMATCH_KL_K3, "acc": EVAL_ACCURACY}
     return {short: f"{values[k]:.3g}" for short, k in keys.items() if k in values}
