@@ -72,15 +72,15 @@ def setup_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> di
     """Models, engine, optimizers and config of one variant, ready for `step`."""
     from jackpot.rollout import make_engine
     from jackpot.train.config import build_config
-    from jackpot.train.loop import _prepared_model
+    from jackpot.train.loop import prepared_model
 
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     cfg = build_config(None, [*VARIANTS[variant], f"train.prompts_per_step={args.batch // 2}", "train.group_size=2",
                               f"sampling.max_new_tokens={args.length}", f"rollout.engine={args.engine}"])
     r_layers, p_layers = (int(x) if x else None for x in args.layers.split(":"))
-    policy = _prepared_model(build(policy_spec, p_layers, args.vocab, 0, dtype, device), cfg.policy)
+    policy = prepared_model(build(policy_spec, p_layers, args.vocab, 0, dtype, device), cfg.policy)
     rollout = None if cfg.train.mode == "on-policy" else \
-        _prepared_model(build(rollout_spec, r_layers, args.vocab, 1, dtype, device), cfg.rollout_model)
+        prepared_model(build(rollout_spec, r_layers, args.vocab, 1, dtype, device), cfg.rollout_model)
     actor = rollout if rollout is not None else policy
     return {"cfg": cfg, "policy": policy, "rollout": rollout, "actor": actor, "device": device,
             "engine": make_engine(cfg.rollout.engine, actor, _Ids()),

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jackpot.metric_names import PERF_STEP_S
+
 OVERRIDES: list[str] = []  # --overrides, passed to every run
 
 
@@ -41,8 +43,8 @@ def run_together(outs: list[Path], cache: Path, steps: int, threads: int) -> lis
             raise SystemExit(f"jackpot train failed:\n{err}")
     results = []
     for out, wall in zip(outs, walls):
-        steps_s = [r["perf/step_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                   if r.get("perf/step_s") is not None]
+        steps_s = [r[PERF_STEP_S] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                   if r.get(PERF_STEP_S) is not None]
         results.append((wall, sum(steps_s) / len(steps_s)))
     return results
 

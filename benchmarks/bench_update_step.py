@@ -88,10 +88,10 @@ def measure(args) -> dict:
     policy = _model(args.policy, args.policy_layers, 0, dtype, device)
     rollout = None if cfg.train.mode == "on-policy" else _model(args.rollout, args.rollout_layers, 1, dtype, device)
     if args.impl != "baseline":  # dropout off, gradient checkpointing / LoRA as configured, as `jackpot train` does
-        from jackpot.train.loop import _prepared_model
+        from jackpot.train.loop import prepared_model
 
-        policy = _prepared_model(policy, cfg.policy)
-        rollout = rollout if rollout is None else _prepared_model(rollout, cfg.rollout_model)
+        policy = prepared_model(policy, cfg.policy)
+        rollout = rollout if rollout is None else prepared_model(rollout, cfg.rollout_model)
     g = torch.Generator().manual_seed(2)
     P = 16
     prompt = torch.randint(0, VOCAB, (B, P), generator=g).to(device)

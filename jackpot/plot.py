@@ -13,18 +13,19 @@ from collections import defaultdict
 from pathlib import Path
 
 from jackpot.fileio import write_atomic
+from jackpot.metric_names import EVAL_ACCURACY, MISMATCH_KL_K3, OBRS_ACCEPT_RATE, REWARD_MEAN
 from jackpot.metrics import read_metrics
 
 PANELS = (  # (metric, title, smoothed)
-    ("reward/mean", "train reward", True),
-    ("eval/accuracy", "policy eval accuracy (Mean@k)", False),
-    ("mismatch/kl_k3", "actor-policy KL (k3)", True),
-    ("obrs/accept_rate", "OBRS acceptance rate", True),
+    (REWARD_MEAN, "train reward", True),
+    (EVAL_ACCURACY, "policy eval accuracy (Mean@k)", False),
+    (MISMATCH_KL_K3, "actor-policy KL (k3)", True),
+    (OBRS_ACCEPT_RATE, "OBRS acceptance rate", True),
 )
 # Axes show scale honestly: fractions span [0, 1] (a +0.02 change looks like one), non-negative quantities
 # start at 0; a panel whose data leave those ranges keeps matplotlib's limits and says so in its title.
-FRACTIONS = ("reward/mean", "eval/accuracy", "obrs/accept_rate")
-NON_NEGATIVE = ("mismatch/kl_k3",)
+FRACTIONS = (REWARD_MEAN, EVAL_ACCURACY, OBRS_ACCEPT_RATE)
+NON_NEGATIVE = (MISMATCH_KL_K3,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def _moving_average(values, window: int):
     return np.stack([np.convolve(v, kernel, mode="valid") for v in values])
 
 
-def _set_limits(ax, key: str, values: list[float]) -> bool:
+def set_limits(ax, key: str, values: list[float]) -> bool:
     """[0, 1] for fractions and [0, ...) for non-negative quantities; False if the data leave that range."""
     if not values:
         return True
@@ -106,7 +107,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
             ax.plot(steps, vals.mean(0), color=colors[label], label=f"{label} (n={len(series)})")
             if len(series) > 1:
                 ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[label], alpha=0.15)
-        honest = _set_limits(ax, key, [v for line in ax.get_lines() for v in line.get_ydata()])
+        honest = set_limits(ax, key, [v for line in ax.get_lines() for v in line.get_ydata()])
         ax.set_title(name + (f" (moving avg {smooth})" if smoothed and smooth > 1 else "")
                      + ("" if honest else "\n(y axis zoomed, not from 0)"), fontsize=10)
         ax.set_xlabel("step")

@@ -24,6 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from compare import mean_std, train_once  # noqa: E402
 
 from jackpot.fileio import write_text_atomic  # noqa: E402
+from jackpot.metric_names import ICEPOP, OBRS, OBRS_C1_CLIPPED_FRAC, POLICY_GRAD_NORM, TIS, WEIGHT_MAX  # noqa: E402
 from jackpot.metrics import read_metrics  # noqa: E402
 
 
@@ -39,13 +40,13 @@ def _run(preset: str, field: str, value: str, seed: int, out: Path, overrides: l
                 return vals
         return []
 
-    w_max = series("obrs/weight_max", "tis/weight_max", "icepop/weight_max")
+    w_max = series(*(prefix + WEIGHT_MAX for prefix in (OBRS, TIS, ICEPOP)))
     return {
         "delta": summary["eval_after"] - summary["eval_before"],
         "w_max_mean": statistics.mean(w_max) if w_max else None,
         "w_max_max": max(w_max) if w_max else None,
-        "clipped": statistics.mean(series("obrs/c1_clipped_frac")) if series("obrs/c1_clipped_frac") else None,
-        "grad_norm": statistics.mean(series("policy/grad_norm")),
+        "clipped": statistics.mean(series(OBRS_C1_CLIPPED_FRAC)) if series(OBRS_C1_CLIPPED_FRAC) else None,
+        "grad_norm": statistics.mean(series(POLICY_GRAD_NORM)),
         "kl": summary["actor_policy_kl_k3_mean"],
         "accept": summary["accept_rate_mean"],
     }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from jackpot.core._checks import check_finite
+from jackpot.core.checks import check_finite
 
 ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
 

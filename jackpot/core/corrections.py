@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from jackpot.core._checks import (
+from jackpot.core.checks import (
     SAFETY_BOUND,
     check_budget,
     check_in_range,
@@ -48,6 +48,23 @@ from jackpot.core._checks import (
     to_output_dtype,
 )
 from jackpot.core.obrs import batch_lambda
+from jackpot.metric_names import (
+    ICEPOP,
+    LOG_RATIO_MEAN,
+    MASKED_FRAC,
+    OBRS,
+    OBRS_ACCEPT_PROB_MEAN,
+    OBRS_ACCEPT_RATE,
+    OBRS_C1_CLIPPED_FRAC,
+    OBRS_LAMBDA,
+    OBRS_Z_MEAN,
+    TIS,
+    TIS_CLIPPED_FRAC,
+    TIS_CLIPPED_LOW_FRAC,
+    WEIGHT_MAX,
+    WEIGHT_MEAN,
+    WEIGHT_MIN,
+)
 
 LEVELS = ("token", "sequence", "geometric")
 TARGETS = ("old", "new")
@@ -155,16 +172,17 @@ def _level_log_ratio(lr: torch.Tensor, mask: torch.Tensor, level: str) -> torch.
     return seq.expand_as(lr)
 
 
-def _base_stats(name: str, log_r: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
+def _base_stats(prefix: str, log_r: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                 keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics every correction logs under its `prefix` (tis/, icepop/, obrs/)."""
     m = mask > 0
     w = weights[m] if m.any() else weights.new_ones(1)
     return {
-        f"{name}/weight_mean": masked_mean(weights * keep, mask),
-        f"{name}/weight_max": w.max(),
-        f"{name}/weight_min": w.min(),
-        f"{name}/masked_frac": 1.0 - masked_mean(keep, mask),
-        f"{name}/log_ratio_mean": masked_mean(log_r.clamp(-SAFETY_BOUND, SAFETY_BOUND), mask),
+        prefix + WEIGHT_MEAN: masked_mean(weights * keep, mask),
+        prefix + WEIGHT_MAX: w.max(),
+        prefix + WEIGHT_MIN: w.min(),
+        prefix + MASKED_FRAC: 1.0 - masked_mean(keep, mask),
+        prefix + LOG_RATIO_MEAN: masked_mean(log_r.clamp(-SAFETY_BOUND, SAFETY_BOUND), mask),
     }
 
 
@@ -199,10 +217,10 @@ def tis(inp: CorrectionInputs, *, cap: float = 2.0, cap_min: float | None = None
     mask, lr = _upcast_inputs(inp)
     lr = _level_log_ratio(lr, mask, level)
     w = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp(min=cap_min, max=cap)
-    stats = _base_stats("tis", lr, w, mask, mask)
-    stats["tis/clipped_frac"] = masked_mean((lr.exp() > cap).to(mask.dtype), mask)
+    stats = _base_stats(TIS, lr, w, mask, mask)
+    stats[TIS_CLIPPED_FRAC] = masked_mean((lr.exp() > cap).to(mask.dtype), mask)
     if cap_min is not None:
-        stats["tis/clipped_low_frac"] = masked_mean((lr.exp() < cap_min).to(mask.dtype), mask)
+        stats[TIS_CLIPPED_LOW_FRAC] = masked_mean((lr.exp() < cap_min).to(mask.dtype), mask)
     return _result(inp, w, mask, stats)
 
 
@@ -216,7 +234,7 @@ def icepop(inp: CorrectionInputs, *, low: float = 0.5, high: float = 2.0, level:
     lr = _level_log_ratio(lr, mask, level)
     r = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
     keep = ((r >= low) & (r <= high)).to(mask.dtype) * mask
-    return _result(inp, r * keep, keep, _base_stats("icepop", lr, r * keep, mask, keep))
+    return _result(inp, r * keep, keep, _base_stats(ICEPOP, lr, r * keep, mask, keep))
 
 
 def jackpot(
@@ -283,13 +301,13 @@ def jackpot(
         keep = (inp.uniforms < accept_prob).to(mask.dtype) * mask
     else:
         keep = accept_prob * mask
-    stats = _base_stats("obrs", lr, w, mask, keep)
+    stats = _base_stats(OBRS, lr, w, mask, keep)
     stats.update({
-        "obrs/accept_rate": masked_mean(keep, mask),
-        "obrs/accept_prob_mean": masked_mean(accept_prob, mask),
-        "obrs/lambda": lam_t,
-        "obrs/z_mean": masked_mean(log_z.exp(), mask),
-        "obrs/c1_clipped_frac": masked_mean((log_w.exp() > c1).to(mask.dtype), mask) if c1 else lr.new_zeros(()),
+        OBRS_ACCEPT_RATE: masked_mean(keep, mask),
+        OBRS_ACCEPT_PROB_MEAN: masked_mean(accept_prob, mask),
+        OBRS_LAMBDA: lam_t,
+        OBRS_Z_MEAN: masked_mean(log_z.exp(), mask),
+        OBRS_C1_CLIPPED_FRAC: masked_mean((log_w.exp() > c1).to(mask.dtype), mask) if c1 else lr.new_zeros(()),
     })
     return _result(inp, w, keep, stats)
 

@@ -18,13 +18,28 @@ import math
 
 import torch
 
-from jackpot.core._checks import (
+from jackpot.core.checks import (
     SAFETY_BOUND,
     check_logp,
     check_positive,
     check_same_shape,
     log_ratio,
     masked_mean,
+)
+from jackpot.metric_names import (
+    CHI2_SEQ,
+    CHI2_TOKEN,
+    ESS,
+    FRAC_ABOVE,
+    FRAC_BELOW,
+    KL_K1,
+    KL_K2,
+    KL_K3,
+    LOG_PPL_ABS_DIFF,
+    LOG_PPL_DIFF,
+    PPL_RATIO,
+    RATIO_MAX,
+    RATIO_MIN,
 )
 
 
@@ -35,9 +50,9 @@ def kl_estimators(other_logp: torch.Tensor, sample_logp: torch.Tensor, mask: tor
     check_same_shape(other_logp=other_logp, sample_logp=sample_logp, mask=mask)
     lr = log_ratio(other_logp, sample_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     return {
-        "kl_k1": masked_mean(-lr, mask),
-        "kl_k2": masked_mean(0.5 * lr.square(), mask),
-        "kl_k3": masked_mean(lr.exp() - 1.0 - lr, mask),
+        KL_K1: masked_mean(-lr, mask),
+        KL_K2: masked_mean(0.5 * lr.square(), mask),
+        KL_K3: masked_mean(lr.exp() - 1.0 - lr, mask),
     }
 
 
@@ -78,16 +93,16 @@ def mismatch_metrics(target_logp: torch.Tensor, rollout_logp: torch.Tensor, mask
     mean_lp = [_masked_sum(x.clamp_min(-SAFETY_BOUND * 10), m) / seq_len for x in (rollout_logp, target_logp)]
     ppl_diff = mean_lp[0] - mean_lp[1]
     out.update({
-        "chi2_token": masked_mean(rho.square(), m) - 1.0,
-        "chi2_seq": (2 * seq_lr).exp().mean() - 1.0,
-        "ess": effective_sample_size(rho, m),
-        "ratio_min": sel.min(),
-        "ratio_max": sel.max(),
-        "frac_above": masked_mean((rho > high).to(m.dtype), m),
-        "frac_below": masked_mean((rho < low).to(m.dtype), m),
-        "log_ppl_diff": ppl_diff.mean(),
-        "log_ppl_abs_diff": ppl_diff.abs().mean(),
-        "ppl_ratio": ppl_diff.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().mean(),
+        CHI2_TOKEN: masked_mean(rho.square(), m) - 1.0,
+        CHI2_SEQ: (2 * seq_lr).exp().mean() - 1.0,
+        ESS: effective_sample_size(rho, m),
+        RATIO_MIN: sel.min(),
+        RATIO_MAX: sel.max(),
+        FRAC_ABOVE: masked_mean((rho > high).to(m.dtype), m),
+        FRAC_BELOW: masked_mean((rho < low).to(m.dtype), m),
+        LOG_PPL_DIFF: ppl_diff.mean(),
+        LOG_PPL_ABS_DIFF: ppl_diff.abs().mean(),
+        PPL_RATIO: ppl_diff.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().mean(),
     })
     return out
 

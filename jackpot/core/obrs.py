@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from jackpot.core._checks import (
+from jackpot.core.checks import (
     as_log,
     check_budget,
     check_in_range,
@@ -79,16 +79,17 @@ def normalizer(target_logp: torch.Tensor, rollout_logp: torch.Tensor, lam: float
     return torch.minimum(rollout_logp, target_logp - as_log(lam, target_logp)).exp().sum(-1)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision inputs; float32/float64 kept as they are."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype `upcast` gives `x`: float32 for half precision, float32/float64 kept."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _chunked_logsumexp(logits: torch.Tensor, chunk: int, name: str = "logits") -> torch.Tensor:
+def chunked_logsumexp(logits: torch.Tensor, chunk: int, name: str = "logits") -> torch.Tensor:
     """logsumexp over the last dim, one vocabulary chunk at a time (float32 or wider).
 
     Also the NaN / +inf check of `logits`: either one makes its row's logsumexp NaN / +inf, so
@@ -99,7 +100,7 @@ def _chunked_logsumexp(logits: torch.Tensor, chunk: int, name: str = "logits") -
         raise ValueError(f"chunk_size must be > 0, got {chunk}")
     out = None
     for start in range(0, logits.shape[-1], chunk):
-        part = torch.logsumexp(_upcast(logits[..., start:start + chunk]), dim=-1)
+        part = torch.logsumexp(upcast(logits[..., start:start + chunk]), dim=-1)
         out = part if out is None else torch.logaddexp(out, part)
     if torch.isnan(out).any():
         raise ValueError(f"{name} contains NaN")
@@ -110,16 +111,16 @@ def _chunked_logsumexp(logits: torch.Tensor, chunk: int, name: str = "logits") -
 
 def _chunks_of_logp(target_logits: torch.Tensor, rollout_logits: torch.Tensor, chunk: int):
     """Yield (log p_tgt, log p_inf) for consecutive vocabulary chunks (float32, never all of V at once)."""
-    lse_t = _chunked_logsumexp(target_logits, chunk, "target_logits").unsqueeze(-1)
-    lse_r = _chunked_logsumexp(rollout_logits, chunk, "rollout_logits").unsqueeze(-1)
+    lse_t = chunked_logsumexp(target_logits, chunk, "target_logits").unsqueeze(-1)
+    lse_r = chunked_logsumexp(rollout_logits, chunk, "rollout_logits").unsqueeze(-1)
     for start in range(0, target_logits.shape[-1], chunk):
-        t = _upcast(target_logits[..., start:start + chunk]) - lse_t
-        r = _upcast(rollout_logits[..., start:start + chunk]) - lse_r
+        t = upcast(target_logits[..., start:start + chunk]) - lse_t
+        r = upcast(rollout_logits[..., start:start + chunk]) - lse_r
         yield t, r
 
 
 def _check_logits(target_logits: torch.Tensor, rollout_logits: torch.Tensor) -> None:
-    """Type and shape only; NaN / +inf are caught chunk by chunk in `_chunked_logsumexp`."""
+    """Type and shape only; NaN / +inf are caught chunk by chunk in `chunked_logsumexp`."""
     for name, x in (("target_logits", target_logits), ("rollout_logits", rollout_logits)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point torch.Tensor")
@@ -145,7 +146,7 @@ def normalizer_from_logits(
     """
     _check_logits(target_logits, rollout_logits)
     check_positive("lam", lam)
-    dtype = _compute_dtype(target_logits)
+    dtype = compute_dtype(target_logits)
     log_lam = as_log(lam, torch.empty((), dtype=dtype, device=target_logits.device))
     z = torch.zeros(target_logits.shape[:-1], dtype=dtype, device=target_logits.device)
     for t, r in _chunks_of_logp(target_logits, rollout_logits, chunk_size):
@@ -167,7 +168,7 @@ def obrs_kl_from_logits(
     """
     _check_logits(target_logits, rollout_logits)
     check_positive("lam", lam)
-    dtype = _compute_dtype(target_logits)
+    dtype = compute_dtype(target_logits)
     log_lam = as_log(lam, torch.empty((), dtype=dtype, device=target_logits.device))
     shape = target_logits.shape[:-1]
     z, kl_before, e_log_max = (torch.zeros(shape, dtype=dtype, device=target_logits.device) for _ in range(3))

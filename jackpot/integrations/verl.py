@@ -47,7 +47,7 @@ from verl import DataProto
 from verl.trainer.ppo import rollout_corr_helper
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
-from jackpot.core._checks import masked_mean
+from jackpot.core.checks import masked_mean
 from jackpot.core.corrections import CorrectionInputs, CorrectionResult, apply_correction
 from jackpot.core.divergences import effective_sample_size
 from jackpot.core.losses import ppo_token_loss

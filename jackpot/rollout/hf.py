@@ -95,14 +95,14 @@ class _Recorder(LogitsProcessor):
         self._prev = logq
         if self.uniforms is None:
             return scores
-        return _point_mass(scores, _inverse_cdf(logq, self.uniforms[:, len(self.topk_ids) - 1]))
+        return point_mass(scores, inverse_cdf(logq, self.uniforms[:, len(self.topk_ids) - 1]))
 
     def finish(self, last_tokens: torch.Tensor) -> None:
         if self._prev is not None:
             self._gather_prev(last_tokens)
 
 
-def _inverse_cdf(logq: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(logq: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """(B, V) log-probs, (B,) uniforms -> (B,) ids: the first id whose cumulative probability exceeds u
     (float64, so a 150k vocabulary adds no visible rounding; ids of probability 0 are never drawn)."""
     cdf = logq.double().exp().cumsum(-1)
@@ -110,7 +110,7 @@ def _inverse_cdf(logq: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return ids.clamp_max(logq.shape[-1] - 1)
 
 
-def _point_mass(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def point_mass(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Scores whose softmax is 1 at `ids` and 0 elsewhere: `generate` then samples exactly `ids`."""
     out = torch.full_like(scores, float("-inf"))
     return out.scatter_(-1, ids.view(-1, 1), 0.0)

@@ -29,6 +29,24 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from jackpot.metric_names import (
+    ACCURACY,
+    ACCURACY_SE,
+    EVAL,
+    EVAL_ACCURACY,
+    EVAL_ROLLOUT_MODEL,
+    MISMATCH_KL_K3,
+    OBRS_ACCEPT_RATE,
+    PERF_EVAL_S,
+    PERF_PREPARE_S,
+    PERF_ROLLOUT_S,
+    PERF_ROLLOUT_TOKENS_PER_S,
+    PERF_STEP_S,
+    PERF_UPDATE_S,
+    RESPONSE_LENGTH,
+    REWARD_MEAN,
+    pass_at,
+)
 from jackpot.metrics import MetricLogger, scalars, standard_error
 from jackpot.models.loading import load_model, load_tokenizer
 from jackpot.models.tokenizer import check_same_tokenizer
@@ -91,7 +109,8 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _model_dir(role: str, mc: ModelConfig, cfg: Config, progress: bool) -> str:
+def model_dir(role: str, mc: ModelConfig, cfg: Config, progress: bool) -> str:
+    """The directory of the model `mc` names: its `path`, else the tiny model pre-trained for the task (cached)."""
     if mc.path is not None:
         return mc.path
     spec = TinyModelSpec(name=role, task=cfg.task.name, task_kwargs=dict(cfg.task.options),
@@ -100,7 +119,7 @@ def _model_dir(role: str, mc: ModelConfig, cfg: Config, progress: bool) -> str:
     return str(pretrained_model(spec, Path(cfg.cache_dir).expanduser(), progress=progress))
 
 
-def _prepared_model(model: torch.nn.Module, mc: ModelConfig) -> torch.nn.Module:
+def prepared_model(model: torch.nn.Module, mc: ModelConfig) -> torch.nn.Module:
     """Dropout off for good (as TRL and verl): every dropout probability set to 0, so the train mode that
     Hugging Face's gradient checkpointing needs changes nothing; eval mode otherwise."""
     for module in model.modules():
@@ -158,9 +177,9 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     torch.set_num_threads(choose_threads(cfg)[0])  # train.threads, or a default that fits the models and CPUs
     task = make_task(cfg.task.name, **cfg.task.options)
     device = coll.device(cfg.train.device)
-    policy_dir = _main_first(coll, lambda: _model_dir("policy", cfg.policy, cfg, progress and coll.is_main))
+    policy_dir = _main_first(coll, lambda: model_dir("policy", cfg.policy, cfg, progress and coll.is_main))
     tokenizer = load_tokenizer(policy_dir)
-    policy = _prepared_model(load_model(policy_dir, dtype=cfg.policy.dtype, device=device), cfg.policy)
+    policy = prepared_model(load_model(policy_dir, dtype=cfg.policy.dtype, device=device), cfg.policy)
     init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
     mp = cfg.parallel.mixed_precision
     if init_policy is not None:  # the KL reference is distributed like the policy (sharded with it)
@@ -168,11 +187,11 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     policy_train = wrap(policy, cfg.parallel.policy, coll, trainable=True, mixed_precision=mp)
     rollout_model = rollout_train = rollout_opt = None
     if cfg.train.mode == "decoupled":
-        rollout_dir = _main_first(coll, lambda: _model_dir("rollout", cfg.rollout_model, cfg,
-                                                           progress and coll.is_main))
+        rollout_dir = _main_first(coll, lambda: model_dir("rollout", cfg.rollout_model, cfg,
+                                                          progress and coll.is_main))
         check_same_tokenizer(load_tokenizer(rollout_dir), tokenizer, names=("rollout_model", "policy"))
-        rollout_model = _prepared_model(load_model(rollout_dir, dtype=cfg.rollout_model.dtype, device=device),
-                                        cfg.rollout_model)
+        rollout_model = prepared_model(load_model(rollout_dir, dtype=cfg.rollout_model.dtype, device=device),
+                                       cfg.rollout_model)
         rollout_train = wrap(rollout_model, cfg.parallel.rollout_model, coll,
                              trainable=cfg.distill.rollout_model == "joint", mixed_precision=mp)
         rollout_opt = torch.optim.AdamW(_trainable(rollout_model), lr=cfg.rollout_model.lr)
@@ -275,11 +294,12 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
     rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
     rewards = run.coll.gather_rows(rewards.reshape(len(share), t.eval_samples))[0]
-    return {"accuracy": mean_at_k(rewards), "accuracy_se": standard_error(rewards),
-            f"pass@{t.eval_samples}": pass_at_k(rewards, t.eval_samples)}
+    return {ACCURACY: mean_at_k(rewards), ACCURACY_SE: standard_error(rewards),
+            pass_at(t.eval_samples): pass_at_k(rewards, t.eval_samples)}
 
 
-def _train_step(run: Run, step: int) -> dict[str, float]:
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One step: collect and score rollouts, prepare, update; returns the step's metrics."""
     cfg = run.cfg
     # ---- rollout + score
     t0 = time.perf_counter()
@@ -296,20 +316,21 @@ def _train_step(run: Run, step: int) -> dict[str, float]:
     t3 = time.perf_counter()
     coll = run.coll
     tokens = coll.sum(batch.response_mask.sum())
-    values = scalars({"reward/mean": coll.gather_rows(rewards)[0].mean(),
-                      "response/length": tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
+    values = scalars({REWARD_MEAN: coll.gather_rows(rewards)[0].mean(),
+                      RESPONSE_LENGTH: tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
                       **prep.metrics, **upd})
-    values.update({"perf/rollout_s": t1 - t0, "perf/prepare_s": t2 - t1, "perf/update_s": t3 - t2,
-                   "perf/step_s": t3 - t0, "perf/rollout_tokens_per_s": float(tokens) / max(t1 - t0, 1e-9)})
+    values.update({PERF_ROLLOUT_S: t1 - t0, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2,
+                   PERF_STEP_S: t3 - t0, PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(t1 - t0, 1e-9)})
     return values
 
 
-def _evaluate_all(run: Run) -> dict[str, float]:
+def evaluate_all(run: Run) -> dict[str, float]:
+    """`evaluate` the policy (eval/...) and the rollout model if any (eval_rollout_model/...), timed."""
     t0 = time.perf_counter()
-    out = {f"eval/{k}": v for k, v in evaluate(run, run.policy_train).items()}
+    out = {EVAL + k: v for k, v in evaluate(run, run.policy_train).items()}
     if run.rollout_model is not None:
-        out.update({f"eval_rollout_model/{k}": v for k, v in evaluate(run, run.rollout_train).items()})
-    out["perf/eval_s"] = time.perf_counter() - t0
+        out.update({EVAL_ROLLOUT_MODEL + k: v for k, v in evaluate(run, run.rollout_train).items()})
+    out[PERF_EVAL_S] = time.perf_counter() - t0
     return out
 
 
@@ -322,15 +343,15 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     run = setup(cfg, out, resume=resume, progress=progress)
     t = cfg.train
     if run.start_step == 1:
-        run.logger.log(0, _evaluate_all(run))
+        run.logger.log(0, evaluate_all(run))
     bar = tqdm(range(run.start_step, t.steps + 1), desc="train", disable=not (progress and run.coll.is_main),
                dynamic_ncols=True)
     try:
         with _deferred_interrupt() as interrupted:
             for step in bar:
-                values = _train_step(run, step)
+                values = train_step(run, step)
                 if step % t.eval_every == 0 or step == t.steps:
-                    values.update(_evaluate_all(run))
+                    values.update(evaluate_all(run))
                 run.logger.log(step, values)
                 bar.set_postfix(_postfix(values))
                 stop = run.coll.any(interrupted())  # Ctrl-C on any rank: all save after this step and stop
@@ -369,5 +390,5 @@ def _deferred_interrupt():
 
 
 def _postfix(values: dict[str, float]) -> dict[str, str]:
-    keys = {"reward": "reward/mean", "accept": "obrs/accept_rate", "kl": "mismatch/kl_k3", "acc": "eval/accuracy"}
+    keys = {"reward": REWARD_MEAN, "accept": OBRS_ACCEPT_RATE, "kl": MISMATCH_KL_K3, "acc": EVAL_ACCURACY}
     return {short: f"{values[k]:.3g}" for short, k in keys.items() if k in values}

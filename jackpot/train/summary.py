@@ -17,6 +17,18 @@ from pathlib import Path
 
 import yaml
 
+from jackpot.metric_names import (
+    EVAL_ACCURACY,
+    EVAL_ACCURACY_SE,
+    EVAL_ROLLOUT_MODEL_ACCURACY,
+    EVAL_ROLLOUT_MODEL_ACCURACY_SE,
+    MISMATCH_KL_K3,
+    OBRS_ACCEPT_RATE,
+    PERF_ROLLOUT_S,
+    PERF_STEP_S,
+    PERF_UPDATE_S,
+    REWARD_MEAN,
+)
 from jackpot.metrics import read_metrics
 
 
@@ -25,7 +37,7 @@ def summarize(run_dir: str | Path) -> dict:
     standard errors, means over training, what sampled the train rewards."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    evals = [r for r in records if r.get("eval/accuracy") is not None]
+    evals = [r for r in records if r.get(EVAL_ACCURACY) is not None]
     train_steps = [r for r in records if r["step"] > 0]
     config_file = run_dir / "config.yaml"
     cfg = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
@@ -46,23 +58,23 @@ def summarize(run_dir: str | Path) -> dict:
         "rollout_model_training": cfg.get("distill", {}).get("rollout_model"),
         "eval_prompts": train_cfg.get("eval_prompts"),
         "eval_samples": train_cfg.get("eval_samples"),
-        "eval_before": at(0, "eval/accuracy"),
-        "eval_before_se": at(0, "eval/accuracy_se"),
+        "eval_before": at(0, EVAL_ACCURACY),
+        "eval_before_se": at(0, EVAL_ACCURACY_SE),
         "eval_before_step": at(0, "step"),
-        "eval_after": at(-1, "eval/accuracy"),
-        "eval_after_se": at(-1, "eval/accuracy_se"),
+        "eval_after": at(-1, EVAL_ACCURACY),
+        "eval_after_se": at(-1, EVAL_ACCURACY_SE),
         "eval_after_step": at(-1, "step"),
-        "rollout_model_eval_before": at(0, "eval_rollout_model/accuracy"),
-        "rollout_model_eval_before_se": at(0, "eval_rollout_model/accuracy_se"),
-        "rollout_model_eval_after": at(-1, "eval_rollout_model/accuracy"),
-        "rollout_model_eval_after_se": at(-1, "eval_rollout_model/accuracy_se"),
-        "reward_mean": mean("reward/mean"),
-        "accept_rate_mean": mean("obrs/accept_rate"),
-        "actor_policy_kl_k3_mean": mean("mismatch/kl_k3"),
-        "actor_policy_kl_k3_last": train_steps[-1].get("mismatch/kl_k3") if train_steps else None,
-        "rollout_s_mean": mean("perf/rollout_s"),
-        "update_s_mean": mean("perf/update_s"),
-        "step_s_mean": mean("perf/step_s"),
+        "rollout_model_eval_before": at(0, EVAL_ROLLOUT_MODEL_ACCURACY),
+        "rollout_model_eval_before_se": at(0, EVAL_ROLLOUT_MODEL_ACCURACY_SE),
+        "rollout_model_eval_after": at(-1, EVAL_ROLLOUT_MODEL_ACCURACY),
+        "rollout_model_eval_after_se": at(-1, EVAL_ROLLOUT_MODEL_ACCURACY_SE),
+        "reward_mean": mean(REWARD_MEAN),
+        "accept_rate_mean": mean(OBRS_ACCEPT_RATE),
+        "actor_policy_kl_k3_mean": mean(MISMATCH_KL_K3),
+        "actor_policy_kl_k3_last": train_steps[-1].get(MISMATCH_KL_K3) if train_steps else None,
+        "rollout_s_mean": mean(PERF_ROLLOUT_S),
+        "update_s_mean": mean(PERF_UPDATE_S),
+        "step_s_mean": mean(PERF_STEP_S),
     }
 
 

@@ -49,8 +49,8 @@ import torch
 
 from jackpot.core import head as vocab
 from jackpot.core import obrs
-from jackpot.core._checks import SAFETY_BOUND
 from jackpot.core.advantages import group_advantages
+from jackpot.core.checks import SAFETY_BOUND
 from jackpot.core.corrections import CorrectionInputs, CorrectionResult, Needs, apply_correction, correction_needs
 from jackpot.core.divergences import kl_estimators, mismatch_metrics
 from jackpot.core.head import Head

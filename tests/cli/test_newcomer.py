@@ -127,7 +127,7 @@ def test_cache_location_is_configurable_and_defaults_to_the_user_cache(monkeypat
 
 # ------------------------------------------------------------------------------------ pre-training cache
 def test_pretrain_and_train_share_one_cached_model(tmp_path, monkeypatch):
-    from jackpot.train.loop import _model_dir
+    from jackpot.train.loop import model_dir
     from jackpot.train.pretrain import add_arguments
     from jackpot.train.pretrain import main as pretrain_main
 
@@ -141,7 +141,7 @@ def test_pretrain_and_train_share_one_cached_model(tmp_path, monkeypatch):
     assert len(made) == 1
     cfg = build_config(None, ["policy.hidden_size=16", "policy.num_layers=1", "policy.num_heads=2",
                               "policy.sft_steps=2"])
-    assert Path(_model_dir("policy", cfg.policy, cfg, False)) == made[0]
+    assert Path(model_dir("policy", cfg.policy, cfg, False)) == made[0]
     assert sorted((tmp_path / "models").iterdir()) == made  # nothing trained a second time
 
 
@@ -176,7 +176,7 @@ def test_summary_says_what_happened(tmp_path, cache, capsys):
 def test_summary_is_printed_after_ctrl_c(tmp_path, cache, capsys, monkeypatch):
     from jackpot.train import loop
 
-    real_step = loop._train_step
+    real_step = loop.train_step
 
     def step_then_interrupt(run, step):
         values = real_step(run, step)
@@ -184,7 +184,7 @@ def test_summary_is_printed_after_ctrl_c(tmp_path, cache, capsys, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 1: it finishes, saves and stops
         return values
 
-    monkeypatch.setattr(loop, "_train_step", step_then_interrupt)
+    monkeypatch.setattr(loop, "train_step", step_then_interrupt)
     out = tmp_path / "run"
     assert cli_main(["train", "--no-progress", "--out", str(out), *TINY, f"cache_dir={cache}",
                      "train.steps=5"]) == 130
@@ -216,12 +216,12 @@ def test_plot_axes_start_at_zero_and_the_plot_lands_beside_the_run(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jackpot.plot import _set_limits, default_out
+    from jackpot.plot import default_out, set_limits
 
     fig, ax = plt.subplots()
-    assert _set_limits(ax, "eval/accuracy", [0.365, 0.385]) and ax.get_ylim() == (0.0, 1.0)
-    assert _set_limits(ax, "mismatch/kl_k3", [0.2, 0.4]) and ax.get_ylim()[0] == 0.0
-    assert not _set_limits(ax, "reward/mean", [-1.0, 0.5])  # outside [0, 1]: zoomed, and the title says so
+    assert set_limits(ax, "eval/accuracy", [0.365, 0.385]) and ax.get_ylim() == (0.0, 1.0)
+    assert set_limits(ax, "mismatch/kl_k3", [0.2, 0.4]) and ax.get_ylim()[0] == 0.0
+    assert not set_limits(ax, "reward/mean", [-1.0, 0.5])  # outside [0, 1]: zoomed, and the title says so
     plt.close(fig)
     assert default_out([tmp_path / "a"]) == (tmp_path / "a" / "plot.png").resolve()
     assert default_out([tmp_path / "a-seed0", tmp_path / "a-seed1", tmp_path / "b"]) == \

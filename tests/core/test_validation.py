@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jackpot.core import obrs
-from jackpot.core._checks import LOGP_TOLERANCE, logp_tolerance
+from jackpot.core.checks import LOGP_TOLERANCE, logp_tolerance
 from jackpot.core.corrections import CorrectionInputs, apply_correction
 
 

@@ -8,7 +8,7 @@ import torch
 from jackpot.cli import main as cli_main
 from jackpot.metrics import read_metrics
 from jackpot.train.config import build_config
-from jackpot.train.loop import _train_step, setup
+from jackpot.train.loop import setup, train_step
 
 pytest.importorskip("peft")
 
@@ -30,7 +30,7 @@ def test_only_the_adapters_train(tmp_path, cache):
     run = setup(build_config(None, [*TINY, f"cache_dir={cache}"]), tmp_path / "run")
     object.__setattr__(run.task, "reward", lambda ex, c: float(len(c) % 2))  # non-zero advantages
     before = {n: {k: p.detach().clone() for k, p in m.named_parameters()} for n, m in run.models.items()}
-    _train_step(run, 1)
+    train_step(run, 1)
     for name, model in run.models.items():
         changed = {k for k, p in model.named_parameters() if not torch.equal(p, before[name][k])}
         assert changed and all("lora_" in k for k in changed), name

@@ -251,12 +251,12 @@ def test_uniform_sampling_is_row_local(engine, tok, prompts):
 def test_uniform_sampling_inverts_the_cdf():
     """Hand-worked: q = (0.5, 0, 0.3, 0.2); u below 0.5 -> 0, in (0.5, 0.8) -> 2 (never the 0-mass id 1),
     above -> 3."""
-    from jackpot.rollout.hf import _inverse_cdf, _point_mass
+    from jackpot.rollout.hf import inverse_cdf, point_mass
 
     logq = torch.tensor([0.5, 0.0, 0.3, 0.2]).log().expand(6, 4)
     u = torch.tensor([0.0, 0.49, 0.51, 0.79, 0.81, 0.999999])
-    assert _inverse_cdf(logq, u).tolist() == [0, 0, 2, 2, 3, 3]
-    assert torch.softmax(_point_mass(torch.zeros(2, 4), torch.tensor([1, 3])), -1).tolist() == \
+    assert inverse_cdf(logq, u).tolist() == [0, 0, 2, 2, 3, 3]
+    assert torch.softmax(point_mass(torch.zeros(2, 4), torch.tensor([1, 3])), -1).tolist() == \
         [[0, 1, 0, 0], [0, 0, 0, 1]]
 
 

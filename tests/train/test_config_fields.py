@@ -1,6 +1,6 @@
 """Every config field the trainer reads changes what a training step does when it is overridden.
 
-A step's fingerprint is both models' parameters after one `_train_step` plus the logged metrics and an
+A step's fingerprint is both models' parameters after one `train_step` plus the logged metrics and an
 evaluation (perf/ timings aside). For each field, an override (in a context where it can act: the PPO
 clip, for instance, binds only after the first optimizer step on a batch) must change the fingerprint.
 Every field of `Config` is listed here, either with its override or with the reason it is tested
@@ -15,7 +15,7 @@ import zlib
 import pytest
 
 from jackpot.train.config import Config, build_config
-from jackpot.train.loop import _evaluate_all, _train_step, setup
+from jackpot.train.loop import evaluate_all, setup, train_step
 
 TINY = [
     "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",
@@ -139,7 +139,7 @@ def fingerprint(tmp_path_factory):
             cfg = build_config(None, [*TINY, f"cache_dir={cache}", *overrides])
             run = setup(cfg, runs / str(len(memo)))
             object.__setattr__(run.task, "reward", reward)  # tasks are frozen dataclasses
-            values = {**_train_step(run, 1), **_evaluate_all(run)}
+            values = {**train_step(run, 1), **evaluate_all(run)}
             run.logger.close()
             logged = sorted((k, round(v, 12)) for k, v in values.items() if not k.startswith("perf/"))
             params = [p.detach().double().sum().item() for m in run.models.values() for p in m.parameters()]

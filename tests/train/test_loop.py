@@ -201,7 +201,7 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path, cache, monkey
 
     from jackpot.train import loop
 
-    real_step = loop._train_step
+    real_step = loop.train_step
 
     def step_then_interrupt(run, step):
         values = real_step(run, step)
@@ -209,7 +209,7 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path, cache, monkey
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step still completes
         return values
 
-    monkeypatch.setattr(loop, "_train_step", step_then_interrupt)
+    monkeypatch.setattr(loop, "train_step", step_then_interrupt)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt, match="after step 2"):
         loop.train(_cfg(cache, "train.steps=5"), out, progress=False)

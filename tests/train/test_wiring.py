@@ -439,14 +439,14 @@ def test_each_step_draws_its_own_prompts_and_samples_reproducibly(tmp_path):
 def test_dropout_is_off_so_the_first_ratio_is_exactly_one(tmp_path):
     """A checkpoint with dropout: the trainer keeps both models in eval mode, so at the first mini-batch
     p_new == p_old exactly (with dropout on, the policy's forward would be random)."""
-    from jackpot.train.loop import _train_step
+    from jackpot.train.loop import train_step
 
     run = _tiny_run(tmp_path, "run", "correction.name=none")
     for model in run.models.values():
         for layer in model.model.layers:
             layer.self_attn.attention_dropout = 0.5
         assert not model.training
-    values = _train_step(run, 1)
+    values = train_step(run, 1)
     assert values["policy/ratio_mean"] == 1.0
     assert not any(m.training for m in run.models.values())
 
@@ -479,13 +479,13 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(tmp_path, 
 
 
 def test_bfloat16_models_train_with_float32_log_probs(tmp_path):
-    from jackpot.train.loop import _train_step
+    from jackpot.train.loop import train_step
 
     run = _tiny_run(tmp_path, "bf16", "policy.dtype=bfloat16", "rollout_model.dtype=bfloat16", "policy.lr=1e-2")
     object.__setattr__(run.task, "reward", lambda ex, c: float(len(c) % 2))  # non-zero advantages
     assert all(p.dtype == torch.bfloat16 for m in run.models.values() for p in m.parameters())
     before = [p.detach().clone() for p in run.policy.parameters()]
-    values = _train_step(run, 1)
+    values = train_step(run, 1)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in values.items() if not k.startswith("perf/"))
     assert any(not torch.equal(a, p) for a, p in zip(before, run.policy.parameters()))
 
