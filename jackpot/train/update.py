@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from jackpot import metric_names as names
 from jackpot.core import head as vocab
 from jackpot.core import obrs
 from jackpot.core.advantages import group_advantages
@@ -169,7 +170,8 @@ def _correction(cfg: Config, needs: Needs, coll: Collective, part: Prepared, new
         a = obrs.acceptance_prob(tgt_logp, g["rollout"], needs.z_lam)
         k = obrs.kappa(a, g["z"], g["mask"])
         m = g["mask"]
-        z, z_stats = k * g["z"], {"obrs/kappa": k, "obrs/topk_z_mean": (g["z"] * m).sum() / m.sum().clamp_min(1)}
+        z = k * g["z"]
+        z_stats = {names.OBRS_KAPPA: k, names.OBRS_TOPK_Z_MEAN: (g["z"] * m).sum() / m.sum().clamp_min(1)}
     result = apply_correction(cfg.correction.name, CorrectionInputs(
         rollout_logp=g["rollout"], old_logp=g["old"], mask=g["mask"], new_logp=g["new"],
         uniforms=g["u"], z=z), **cfg.correction.kwargs())
@@ -221,9 +223,9 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
         prep.correction = _correction(cfg, needs, coll, prep, None, raw_z)
     rollout_logp, mask, old, rollout_old = (coll.gather_rows(t)[0] for t in (
         batch.rollout_logp, batch.response_mask, old, rollout_old))
-    prep.metrics = {f"mismatch/{k}": v for k, v in mismatch_metrics(old, rollout_logp, mask).items()}
+    prep.metrics = {names.MISMATCH + k: v for k, v in mismatch_metrics(old, rollout_logp, mask).items()}
     prep.metrics.update(prep.correction.stats if prep.correction is not None else {})
-    prep.metrics["mismatch/rollout_model_kl_k3"] = kl_estimators(rollout_old, rollout_logp, mask)["kl_k3"]
+    prep.metrics[names.MISMATCH_ROLLOUT_MODEL_KL_K3] = kl_estimators(rollout_old, rollout_logp, mask)[names.KL_K3]
     return prep
 
 
@@ -268,9 +270,10 @@ def policy_loss(cfg: Config, mb: Prepared, new_logp: torch.Tensor, denominator: 
         tok = tok + t.kl_coef * (log_rho.exp() - 1 - log_rho)
     loss = aggregate(tok * corr.weights, corr.mask, t.loss_agg, denominator=denominator)
     kept = corr.mask.sum()
-    stats = {"policy/loss": (loss.detach(), None), "policy/clipfrac": ((diag["clipped"] * corr.mask).sum(), kept),
-             "policy/clipfrac_lower": ((diag["clipped_lower"] * corr.mask).sum(), kept),
-             "policy/ratio_mean": ((diag["ratio"].detach() * mask).sum(), mask.sum())}
+    stats = {names.POLICY_LOSS: (loss.detach(), None),
+             names.POLICY_CLIPFRAC: ((diag["clipped"] * corr.mask).sum(), kept),
+             names.POLICY_CLIPFRAC_LOWER: ((diag["clipped_lower"] * corr.mask).sum(), kept),
+             names.POLICY_RATIO_MEAN: ((diag["ratio"].detach() * mask).sum(), mask.sum())}
     return loss, stats
 
 
@@ -295,12 +298,12 @@ def _rollout_model_loss(cfg: Config, mb: Prepared, roll: Head, teacher: Head, te
         log_is = (mb.rollout_model_old_logp - batch.rollout_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
         ppo = aggregate(tok * log_is.exp().clamp_max(d.is_cap), mask, "token-mean", denominator=denominator)
         total = total + ppo
-        stats["rollout_model/ppo_loss"] = (ppo.detach(), None)
+        stats[names.ROLLOUT_MODEL_PPO_LOSS] = (ppo.detach(), None)
     if d.coef > 0:
         kl = kl if kl is not None else _distill(cfg, roll, teacher, teacher_logp, logp, batch)
         distill = aggregate(kl, mask, "token-mean", denominator=denominator)
         total = total + d.coef * distill
-        stats["rollout_model/distill_kl"] = (distill.detach(), None)
+        stats[names.ROLLOUT_MODEL_DISTILL_KL] = (distill.detach(), None)
     return total, stats
 
 
@@ -368,9 +371,9 @@ def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, r
         stats = [_accumulate(cfg, mb, denominators, coll, policy=policy, rollout_model=rollout_model,
                              sync=j == len(micros) - 1) for j, mb in enumerate(micros)]
         record = {**_combine(stats, coll), **part.correction.stats,
-                  "policy/grad_norm": _step(policy, policy_opt, t.grad_clip)}
+                  names.POLICY_GRAD_NORM: _step(policy, policy_opt, t.grad_clip)}
         if rollout_model is not None:
-            record["rollout_model/grad_norm"] = _step(rollout_model, rollout_opt, t.grad_clip)
+            record[names.ROLLOUT_MODEL_GRAD_NORM] = _step(rollout_model, rollout_opt, t.grad_clip)
         records.append(record)
     return mean_of(records)
 
