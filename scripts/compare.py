@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from jackpot.fileio import write_text_atomic  # noqa: E402
 from jackpot.plot import plot_runs  # noqa: E402
 from jackpot.train.cli import summarize  # noqa: E402
-from jackpot.train.config import build_config, preset_path  # noqa: E402
+from jackpot.train.config import build_config  # noqa: E402
+from jackpot.train.config_io import preset_path  # noqa: E402
 from jackpot.train.loop import train  # noqa: E402
 
 GROUPS = {

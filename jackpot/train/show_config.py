@@ -1,5 +1,5 @@
-"""`jackpot config`: every configuration field of `jackpot train` with its value and docstring, and the
-presets by name. With --config and/or overrides it shows the values they resolve to; --yaml prints the
+"""`jackpot config`: every configuration field of `jackpot train` with its value, docstring and choices, and
+the presets by name. With --config and/or overrides it shows the values they resolve to; --yaml prints the
 resolved configuration as a YAML file that `jackpot train --config FILE` accepts.
 
 Examples:

@@ -10,7 +10,8 @@ import pytest
 
 from jackpot.cli import main as cli_main
 from jackpot.metrics import MetricLogger, read_metrics
-from jackpot.train.config import CONFIG_DIR, Config, build_config, parse_overrides
+from jackpot.train.config import Config, build_config
+from jackpot.train.config_io import CONFIG_DIR, parse_overrides
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))

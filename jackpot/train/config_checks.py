@@ -1,0 +1,149 @@
+"""Checks of a built config, run before anything is loaded or pre-trained.
+
+`resolve(cfg)` fills in the task's defaults (its options, the response length) and checks the result:
+choices (each list read from the registry that owns it, `CHOICES`), ranges, and the rules between fields.
+Every failure is a ValueError that names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from jackpot.core.advantages import ADVANTAGE_MODES
+from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, correction_needs, correction_params
+from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
+from jackpot.models.loading import DTYPES
+from jackpot.rollout import ENGINES
+from jackpot.tasks import TASKS, default_max_new_tokens, task_options
+from jackpot.train.config import ROLLOUT_MODEL_TRAINING, TRAIN_MODES
+from jackpot.train.distributed import PARALLEL_MODES
+
+if TYPE_CHECKING:
+    from jackpot.train.config import Config
+
+# field -> its valid values, from the owner of each list (`jackpot config` shows them beside the docstrings)
+CHOICES: dict[str, tuple] = {
+    "task.name": tuple(TASKS),
+    "rollout.engine": tuple(ENGINES),
+    "train.mode": TRAIN_MODES,
+    "policy.dtype": tuple(DTYPES),
+    "rollout_model.dtype": tuple(DTYPES),
+    "correction.name": tuple(CORRECTIONS),
+    "correction.target": TARGETS,
+    "correction.z": Z_MODES,
+    "correction.level": LEVELS,
+    "train.loss_agg": AGGREGATIONS,
+    "train.advantages": ADVANTAGE_MODES,
+    "distill.rollout_model": ROLLOUT_MODEL_TRAINING,
+    "distill.direction": KL_DIRECTIONS,
+    "distill.estimator": KL_ESTIMATORS,
+    "parallel.policy": PARALLEL_MODES,
+    "parallel.rollout_model": PARALLEL_MODES,
+    "parallel.mixed_precision": tuple(DTYPES),  # or null
+}
+POSITIVE_INTS = ("train.steps", "train.prompts_per_step", "train.minibatches", "train.ppo_epochs",
+                 "train.eval_every", "train.eval_prompts", "train.eval_samples", "train.checkpoint_every",
+                 "sampling.max_new_tokens", "sampling.topk", "train.head_chunk", "train.micro_batch_tokens")
+POSITIVE_INTS_OR_NULL = ("train.micro_batch_size", "rollout.batch_size", "train.threads", "policy.lora_rank",
+                         "rollout_model.lora_rank")
+POSITIVE = ("sampling.temperature", "correction.lam", "correction.cap", "correction.low", "correction.high",
+            "distill.is_cap", "policy.lr", "rollout_model.lr")
+POSITIVE_OR_NULL = ("train.grad_clip", "correction.c1", "correction.c2", "train.eval_temperature",
+                    "train.clip_eps_high", "correction.cap_min")
+NON_NEGATIVE = ("train.kl_coef", "distill.coef")
+
+
+def resolve(cfg: Config) -> Config:
+    """`cfg` with the task's defaults filled in (options, max_new_tokens), checked; ValueError if bad."""
+    check_choice("task.name", cfg.task.name, CHOICES["task.name"])
+    if not isinstance(cfg.task.options, dict):
+        raise ValueError(f"task.options must be a mapping, got {cfg.task.options!r}")
+    options = task_options(cfg.task.name, cfg.task.options)
+    max_new = cfg.sampling.max_new_tokens
+    if max_new is None:
+        max_new = default_max_new_tokens(cfg.task.name, options)
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, options=options),
+                              sampling=dataclasses.replace(cfg.sampling, max_new_tokens=max_new))
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config) -> None:
+    """ValueError naming the field if any value of `cfg` is out of its choices or range."""
+    for name, choices in CHOICES.items():
+        if get(cfg, name) is not None:  # null only gets here where the field's type allows it
+            check_choice(name, get(cfg, name), choices)
+    _check_ranges(cfg)
+    _check_rules(cfg)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Values that would otherwise fail only after pre-training, or silently train wrongly."""
+    for name in POSITIVE_INTS:
+        _check_positive_int(name, get(cfg, name))
+    for name in POSITIVE_INTS_OR_NULL:
+        if get(cfg, name) is not None:
+            _check_positive_int(name, get(cfg, name))
+    for name in POSITIVE:
+        if not get(cfg, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {get(cfg, name)!r}")
+    for name in POSITIVE_OR_NULL:
+        if get(cfg, name) is not None and not get(cfg, name) > 0:
+            raise ValueError(f"{name} must be > 0 or null, got {get(cfg, name)!r}")
+    for name in NON_NEGATIVE:
+        if not get(cfg, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {get(cfg, name)!r}")
+    t, c = cfg.train, cfg.correction
+    if t.group_size < 2:
+        raise ValueError(f"train.group_size must be >= 2 for group-relative advantages, got {t.group_size}")
+    if not 0 < cfg.sampling.top_p <= 1:
+        raise ValueError(f"sampling.top_p must be in (0, 1], got {cfg.sampling.top_p!r}")
+    if c.budget is not None and not 0 < c.budget <= 1:
+        raise ValueError(f"correction.budget must be in (0, 1] or null, got {c.budget!r}")
+    if t.clip_eps is not None and not 0 < t.clip_eps < 1:
+        raise ValueError(f"train.clip_eps must be in (0, 1) or null (no clip), got {t.clip_eps!r}")
+    if t.dual_clip is not None and not t.dual_clip > 1:
+        raise ValueError(f"train.dual_clip must be > 1 or null, got {t.dual_clip!r}")
+
+
+def _check_rules(cfg: Config) -> None:
+    """Fields that constrain each other."""
+    t, c = cfg.train, cfg.correction
+    total = t.prompts_per_step * t.group_size
+    if total % t.minibatches:
+        raise ValueError(f"train.minibatches ({t.minibatches}) must divide the rollout batch "
+                         f"prompts_per_step x group_size = {total}")
+    if t.clip_eps is None and t.clip_eps_high is not None:
+        raise ValueError("train.clip_eps_high is set but train.clip_eps is null (no clip): set both or neither")
+    if c.cap_min is not None and c.cap_min > c.cap:
+        raise ValueError(f"correction.cap_min ({c.cap_min}) must be <= correction.cap ({c.cap})")
+    if c.low > c.high:
+        raise ValueError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
+    if c.target != "old" and "target" not in correction_params(c.name):
+        raise ValueError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
+                         "weights toward p_old)")
+    needs = correction_needs(c.name, **c.kwargs())
+    if needs.z == "exact" and cfg.sampling.top_p < 1:
+        raise ValueError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
+                         "give p_inf exactly); use correction.z='topk' or 'batch' with nucleus sampling")
+    if needs.z == "exact" and needs.current_policy:
+        raise ValueError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
+                         "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
+
+
+def get(cfg: Any, dotted: str) -> Any:
+    """The value of field 'section.field' of `cfg`."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
