@@ -12,7 +12,7 @@ the variants interleaved step by step (so load from other processes falls on all
     jackpot frozen     the same with the rollout model frozen (no second backward)
 
 The step is the trainer's own: the rollout engine (`jackpot.rollout.make_engine`, config rollout.engine),
-then `jackpot.train.update.prepare` and `update`, with random 0/1 rewards. Goal (issue: decoupled speed):
+then `jackpot.train.prepare.prepare` and `update`, with random 0/1 rewards. Goal (issue: decoupled speed):
 a decoupled step <= 0.5x an on-policy step at rollout-dominated shapes. The ratio printed is the median
 decoupled step time over the median on-policy step time, measured side by side in this run.
 
@@ -91,7 +91,8 @@ def setup_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> di
 
 def step(v: dict, prompts: torch.Tensor, rewards: torch.Tensor, i: int, args) -> dict[str, float]:
     """One trainer step (rollout, prepare, update) of a variant set up by `setup_variant`, timed by phase."""
-    from jackpot.train.update import prepare, update
+    from jackpot.train.prepare import prepare
+    from jackpot.train.update import update
 
     cfg, device = v["cfg"], v["device"]
     sync(device)

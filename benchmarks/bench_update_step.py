@@ -72,7 +72,8 @@ def measure(args) -> dict:
 
     from jackpot.rollout.base import RolloutBatch
     from jackpot.train.config import build_config
-    from jackpot.train.update import prepare, update
+    from jackpot.train.prepare import prepare
+    from jackpot.train.update import update
 
     torch.set_num_threads(args.threads)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
@@ -147,7 +148,7 @@ def _topk_bias(cfg, policy, rollout, batch, args) -> dict:
 
     from jackpot.core import head as vocab
     from jackpot.core import obrs
-    from jackpot.train.update import model_head, needs_of, topk_z
+    from jackpot.train.prepare import model_head, needs_of, topk_z
 
     with torch.no_grad():
         tgt, roll = model_head(policy, batch, 1.0), model_head(rollout, batch, 1.0)

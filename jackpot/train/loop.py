@@ -57,9 +57,10 @@ from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, is_sharded, wrap
+from jackpot.train.prepare import prepare, row_uniforms, step_seed
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
-from jackpot.train.update import prepare, row_uniforms, step_seed, update
+from jackpot.train.update import update
 
 
 @dataclass

@@ -16,7 +16,8 @@ from jackpot.models.loading import save_model_and_tokenizer
 from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.rollout.base import RolloutBatch
 from jackpot.train.config import build_config
-from jackpot.train.update import prepare, update
+from jackpot.train.prepare import prepare
+from jackpot.train.update import update
 
 V = 151_936
 

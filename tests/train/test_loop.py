@@ -17,7 +17,8 @@ from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import build_config
 from jackpot.train.loop import collect, setup
-from jackpot.train.update import model_head, policy_loss, prepare, sampled_logp, update
+from jackpot.train.prepare import model_head, prepare, sampled_logp
+from jackpot.train.update import policy_loss, update
 
 TINY = [
     "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",

@@ -25,7 +25,8 @@ from jackpot.models.forward import response_logits
 from jackpot.models.loading import build_tiny_qwen
 from jackpot.rollout.base import RolloutBatch
 from jackpot.train.config import build_config
-from jackpot.train.update import prepare, step_seed, update
+from jackpot.train.prepare import prepare, step_seed
+from jackpot.train.update import update
 
 V, B, P, T, G = 24, 8, 3, 5, 4  # vocabulary, sequences, prompt and response length, group size
 STEP = 3
@@ -493,7 +494,7 @@ def test_bfloat16_models_train_with_float32_log_probs(tmp_path):
 def test_default_micro_batches_follow_a_token_budget(world):
     """micro_batch_size unset: micro_batch_tokens // T sequences per micro-batch (here 10 // 5 = 2), and the
     step is still the hand formula."""
-    from jackpot.train.update import micro_size
+    from jackpot.train.prepare import micro_size
 
     assert micro_size(_cfg("train.micro_batch_tokens=10"), T) == 2
     assert micro_size(_cfg("train.micro_batch_tokens=10", "train.micro_batch_size=3"), T) == 3

@@ -1,0 +1,203 @@
+"""The prepare phase: once per rollout batch, no gradients, everything the update needs.
+
+At the sampled tokens: p_old (the policy at collection; the paper's p_ref), p_omega_old (the rollout
+model before its update) and p_init (the initial policy, kl_coef > 0), computed at the sampling
+temperature (the distribution the engine sampled from); group advantages; one uniform per token drawn
+per global row; the mismatch diagnostics; and — for a correction that does not depend on the policy
+being optimised — its weights and mask over the whole batch (`batch_correction`).
+
+What a correction needs is declared by its table entry (`jackpot.core.corrections.Needs`) and served
+here without knowing its name: a per-state Z (exact from both models' logits in one fused pass, or top-k
+scaled by kappa over the batch the correction covers) and uniforms. Several processes: every batch
+quantity is computed from per-token tensors gathered over the ranks (`Collective.gather_rows`, the
+identity in one process), so it is the one a single process would compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from jackpot import metric_names as names
+from jackpot.core import head as vocab
+from jackpot.core import obrs
+from jackpot.core.advantages import group_advantages
+from jackpot.core.corrections import CorrectionInputs, CorrectionResult, Needs, apply_correction, correction_needs
+from jackpot.core.divergences import kl_estimators, mismatch_metrics
+from jackpot.core.head import Head
+from jackpot.models.forward import output_head, response_hidden
+from jackpot.rollout.base import RolloutBatch
+from jackpot.train.config import Config
+from jackpot.train.distributed import Collective, Shard, language_model
+
+
+@dataclass
+class Prepared:
+    """A rollout batch (this rank's rows of it) with everything the update needs, all (B, T) unless noted."""
+
+    batch: RolloutBatch
+    advantages: torch.Tensor                # (B,)
+    old_logp: torch.Tensor                  # log p_old(x_t): the policy at collection (the paper's p_ref)
+    rollout_model_old_logp: torch.Tensor    # log p_omega_old(x_t): the rollout model before its update
+    init_logp: torch.Tensor | None          # log p_init(x_t): the initial policy (kl_coef > 0)
+    uniforms: torch.Tensor | None           # one U(0,1) per token, when the correction needs them
+    correction: CorrectionResult | None     # weights and mask; None: the policy being optimised decides them
+    metrics: dict[str, torch.Tensor]
+    shard: Shard                            # which rows of the global batch these are
+    is_padding: bool = False                # a micro-batch that only keeps the ranks in step (see `padding`)
+
+    def select(self, idx: torch.Tensor) -> Prepared:
+        """The rows `idx` (local indices) of every per-row tensor."""
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Prepared(self.batch.select(idx), self.advantages[idx], self.old_logp[idx],
+                        self.rollout_model_old_logp[idx], pick(self.init_logp), pick(self.uniforms),
+                        None if self.correction is None else self.correction.select(idx), {}, self.shard)
+
+    def padding(self) -> Prepared:
+        """Row 0 with its response mask and correction zeroed: a micro-batch whose forward runs (a sharded
+        model's forward is a collective) and adds nothing to any loss, gradient or metric."""
+        row = self.select(torch.zeros(1, dtype=torch.long))
+        zeros = torch.zeros_like(row.batch.response_mask)
+        row.batch = replace(row.batch, response_mask=zeros)
+        row.correction, row.is_padding = CorrectionResult(zeros, zeros), True
+        return row
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A deterministic seed per (run seed, step, purpose) — identical across processes, for exact resume."""
+    return (seed * 1_000_003 + step) * 16 + stream
+
+
+def row_uniforms(seed: int, step: int, stream: int, global_rows: int, width: int, rows: range) -> torch.Tensor:
+    """U(0, 1) (len(rows), width) for the global rows `rows` of a batch of `global_rows`: one table per
+    (seed, step, stream), so a row's draws do not depend on how the batch is split over processes."""
+    gen = torch.Generator().manual_seed(step_seed(seed, step, stream))
+    return torch.rand(global_rows, width, generator=gen)[rows.start:rows.stop]
+
+
+def needs_of(cfg: Config) -> Needs:
+    return correction_needs(cfg.correction.name, **cfg.correction.kwargs())
+
+
+def model_head(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> Head:
+    """The model's last hidden states at the B x T response positions (flattened) and its output head.
+    `model`: a Hugging Face causal LM, or one wrapped by jackpot.train.distributed (DDP / FSDP2)."""
+    lm = language_model(model)
+    if lm is model:
+        hidden = response_hidden(model, batch.input_ids, batch.attention_mask, batch.response_len)
+    else:  # through the wrapper's forward, where DDP's and FSDP2's hooks run
+        hidden = model(batch.input_ids, batch.attention_mask, batch.response_len)
+    weight, bias = output_head(lm)
+    return Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature)
+
+
+def sampled_logp(cfg: Config, head: Head, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids) (B, T) from a head over the B x T positions, in chunks of train.head_chunk positions."""
+    return vocab.logprobs_at(head, ids.reshape(-1), chunk=cfg.train.head_chunk).reshape(ids.shape)
+
+
+def micro_size(cfg: Config, response_len: int) -> int:
+    """Sequences per forward/backward: train.micro_batch_size, else what fits in train.micro_batch_tokens."""
+    t = cfg.train
+    return t.micro_batch_size or max(1, t.micro_batch_tokens // max(response_len, 1))
+
+
+# ----------------------------------------------------------------------------- serving a correction's needs
+@torch.no_grad()
+def topk_z(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> torch.Tensor | None:
+    """Per-state top-k Z_t before the batch correction kappa (applied in `batch_correction`); None when the
+    correction needs no top-k Z. Exact Z comes from the fused pass in `prepare` (with target='new' it is
+    refused by the config: the pre-update rollout model is not at hand)."""
+    if needs.z != "topk":
+        return None
+    shape = mb.response_ids.shape
+    k = mb.topk_ids.shape[-1]
+    tgt_at_topk = vocab.logprobs_at(tgt, mb.topk_ids.reshape(-1, k), chunk=cfg.train.head_chunk).reshape(*shape, k)
+    return obrs.topk_normalizer(mb.topk_ids, mb.topk_logp, tgt_at_topk, needs.z_lam)
+
+
+def batch_correction(cfg: Config, needs: Needs, coll: Collective, part: Prepared, new_logp: torch.Tensor | None,
+                raw_z: torch.Tensor | None) -> CorrectionResult:
+    """The correction of `part` (this rank's rows of a batch or mini-batch), computed over every rank's rows
+    of it (gathered), returned for this rank's rows; top-k Z is scaled by kappa = mean acceptance / mean
+    Z_approx over all of those tokens (METHOD.md §4.1). Statistics are those of all ranks' rows."""
+    rows, width = part.batch.response_mask.shape
+    g, first = {}, 0
+    for name, t, fill in (("rollout", part.batch.rollout_logp, 0.0), ("mask", part.batch.response_mask, 0.0),
+                          ("old", part.old_logp, 0.0), ("new", new_logp, 0.0), ("z", raw_z, 1.0),
+                          ("u", part.uniforms, 0.0)):
+        g[name], first = coll.gather_rows(t, fill) if t is not None else (None, first)
+    z, z_stats = g["z"], {}
+    if needs.z == "topk":
+        tgt_logp = g["new"] if needs.current_policy else g["old"]
+        a = obrs.acceptance_prob(tgt_logp, g["rollout"], needs.z_lam)
+        k = obrs.kappa(a, g["z"], g["mask"])
+        m = g["mask"]
+        z = k * g["z"]
+        z_stats = {names.OBRS_KAPPA: k, names.OBRS_TOPK_Z_MEAN: (g["z"] * m).sum() / m.sum().clamp_min(1)}
+    result = apply_correction(cfg.correction.name, CorrectionInputs(
+        rollout_logp=g["rollout"], old_logp=g["old"], mask=g["mask"], new_logp=g["new"],
+        uniforms=g["u"], z=z), **cfg.correction.kwargs())
+    result.stats.update(z_stats)
+    if coll.world == 1:
+        return result
+    return CorrectionResult(result.weights[first:first + rows, :width], result.mask[first:first + rows, :width],
+                            result.stats)
+
+
+# ----------------------------------------------------------------------------- prepare
+@torch.no_grad()
+def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, rollout_model, init_policy,
+            step: int, coll: Collective | None = None, shard: Shard | None = None) -> Prepared:
+    """rewards (N, G) with batch rows ordered prompt-major. rollout_model None means on-policy.
+
+    Several processes: `batch` holds the rows `shard` of the global batch (whole groups), `coll` is the
+    process group's seam. Default: one process, the batch is all of it."""
+    coll = coll or Collective()
+    shard = shard or Shard(range(len(batch)), len(batch))
+    needs = needs_of(cfg)
+    advantages = group_advantages(rewards, mode=cfg.train.advantages).reshape(-1)
+    old, rollout_old, init, raw_z = _score(cfg, needs, batch, coll, policy=policy, rollout_model=rollout_model,
+                                           init_policy=init_policy)
+    uniforms = None
+    if needs.uniforms:
+        uniforms = row_uniforms(cfg.train.seed, step, 1, shard.total, cfg.sampling.max_new_tokens, shard.rows)
+        uniforms = uniforms[:, :batch.response_len].to(batch.response_mask.device)
+    prep = Prepared(batch, advantages, old, rollout_old, init, uniforms, None, {}, shard)
+    if not needs.current_policy:  # fixed for the whole batch: computed once, sliced per mini-batch
+        prep.correction = batch_correction(cfg, needs, coll, prep, None, raw_z)
+    rollout_logp, mask, old, rollout_old = (coll.gather_rows(t)[0] for t in (
+        batch.rollout_logp, batch.response_mask, old, rollout_old))
+    prep.metrics = {names.MISMATCH + k: v for k, v in mismatch_metrics(old, rollout_logp, mask).items()}
+    prep.metrics.update(prep.correction.stats if prep.correction is not None else {})
+    prep.metrics[names.MISMATCH_ROLLOUT_MODEL_KL_K3] = kl_estimators(rollout_old, rollout_logp, mask)[names.KL_K3]
+    return prep
+
+
+def _score(cfg: Config, needs: Needs, batch: RolloutBatch, coll: Collective, *, policy, rollout_model,
+           init_policy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """At the sampled tokens, in micro-batches: log p_old, log p_omega_old (the rollout model; p_old
+    on-policy), log p_init (kl_coef > 0), and the per-state Z a fixed-target correction needs."""
+    temp = cfg.sampling.temperature
+    parts: dict[str, list] = {"old": [], "rollout_old": [], "init": [], "z": []}
+    # the same micro-batch size on every rank (the longest response of all): equal numbers of forwards
+    for idx in torch.arange(len(batch)).split(micro_size(cfg, coll.max_int(batch.response_len))):
+        mb = batch.select(idx)
+        old_head = model_head(policy, mb, temp)
+        roll_head = old_head if rollout_model is None else model_head(rollout_model, mb, temp)
+        if needs.z == "exact" and not needs.current_policy:  # one pass over both heads' logits
+            old, rollout_old, z = vocab.logprobs_and_normalizer(old_head, roll_head, mb.response_ids.reshape(-1),
+                                                                needs.z_lam, chunk=cfg.train.head_chunk)
+            for key, value in (("old", old), ("rollout_old", rollout_old), ("z", z)):
+                parts[key].append(value.reshape(mb.response_ids.shape))
+        else:
+            parts["old"].append(sampled_logp(cfg, old_head, mb.response_ids))
+            parts["rollout_old"].append(parts["old"][-1] if roll_head is old_head else
+                                        sampled_logp(cfg, roll_head, mb.response_ids))
+            if not needs.current_policy:
+                parts["z"].append(topk_z(cfg, needs, old_head, mb))
+        if init_policy is not None:
+            parts["init"].append(sampled_logp(cfg, model_head(init_policy, mb, temp), mb.response_ids))
+    cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}
+    return cat["old"], cat["rollout_old"], cat["init"], cat["z"]
