@@ -42,11 +42,11 @@ from jackpot.core._checks import (
     check_optional_cap,
     check_positive,
     check_same_shape,
-    compute_dtype,
     log_ratio,
     masked_mean,
     to_output_dtype,
 )
+from jackpot.core.dtypes import compute_dtype
 from jackpot.core.obrs import batch_lambda
 
 LEVELS = ("token", "sequence", "geometric")

@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 
 from jackpot.core._checks import SAFETY_BOUND, check_logits, check_same_shape
-from jackpot.core.obrs import DEFAULT_VOCAB_CHUNK, _chunked_logsumexp, _compute_dtype, _upcast
+from jackpot.core.dtypes import compute_dtype, upcast
+from jackpot.core.obrs import DEFAULT_VOCAB_CHUNK, _chunked_logsumexp
 
 AGGREGATIONS = ("token-mean", "token-mean-all", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
                 "seq-sum-norm")
@@ -176,10 +177,10 @@ class _ChunkedKL(torch.autograd.Function):
     def forward(ctx, student, teacher, reverse: bool, chunk: int):
         lse_s = _chunked_logsumexp(student, chunk, "student_logits").unsqueeze(-1)
         lse_t = _chunked_logsumexp(teacher, chunk, "teacher_logits").unsqueeze(-1)
-        kl = torch.zeros(student.shape[:-1], dtype=_compute_dtype(student), device=student.device)
+        kl = torch.zeros(student.shape[:-1], dtype=compute_dtype(student), device=student.device)
         for start in range(0, student.shape[-1], chunk):
-            ls = _upcast(student[..., start:start + chunk]) - lse_s
-            lt = _upcast(teacher[..., start:start + chunk]) - lse_t
+            ls = upcast(student[..., start:start + chunk]) - lse_s
+            lt = upcast(teacher[..., start:start + chunk]) - lse_t
             p, d = (ls.exp(), ls - lt) if reverse else (lt.exp(), lt - ls)
             kl += torch.where(p > 0, p * d, torch.zeros_like(p)).sum(-1)
         ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
@@ -193,8 +194,8 @@ class _ChunkedKL(torch.autograd.Function):
         g = grad_out.unsqueeze(-1)
         for start in range(0, student.shape[-1], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
-            ls = _upcast(student[..., sl]) - lse_s
-            lt = _upcast(teacher[..., sl]) - lse_t
+            ls = upcast(student[..., sl]) - lse_s
+            lt = upcast(teacher[..., sl]) - lse_t
             ps = ls.exp()
             part = ps * (ls - lt - kl.unsqueeze(-1)) if ctx.reverse else ps - lt.exp()
             grad[..., sl] = (g * part).to(grad.dtype)
@@ -243,7 +244,7 @@ def distill_kl(
         check_same_shape(student_logits=student_logits, teacher_logits=teacher_logits)
         return _ChunkedKL.apply(student_logits, teacher_logits.detach(), reverse, chunk_size)
     check_logits("student_logits", student_logits)
-    log_ps = torch.log_softmax(_upcast(student_logits), dim=-1)
+    log_ps = torch.log_softmax(upcast(student_logits), dim=-1)
     if estimator == "topk":
         if teacher_topk_ids is None or teacher_topk_logp is None:
             raise ValueError("estimator='topk' needs teacher_topk_ids and teacher_topk_logp")
@@ -275,7 +276,7 @@ def distill_kl_at(
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
     reverse = direction == "reverse"
-    ls, lt = _upcast(student_logp), _upcast(teacher_logp.detach())
+    ls, lt = upcast(student_logp), upcast(teacher_logp.detach())
     if estimator == "topk":
         check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp)
         terms = ls.exp() * (ls - lt) if reverse else lt.exp() * (lt - ls)
@@ -285,7 +286,7 @@ def distill_kl_at(
     if rollout_logp is None:
         raise ValueError("estimator='sampled' needs rollout_logp (log p_inf of the sampled tokens)")
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, rollout_logp=rollout_logp)
-    lb = _upcast(rollout_logp.detach())
+    lb = upcast(rollout_logp.detach())
     if reverse:
         w = (ls.detach() - lb).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().clamp_max(is_cap)
         log_rho = (lt - ls.detach()).clamp(-SAFETY_BOUND, SAFETY_BOUND)

@@ -44,6 +44,7 @@ from jackpot.core._checks import (
     check_same_shape,
     log_ratio,
 )
+from jackpot.core.dtypes import compute_dtype, upcast
 
 DEFAULT_VOCAB_CHUNK = 8192
 
@@ -79,15 +80,6 @@ def normalizer(target_logp: torch.Tensor, rollout_logp: torch.Tensor, lam: float
     return torch.minimum(rollout_logp, target_logp - as_log(lam, target_logp)).exp().sum(-1)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision inputs; float32/float64 kept as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _chunked_logsumexp(logits: torch.Tensor, chunk: int, name: str = "logits") -> torch.Tensor:
     """logsumexp over the last dim, one vocabulary chunk at a time (float32 or wider).
 
@@ -99,7 +91,7 @@ def _chunked_logsumexp(logits: torch.Tensor, chunk: int, name: str = "logits") -
         raise ValueError(f"chunk_size must be > 0, got {chunk}")
     out = None
     for start in range(0, logits.shape[-1], chunk):
-        part = torch.logsumexp(_upcast(logits[..., start:start + chunk]), dim=-1)
+        part = torch.logsumexp(upcast(logits[..., start:start + chunk]), dim=-1)
         out = part if out is None else torch.logaddexp(out, part)
     if torch.isnan(out).any():
         raise ValueError(f"{name} contains NaN")
@@ -113,8 +105,8 @@ def _chunks_of_logp(target_logits: torch.Tensor, rollout_logits: torch.Tensor, c
     lse_t = _chunked_logsumexp(target_logits, chunk, "target_logits").unsqueeze(-1)
     lse_r = _chunked_logsumexp(rollout_logits, chunk, "rollout_logits").unsqueeze(-1)
     for start in range(0, target_logits.shape[-1], chunk):
-        t = _upcast(target_logits[..., start:start + chunk]) - lse_t
-        r = _upcast(rollout_logits[..., start:start + chunk]) - lse_r
+        t = upcast(target_logits[..., start:start + chunk]) - lse_t
+        r = upcast(rollout_logits[..., start:start + chunk]) - lse_r
         yield t, r
 
 
@@ -145,7 +137,7 @@ def normalizer_from_logits(
     """
     _check_logits(target_logits, rollout_logits)
     check_positive("lam", lam)
-    dtype = _compute_dtype(target_logits)
+    dtype = compute_dtype(target_logits)
     log_lam = as_log(lam, torch.empty((), dtype=dtype, device=target_logits.device))
     z = torch.zeros(target_logits.shape[:-1], dtype=dtype, device=target_logits.device)
     for t, r in _chunks_of_logp(target_logits, rollout_logits, chunk_size):
@@ -167,7 +159,7 @@ def obrs_kl_from_logits(
     """
     _check_logits(target_logits, rollout_logits)
     check_positive("lam", lam)
-    dtype = _compute_dtype(target_logits)
+    dtype = compute_dtype(target_logits)
     log_lam = as_log(lam, torch.empty((), dtype=dtype, device=target_logits.device))
     shape = target_logits.shape[:-1]
     z, kl_before, e_log_max = (torch.zeros(shape, dtype=dtype, device=target_logits.device) for _ in range(3))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from jackpot.core.dtypes import upcast
+
 
 def response_logits(
     model: nn.Module,
@@ -40,7 +42,7 @@ def response_logits(
     # Only the last T + 1 positions are needed; logits_to_keep skips the (B, P, V) prompt logits.
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                 use_cache=False, logits_to_keep=response_len + 1)
-    logits = _at_least_fp32(out.logits[:, :-1, :])
+    logits = upcast(out.logits[:, :-1, :])
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -58,10 +60,6 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[ids]: (B, T, V), (B, T) -> (B, T) float32 (float64 for float64 logits).
 
@@ -71,7 +69,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 3 or ids.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (B, T, V) and ids (B, T); got {tuple(logits.shape)} and "
                          f"{tuple(ids.shape)}")
-    logits = _at_least_fp32(logits)
+    logits = upcast(logits)
     picked = logits.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 

@@ -36,13 +36,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from jackpot.core.dtypes import DTYPES
 from jackpot.errors import JackpotError
 
 MAX_POSITION_EMBEDDINGS = 512
 HUB_TIMEOUT_S = 5.0  # one look-up of a hub id; transformers itself retries for about a minute
 # "name" or "org/name": what the hub accepts; anything else must be a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_tiny_qwen(
@@ -111,9 +111,9 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
         return torch.float32
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be a torch.dtype, 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be a torch.dtype, 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 class ModelFileError(JackpotError):
