@@ -79,7 +79,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 _NONLINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> nn.Module:
     """The causal LM inside an adapter wrapper (peft's PeftModel, whose LoRA layers it holds), else itself."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
@@ -90,7 +90,7 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     A clear error for a model whose logits are not a plain linear map of its last hidden states.
     """
-    model = _unwrapped(model)
+    model = unwrap_peft(model)
     config = getattr(model, "config", None)
     for attr in _NONLINEAR_HEAD_ATTRS:
         value = getattr(config, attr, None)
@@ -116,7 +116,7 @@ def response_hidden(
     with the same position ids as `response_logits`; no (B, T, V) logits are formed.
     """
     _check_inputs(input_ids, attention_mask, response_len, 1.0)
-    model = _unwrapped(model)
+    model = unwrap_peft(model)
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         raise ValueError(f"{type(model).__name__} has no separate base model to take hidden states from")
