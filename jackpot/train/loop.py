@@ -147,9 +147,8 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     _quiet_transformers()
     if resume and ckpt.latest_checkpoint(out) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    if not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-        raise FileExistsError(f"run directory {out} already holds a run; continue it with --resume "
-                              "or choose another --out")
+    if not resume:
+        ckpt.refuse_used_run_dir(out)
     coll.share(cfg.train.prompts_per_step, "train.prompts_per_step")
     if cfg.train.eval_prompts < coll.world:
         raise ValueError(f"train.eval_prompts ({cfg.train.eval_prompts}) must be >= the number of processes "
