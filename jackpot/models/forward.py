@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from jackpot.core.dtypes import upcast
+from jackpot.core.head import Head
 
 
 def response_logits(
@@ -124,3 +125,18 @@ def response_hidden(
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state[:, -(response_len + 1):-1, :]
+
+
+def response_head(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+) -> Head:
+    """The model's `Head` over the B x T response positions (row-major): `response_hidden` flattened to
+    (B * T, H) with the output embedding and `temperature`, for the chunked per-vocabulary functions of
+    `jackpot.core.head` (no (B, T, V) logits are formed). Gradients flow unless called under no_grad."""
+    hidden = response_hidden(model, input_ids, attention_mask, response_len)
+    weight, bias = output_head(model)
+    return Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature)
