@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from jackpot.core.dtypes import DTYPES
 from jackpot.models.shapes import QWEN3, VOCAB  # the published widths, no download
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=256, help="train.head_chunk of the chunked path")
     p.add_argument("--baseline-ref", default=None, help="also run the code of this git commit (a worktree)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--overrides", nargs="*", default=[], help="config overrides for every run, e.g. "
                    "policy.gradient_checkpointing=true (not given to the baseline, whose config may lack them)")

@@ -1,4 +1,8 @@
-"""`jackpot eval`: Mean@k and Pass@k of a model on a task, with every completion written out.
+"""Evaluation, in one place: `sample_and_score` samples k completions per problem with a rollout engine and
+scores them with the task's reward; the trainer's periodic evaluation, `jackpot eval` and the tiny models'
+pre-training accuracy all call it.
+
+`jackpot eval`: Mean@k and Pass@k of a model on a task, with every completion written out.
 
 k completions are sampled for each of --prompts problems of the task's eval split (the same tasks and
 `task.*` options as `jackpot train`), scored by the task's reward, and summarised as
@@ -13,7 +17,8 @@ Problems are distinct: when the split has fewer than --prompts distinct problems
 twice), each is evaluated once, with a notice on stderr; the summary's `prompts` counts the distinct problems
 evaluated and `prompts_requested` the --prompts asked for.
 Sampling: --temperature, --top-p, --max-new-tokens (default: the task's, e.g. 1024 for file tasks),
---batch-size sequences per generate call, a progress bar over them; each batch is seeded from --seed.
+--batch-size sequences per generate call, a progress bar over them; each call is seeded from --seed
+(`jackpot.seeding.step_seed(seed, call, EVAL_STREAM)`).
 
 Examples:
     jackpot eval --model Qwen/Qwen3-1.7B --k 4 --out evals/gsm8k.json --device cuda \\
@@ -28,12 +33,69 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from jackpot.core.dtypes import DTYPES
 from jackpot.fileio import write_text_atomic
+from jackpot.rollout.base import RolloutEngine
+from jackpot.rollout.hf import decode_responses, encode_prompts
+from jackpot.seeding import EVAL_STREAM, step_seed
+from jackpot.tasks import Example, Task, mean_at_k, pass_at_k
+
+GREEDY_TOP_P = 1e-9
+"""top_p that keeps only the most likely token (TopP keeps at least one): sampling from it is greedy decoding."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """k completions of each of n problems and their rewards: completions n * k strings, problem-major;
+    rewards (n, k) float64."""
+
+    completions: list[str]
+    rewards: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.rewards.shape[1]
+
+    def mean_at_k(self) -> float:
+        return mean_at_k(self.rewards)
+
+    def pass_at_k(self) -> float:
+        return pass_at_k(self.rewards, self.k)
+
+
+@torch.no_grad()
+def sample_and_score(engine: RolloutEngine, tokenizer, task: Task, examples: list[Example], *, k: int,
+                     max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int | None = None,
+                     chat_template: bool | None = False, batch_size: int | None = None,
+                     uniforms: torch.Tensor | None = None, synced: bool = False, progress: bool = False,
+                     desc: str = "eval") -> Scored:
+    """Sample k completions of each of `examples` with `engine` and score them with `task.reward`.
+
+    The n * k prompts (each problem k times in a row) go to the engine `batch_size` at a time (None: all at
+    once); call c is seeded with step_seed(seed, c, EVAL_STREAM) (None: torch's RNG as it is). `uniforms`
+    (n * k, >= max_new_tokens): each row's sampling draws (`RolloutEngine.generate`), so that a row's sample
+    does not depend on the batch it is in; `synced`: the engine's model is sharded over processes.
+    Greedy decoding: top_p=GREEDY_TOP_P.
+    """
+    jobs = [ex for ex in examples for _ in range(k)]
+    size = batch_size or len(jobs)
+    completions: list[str] = []
+    for call, first in enumerate(tqdm(range(0, len(jobs), size), desc=desc, disable=not progress)):
+        chunk = jobs[first:first + size]
+        ids, mask = encode_prompts(tokenizer, [ex.prompt for ex in chunk], chat_template=chat_template)
+        batch = engine.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                topk=1, seed=None if seed is None else step_seed(seed, call, EVAL_STREAM),
+                                uniforms=None if uniforms is None else uniforms[first:first + size], synced=synced)
+        completions += decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+    rewards = torch.tensor([float(task.reward(ex, c)) for ex, c in zip(jobs, completions, strict=True)],
+                           dtype=torch.float64)
+    return Scored(completions, rewards.reshape(len(examples), k))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="task and sampling settings as for `jackpot train`, e.g. task.name=file")
@@ -83,8 +145,8 @@ def evaluate_model(model_path: str, cfg, *, k: int, prompts: int, split: str, ba
                    progress: bool = True) -> dict:
     """Sample, score and write the summary (returned) and the per-problem JSONL; see the module docstring."""
     from jackpot.models.loading import load_model, load_tokenizer
-    from jackpot.rollout import decode_responses, encode_prompts, make_engine
-    from jackpot.tasks import make_task, mean_at_k, pass_at_k
+    from jackpot.rollout import make_engine
+    from jackpot.tasks import make_task
 
     start = time.perf_counter()
     task = make_task(cfg.task.name, **cfg.task.options)
@@ -95,16 +157,10 @@ def evaluate_model(model_path: str, cfg, *, k: int, prompts: int, split: str, ba
     if len(examples) < prompts:
         print(f"jackpot eval: --prompts {prompts}, but the {split} split gave {len(examples)} distinct problems; "
               f"evaluating those {len(examples)}", file=sys.stderr)
-    jobs = [(i, ex) for i, ex in enumerate(examples) for _ in range(k)]
-    completions: list[str] = []
-    for b, first in enumerate(tqdm(range(0, len(jobs), batch_size), desc="eval", disable=not progress)):
-        chunk = jobs[first:first + batch_size]
-        ids, mask = encode_prompts(tokenizer, [ex.prompt for _, ex in chunk], chat_template=cfg.task.chat_template)
-        batch = engine.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                topk=1, seed=seed * 1_000_003 + b)
-        completions += decode_responses(tokenizer, batch.response_ids, batch.response_mask)
-    rewards = torch.tensor([task.reward(ex, c) for (_, ex), c in zip(jobs, completions, strict=True)],
-                           dtype=torch.float64).reshape(len(examples), k)
+    scored = sample_and_score(engine, tokenizer, task, examples, k=k, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed, chat_template=cfg.task.chat_template,
+                              batch_size=batch_size, progress=progress)
+    completions, rewards = scored.completions, scored.rewards
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     per_example = out.with_suffix(".jsonl")
@@ -113,7 +169,7 @@ def evaluate_model(model_path: str, cfg, *, k: int, prompts: int, split: str, ba
              for i, ex in enumerate(examples)]
     write_text_atomic(per_example, "".join(line + "\n" for line in lines))
     summary = {
-        f"mean@{k}": mean_at_k(rewards), f"pass@{k}": pass_at_k(rewards, k), "k": k, "prompts": len(examples),
+        f"mean@{k}": scored.mean_at_k(), f"pass@{k}": scored.pass_at_k(), "k": k, "prompts": len(examples),
         "prompts_requested": prompts,
         "split": split, "model": str(model_path), "task": {"name": cfg.task.name, "options": cfg.task.options},
         "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},

@@ -100,11 +100,6 @@ def check_optional_cap(name: str, value: float | None) -> None:
         check_positive(name, value)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision inputs (e^SAFETY_BOUND = 4.9e8 overflows float16); float32/64 as they are."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def to_output_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x` (computed in float32 or wider) in `dtype`, clamped to that dtype's finite range (float16 tops out at
     65504), so a half-precision result is never inf."""

@@ -42,11 +42,11 @@ from jackpot.core.checks import (
     check_optional_cap,
     check_positive,
     check_same_shape,
-    compute_dtype,
     log_ratio,
     masked_mean,
     to_output_dtype,
 )
+from jackpot.core.dtypes import compute_dtype
 from jackpot.core.obrs import batch_lambda
 from jackpot.metric_names import (
     ICEPOP,
@@ -347,3 +347,24 @@ def correction_params(name: str) -> tuple[str, ...]:
 def apply_correction(name: str, inp: CorrectionInputs, **kwargs) -> CorrectionResult:
     """Look up `name` in CORRECTIONS and call it; a clear error for an unknown name."""
     return _entry(name).fn(inp, **kwargs)
+
+
+def batch_jackpot(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, *, lam: float = 1.0,
+                  budget: float | None = None, c1: float | None = 2.0, sampled_mask: bool = True,
+                  uniforms: torch.Tensor | None = None) -> CorrectionResult:
+    """Jackpot over one whole batch from sampled-token log-probs alone: what a framework's batch-level hook can
+    compute (verl's driver, TRL's generation step), where no per-state Z is at hand.
+
+    `jackpot` with target="old" and z="batch" (METHOD.md §4.2): lam fixed with the batch's mean acceptance as Z,
+    or lam solved for the target acceptance `budget`; weight min(Z * max(lam, r), c1), r = p_old / p_inf.
+    old_logp, rollout_logp, mask (B, T), any float dtype (computed in float32 or wider, detached); uniforms
+    (B, T) U(0, 1) for the sampled mask, drawn from torch's default generator in the compute dtype when None
+    (seed it for reproducible masks); sampled_mask False: the expected-mask ablation (no uniforms).
+    """
+    dtype = compute_dtype(old_logp)
+    old = old_logp.detach().to(dtype)
+    if sampled_mask and uniforms is None:
+        uniforms = torch.rand(old.shape, dtype=dtype, device=old.device)
+    inputs = CorrectionInputs(rollout_logp=rollout_logp.detach().to(dtype), old_logp=old, mask=mask.to(dtype),
+                              uniforms=uniforms if sampled_mask else None)
+    return jackpot(inputs, lam=lam, budget=budget, target="old", z="batch", c1=c1, sampled_mask=sampled_mask)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from jackpot.core import obrs
+from jackpot.core.dtypes import upcast
 
 DEFAULT_ROW_CHUNK = 1024  # positions per chunk: 1024 x 151,936 float32 logits = 0.6 GiB
 
@@ -61,12 +62,8 @@ class Head:
         return self.hidden.shape[0]
 
 
-def _float(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    out = _float(F.linear(h, w, b))
+    out = upcast(F.linear(h, w, b))
     return out / temperature if temperature != 1.0 else out
 
 
@@ -80,7 +77,7 @@ class _LogprobsAt(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, ids, temperature: float, chunk: int):
-        out = torch.empty(ids.shape, dtype=_float(h[:0]).dtype, device=h.device)
+        out = torch.empty(ids.shape, dtype=upcast(h[:0]).dtype, device=h.device)
         lse = torch.empty(h.shape[0], dtype=out.dtype, device=h.device)
         for s in range(0, h.shape[0], chunk):
             logits = _logits(h[s:s + chunk], w, b, temperature)
@@ -107,7 +104,7 @@ def _head_backward(ctx, h, w, b, dlogits_of):
     """Gradients of h, w, b from dL/dlogits, recomputed chunk by chunk: dlogits_of(start, logits) -> (n, V)."""
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     grad_h = torch.zeros_like(h) if need_h else None
-    grad_w = torch.zeros(w.shape, dtype=_float(w[:0, :0]).dtype, device=w.device) if need_w else None
+    grad_w = torch.zeros(w.shape, dtype=upcast(w[:0, :0]).dtype, device=w.device) if need_w else None
     grad_b = torch.zeros(w.shape[0], dtype=grad_w.dtype if grad_w is not None else torch.float32,
                          device=w.device) if need_b and b is not None else None
     for s in range(0, h.shape[0], ctx.chunk):
@@ -118,7 +115,7 @@ def _head_backward(ctx, h, w, b, dlogits_of):
         if grad_h is not None:
             grad_h[s:s + ctx.chunk] = (d.to(w.dtype) @ w).to(h.dtype)
         if grad_w is not None:
-            grad_w += d.T @ _float(hs).to(d.dtype)
+            grad_w += d.T @ upcast(hs).to(d.dtype)
         if grad_b is not None:
             grad_b += d.sum(0)
     return (grad_h, None if grad_w is None else grad_w.to(w.dtype),
@@ -151,7 +148,7 @@ class _KLFromHidden(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, th, tw, tb, temperature: float, chunk: int, reverse: bool):
-        kl = torch.empty(h.shape[0], dtype=_float(h[:0]).dtype, device=h.device)
+        kl = torch.empty(h.shape[0], dtype=upcast(h[:0]).dtype, device=h.device)
         for s in range(0, h.shape[0], chunk):
             ls = torch.log_softmax(_logits(h[s:s + chunk], w, b, temperature), -1)
             lt = torch.log_softmax(_logits(th[s:s + chunk], tw, tb, temperature), -1)
@@ -197,7 +194,7 @@ class _LogprobsAndKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, th, tw, tb, ids, temperature: float, chunk: int, reverse: bool):
-        dtype = _float(h[:0]).dtype
+        dtype = upcast(h[:0]).dtype
         lp = torch.empty(h.shape[0], dtype=dtype, device=h.device)
         kl = torch.empty(h.shape[0], dtype=dtype, device=h.device)
         for s in range(0, h.shape[0], chunk):

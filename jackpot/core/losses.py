@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 
 from jackpot.core.checks import SAFETY_BOUND, check_logits, check_same_shape
-from jackpot.core.obrs import DEFAULT_VOCAB_CHUNK, chunked_logsumexp, compute_dtype, upcast
+from jackpot.core.dtypes import compute_dtype, upcast
+from jackpot.core.obrs import DEFAULT_VOCAB_CHUNK, chunked_logsumexp
 
 AGGREGATIONS = ("token-mean", "token-mean-all", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
                 "seq-sum-norm")

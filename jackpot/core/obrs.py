@@ -44,6 +44,7 @@ from jackpot.core.checks import (
     check_same_shape,
     log_ratio,
 )
+from jackpot.core.dtypes import compute_dtype, upcast
 
 DEFAULT_VOCAB_CHUNK = 8192
 
@@ -77,16 +78,6 @@ def normalizer(target_logp: torch.Tensor, rollout_logp: torch.Tensor, lam: float
     check_same_shape(target_logp=target_logp, rollout_logp=rollout_logp)
     check_positive("lam", lam)
     return torch.minimum(rollout_logp, target_logp - as_log(lam, target_logp)).exp().sum(-1)
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision inputs; float32/float64 kept as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype `upcast` gives `x`: float32 for half precision, float32/float64 kept."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def chunked_logsumexp(logits: torch.Tensor, chunk: int, name: str = "logits") -> torch.Tensor:

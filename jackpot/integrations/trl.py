@@ -3,10 +3,10 @@
 `JackpotGRPOTrainer` corrects the mismatch between the distribution that sampled the completions
 (TRL's `sampling_per_token_logps`: vLLM's log-probs, or those a `rollout_func` returns) and the policy
 at collection time (`old_per_token_logps`, computed here when TRL skipped it). Once per generation
-batch, before TRL splits it into steps, it calls `jackpot.core.corrections.jackpot` with
-target="old" and z="batch" (lam fixed with the batch's mean acceptance as Z, or lam solved for a
+batch, before TRL splits it into steps, it calls `jackpot.core.corrections.batch_jackpot` (Jackpot
+with target="old" and z="batch": lam fixed with the batch's mean acceptance as Z, or lam solved for a
 target acceptance `obrs_budget`, METHOD.md §4.2): one uniform per token, Mask = 1[u < min(1, r/lam)],
-weight min(Z * max(lam, r), c1). It hands them to TRL's unchanged `_compute_loss` through two inputs
+weight min(Z * max(lam, r), c1)). It hands them to TRL's unchanged `_compute_loss` through two inputs
 that method already consumes:
 
 - the weight multiplies the advantages, which become (B, T) (TRL: "To support subclasses that provide
@@ -24,10 +24,12 @@ generates every completion through `jackpot.rollout.hf.HFRolloutEngine` and retu
 the distribution it sampled from (after temperature / top-p), which become `sampling_per_token_logps`.
 
 Joint training (paper eq. 8), optional: given `rollout_model` and `rollout_optimizer`, every training
-micro-batch also updates the rollout model on the same trajectories with
-L(omega) = L_PPO(omega) + rollout_distill_coef * KL(SG(p_new) || p_omega) (forward KL over the full
-vocabulary, `jackpot.core.losses.distill_kl`; its PPO with the unweighted advantages and
-p_omega_old = the sampling log-probs), one rollout-optimizer step per micro-batch.
+micro-batch also updates the rollout model on the same trajectories with the trainer's loss,
+`jackpot.core.joint.rollout_model_loss`: L(omega) = L_PPO(omega) + rollout_distill_coef * KL(SG(p_new) || p_omega)
+(forward KL over the full vocabulary, streamed from both models' hidden states and heads a chunk of positions
+at a time — no B x T x V logits; its PPO with the unweighted advantages and p_omega_old = the sampling
+log-probs), one rollout-optimizer step per micro-batch, logged as `rollout_model/ppo_loss` and
+`rollout_model/distill_kl` (the trainer's names).
 
 What TRL's API does not let this do (docs/integrations/trl.md): a per-state Z (needs top-k of both
 models per position; vLLM through TRL returns the sampled token's only) and target="new" (the
@@ -43,10 +45,12 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 
-from jackpot.core.corrections import CorrectionInputs, CorrectionResult, apply_correction
+from jackpot import metric_names as names
+from jackpot.core.corrections import CorrectionResult, batch_jackpot
 from jackpot.core.divergences import mismatch_metrics
-from jackpot.core.losses import aggregate, distill_kl, ppo_token_loss
-from jackpot.models.forward import response_logits
+from jackpot.core.head import logprobs_at
+from jackpot.core.joint import rollout_model_loss
+from jackpot.models.forward import response_head
 from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout.hf import HFRolloutEngine
 
@@ -88,14 +92,9 @@ def jackpot_trl_correction(
     ratio 1); mask (B, T): tokens that can enter the loss; uniforms (B, T): drawn from torch's default
     generator when None. Returns jackpot.core's `CorrectionResult` (weights, mask, obrs/* stats).
     """
-    old = old_logps.detach().float()
-    sampling = torch.where(torch.isnan(sampling_logps), old, sampling_logps.detach().float())
-    if sampled_mask and uniforms is None:
-        uniforms = torch.rand(old.shape, device=old.device)
-    inputs = CorrectionInputs(rollout_logp=sampling, old_logp=old, mask=mask.float(),
-                              uniforms=uniforms if sampled_mask else None)
-    return apply_correction("jackpot", inputs, lam=lam, budget=budget, target="old", z="batch", c1=c1,
-                            sampled_mask=sampled_mask)
+    sampling = torch.where(torch.isnan(sampling_logps), old_logps, sampling_logps)
+    return batch_jackpot(old_logps, sampling, mask, lam=lam, budget=budget, c1=c1, sampled_mask=sampled_mask,
+                         uniforms=uniforms)
 
 
 class JackpotGRPOTrainer(GRPOTrainer):
@@ -124,6 +123,9 @@ class JackpotGRPOTrainer(GRPOTrainer):
                              "rollout_func that returns them (e.g. jackpot.integrations.trl.hf_rollout_func)")
         if self.args.obrs_budget is not None and not 0.0 < self.args.obrs_budget <= 1.0:
             raise ValueError(f"obrs_budget must be in (0, 1], got {self.args.obrs_budget}")
+        if rollout_optimizer is not None and not (self.args.rollout_ppo or self.args.rollout_distill_coef > 0):
+            raise ValueError("rollout_optimizer is given but the rollout model has no loss: set rollout_ppo=True or "
+                             "rollout_distill_coef > 0")
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         out = super()._generate_and_score_completions(inputs)
@@ -160,30 +162,33 @@ class JackpotGRPOTrainer(GRPOTrainer):
         return loss
 
     def _update_rollout_model(self, model, inputs: dict[str, Any]) -> None:
-        """One optimizer step of the rollout model on this micro-batch: PPO(omega) + coef * KL(SG(p_new)||p_omega)."""
+        """One optimizer step of the rollout model on this micro-batch: PPO(omega) + coef * KL(SG(p_new)||p_omega)
+        (`jackpot.core.joint.rollout_model_loss`, from both models' heads)."""
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        T = inputs["completion_ids"].size(1)
+        completion = inputs["completion_ids"]
         mask = inputs["rollout_mask"]  # every model-produced token: the rejection is the policy's, not omega's
         with torch.no_grad():
-            teacher = response_logits(model, ids, att, T, self.temperature)
+            teacher = response_head(self.accelerator.unwrap_model(model), ids, att, completion.size(1),
+                                    self.temperature)
         self.rollout_model.train()
-        student = response_logits(self.rollout_model, ids, att, T, self.temperature)
-        loss = self.args.rollout_distill_coef * aggregate(distill_kl(student, teacher), mask, "token-mean")
-        kl = loss.detach() / max(self.args.rollout_distill_coef, 1e-12)
-        if self.args.rollout_ppo:
-            logp = torch.log_softmax(student, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
-            sampling = inputs["sampling_per_token_logps"]
-            sampling = torch.where(torch.isnan(sampling), logp.detach(), sampling)
-            ppo, _ = ppo_token_loss(logp, sampling, inputs["rollout_advantages"].expand_as(logp),
-                                    clip_eps=self.epsilon_low, clip_eps_high=self.epsilon_high)
-            loss = loss + aggregate(ppo, mask, "token-mean")
+        student = response_head(self.rollout_model, ids, att, completion.size(1), self.temperature)
+        # p_omega_old = the sampling log-probs; a token the engine could not score (NaN) gets p_omega's (ratio 1)
+        sampling = inputs["sampling_per_token_logps"]
+        if torch.isnan(sampling).any():
+            with torch.no_grad():
+                current = logprobs_at(student, completion.reshape(-1)).reshape(completion.shape)
+            sampling = torch.where(torch.isnan(sampling), current, sampling)
+        out = rollout_model_loss(student, teacher, completion, mask, inputs["rollout_advantages"].expand_as(mask),
+                                 sampling, sampling, ppo=self.args.rollout_ppo,
+                                 distill_coef=self.args.rollout_distill_coef, clip_eps=self.epsilon_low,
+                                 clip_eps_high=self.epsilon_high)
         self.rollout_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         self.rollout_optimizer.step()
         self.rollout_model.eval()
-        self._metrics["train"]["rollout/distill_kl"].append(kl.item())
-        self._metrics["train"]["rollout/loss"].append(loss.detach().item())
+        for name, value in out.metrics().items():
+            self._metrics["train"][name].append(value.item())
 
     @torch.no_grad()
     def _old_logps(self, out: dict[str, Any]) -> torch.Tensor:
@@ -202,7 +207,8 @@ class JackpotGRPOTrainer(GRPOTrainer):
         sampling = torch.where(torch.isnan(sampling), old, sampling)
         stats = dict(result.stats)
         mismatch = mismatch_metrics(old.float(), sampling.float(), mask.float())
-        stats.update({f"mismatch/{k}": mismatch[k] for k in ("kl_k1", "kl_k3", "chi2_token", "ess", "log_ppl_diff")})
+        stats.update({names.MISMATCH + k: mismatch[k] for k in (names.KL_K1, names.KL_K3, names.CHI2_TOKEN, names.ESS,
+                                                                  names.LOG_PPL_DIFF)})
         for name, value in stats.items():
             value = self.accelerator.gather(value.detach().float().reshape(1)).mean().item()
             self._metrics[mode][name].append(value)

@@ -12,9 +12,10 @@ exactly where verl splits its own rollout correction (`verl.trainer.ppo.rollout_
    r = p_old / p_rollout of verl's recomputed old log-probs to the engine's, lam (fixed, or solved for a
    target acceptance `budget` over the whole batch, METHOD.md §4.2), one uniform per token, the mask
    1[u < min(1, r/lam)] and the weight min(Z * max(lam, r), c1) with Z the batch's normaliser (the
-   budget, or the batch's mean acceptance for a fixed lam) — `jackpot.core.corrections.jackpot` with
-   z="batch", target="old". Rejected tokens leave `response_mask` (as verl's own `rollout_rs` does), the
-   weights go to `rollout_is_weights`. Fixed for the whole batch: every mini-batch sees the same mask.
+   budget, or the batch's mean acceptance for a fixed lam) — `jackpot.core.corrections.batch_jackpot`
+   (`jackpot` with z="batch", target="old"). Rejected tokens leave `response_mask` (as verl's own
+   `rollout_rs` does), the weights go to `rollout_is_weights`. Fixed for the whole batch: every
+   mini-batch sees the same mask.
 2. Per micro-batch, the registered loss `jackpot` (`jackpot_policy_loss`): PPO clip with verl's
    clip_ratio_low/high and dual clip clip_ratio_c (`jackpot.core.losses.ppo_token_loss`), times the
    batch's weights, aggregated with verl's `agg_loss` and `config.global_batch_info` (DP-correct).
@@ -47,8 +48,9 @@ from verl import DataProto
 from verl.trainer.ppo import rollout_corr_helper
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
+from jackpot import metric_names as names
 from jackpot.core.checks import masked_mean
-from jackpot.core.corrections import CorrectionInputs, CorrectionResult, apply_correction
+from jackpot.core.corrections import CorrectionResult, batch_jackpot
 from jackpot.core.divergences import effective_sample_size
 from jackpot.core.losses import ppo_token_loss
 
@@ -109,14 +111,8 @@ def jackpot_batch_correction(
     when None (verl's driver; seed it for reproducible masks).
     Returns weights (B, T) and mask (B, T) (1 = accepted response token) and the obrs/* statistics.
     """
-    dtype = torch.promote_types(old_log_prob.dtype, torch.float32)
-    mask = response_mask.to(dtype)
-    if uniforms is None:
-        uniforms = torch.rand(old_log_prob.shape, dtype=dtype, device=old_log_prob.device)
-    inputs = CorrectionInputs(rollout_logp=rollout_log_prob.to(dtype), old_logp=old_log_prob.to(dtype), mask=mask,
-                              uniforms=uniforms)
-    return apply_correction("jackpot", inputs, lam=options.lam, budget=options.budget, target="old", z="batch",
-                            c1=options.c1, sampled_mask=True)
+    return batch_jackpot(old_log_prob, rollout_log_prob, response_mask, lam=options.lam, budget=options.budget,
+                         c1=options.c1, sampled_mask=True, uniforms=uniforms)
 
 
 def _weight_metrics(weights: torch.Tensor, keep: torch.Tensor, c1: float | None) -> dict[str, torch.Tensor]:
@@ -203,7 +199,7 @@ def jackpot_policy_loss(
         "actor/pg_clipfrac": masked_mean(diag["clipped"], mask).item(),
         "actor/ppo_kl": masked_mean((old_log_prob - log_prob).detach(), mask).item(),
         "actor/pg_clipfrac_lower": masked_mean(diag["clipped_lower"], mask).item(),
-        "obrs/loss_weight_mean": masked_mean(rollout_is_weights.detach(), mask).item(),
+        names.OBRS_LOSS_WEIGHT_MEAN: masked_mean(rollout_is_weights.detach(), mask).item(),
     }
     return pg_loss, metrics
 

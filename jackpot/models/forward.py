@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from jackpot.core.dtypes import upcast
+from jackpot.core.head import Head
+
 
 def response_logits(
     model: nn.Module,
@@ -40,7 +43,7 @@ def response_logits(
     # Only the last T + 1 positions are needed; logits_to_keep skips the (B, P, V) prompt logits.
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                 use_cache=False, logits_to_keep=response_len + 1)
-    logits = _at_least_fp32(out.logits[:, :-1, :])
+    logits = upcast(out.logits[:, :-1, :])
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -58,10 +61,6 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[ids]: (B, T, V), (B, T) -> (B, T) float32 (float64 for float64 logits).
 
@@ -71,7 +70,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 3 or ids.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (B, T, V) and ids (B, T); got {tuple(logits.shape)} and "
                          f"{tuple(ids.shape)}")
-    logits = _at_least_fp32(logits)
+    logits = upcast(logits)
     picked = logits.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -81,7 +80,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 _NONLINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> nn.Module:
     """The causal LM inside an adapter wrapper (peft's PeftModel, whose LoRA layers it holds), else itself."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
@@ -92,7 +91,7 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     A clear error for a model whose logits are not a plain linear map of its last hidden states.
     """
-    model = unwrapped(model)
+    model = unwrap_peft(model)
     config = getattr(model, "config", None)
     for attr in _NONLINEAR_HEAD_ATTRS:
         value = getattr(config, attr, None)
@@ -118,7 +117,7 @@ def response_hidden(
     with the same position ids as `response_logits`; no (B, T, V) logits are formed.
     """
     _check_inputs(input_ids, attention_mask, response_len, 1.0)
-    model = unwrapped(model)
+    model = unwrap_peft(model)
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         raise ValueError(f"{type(model).__name__} has no separate base model to take hidden states from")
@@ -126,3 +125,18 @@ def response_hidden(
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state[:, -(response_len + 1):-1, :]
+
+
+def response_head(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+) -> Head:
+    """The model's `Head` over the B x T response positions (row-major): `response_hidden` flattened to
+    (B * T, H) with the output embedding and `temperature`, for the chunked per-vocabulary functions of
+    `jackpot.core.head` (no (B, T, V) logits are formed). Gradients flow unless called under no_grad."""
+    hidden = response_hidden(model, input_ids, attention_mask, response_len)
+    weight, bias = output_head(model)
+    return Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature)

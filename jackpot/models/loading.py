@@ -36,13 +36,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from jackpot.core.dtypes import DTYPES
 from jackpot.errors import JackpotError
 
 MAX_POSITION_EMBEDDINGS = 512
 HUB_TIMEOUT_S = 5.0  # one look-up of a hub id; transformers itself retries for about a minute
 # "name" or "org/name": what the hub accepts; anything else must be a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # parameter dtypes by name
 
 
 def build_tiny_qwen(

@@ -150,6 +150,22 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+RUN_RECORDS = ("metrics.jsonl", "checkpoints")
+"""What a run writes into its directory once it has started: a directory holding either holds a run."""
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a run (its metrics or its checkpoints), finished or not."""
+    return any((Path(run_dir) / name).exists() for name in RUN_RECORDS)
+
+
+def refuse_used_run_dir(run_dir: str | Path) -> None:
+    """FileExistsError when `run_dir` holds a run: a new run there would mix its records with the old one's."""
+    if holds_run(run_dir):
+        raise FileExistsError(f"run directory {run_dir} already holds a run: continue it with `jackpot train --out "
+                              f"{run_dir} --resume` (resume=True from Python), or leave out --out to start a new one")
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():

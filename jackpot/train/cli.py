@@ -71,9 +71,9 @@ def default_out(cfg, now: float | None = None) -> Path:
 
 
 def _started_without_checkpoint(out: Path) -> bool:
-    from jackpot.train.checkpoint import latest_checkpoint
+    from jackpot.train.checkpoint import holds_run, latest_checkpoint
 
-    return latest_checkpoint(out) is None and any((out / n).exists() for n in ("metrics.jsonl", "checkpoints"))
+    return latest_checkpoint(out) is None and holds_run(out)
 
 
 def _clear_unfinished(out: Path) -> None:
@@ -103,9 +103,10 @@ def main(args: argparse.Namespace) -> int:
                                "one process (--resume) or remove the directory")
         warn(f"{out} holds a run that stopped before its first checkpoint: starting it again from step 0")
         resume = False
-    elif not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-        raise FileExistsError(f"run directory {out} already holds a run: continue it with `jackpot train --out "
-                              f"{out} --resume`, or leave out --out to start a new one")
+    elif not resume:
+        from jackpot.train.checkpoint import refuse_used_run_dir
+
+        refuse_used_run_dir(out)
     check_run(cfg, out)
     if args.resume and not resume:
         _clear_unfinished(out)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from jackpot.core.advantages import ADVANTAGE_MODES
 from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, correction_needs, correction_params
+from jackpot.core.dtypes import DTYPES
 from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
-from jackpot.models.loading import DTYPES
 from jackpot.rollout import ENGINES
 from jackpot.tasks import TASKS, default_max_new_tokens, task_options
 from jackpot.train.config import ROLLOUT_MODEL_TRAINING, TRAIN_MODES

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from jackpot.models.forward import response_hidden, unwrapped
+from jackpot.models.forward import response_hidden, unwrap_peft
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -223,7 +223,7 @@ def wrap(lm: nn.Module, mode: str, coll: Collective, *, trainable: bool, mixed_p
 
 
 def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    base = unwrapped(lm)
+    base = unwrap_peft(lm)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"{type(base).__name__}: parallel=fsdp shards each decoder layer and needs "

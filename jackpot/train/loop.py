@@ -29,6 +29,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from jackpot.eval import sample_and_score
 from jackpot.metric_names import (
     ACCURACY,
     ACCURACY_SE,
@@ -53,11 +54,12 @@ from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout import RolloutEngine, make_engine
 from jackpot.rollout.base import RolloutBatch
 from jackpot.rollout.hf import decode_responses, encode_prompts
+from jackpot.seeding import EVAL_STREAM, row_uniforms, step_seed
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, is_sharded, wrap
-from jackpot.train.prepare import prepare, row_uniforms, step_seed
+from jackpot.train.prepare import prepare
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
 from jackpot.train.update import update
@@ -167,9 +169,8 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     _quiet_transformers()
     if resume and ckpt.latest_checkpoint(out) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    if not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-        raise FileExistsError(f"run directory {out} already holds a run; continue it with --resume "
-                              "or choose another --out")
+    if not resume:
+        ckpt.refuse_used_run_dir(out)
     coll.share(cfg.train.prompts_per_step, "train.prompts_per_step")
     if cfg.train.eval_prompts < coll.world:
         raise ValueError(f"train.eval_prompts ({cfg.train.eval_prompts}) must be >= the number of processes "
@@ -282,19 +283,15 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     t, s = run.cfg.train, run.cfg.sampling
     examples = run.task.examples("eval", t.eval_prompts, t.seed)
     share = run.coll.uneven_share(len(examples))
-    repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.eval_samples)]
-    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated],
-                                             chat_template=run.cfg.task.chat_template)
     rows = range(share.start * t.eval_samples, share.stop * t.eval_samples)
-    uniforms = row_uniforms(t.seed, 0, 4, len(examples) * t.eval_samples, s.max_new_tokens, rows)
+    uniforms = row_uniforms(t.seed, 0, EVAL_STREAM, len(examples) * t.eval_samples, s.max_new_tokens, rows)
     with gathered_for_generation(model) as lm:
-        batch = make_engine(run.cfg.rollout.engine, lm, run.tokenizer).generate(
-            prompt_ids, prompt_mask, max_new_tokens=s.max_new_tokens,
-            temperature=t.eval_temperature or s.temperature, top_p=s.top_p, topk=1, seed=step_seed(t.seed, 0, 4),
-            uniforms=uniforms, synced=is_sharded(model))
-    completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
-    rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
-    rewards = run.coll.gather_rows(rewards.reshape(len(share), t.eval_samples))[0]
+        scored = sample_and_score(make_engine(run.cfg.rollout.engine, lm, run.tokenizer), run.tokenizer, run.task,
+                                  examples[share.start:share.stop], k=t.eval_samples,
+                                  max_new_tokens=s.max_new_tokens, temperature=t.eval_temperature or s.temperature,
+                                  top_p=s.top_p, seed=t.seed, chat_template=run.cfg.task.chat_template,
+                                  uniforms=uniforms, synced=is_sharded(model))
+    rewards = run.coll.gather_rows(scored.rewards)[0]
     return {ACCURACY: mean_at_k(rewards), ACCURACY_SE: standard_error(rewards),
             pass_at(t.eval_samples): pass_at_k(rewards, t.eval_samples)}
 

@@ -28,6 +28,7 @@ from jackpot.core.divergences import kl_estimators, mismatch_metrics
 from jackpot.core.head import Head
 from jackpot.models.forward import output_head, response_hidden
 from jackpot.rollout.base import RolloutBatch
+from jackpot.seeding import row_uniforms
 from jackpot.train.config import Config
 from jackpot.train.distributed import Collective, Shard, language_model
 
@@ -62,18 +63,6 @@ class Prepared:
         row.batch = replace(row.batch, response_mask=zeros)
         row.correction, row.is_padding = CorrectionResult(zeros, zeros), True
         return row
-
-
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A deterministic seed per (run seed, step, purpose) — identical across processes, for exact resume."""
-    return (seed * 1_000_003 + step) * 16 + stream
-
-
-def row_uniforms(seed: int, step: int, stream: int, global_rows: int, width: int, rows: range) -> torch.Tensor:
-    """U(0, 1) (len(rows), width) for the global rows `rows` of a batch of `global_rows`: one table per
-    (seed, step, stream), so a row's draws do not depend on how the batch is split over processes."""
-    gen = torch.Generator().manual_seed(step_seed(seed, step, stream))
-    return torch.rand(global_rows, width, generator=gen)[rows.start:rows.stop]
 
 
 def needs_of(cfg: Config) -> Needs:

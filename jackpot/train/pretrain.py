@@ -38,9 +38,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from jackpot.eval import GREEDY_TOP_P, sample_and_score
 from jackpot.models.loading import build_tiny_qwen, save_model_and_tokenizer
 from jackpot.models.tokenizer import CHARACTERS, build_tokenizer
-from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts, response_mask_from_ids
+from jackpot.rollout.hf import HFRolloutEngine
 from jackpot.tasks import Example, Task, make_task, tiny_tokenizer
 from jackpot.train.config import default_cache_dir
 
@@ -190,27 +191,19 @@ def evaluate_accuracy(
     temperature: float | None = None,
     max_new_tokens: int | None = None,
 ) -> float:
-    """Fraction of `n` eval examples answered correctly; greedy if `temperature` is None, else sampled."""
+    """Fraction of `n` eval examples answered correctly (Mean@1, `jackpot.eval.sample_and_score`); greedy if
+    `temperature` is None, else sampled."""
     examples = task.examples("eval", n, seed)
     if not examples:
         return float("nan")
     longest = getattr(task, "max_answer_len", None) or max(
         len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
-    max_new = max_new_tokens or longest + 1
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples])
-    if temperature is None:
-        device = model.device
-        out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                             do_sample=False, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        response = out[:, prompt_ids.shape[1]:]
-        mask = response_mask_from_ids(response, [tokenizer.eos_token_id])
-    else:
-        batch = HFRolloutEngine(model, tokenizer).generate(prompt_ids, prompt_mask, max_new_tokens=max_new,
-                                                           temperature=temperature, seed=seed)
-        response, mask = batch.response_ids, batch.response_mask
-    completions = decode_responses(tokenizer, response, mask)
-    return sum(task.reward(ex, c) for ex, c in zip(examples, completions, strict=True)) / len(examples)
+    greedy = temperature is None
+    scored = sample_and_score(HFRolloutEngine(model, tokenizer, eos_token_ids=[tokenizer.eos_token_id]), tokenizer,
+                              task, examples, k=1, max_new_tokens=max_new_tokens or longest + 1,
+                              temperature=1.0 if greedy else temperature, top_p=GREEDY_TOP_P if greedy else 1.0,
+                              seed=None if greedy else seed)
+    return scored.mean_at_k()
 
 
 def train_tiny_model(

@@ -44,13 +44,14 @@ import contextlib
 import torch
 
 from jackpot import metric_names as names
-from jackpot.core import head as vocab
 from jackpot.core.checks import SAFETY_BOUND
 from jackpot.core.corrections import CorrectionResult
 from jackpot.core.head import Head
-from jackpot.core.losses import aggregate, distill_kl_at, loss_denominator, ppo_token_loss
+from jackpot.core.joint import rollout_model_loss
+from jackpot.core.losses import aggregate, loss_denominator, ppo_token_loss
 from jackpot.metrics import mean_of
-from jackpot.rollout.base import RolloutBatch
+from jackpot.models.forward import unwrap_peft
+from jackpot.seeding import step_seed
 from jackpot.train.config import Config
 from jackpot.train.distributed import Collective, Shard, gradient_sync, language_model
 from jackpot.train.prepare import (
@@ -60,7 +61,6 @@ from jackpot.train.prepare import (
     model_head,
     needs_of,
     sampled_logp,
-    step_seed,
     topk_z,
 )
 
@@ -112,51 +112,21 @@ def policy_loss(cfg: Config, mb: Prepared, new_logp: torch.Tensor, denominator: 
 
 def _rollout_model_loss(cfg: Config, mb: Prepared, roll: Head, teacher: Head, teacher_logp: torch.Tensor,
                         denominator: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """teacher: the current policy's head (detached); teacher_logp (B, T): its log-probs at the sampled tokens."""
-    d, t = cfg.distill, cfg.train
-    batch = mb.batch
-    mask = batch.response_mask
-    stats = {}
-    total = mask.new_zeros(())
-    kl = None
-    if d.ppo and d.coef > 0 and d.estimator == "full":  # one pass over the rollout model's head for both terms
-        logp, kl = vocab.logprobs_and_kl(roll, teacher, batch.response_ids.reshape(-1),
-                                         reverse=d.direction == "reverse", chunk=t.head_chunk)
-        logp, kl = logp.reshape(mask.shape), kl.reshape(mask.shape)
-    else:
-        logp = sampled_logp(cfg, roll, batch.response_ids) if d.ppo or d.estimator == "sampled" else None
-    if d.ppo:
-        tok, _ = ppo_token_loss(logp, mb.rollout_model_old_logp, mb.advantages,
-                                clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high, dual_clip=t.dual_clip)
-        log_is = (mb.rollout_model_old_logp - batch.rollout_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
-        ppo = aggregate(tok * log_is.exp().clamp_max(d.is_cap), mask, "token-mean", denominator=denominator)
-        total = total + ppo
-        stats[names.ROLLOUT_MODEL_PPO_LOSS] = (ppo.detach(), None)
-    if d.coef > 0:
-        kl = kl if kl is not None else _distill(cfg, roll, teacher, teacher_logp, logp, batch)
-        distill = aggregate(kl, mask, "token-mean", denominator=denominator)
-        total = total + d.coef * distill
-        stats[names.ROLLOUT_MODEL_DISTILL_KL] = (distill.detach(), None)
-    return total, stats
-
-
-def _distill(cfg: Config, roll: Head, teacher: Head, teacher_logp: torch.Tensor, roll_logp: torch.Tensor | None,
-             mb: RolloutBatch) -> torch.Tensor:
-    """Per-position distillation KL (B, T) toward the policy, by the configured direction and estimator."""
-    d, chunk, shape = cfg.distill, cfg.train.head_chunk, mb.response_ids.shape
-    if d.estimator == "full":
-        return vocab.kl_from_hidden(roll, teacher, reverse=d.direction == "reverse", chunk=chunk).reshape(shape)
-    if d.estimator == "topk":
-        t_logp, t_ids = vocab.topk(teacher, min(cfg.sampling.topk, teacher.vocab_size), chunk=chunk)
-        s_logp = vocab.logprobs_at(roll, t_ids, chunk=chunk)
-        return distill_kl_at(s_logp, direction=d.direction, estimator="topk", teacher_logp=t_logp).reshape(shape)
-    return distill_kl_at(roll_logp, direction=d.direction, estimator="sampled", teacher_logp=teacher_logp,
-                         rollout_logp=mb.rollout_logp, is_cap=d.is_cap)
+    """The rollout model's share of the mini-batch loss (jackpot.core.joint: PPO + distillation toward the
+    policy, paper eq. 8). teacher: the current policy's head (detached); teacher_logp (B, T): its log-probs
+    at the sampled tokens."""
+    d, t, batch = cfg.distill, cfg.train, mb.batch
+    out = rollout_model_loss(roll, teacher, batch.response_ids, batch.response_mask, mb.advantages,
+                             mb.rollout_model_old_logp, batch.rollout_logp, teacher_logp=teacher_logp, ppo=d.ppo,
+                             distill_coef=d.coef, direction=d.direction, estimator=d.estimator,
+                             topk=cfg.sampling.topk, clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high,
+                             dual_clip=t.dual_clip, is_cap=d.is_cap, denominator=denominator, chunk=t.head_chunk)
+    return out.loss, {k: (v, None) for k, v in out.metrics().items()}
 
 
 # ----------------------------------------------------------------------------- update
 def _checkpointed(model: torch.nn.Module) -> bool:
-    model = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # peft
+    model = unwrap_peft(model)
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     return bool(getattr(model, flag, False))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from jackpot.models.loading import build_tiny_qwen, save_model_and_tokenizer
 from jackpot.models.tokenizer import build_byte_tokenizer
@@ -73,3 +74,57 @@ def test_pass_at_k_equals_the_float64_combinatorial_formula(n, c, k):
     row = [1.0] * c + [0.0] * (n - c)
     expected = 1.0 - math.comb(n - c, k) / math.comb(n, k)  # exact integers, one float64 division
     assert pass_at_k([row], k) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def _tiny_addition_model():
+    from jackpot.models.tokenizer import build_char_tokenizer
+    from jackpot.tasks import AdditionTask
+
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen(len(tok), hidden_size=32, num_layers=1, num_heads=2, seed=0,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    task = AdditionTask(digits=1)
+    pretrain(task, tok, model, steps=40, batch_size=32, lr=3e-3, seed=0, progress=False)
+    return tok, model, task
+
+
+def test_sample_and_score_greedy_is_transformers_greedy_decoding():
+    """The one evaluation function decodes greedily through the engine at GREEDY_TOP_P (the pre-training
+    accuracy's `eval/greedy_acc_*`): the same completions as transformers' do_sample=False."""
+    from jackpot.eval import GREEDY_TOP_P, sample_and_score
+    from jackpot.rollout import HFRolloutEngine, decode_responses, encode_prompts
+
+    tok, model, task = _tiny_addition_model()
+    examples = task.examples("eval", 24, 0)
+    scored = sample_and_score(HFRolloutEngine(model, tok), tok, task, examples, k=2, max_new_tokens=4,
+                              temperature=1.0, top_p=GREEDY_TOP_P, seed=None)
+    ids, mask = encode_prompts(tok, [ex.prompt for ex in examples])
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=4,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    response = out[:, ids.shape[1]:]
+    ends = (response == tok.eos_token_id).long()
+    greedy = decode_responses(tok, response, ((ends.cumsum(1) - ends) == 0).float())
+    assert scored.completions == [c for c in greedy for _ in range(2)]
+    assert scored.rewards.shape == (24, 2) and scored.rewards.dtype == torch.float64
+    expected = [float(task.reward(ex, c)) for ex, c in zip(examples, greedy)]
+    assert scored.mean_at_k() == pytest.approx(sum(expected) / 24)
+    assert scored.pass_at_k() == pytest.approx(sum(r > 0.5 for r in expected) / 24)
+
+
+def test_sample_and_score_in_batches_with_row_uniforms_equals_all_at_once():
+    """With one row of uniforms per completion (the trainer's evaluation), how the completions are split into
+    generate calls changes nothing; without them each call is seeded from the seed, so a run repeats."""
+    from jackpot.eval import sample_and_score
+    from jackpot.rollout import HFRolloutEngine
+
+    tok, model, task = _tiny_addition_model()
+    examples = task.examples("eval", 6, 1)
+    u = torch.rand(18, 4, generator=torch.Generator().manual_seed(0))
+    kw = dict(k=3, max_new_tokens=4, temperature=1.0, seed=5, uniforms=u)
+    whole = sample_and_score(HFRolloutEngine(model, tok), tok, task, examples, **kw)
+    split = sample_and_score(HFRolloutEngine(model, tok), tok, task, examples, batch_size=4, **kw)
+    assert whole.completions == split.completions and torch.equal(whole.rewards, split.rewards)
+    kw.pop("uniforms")
+    once = sample_and_score(HFRolloutEngine(model, tok), tok, task, examples, batch_size=4, **kw)
+    again = sample_and_score(HFRolloutEngine(model, tok), tok, task, examples, batch_size=4, **kw)
+    assert once.completions == again.completions

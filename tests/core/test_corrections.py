@@ -16,7 +16,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jackpot.core.corrections import CORRECTIONS, CorrectionInputs, apply_correction, icepop, jackpot, tis
+from jackpot.core.corrections import (
+    CORRECTIONS,
+    CorrectionInputs,
+    apply_correction,
+    batch_jackpot,
+    icepop,
+    jackpot,
+    tis,
+)
 from jackpot.core.obrs import normalizer
 
 INF = math.inf
@@ -535,3 +543,29 @@ def test_expected_mask_loss_has_the_sampled_mask_scale_in_expectation(mode):
     stderr = draws.std() / math.sqrt(len(draws))
     assert abs(draws.mean() - exp_loss) < 4 * stderr + 1e-3 * abs(exp_loss)
     assert 0.3 < expected.mask.mean() < 0.95  # tokens really are rejected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kw", [dict(lam=1.3, c1=2.0), dict(budget=0.7, c1=None),
+                                dict(lam=0.8, c1=3.0, sampled_mask=False)])
+def test_batch_jackpot_is_jackpot_with_a_batch_normaliser_in_the_compute_dtype(dtype, kw):
+    """The integrations' batch-level helper: Jackpot (target old, z batch) of the upcast inputs; without
+    uniforms it draws them from torch's default generator in the compute dtype (float32 for bf16)."""
+    g = gen(11)
+    old, rollout = sampled_logp(g, (5, 6), dtype), sampled_logp(g, (5, 6), dtype)
+    mask = (torch.rand(5, 6, generator=g) < 0.8).long()
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    torch.manual_seed(3)
+    got = batch_jackpot(old, rollout, mask, **kw)
+    torch.manual_seed(3)
+    sampled = kw.get("sampled_mask", True)
+    u = torch.rand(old.shape, dtype=compute) if sampled else None
+    want = jackpot(CorrectionInputs(rollout_logp=rollout.to(compute), old_logp=old.to(compute), mask=mask.to(compute),
+                                    uniforms=u), target="old", z="batch", **kw)
+    assert got.weights.dtype == compute
+    torch.testing.assert_close(got.weights, want.weights, rtol=0, atol=0)
+    torch.testing.assert_close(got.mask, want.mask, rtol=0, atol=0)
+    assert got.stats.keys() == want.stats.keys()
+    given_u = torch.rand(old.shape, generator=g, dtype=compute)
+    again = batch_jackpot(old.requires_grad_(old.is_floating_point()), rollout, mask, uniforms=given_u, **kw)
+    assert not again.weights.requires_grad

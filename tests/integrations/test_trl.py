@@ -215,7 +215,7 @@ def test_joint_training_moves_the_rollout_model_toward_the_policy(tmp_path, ppo)
                                  processing_class=TOK, rollout_model=rollout, rollout_optimizer=opt)
     trainer.train()
     assert all(torch.equal(a, p) for a, p in zip(policy_before, policy.parameters()))  # policy lr 0: a fixed teacher
-    kls = [h["rollout/distill_kl"] for h in trainer.state.log_history if "rollout/distill_kl" in h]
+    kls = [h["rollout_model/distill_kl"] for h in trainer.state.log_history if "rollout_model/distill_kl" in h]
     assert len(kls) == 6 and all(math.isfinite(k) for k in kls)
     assert _probe_kl(policy, rollout) < 0.5 * before_kl  # distillation toward the policy works
 
@@ -228,6 +228,90 @@ def test_rollout_optimizer_needs_its_model(tmp_path):
                            rollout_optimizer=torch.optim.SGD(_model(2, 32).parameters(), lr=0.1))
 
 
+def test_a_rollout_optimizer_with_nothing_to_train_is_refused(tmp_path):
+    rollout = _model(1, 32)
+    with pytest.raises(ValueError, match="no loss"):
+        JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, processing_class=TOK,
+                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), rollout_model=rollout,
+                           rollout_optimizer=torch.optim.SGD(rollout.parameters(), lr=0.1),
+                           args=_config(tmp_path, rollout_distill_coef=0.0, rollout_ppo=False))
+
+
+def _former_rollout_model_loss(policy, rollout, inputs, *, temperature, coef, ppo, eps_low, eps_high):
+    """The integration's former rollout-model loss, from full (B, T, V) logits: kept as the slow reference."""
+    from jackpot.core.losses import distill_kl
+    from jackpot.models.forward import response_logits
+
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    T, mask = inputs["completion_ids"].size(1), inputs["rollout_mask"]
+    with torch.no_grad():
+        teacher = response_logits(policy, ids, att, T, temperature)
+    student = response_logits(rollout, ids, att, T, temperature)
+    kl = aggregate(distill_kl(student, teacher), mask, "token-mean")
+    loss, ppo_loss = coef * kl, None
+    if ppo:
+        logp = torch.log_softmax(student, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+        sampling = inputs["sampling_per_token_logps"]
+        sampling = torch.where(torch.isnan(sampling), logp.detach(), sampling)
+        tok, _ = ppo_token_loss(logp, sampling, inputs["rollout_advantages"].expand_as(logp), clip_eps=eps_low,
+                                clip_eps_high=eps_high)
+        ppo_loss = aggregate(tok, mask, "token-mean")
+        loss = loss + ppo_loss
+    return loss, kl, ppo_loss
+
+
+@pytest.mark.parametrize("ppo, coef", [(True, 1.0), (True, 0.0), (False, 0.5)])
+def test_rollout_model_update_equals_the_former_full_logits_formula_in_float64(ppo, coef):
+    """The joint update runs on the chunked heads (jackpot.core.joint, as the trainer's); on a tiny float64 case
+    its loss terms and gradients equal the former (B, T, V) formula's, NaN sampling log-probs included."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    policy, rollout = _model(0, 32).double(), _model(1, 16, peak=3.0).double()
+    g = torch.Generator().manual_seed(0)
+    B, P, T, temperature = 3, 4, 5, 0.7
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    completion_mask[1, 3:] = 0  # a response that ended early
+    ids = torch.randint(3, len(TOK), (B, P + T), generator=g)
+    inputs = {"prompt_ids": ids[:, :P], "prompt_mask": prompt_mask, "completion_ids": ids[:, P:],
+              "completion_mask": completion_mask, "rollout_mask": completion_mask.double(),
+              "rollout_advantages": torch.randn(B, 1, generator=g, dtype=torch.float64)}
+    with torch.no_grad():  # the engine's log-probs: the rollout model's, moved so that the PPO clip binds
+        from jackpot.models.forward import response_logits
+
+        own = torch.log_softmax(response_logits(rollout, ids, torch.cat([prompt_mask, completion_mask], 1), T,
+                                                temperature), -1).gather(-1, ids[:, P:, None])[..., 0]
+    sampling = (own + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp_max(0.0)
+    sampling[0, 1] = sampling[2, 4] = float("nan")  # tokens the engine could not score
+    inputs["sampling_per_token_logps"] = sampling
+
+    ref_loss, ref_kl, ref_ppo = _former_rollout_model_loss(policy, rollout, inputs, temperature=temperature,
+                                                           coef=coef, ppo=ppo, eps_low=0.2, eps_high=0.28)
+    ref_grads = torch.autograd.grad(ref_loss, list(rollout.parameters()), allow_unused=True)
+    trainer = SimpleNamespace(args=SimpleNamespace(rollout_ppo=ppo, rollout_distill_coef=coef),
+                              temperature=temperature, epsilon_low=0.2, epsilon_high=0.28, rollout_model=rollout,
+                              rollout_optimizer=torch.optim.SGD(rollout.parameters(), lr=0.0),
+                              accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                              _metrics={"train": defaultdict(list)})
+    JackpotGRPOTrainer._update_rollout_model(trainer, policy, inputs)
+    logged = trainer._metrics["train"]
+    if ppo:
+        assert logged["rollout_model/ppo_loss"] == [pytest.approx(ref_ppo.item(), rel=1e-10, abs=1e-12)]
+    if coef > 0:
+        assert logged["rollout_model/distill_kl"] == [pytest.approx(ref_kl.item(), rel=1e-10, abs=1e-12)]
+    assert set(logged) == {k for k, on in (("rollout_model/ppo_loss", ppo), ("rollout_model/distill_kl", coef > 0))
+                           if on}
+    for p, ref in zip(rollout.parameters(), ref_grads, strict=True):
+        if ref is None or p.grad is None:
+            assert ref is None or not ref.any()
+            continue
+        torch.testing.assert_close(p.grad, ref, rtol=1e-9, atol=1e-12)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in rollout.parameters())
+
+
 def test_rollout_models_ppo_uses_the_unweighted_advantages_on_every_produced_token(tmp_path, monkeypatch):
     raw = _record_raw(monkeypatch)
     rollout = _model(1, 32, peak=4.0)
@@ -237,7 +321,7 @@ def test_rollout_models_ppo_uses_the_unweighted_advantages_on_every_produced_tok
                                  args=_config(tmp_path, max_steps=1, rollout_distill_coef=0.0, obrs_budget=0.6))
     trainer.train()
     (out,) = raw
-    (logged,) = [h["rollout/loss"] for h in trainer.state.log_history if "rollout/loss" in h]
+    (logged,) = [h["rollout_model/ppo_loss"] for h in trainer.state.log_history if "rollout_model/ppo_loss" in h]
     mask = out["completion_mask"].float()
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
     att = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)

@@ -67,3 +67,19 @@ def test_lora_without_peft_is_a_clear_error(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_peft)
     with pytest.raises(ImportError, match=r"jackpot\[lora\]"):
         setup(build_config(None, [*TINY, f"cache_dir={cache}"]), tmp_path / "run")
+
+
+def test_unwrap_peft_finds_the_causal_lm_that_holds_the_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    from jackpot.models.forward import output_head, unwrap_peft
+    from jackpot.models.loading import build_tiny_qwen
+
+    model = build_tiny_qwen(40, hidden_size=16, num_layers=1, num_heads=2, seed=0, pad_token_id=0, eos_token_id=1,
+                            bos_token_id=2)
+    assert unwrap_peft(model) is model
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    inner = unwrap_peft(wrapped)
+    assert inner is wrapped.get_base_model() and type(inner) is type(model)
+    assert any("lora_A" in name for name, _ in inner.named_parameters())  # the adapters live in it
+    assert output_head(wrapped)[0] is output_head(model)[0]

@@ -101,6 +101,21 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cache):
         setup(_cfg(cache), tmp_path / "empty", resume=True)
 
 
+def test_a_directory_holding_a_run_is_refused_before_anything_loads(tmp_path, cache):
+    """One check (checkpoint.refuse_used_run_dir) serves `setup` and `jackpot train`: a directory with a
+    run's metrics or checkpoints holds a run; an empty or unrelated one does not."""
+    for name in ckpt.RUN_RECORDS:
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        assert not ckpt.holds_run(out)
+        (out / "notes.txt").write_text("mine")
+        assert not ckpt.holds_run(out)
+        (out / name).mkdir() if name == "checkpoints" else (out / name).write_text("")
+        assert ckpt.holds_run(out)
+        with pytest.raises(FileExistsError, match="already holds a run.*--resume"):
+            setup(_cfg(cache, "cache_dir=/nonexistent/never-read"), out)
+
+
 def _prepared(cfg, tmp_path, *, rollout_is_policy=False):
     run = setup(cfg, tmp_path)
     if rollout_is_policy:

@@ -24,8 +24,9 @@ from jackpot.core.advantages import group_advantages
 from jackpot.models.forward import response_logits
 from jackpot.models.loading import build_tiny_qwen
 from jackpot.rollout.base import RolloutBatch
+from jackpot.seeding import step_seed
 from jackpot.train.config import build_config
-from jackpot.train.prepare import prepare, step_seed
+from jackpot.train.prepare import prepare
 from jackpot.train.update import update
 
 V, B, P, T, G = 24, 8, 3, 5, 4  # vocabulary, sequences, prompt and response length, group size
