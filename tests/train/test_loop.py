@@ -328,3 +328,20 @@ def test_target_new_correction_is_that_of_the_sampling_temperature(tmp_path, cac
     assert "obrs/accept_rate" in keys and "obrs/kappa" in keys
     for k in keys:
         torch.testing.assert_close(record[k], old[k].float(), rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_a_padding_micro_batch_adds_nothing_to_loss_gradient_or_metrics(tmp_path, cache):
+    """Several processes give every rank as many micro-batches as the busiest; the extra ones are a row with
+    its response mask and correction zeroed (`Prepared.padding`): the forward runs, nothing else counts."""
+    cfg = _cfg(cache, "train.kl_coef=0.5")
+    run, prep, _ = _prepared(cfg, tmp_path)
+    prep.init_logp = prep.old_logp - 0.3  # the KL-to-init term is on, with non-zero values
+    pad = prep.padding()
+    assert pad.is_padding and len(pad.batch) == 1 and float(pad.batch.response_mask.sum()) == 0
+    assert float(pad.correction.mask.sum()) == 0 and float(pad.correction.weights.abs().sum()) == 0
+    new_logp = sampled_logp(cfg, model_head(run.policy, pad.batch, cfg.sampling.temperature), pad.batch.response_ids)
+    loss, stats = policy_loss(cfg, pad, new_logp, torch.tensor(7.0))
+    loss.backward()
+    assert float(loss) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in run.policy.parameters())
+    assert all(float(n) == 0 and (d is None or float(d) == 0) for n, d in stats.values())
