@@ -18,6 +18,8 @@ from jackpot.integrations.trl import JackpotGRPOConfig, JackpotGRPOTrainer, hf_r
 from jackpot.models.loading import build_tiny_qwen  # noqa: E402
 from jackpot.models.tokenizer import build_char_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 TOK = build_char_tokenizer()
 PROMPTS = [f"{a}+{b}=" for a in range(4) for b in range(4)]
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[2]
 CHECKS = ROOT / "tests" / "integrations" / "verl_env" / "checks_verl.py"
 

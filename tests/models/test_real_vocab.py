@@ -19,6 +19,8 @@ from jackpot.train.config import build_config
 from jackpot.train.prepare import prepare
 from jackpot.train.update import update
 
+pytestmark = pytest.mark.slow
+
 V = 151_936
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "train" / "dist_worker.py"
 BASE = ["train.threads=1", "policy.sft_steps=3", "rollout_model.sft_steps=3", "policy.hidden_size=32",
