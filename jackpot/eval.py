@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from jackpot.errors import InputError, rejected_input
 from jackpot.fileio import write_text_atomic
 
 
@@ -58,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from jackpot.train.config import build_config
 
-    cfg = build_config(args.config, args.overrides)
+    with rejected_input():
+        cfg = build_config(args.config, args.overrides)
     s = cfg.sampling
     settings = {"temperature": args.temperature if args.temperature is not None else s.temperature,
                 "top_p": args.top_p if args.top_p is not None else s.top_p,
@@ -66,9 +68,9 @@ def main(args: argparse.Namespace) -> int:
     for name, value in (("--k", args.k), ("--prompts", args.prompts), ("--batch-size", args.batch_size),
                         ("--max-new-tokens", settings["max_new_tokens"])):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise InputError(f"{name} must be >= 1, got {value}")
     if args.out.suffix == ".jsonl":
-        raise ValueError(f"--out {args.out}: give the JSON summary's path; the completions go beside it as .jsonl")
+        raise InputError(f"--out {args.out}: give the JSON summary's path; the completions go beside it as .jsonl")
     summary = evaluate_model(args.model, cfg, k=args.k, prompts=args.prompts, split=args.split,
                              batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                              out=args.out, progress=not args.no_progress, **settings)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from jackpot.errors import JackpotError, warn
+from jackpot.errors import JackpotError, rejected_input, warn
 from jackpot.fileio import write_text_atomic
 from jackpot.train.config import build_config, default_runs_dir, describe_fields, describe_presets, presets
 from jackpot.train.preflight import check_run
@@ -89,13 +89,15 @@ def _clear_unfinished(out: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     from jackpot.train.loop import train
 
-    cfg = build_config(args.config, args.overrides)
+    with rejected_input():
+        cfg = build_config(args.config, args.overrides)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1 and not args.out:  # each process would pick its own timestamped directory
         raise JackpotError(f"several processes (WORLD_SIZE={processes}) need one run directory: pass --out DIR")
     out = Path(args.out) if args.out else default_out(cfg)
     if args.resume and args.config is None and (out / "config.yaml").is_file():
-        cfg = build_config(str(out / "config.yaml"), args.overrides)  # the run's own config, plus overrides
+        with rejected_input():  # the run's own config, plus overrides
+            cfg = build_config(str(out / "config.yaml"), args.overrides)
     resume = args.resume
     if resume and _started_without_checkpoint(out):
         if processes > 1:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jackpot.errors import InputError
 from jackpot.models.forward import _unwrapped, response_hidden
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -72,7 +73,7 @@ class Collective:
     def share(self, n: int, what: str) -> range:
         """This rank's contiguous block of n items (n must divide evenly)."""
         if n % self.world:
-            raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
+            raise InputError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
         size = n // self.world
         return range(self.rank * size, (self.rank + 1) * size)
 
@@ -165,7 +166,7 @@ def wrap(lm: nn.Module, mode: str, coll: Collective, *, trainable: bool, mixed_p
     if coll.world == 1:
         return lm
     if mode not in PARALLEL_MODES:
-        raise ValueError(f"parallel mode must be one of {list(PARALLEL_MODES)}, got {mode!r}")
+        raise InputError(f"parallel mode must be one of {list(PARALLEL_MODES)}, got {mode!r}")
     body = HiddenStates(lm)
     if mode == "ddp":
         if not trainable:
@@ -194,7 +195,7 @@ def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
     base = _unwrapped(lm)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(base).__name__}: parallel=fsdp shards each decoder layer and needs "
+        raise InputError(f"{type(base).__name__}: parallel=fsdp shards each decoder layer and needs "
                          "model.model.layers (a ModuleList); use parallel=ddp for this model")
     return list(layers)
 

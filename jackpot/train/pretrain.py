@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from jackpot.errors import InputError
 from jackpot.models.loading import build_tiny_qwen, save_model_and_tokenizer
 from jackpot.models.tokenizer import CHARACTERS, build_tokenizer
 from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts, response_mask_from_ids
@@ -149,7 +150,7 @@ def pretrain(
 ) -> dict[str, float]:
     """SFT `model` in place on `steps * batch_size` fresh train examples; returns loss and timing stats."""
     if steps < 0 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0; got steps={steps}, "
+        raise InputError(f"need steps >= 0, batch_size >= 1, lr > 0; got steps={steps}, "
                          f"batch_size={batch_size}, lr={lr}")
     examples = task.examples("train", steps * batch_size, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)

@@ -14,6 +14,7 @@ import argparse
 
 import yaml
 
+from jackpot.errors import rejected_input
 from jackpot.train.config import (
     CACHE_ENV,
     RUNS_ENV,
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = build_config(args.config, args.overrides)
+    with rejected_input():
+        cfg = build_config(args.config, args.overrides)
     if args.yaml:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
