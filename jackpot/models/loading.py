@@ -38,7 +38,7 @@ from transformers import (
 
 from jackpot.errors import InputError, JackpotError
 
-MAX_POSITION_EMBEDDINGS = 512
+MAX_POSITION_EMBEDDINGS = 4096  # a text task's prompt (~600 bytes) plus its default 1,024-token response fit
 HUB_TIMEOUT_S = 5.0  # one look-up of a hub id; transformers itself retries for about a minute
 # "name" or "org/name": what the hub accepts; anything else must be a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")

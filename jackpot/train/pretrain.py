@@ -193,9 +193,11 @@ def pretrain(
     lr: float,
     seed: int,
     progress: bool = True,
+    desc: str = "pre-train (SFT)",
 ) -> dict[str, float]:
     """SFT `model` in place for `steps` steps, each on fresh train examples: `batch_size` of them, or fewer
-    where that many would exceed SFT_BATCH_TOKENS tokens; returns loss, batch and timing stats."""
+    where that many would exceed SFT_BATCH_TOKENS tokens; returns loss, batch and timing stats. `progress`:
+    a progress bar, else a line now and then (ProgressLines), both headed `desc`."""
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise InputError(f"need steps >= 0, batch_size >= 1, lr > 0; got steps={steps}, "
                          f"batch_size={batch_size}, lr={lr}")
@@ -207,8 +209,8 @@ def pretrain(
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="pre-train (SFT)", disable=not progress, leave=False)
-    lines = ProgressLines("pre-train (SFT)", steps, start, enabled=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    lines = ProgressLines(desc, steps, start, enabled=not progress)
     for step in bar:
         batch = sft_batch(tokenizer, examples[step * batch_size:(step + 1) * batch_size])
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -290,7 +292,7 @@ def train_tiny_model(
 
     measure("before")
     stats.update(pretrain(task, tokenizer, model, steps=spec.steps, batch_size=spec.batch_size,
-                          lr=spec.lr, seed=spec.seed, progress=progress))
+                          lr=spec.lr, seed=spec.seed, progress=progress, desc=f"{spec.name}: pre-train (SFT)"))
     measure("after")
     return model, tokenizer, stats
 
