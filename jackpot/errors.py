@@ -6,8 +6,14 @@ that names the file, field or value and says what to do, with a non-zero exit st
 bug and keeps its traceback. `JACKPOT_TRACEBACK=1` (or `jackpot --debug ...`) shows the traceback of
 expected failures too.
 
-Library code raises `JackpotError` (or ValueError / OSError with a message that already names the
-problem); `describe` turns any expected exception into the one line.
+Which is which is decided where the failure is raised, not by its type's name alone: the places that
+check what a user gave (config validation, task options and data files, tokenizers and checkpoints, the
+command-line arguments) raise `InputError`, which is a `ValueError` too (so `except ValueError` and
+`pytest.raises(ValueError)` keep working), or another `JackpotError`; files that cannot be read or written
+raise the OSError family; a missing optional dependency raises ImportError naming the extra to install.
+`describe` turns those into the one line. A plain `ValueError` (a shape check deep inside `jackpot.core`
+tripped by the trainer, an error from torch), like a `RuntimeError`, `IndexError` or `AttributeError`, is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from pathlib import Path
 
 class JackpotError(Exception):
     """An expected failure whose message names the problem and what to do about it."""
+
+
+class InputError(JackpotError, ValueError):
+    """A value the user gave is wrong (a config field, a task option, a row of a data file, a command-line
+    argument, a checkpoint that does not fit); the message names it and what is allowed."""
 
 
 class JackpotWarning(UserWarning):
@@ -71,7 +82,7 @@ def describe(e: BaseException) -> str | None:
         if isinstance(e, PermissionError):
             return _one_line(f"permission denied: {e.filename or e}: choose a path you can read/write")
         return _one_line(str(e) if not e.filename or str(e.filename) in str(e) else f"{_os_reason(e)}")
-    if isinstance(e, (ValueError, ImportError)):
+    if isinstance(e, ImportError):  # a missing optional dependency: the message names the extra to install
         return _one_line(str(e))
     if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch here
         return _one_line(f"out of memory on the accelerator ({str(e).splitlines()[0]}): lower "

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jackpot.core.dtypes import DTYPES
+from jackpot.errors import InputError
 from jackpot.fileio import write_text_atomic
 from jackpot.rollout.base import RolloutEngine
 from jackpot.rollout.hf import decode_responses, encode_prompts
@@ -128,9 +129,9 @@ def main(args: argparse.Namespace) -> int:
     for name, value in (("--k", args.k), ("--prompts", args.prompts), ("--batch-size", args.batch_size),
                         ("--max-new-tokens", settings["max_new_tokens"])):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise InputError(f"{name} must be >= 1, got {value}")
     if args.out.suffix == ".jsonl":
-        raise ValueError(f"--out {args.out}: give the JSON summary's path; the completions go beside it as .jsonl")
+        raise InputError(f"--out {args.out}: give the JSON summary's path; the completions go beside it as .jsonl")
     summary = evaluate_model(args.model, cfg, k=args.k, prompts=args.prompts, split=args.split,
                              batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                              out=args.out, progress=not args.no_progress, **settings)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from jackpot.core.obrs import acceptance_prob, lambda_for_budget, normalizer, obrs_kl_from_logits
+from jackpot.errors import InputError
 from jackpot.fileio import write_atomic
 
 SCALES = (2.0, 3.0)  # std of the target logits, alternating over the states
@@ -63,7 +64,7 @@ def _draw_noise(family: str, shape: tuple[int, int], gen: torch.Generator) -> to
         return xi.exp()
     if family == "gaussian":
         return xi
-    raise ValueError(f"unknown perturbation family {family!r}")
+    raise InputError(f"unknown perturbation family {family!r}")
 
 
 def draw_states(vocab: int, states: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -102,7 +103,7 @@ def solve_sigma(z: torch.Tensor, xi: torch.Tensor, target_kl: float,
     a, b = (math.log(s) for s in bracket)
     fa, fb = f(a), f(b)
     if fa > 0 or fb < 0:
-        raise ValueError(f"KL {target_kl} is outside KL(sigma) for sigma in {bracket}")
+        raise InputError(f"KL {target_kl} is outside KL(sigma) for sigma in {bracket}")
     side, c = 0, a
     for _ in range(SOLVE_MAX_ITERS):
         c = (a * fb - b * fa) / (fb - fa)

@@ -1,7 +1,9 @@
 """Input validation shared by the public entry points of `jackpot.core`.
 
 Every public function checks its arguments with these helpers so that bad input fails early with a
-`ValueError` that names the offending argument, instead of surfacing later as a NaN in a loss.
+`ValueError` that names the offending argument, instead of surfacing later as a NaN in a loss. A plain
+ValueError, not `jackpot.errors.InputError`: the trainer validates what a user gives before it reaches
+this math, so one raised here from `jackpot train` is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from torch import nn
 
 from jackpot.core.dtypes import upcast
 from jackpot.core.head import Head
+from jackpot.errors import InputError
 
 
 def response_logits(
@@ -96,11 +97,11 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     for attr in _NONLINEAR_HEAD_ATTRS:
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} has config.{attr} = {value}: its logits are not a linear map "
+            raise InputError(f"{type(model).__name__} has config.{attr} = {value}: its logits are not a linear map "
                              "of the hidden states, which the chunked head (jackpot.core.head) assumes")
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(lm_head, nn.Linear):
-        raise ValueError(f"{type(model).__name__} exposes no linear output embedding (get_output_embeddings() "
+        raise InputError(f"{type(model).__name__} exposes no linear output embedding (get_output_embeddings() "
                          f"returned {type(lm_head).__name__})")
     return lm_head.weight, lm_head.bias
 
@@ -120,7 +121,7 @@ def response_hidden(
     model = unwrap_peft(model)
     base = getattr(model, "base_model", None)
     if base is None or base is model:
-        raise ValueError(f"{type(model).__name__} has no separate base model to take hidden states from")
+        raise InputError(f"{type(model).__name__} has no separate base model to take hidden states from")
     mask = attention_mask.long()
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)

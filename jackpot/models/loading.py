@@ -37,9 +37,9 @@ from transformers import (
 )
 
 from jackpot.core.dtypes import DTYPES
-from jackpot.errors import JackpotError
+from jackpot.errors import InputError, JackpotError
 
-MAX_POSITION_EMBEDDINGS = 512
+MAX_POSITION_EMBEDDINGS = 4096  # a text task's prompt (~600 bytes) plus its default 1,024-token response fit
 HUB_TIMEOUT_S = 5.0  # one look-up of a hub id; transformers itself retries for about a minute
 # "name" or "org/name": what the hub accepts; anything else must be a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -66,11 +66,11 @@ def build_tiny_qwen(
     for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers), ("num_heads", num_heads)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise InputError(f"{name} must be >= 1, got {value}")
     if hidden_size % num_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        raise InputError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     if intermediate_size is not None and intermediate_size < 1:
-        raise ValueError(f"intermediate_size must be >= 1 or None, got {intermediate_size}")
+        raise InputError(f"intermediate_size must be >= 1 or None, got {intermediate_size}")
     config = Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -95,11 +95,11 @@ def _resolve(path_or_hub_id: str | os.PathLike, what: str) -> str:
     """Return a local directory as a string, or a hub id unchanged; raise for missing local paths."""
     text = os.fspath(path_or_hub_id)
     if not text:
-        raise ValueError(f"path_or_hub_id for the {what} is empty")
+        raise InputError(f"path_or_hub_id for the {what} is empty")
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{what} path {str(path)!r} is a file; expected a checkpoint directory")
+            raise InputError(f"{what} path {str(path)!r} is a file; expected a checkpoint directory")
         return str(path)
     if not _HUB_ID.match(text):  # "./x", "/x", "~/x", "a/b/c", "a\\b" are local paths
         raise FileNotFoundError(f"{what} directory {str(path)!r} does not exist (and is not a hub id)")
@@ -112,7 +112,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be a torch.dtype, 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InputError(f"dtype must be a torch.dtype, 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 

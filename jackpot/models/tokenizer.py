@@ -28,6 +28,8 @@ import string
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from jackpot.errors import InputError
+
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)
 CHARACTERS = string.digits + "+-*/=" + " \n" + string.ascii_lowercase + "?:.,()!'\""
@@ -80,7 +82,7 @@ TOKENIZERS = {"char": build_char_tokenizer, "byte": build_byte_tokenizer}
 def build_tokenizer(name: str) -> PreTrainedTokenizerFast:
     """The tiny models' tokenizer called `name` ('char' or 'byte')."""
     if name not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; known: {sorted(TOKENIZERS)}")
+        raise InputError(f"unknown tokenizer {name!r}; known: {sorted(TOKENIZERS)}")
     return TOKENIZERS[name]()
 
 
@@ -96,18 +98,18 @@ def check_same_tokenizer(
     """
     a, b = names
     if len(tok_a) != len(tok_b):
-        raise ValueError(
+        raise InputError(
             f"{a} and {b} tokenizers differ in vocabulary size: {len(tok_a)} vs {len(tok_b)}; "
             "RL with two models requires identical tokenization"
         )
     vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
     for token, idx in vocab_a.items():
         if vocab_b.get(token) != idx:
-            raise ValueError(
+            raise InputError(
                 f"{a} and {b} tokenizers differ: token {token!r} has id {idx} in {a} but "
                 f"{vocab_b.get(token)} in {b}; RL with two models requires identical tokenization"
             )
     for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
         id_a, id_b = getattr(tok_a, attr), getattr(tok_b, attr)
         if id_a != id_b:
-            raise ValueError(f"{a} and {b} tokenizers differ in {attr}: {id_a} vs {id_b}")
+            raise InputError(f"{a} and {b} tokenizers differ in {attr}: {id_a} vs {id_b}")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from jackpot.errors import InputError
 from jackpot.rollout.base import RolloutBatch, RolloutEngine
 from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts
 
@@ -29,7 +30,7 @@ ENGINES: dict[str, Callable[..., RolloutEngine]] = {
 def make_engine(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **kwargs) -> RolloutEngine:
     """The rollout engine registered as `name` (see ENGINES) over `model` and `tokenizer`."""
     if name not in ENGINES:
-        raise ValueError(f"unknown rollout engine {name!r}; known: {sorted(ENGINES)}")
+        raise InputError(f"unknown rollout engine {name!r}; known: {sorted(ENGINES)}")
     return ENGINES[name](model, tokenizer, **kwargs)
 
 

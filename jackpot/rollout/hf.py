@@ -36,6 +36,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from jackpot.errors import InputError
 from jackpot.rollout.base import FILL_LOGPROB, RolloutBatch
 
 
@@ -48,12 +49,12 @@ def encode_prompts(
     generation prompt (ValueError if it has none); None does so when the tokenizer has a template; False never.
     """
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
+        raise InputError("prompts must be a non-empty list of strings")
     if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before encoding prompts")
+        raise InputError("tokenizer has no pad token; set tokenizer.pad_token before encoding prompts")
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if chat_template and not has_template:
-        raise ValueError("task.chat_template is true but the tokenizer has no chat template")
+        raise InputError("task.chat_template is true but the tokenizer has no chat template")
     templated = has_template and chat_template is not False
     if templated:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -62,7 +63,7 @@ def encode_prompts(
     enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt",
                     add_special_tokens=not templated)
     if enc["input_ids"].shape[1] == 0:
-        raise ValueError("prompts encode to zero tokens; every prompt needs at least one token")
+        raise InputError("prompts encode to zero tokens; every prompt needs at least one token")
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
@@ -147,10 +148,10 @@ class HFRolloutEngine:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  eos_token_ids: list[int] | None = None, cache_implementation: str | None = None):
         if tokenizer.pad_token_id is None:
-            raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+            raise InputError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
         eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer)
         if not eos or any(e is None for e in eos):
-            raise ValueError(f"eos_token_ids must be a non-empty list of ids, got {eos}")
+            raise InputError(f"eos_token_ids must be a non-empty list of ids, got {eos}")
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import re
 
+from jackpot.errors import InputError
+
 VERIFIERS = ("math", "exact")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
@@ -81,7 +83,7 @@ def require_math_verify():
 def is_correct(completion: str, reference: str, verifier: str = "math") -> bool:
     """Whether `completion` states the same final answer as `reference` under `verifier` (see module docstring)."""
     if verifier not in VERIFIERS:
-        raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+        raise InputError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
     gold = marked_answer(reference) or reference.strip()
     if verifier == "exact":  # numbers compared as final_answer reads them: without thousands separators
         given = final_answer(completion)

@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
+from jackpot.errors import InputError
 from jackpot.tasks.base import Example, check_split, extract_answer, split_of
 
 MAX_TRIES_PER_EXAMPLE = 10_000
@@ -35,7 +36,7 @@ class _ArithmeticTask:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+            raise InputError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
     def _problem(self, rng: random.Random) -> Example:
         raise NotImplementedError
@@ -53,7 +54,7 @@ class _ArithmeticTask:
         tries = 0
         while len(out) < n:
             if tries == MAX_TRIES_PER_EXAMPLE * n:
-                raise ValueError(f"could not draw {n} {split!r} examples for {self}: problem space too "
+                raise InputError(f"could not draw {n} {split!r} examples for {self}: problem space too "
                                  f"small for eval_fraction={self.eval_fraction}")
             tries += 1
             ex = self._problem(rng)
@@ -69,7 +70,7 @@ class _ArithmeticTask:
 def _check_positive(**values: int) -> None:
     for key, value in values.items():
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive int, got {value!r}")
+            raise InputError(f"{key} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class ChainSumTask(_ArithmeticTask):
         super().__post_init__()
         _check_positive(terms=self.terms, digits=self.digits)
         if self.terms < 2:
-            raise ValueError(f"terms must be >= 2, got {self.terms}")
+            raise InputError(f"terms must be >= 2, got {self.terms}")
 
     @property
     def max_answer_len(self) -> int:

@@ -16,6 +16,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from jackpot.errors import InputError
+
 SPLITS = ("train", "eval")
 # Decoded completions end at the first of these; the answer is what precedes it, stripped.
 STOP_STRINGS = ("\n", "<eos>", "<|endoftext|>", "<|im_end|>", "</s>")
@@ -83,19 +85,19 @@ def check_template(template: str, allowed: set[str] | None = None) -> list[str]:
     it is not one, uses positional fields ({} / {0}), reaches into a field ({prompt[0]}, {prompt.upper}),
     or names a field outside `allowed` (when given)."""
     if not isinstance(template, str):
-        raise ValueError(f"template must be text, got {type(template).__name__}")
+        raise InputError(f"template must be text, got {type(template).__name__}")
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
-        raise ValueError(f"template {template!r} is not a valid format string: {e}") from None
+        raise InputError(f"template {template!r} is not a valid format string: {e}") from None
     for name in names:
         if name == "" or name.isdigit():
-            raise ValueError(f"template {template!r}: use named fields like {{prompt}}, not {{}} or {{0}}")
+            raise InputError(f"template {template!r}: use named fields like {{prompt}}, not {{}} or {{0}}")
         if "." in name or "[" in name:
-            raise ValueError(f"template {template!r}: field {{{name}}} reaches into a field (attribute or index "
+            raise InputError(f"template {template!r}: field {{{name}}} reaches into a field (attribute or index "
                              f"access); name whole fields only, like {{{name.split('.')[0].split('[')[0]}}}")
         if allowed is not None and name not in allowed:
-            raise ValueError(f"template {template!r} names field {{{name}}}; allowed: "
+            raise InputError(f"template {template!r} names field {{{name}}}; allowed: "
                              f"{', '.join('{' + a + '}' for a in sorted(allowed))}")
     return names
 

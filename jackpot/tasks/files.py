@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from jackpot.errors import InputError
 from jackpot.tasks.answers import VERIFIERS, is_correct, marked_answer, require_math_verify
 from jackpot.tasks.base import Example, check_split, check_template, draw, split_of
 
@@ -78,17 +79,17 @@ class FileTask:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction <= 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1], got {self.eval_fraction}")
+            raise InputError(f"eval_fraction must be in [0, 1], got {self.eval_fraction}")
         if self.verifier not in VERIFIERS:
-            raise ValueError(f"verifier must be one of {list(VERIFIERS)}, got {self.verifier!r}")
+            raise InputError(f"verifier must be one of {list(VERIFIERS)}, got {self.verifier!r}")
         if self.verifier == "math":
             require_math_verify()
         if not 0.0 <= self.format_reward < 0.5:
-            raise ValueError(f"format_reward must be in [0, 0.5) (a formatted wrong answer must stay below a "
+            raise InputError(f"format_reward must be in [0, 0.5) (a formatted wrong answer must stay below a "
                              f"correct one for pass@k), got {self.format_reward}")
         check_template(self.template)
         if self.eval_path is not None and self.eval_split is not None:
-            raise ValueError("give eval_path or eval_split, not both")
+            raise InputError("give eval_path or eval_split, not both")
         rows = self._examples(self.path, self.split)
         if self.eval_path is not None or self.eval_split is not None:
             evals = self._examples(self.eval_path or self.path, self.eval_split or self.split)
@@ -104,13 +105,13 @@ class FileTask:
 
     def _example(self, row: Any, where: str) -> Example:
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object with fields {self.prompt_field!r} and "
+            raise InputError(f"{where}: expected a JSON object with fields {self.prompt_field!r} and "
                              f"{self.answer_field!r}, got {type(row).__name__}")
         prompt, answer = (_text_field(row, key, where) for key in (self.prompt_field, self.answer_field))
         try:
             text = self.template.format(**{**row, "prompt": prompt})
         except KeyError as e:
-            raise ValueError(f"{where}: template {self.template!r} names field {e.args[0]!r}, which the row "
+            raise InputError(f"{where}: template {self.template!r} names field {e.args[0]!r}, which the row "
                              f"lacks; it has {sorted(row)}") from None
         return Example(prompt=text, answer=answer)
 
@@ -119,7 +120,7 @@ class FileTask:
         check_split(split, n)
         pool = self._pool[split]
         if n and not pool:
-            raise ValueError(f"{self.path}: no examples in split {split!r} (eval_fraction={self.eval_fraction})")
+            raise InputError(f"{self.path}: no examples in split {split!r} (eval_fraction={self.eval_fraction})")
         return draw(pool, n, f"jsonl/{split}/{seed}")
 
     def reward(self, example: Example, completion: str) -> float:
@@ -134,12 +135,12 @@ JsonlTask = FileTask  # the name the task had when it read only JSON lines
 
 def _text_field(row: dict, key: str, where: str) -> str:
     if key not in row:
-        raise ValueError(f"{where}: missing field {key!r}; the row has {sorted(row)}")
+        raise InputError(f"{where}: missing field {key!r}; the row has {sorted(row)}")
     value = row[key]
     if value is None:
-        raise ValueError(f"{where}: field {key!r} is null")
+        raise InputError(f"{where}: field {key!r} is null")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{where}: field {key!r} must be text or a number, got {type(value).__name__}")
+        raise InputError(f"{where}: field {key!r} must be text or a number, got {type(value).__name__}")
     return str(value)
 
 
@@ -169,7 +170,7 @@ def read_rows(source: str, *, split: str = "train", subset: str | None = None) -
         data = datasets.load_dataset(str(source), subset, split=split)
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise ValueError(f"{source}: no split {split!r}; it has {sorted(data)}")
+            raise InputError(f"{source}: no split {split!r}; it has {sorted(data)}")
         data = data[split]
     return [(row, f"{source} row {i}") for i, row in enumerate(data, start=1)]
 
@@ -182,7 +183,7 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str]]:
             try:
                 items = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e}); a .json file is read as one JSON "
+                raise InputError(f"{path}:{e.lineno}: not valid JSON ({e}); a .json file is read as one JSON "
                                  f"array of objects, or as JSON lines (one object per line)") from e
             return [(row, f"{path} item {i}") for i, row in enumerate(items, start=1)]
     rows = []
@@ -195,7 +196,7 @@ def _read_jsonl(path: Path) -> list[tuple[Any, str]]:
             except json.JSONDecodeError as e:
                 hint = ("; a .json file is read as one JSON array of objects, or as JSON lines (one object per "
                         "line)" if path.suffix == ".json" else "")
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e}){hint}") from e
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e}){hint}") from e
     return rows
 
 

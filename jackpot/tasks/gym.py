@@ -21,6 +21,7 @@ import dataclasses
 import re
 from typing import Any, ClassVar
 
+from jackpot.errors import InputError
 from jackpot.tasks.base import Example, check_split, check_template, draw, split_of
 
 MAX_NEW_TOKENS = 1024
@@ -58,7 +59,7 @@ class ReasoningGymTask:
             self._data = dataset_cls(config=config)
             self._entries = [self._data[i] for i in range(len(self._data))]
         except Exception as e:
-            raise ValueError(f"reasoning-gym dataset {dataset!r}: invalid settings {self.settings}: "
+            raise InputError(f"reasoning-gym dataset {dataset!r}: invalid settings {self.settings}: "
                              f"{type(e).__name__}: {e}") from e
         self._pool: dict[str, list[Example]] = {"train": [], "eval": []}
         for index, entry in enumerate(self._entries):
@@ -72,17 +73,17 @@ class ReasoningGymTask:
         registry = _registry()
         dataset = options.get("dataset")
         if dataset not in registry:
-            raise ValueError(f"task 'reasoning-gym' needs options.dataset, one of reasoning-gym's datasets "
+            raise InputError(f"task 'reasoning-gym' needs options.dataset, one of reasoning-gym's datasets "
                              f"(e.g. gsm_symbolic, basic_arithmetic, chain_sum, countdown); got {dataset!r}. "
                              f"Known: {', '.join(sorted(registry))}")
         settings = {f.name for f in dataclasses.fields(registry[dataset][1]) if f.init}
         unknown = sorted(set(options) - settings - set(OWN_OPTIONS) - {"dataset"})
         if unknown:
-            raise ValueError(f"reasoning-gym dataset {dataset!r} has no setting(s) {unknown}; its settings: "
+            raise InputError(f"reasoning-gym dataset {dataset!r} has no setting(s) {unknown}; its settings: "
                              f"{sorted(settings)}, plus {sorted(OWN_OPTIONS)}")
         check_template(options.get("template", OWN_OPTIONS["template"]), allowed={"question"})
         if not 0.0 < float(options.get("eval_fraction", OWN_OPTIONS["eval_fraction"])) < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {options.get('eval_fraction')}")
+            raise InputError(f"eval_fraction must be in (0, 1), got {options.get('eval_fraction')}")
         return {"dataset": dataset, **OWN_OPTIONS, **GENERATED_DEFAULTS, **options}
 
     @classmethod
@@ -94,7 +95,7 @@ class ReasoningGymTask:
         check_split(split, n)
         pool = self._pool[split]
         if n and not pool:
-            raise ValueError(f"reasoning-gym {self.dataset_name!r}: no examples in split {split!r}; raise size")
+            raise InputError(f"reasoning-gym {self.dataset_name!r}: no examples in split {split!r}; raise size")
         return draw(pool, n, f"reasoning-gym/{split}/{seed}")
 
     def reward(self, example: Example, completion: str) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jackpot.errors import InputError
 from jackpot.tasks.arithmetic import AdditionTask, ChainSumTask, MultiplyTask
 from jackpot.tasks.base import Task
 from jackpot.tasks.files import FileTask
@@ -35,7 +36,7 @@ TASKS: dict[str, type] = {
 
 def _task_class(name: str) -> type:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        raise InputError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     return TASKS[name]
 
 
@@ -47,12 +48,12 @@ def task_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     fields = [f for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(options) - {f.name for f in fields})
     if unknown:
-        raise ValueError(f"task {name!r} got unknown option(s) {unknown}; "
+        raise InputError(f"task {name!r} got unknown option(s) {unknown}; "
                          f"its options: {sorted(f.name for f in fields)}")
     missing = [f.name for f in fields if f.name not in options
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ValueError(f"task {name!r} needs option(s) {missing}, e.g. task.options='{{{missing[0]}: ...}}'")
+        raise InputError(f"task {name!r} needs option(s) {missing}, e.g. task.options='{{{missing[0]}: ...}}'")
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     return {**defaults, **options}
 

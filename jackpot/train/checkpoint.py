@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from jackpot.errors import checkpoint_write_error
+from jackpot.errors import InputError, checkpoint_write_error
 from jackpot.fileio import write_text_atomic
 from jackpot.train.distributed import Collective
 
@@ -186,13 +186,13 @@ def load_checkpoint(path: str | Path, models: dict[str, torch.nn.Module],
         _load_sharded(path, models, optimizers)
         return json.loads((path / "state.json").read_text())
     if coll is not None and coll.world > 1:
-        raise ValueError(f"checkpoint {path} was written by one process: resume it with one process (its "
+        raise InputError(f"checkpoint {path} was written by one process: resume it with one process (its "
                          "optimizer state is not laid out for sharding), or start a new run")
     for name, model in models.items():
         missing, unexpected = model.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=False)
         frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         if unexpected or [m for m in missing if not m.endswith("lm_head.weight") and m not in frozen]:
-            raise ValueError(f"checkpoint {path} does not match model {name!r}: "
+            raise InputError(f"checkpoint {path} does not match model {name!r}: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     states = torch.load(path / "optim.pt", weights_only=True)
     for name, opt in optimizers.items():

@@ -14,6 +14,7 @@ from jackpot.core.advantages import ADVANTAGE_MODES
 from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, correction_needs, correction_params
 from jackpot.core.dtypes import DTYPES
 from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
+from jackpot.errors import InputError
 from jackpot.rollout import ENGINES
 from jackpot.tasks import TASKS, default_max_new_tokens, task_options
 from jackpot.train.config import ROLLOUT_MODEL_TRAINING, TRAIN_MODES
@@ -58,7 +59,7 @@ def resolve(cfg: Config) -> Config:
     """`cfg` with the task's defaults filled in (options, max_new_tokens), checked; ValueError if bad."""
     check_choice("task.name", cfg.task.name, CHOICES["task.name"])
     if not isinstance(cfg.task.options, dict):
-        raise ValueError(f"task.options must be a mapping, got {cfg.task.options!r}")
+        raise InputError(f"task.options must be a mapping, got {cfg.task.options!r}")
     options = task_options(cfg.task.name, cfg.task.options)
     max_new = cfg.sampling.max_new_tokens
     if max_new is None:
@@ -87,24 +88,24 @@ def _check_ranges(cfg: Config) -> None:
             _check_positive_int(name, get(cfg, name))
     for name in POSITIVE:
         if not get(cfg, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {get(cfg, name)!r}")
+            raise InputError(f"{name} must be > 0, got {get(cfg, name)!r}")
     for name in POSITIVE_OR_NULL:
         if get(cfg, name) is not None and not get(cfg, name) > 0:
-            raise ValueError(f"{name} must be > 0 or null, got {get(cfg, name)!r}")
+            raise InputError(f"{name} must be > 0 or null, got {get(cfg, name)!r}")
     for name in NON_NEGATIVE:
         if not get(cfg, name) >= 0:
-            raise ValueError(f"{name} must be >= 0, got {get(cfg, name)!r}")
+            raise InputError(f"{name} must be >= 0, got {get(cfg, name)!r}")
     t, c = cfg.train, cfg.correction
     if t.group_size < 2:
-        raise ValueError(f"train.group_size must be >= 2 for group-relative advantages, got {t.group_size}")
+        raise InputError(f"train.group_size must be >= 2 for group-relative advantages, got {t.group_size}")
     if not 0 < cfg.sampling.top_p <= 1:
-        raise ValueError(f"sampling.top_p must be in (0, 1], got {cfg.sampling.top_p!r}")
+        raise InputError(f"sampling.top_p must be in (0, 1], got {cfg.sampling.top_p!r}")
     if c.budget is not None and not 0 < c.budget <= 1:
-        raise ValueError(f"correction.budget must be in (0, 1] or null, got {c.budget!r}")
+        raise InputError(f"correction.budget must be in (0, 1] or null, got {c.budget!r}")
     if t.clip_eps is not None and not 0 < t.clip_eps < 1:
-        raise ValueError(f"train.clip_eps must be in (0, 1) or null (no clip), got {t.clip_eps!r}")
+        raise InputError(f"train.clip_eps must be in (0, 1) or null (no clip), got {t.clip_eps!r}")
     if t.dual_clip is not None and not t.dual_clip > 1:
-        raise ValueError(f"train.dual_clip must be > 1 or null, got {t.dual_clip!r}")
+        raise InputError(f"train.dual_clip must be > 1 or null, got {t.dual_clip!r}")
 
 
 def _check_rules(cfg: Config) -> None:
@@ -112,23 +113,23 @@ def _check_rules(cfg: Config) -> None:
     t, c = cfg.train, cfg.correction
     total = t.prompts_per_step * t.group_size
     if total % t.minibatches:
-        raise ValueError(f"train.minibatches ({t.minibatches}) must divide the rollout batch "
+        raise InputError(f"train.minibatches ({t.minibatches}) must divide the rollout batch "
                          f"prompts_per_step x group_size = {total}")
     if t.clip_eps is None and t.clip_eps_high is not None:
-        raise ValueError("train.clip_eps_high is set but train.clip_eps is null (no clip): set both or neither")
+        raise InputError("train.clip_eps_high is set but train.clip_eps is null (no clip): set both or neither")
     if c.cap_min is not None and c.cap_min > c.cap:
-        raise ValueError(f"correction.cap_min ({c.cap_min}) must be <= correction.cap ({c.cap})")
+        raise InputError(f"correction.cap_min ({c.cap_min}) must be <= correction.cap ({c.cap})")
     if c.low > c.high:
-        raise ValueError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
+        raise InputError(f"correction.low ({c.low}) must be <= correction.high ({c.high})")
     if c.target != "old" and "target" not in correction_params(c.name):
-        raise ValueError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
+        raise InputError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
                          "weights toward p_old)")
     needs = correction_needs(c.name, **c.kwargs())
     if needs.z == "exact" and cfg.sampling.top_p < 1:
-        raise ValueError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
+        raise InputError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
                          "give p_inf exactly); use correction.z='topk' or 'batch' with nucleus sampling")
     if needs.z == "exact" and needs.current_policy:
-        raise ValueError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
+        raise InputError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
                          "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
 
 
@@ -141,9 +142,9 @@ def get(cfg: Any, dotted: str) -> Any:
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")

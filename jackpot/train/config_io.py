@@ -25,6 +25,8 @@ from typing import Any, TypeVar, get_type_hints
 
 import yaml
 
+from jackpot.errors import InputError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # presets ship inside the package
 LEAF_MAPPINGS = ("options",)  # fields holding free-form mappings: a layer replaces them whole, never merges
 
@@ -47,13 +49,13 @@ def to_dict(cfg: Any) -> dict:
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """An instance of dataclass `cls` from a nested dict, each value coerced to its field's type."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+        raise InputError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in known:
-            raise ValueError(f"unknown config key {where + key!r}; known keys: {sorted(known)}")
+            raise InputError(f"unknown config key {where + key!r}; known keys: {sorted(known)}")
         if is_dataclass(hints[key]):
             kwargs[key] = from_dict(hints[key], value, f"{where}{key}.")
         else:
@@ -66,19 +68,19 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     args = set(getattr(hint, "__args__", ()) or (hint,))
     if value is None:
         if type(None) not in args:
-            raise ValueError(f"{name} may not be null")
+            raise InputError(f"{name} may not be null")
         return None
     if float in args and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
+            raise InputError(f"{name} must be a number, got {value!r}") from None
     if int in args and not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InputError(f"{name} must be an integer, got {value!r}")
     if bool in args and not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise InputError(f"{name} must be true or false, got {value!r}")
     if str in args and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, got {value!r}")
+        raise InputError(f"{name} must be a string, got {value!r}")
     return value
 
 
@@ -111,9 +113,9 @@ def preset_path(name: str | Path) -> Path:
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config (a file or a preset name); `preset: NAME` in it is merged underneath it."""
     path = preset_path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level")
+        raise InputError(f"config file {path} must hold a mapping at the top level")
     preset = data.pop("preset", None)
     if preset is not None:
         base = Path(preset)
@@ -128,14 +130,22 @@ def parse_overrides(items: list[str]) -> dict:
     out: dict = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+            raise InputError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
         node = out
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        node[leaf] = _yaml(raw, f"override {item!r}") if raw != "" else None
     return out
+
+
+def _yaml(text: str, what: str):
+    """`text` parsed as YAML; a syntax error is the user's input rejected, named by `what`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{what} is not valid YAML: {' '.join(str(e).split())}") from e
 
 
 # ----------------------------------------------------------------------------- listing

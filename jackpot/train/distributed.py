@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jackpot.errors import InputError
 from jackpot.models.forward import response_hidden, unwrap_peft
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -76,7 +77,7 @@ class Collective:
     def share(self, n: int, what: str) -> range:
         """This rank's contiguous block of n items (n must divide evenly)."""
         if n % self.world:
-            raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
+            raise InputError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
         size = n // self.world
         return range(self.rank * size, (self.rank + 1) * size)
 
@@ -197,7 +198,7 @@ def wrap(lm: nn.Module, mode: str, coll: Collective, *, trainable: bool, mixed_p
     if coll.world == 1:
         return lm
     if mode not in PARALLEL_MODES:
-        raise ValueError(f"parallel mode must be one of {list(PARALLEL_MODES)}, got {mode!r}")
+        raise InputError(f"parallel mode must be one of {list(PARALLEL_MODES)}, got {mode!r}")
     body = HiddenStates(lm)
     if mode == "ddp":
         if not trainable:
@@ -226,7 +227,7 @@ def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
     base = unwrap_peft(lm)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(base).__name__}: parallel=fsdp shards each decoder layer and needs "
+        raise InputError(f"{type(base).__name__}: parallel=fsdp shards each decoder layer and needs "
                          "model.model.layers (a ModuleList); use parallel=ddp for this model")
     return list(layers)
 

@@ -29,6 +29,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from jackpot.errors import InputError
 from jackpot.eval import sample_and_score
 from jackpot.metric_names import (
     ACCURACY,
@@ -173,7 +174,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
         ckpt.refuse_used_run_dir(out)
     coll.share(cfg.train.prompts_per_step, "train.prompts_per_step")
     if cfg.train.eval_prompts < coll.world:
-        raise ValueError(f"train.eval_prompts ({cfg.train.eval_prompts}) must be >= the number of processes "
+        raise InputError(f"train.eval_prompts ({cfg.train.eval_prompts}) must be >= the number of processes "
                          f"({coll.world})")
     coll.barrier()  # every rank has checked `out` before rank 0 writes to it
     torch.set_num_threads(choose_threads(cfg)[0])  # train.threads, or a default that fits the models and CPUs

@@ -17,6 +17,16 @@ Accuracy jumps late and abruptly (h64: 8% at 500 steps, 51% at 600), so it varie
 Tokenizer: the built-in arithmetic tasks use the 56-symbol character tokenizer; every other task (files,
 reasoning-gym) the byte-level one, which encodes any text (`jackpot.models.tokenizer`).
 
+Cost: a step holds `batch_size` examples but at most SFT_BATCH_TOKENS tokens (padded width x examples,
+never fewer than one example). The arithmetic tasks' steps (64 rows of at most 13 tokens) fit under it and
+are unchanged; a text task's prompts run to hundreds of bytes (reasoning-gym's propositional_logic: ~570,
+gsm_symbolic: ~630), so its step holds one or a few examples and costs about what an arithmetic step does.
+Measured on propositional_logic, 1 thread, h128 x 3 layers: 64 examples a step took ~8 s, so the default
+600 steps took over an hour before the first RL step; capped, a step takes ~0.1 s. A tiny byte-level model
+learns a text task's answer format and where to stop, not the task: use a real checkpoint
+(`policy.path=...`) to learn one. Without a progress bar, a line every LOG_EVERY_S seconds reports the
+step, the loss, the time spent and the time left.
+
 Example:
     jackpot pretrain --task addition --hidden 128 --layers 3 --heads 4 --steps 600 --out runs/policy
 """
@@ -38,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from jackpot.errors import InputError
 from jackpot.eval import GREEDY_TOP_P, sample_and_score
 from jackpot.models.loading import build_tiny_qwen, save_model_and_tokenizer
 from jackpot.models.tokenizer import CHARACTERS, build_tokenizer
@@ -48,7 +59,9 @@ from jackpot.train.config import default_cache_dir
 IGNORE_INDEX = -100  # label value excluded from the loss by Hugging Face models
 WARMUP_FRACTION = 0.05
 MIN_LR_FRACTION = 0.1
-CACHE_FORMAT = 2  # bump when the training recipe changes, to invalidate cached models
+CACHE_FORMAT = 3  # bump when the training recipe changes, to invalidate cached models
+SFT_BATCH_TOKENS = 1024  # at most this many tokens (padded) in one SFT step; see the module docstring
+LOG_EVERY_S = 30.0  # without a progress bar: seconds between two progress lines
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,7 @@ class TinyModelSpec:
     steps: int = 600
     """SFT optimizer steps (0 leaves the random initialisation)."""
     batch_size: int = 64
+    """Examples per SFT step, at most: a step holds at most SFT_BATCH_TOKENS tokens (at least one example)."""
     lr: float = 2e-3
     seed: int = 0
     """Seeds both the initialisation and the order of training examples."""
@@ -129,6 +143,39 @@ def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> di
     }
 
 
+def capped_batch_size(tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> int:
+    """How many of `examples` (a step's worth) fit in SFT_BATCH_TOKENS tokens at their longest row; >= 1."""
+    if not examples:
+        return 1
+    width = sft_batch(tokenizer, examples)["input_ids"].shape[1]
+    return max(1, min(len(examples), SFT_BATCH_TOKENS // width))
+
+
+class ProgressLines:
+    """A line to stderr every LOG_EVERY_S seconds (when `enabled`): what runs, step i/n, a detail (e.g. the
+    loss), the time spent and an estimate of the time left. For runs without a progress bar (--no-progress)."""
+
+    def __init__(self, what: str, total: int, start: float, *, enabled: bool = True):
+        self.what, self.total, self.start, self.enabled = what, total, start, enabled
+        self.last = start
+
+    def update(self, done: int, detail: str = "") -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < LOG_EVERY_S:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / done * (self.total - done)
+        parts = [f"{self.what}: step {done}/{self.total}", detail, f"{_clock(elapsed)} elapsed",
+                 f"about {_clock(left)} left"]
+        print(", ".join(p for p in parts if p), file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
 def _lr_factor(step: int, steps: int) -> float:
     warmup = max(1, int(WARMUP_FRACTION * steps))
     if step < warmup:
@@ -147,11 +194,15 @@ def pretrain(
     lr: float,
     seed: int,
     progress: bool = True,
+    desc: str = "pre-train (SFT)",
 ) -> dict[str, float]:
-    """SFT `model` in place on `steps * batch_size` fresh train examples; returns loss and timing stats."""
+    """SFT `model` in place for `steps` steps, each on fresh train examples: `batch_size` of them, or fewer
+    where that many would exceed SFT_BATCH_TOKENS tokens; returns loss, batch and timing stats. `progress`:
+    a progress bar, else a line now and then (ProgressLines), both headed `desc`."""
     if steps < 0 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0; got steps={steps}, "
+        raise InputError(f"need steps >= 0, batch_size >= 1, lr > 0; got steps={steps}, "
                          f"batch_size={batch_size}, lr={lr}")
+    batch_size = capped_batch_size(tokenizer, task.examples("train", batch_size, seed))
     examples = task.examples("train", steps * batch_size, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
@@ -159,7 +210,8 @@ def pretrain(
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="pre-train (SFT)", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    lines = ProgressLines(desc, steps, start, enabled=not progress)
     for step in bar:
         batch = sft_batch(tokenizer, examples[step * batch_size:(step + 1) * batch_size])
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -170,10 +222,12 @@ def pretrain(
         schedule.step()
         losses.append(loss.item())  # one sync per step is fine at this scale
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        lines.update(step + 1, f"loss {losses[-1]:.3f}")
     model.eval()
     tail = losses[-max(1, steps // 10):] if losses else [float("nan")]
     return {
         "sft/steps": float(steps),
+        "sft/batch_size": float(batch_size),
         "sft/loss_first": losses[0] if losses else float("nan"),
         "sft/loss_last": sum(tail) / len(tail),
         "sft/seconds": time.perf_counter() - start,
@@ -231,7 +285,7 @@ def train_tiny_model(
 
     measure("before")
     stats.update(pretrain(task, tokenizer, model, steps=spec.steps, batch_size=spec.batch_size,
-                          lr=spec.lr, seed=spec.seed, progress=progress))
+                          lr=spec.lr, seed=spec.seed, progress=progress, desc=f"{spec.name}: pre-train (SFT)"))
     measure("after")
     return model, tokenizer, stats
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from cli_helpers import TINY, jackpot
 
-from jackpot.errors import WriteError, describe
+from jackpot.errors import InputError, WriteError, describe
 from jackpot.fileio import write_text_atomic
 from jackpot.models.loading import build_tiny_qwen, save_model_and_tokenizer
 from jackpot.models.tokenizer import build_char_tokenizer
@@ -193,14 +193,45 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_tmp(tmp_path):
 def test_describe_separates_expected_failures_from_bugs():
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/x/y")).startswith("no space left on device")
     assert describe(PermissionError(errno.EACCES, "Permission denied", "/x")).startswith("permission denied: /x")
-    assert describe(ValueError("a\nb")) == "a b"  # one line
+    assert describe(InputError("a\nb")) == "a b"  # one line
+    assert describe(ImportError("needs peft: pip install 'jackpot[lora]'")).endswith("jackpot[lora]'")
     assert describe(RuntimeError("a bug")) is None and describe(KeyError("k")) is None
+    assert describe(ValueError("a bug deep in torch")) is None  # only the project's own checks are expected
+    assert describe(IndexError("i")) is None and describe(AttributeError("a")) is None
+    assert isinstance(InputError("x"), ValueError)  # `except ValueError` in users' code keeps catching it
+
+
+def test_config_errors_are_input_errors():
+    """Reading and checking a config rejects the user's input: one line on the command line."""
+    with pytest.raises(InputError, match="train.steps must be a positive integer"):
+        build_config(None, ["train.steps=0"])
+    with pytest.raises(InputError, match=r"override 'task.options=\{digits: 2' is not valid YAML"):
+        build_config(None, ["task.options={digits: 2"])  # a YAML syntax error in an override
+    with pytest.raises(InputError, match="unknown config key"):
+        build_config(None, ["train.stpes=2"])
 
 
 def test_an_unexpected_exception_keeps_its_traceback(tmp_path):
     result = jackpot("plot", str(tmp_path), prelude="import jackpot.plot as p\n"
                      "def boom(*a, **k): raise RuntimeError('a bug')\np.plot_runs = boom")
     assert result.returncode != 0 and "Traceback" in result.stderr and "RuntimeError: a bug" in result.stderr
+
+
+# A bug inside the training step: a plain ValueError (as torch raises for mismatched shapes) from the update.
+BUG_IN_THE_UPDATE = """
+import jackpot.train.loop as loop
+def update(*a, **k):
+    raise ValueError("shape mismatch deep inside the update")
+loop.update = update
+"""
+
+
+def test_a_plain_value_error_inside_the_training_step_keeps_its_traceback(tmp_path):
+    result = jackpot("train", "--no-progress", "--out", str(tmp_path / "run"), *TINY,
+                     f"cache_dir={tmp_path / 'cache'}", "train.steps=1", "train.threads=1", prelude=BUG_IN_THE_UPDATE)
+    assert result.returncode != 0 and "jackpot: error" not in result.stderr, result.stderr
+    assert "Traceback" in result.stderr and "ValueError: shape mismatch deep inside the update" in result.stderr
+    assert "in train_step" in result.stderr  # the frames that lead to the bug are shown
 
 
 # ------------------------------------------------------------------------------------------------ threads

@@ -72,3 +72,39 @@ def test_reasoning_gym_task_trains_from_the_cli(tmp_path):
 def test_a_file_task_without_its_path_is_one_clear_error(tmp_path):
     result = _train(tmp_path, "task.name=jsonl")
     assert result.returncode == 2 and "needs option(s) ['path']" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ the tiny model's pre-training on text
+def test_a_text_tasks_sft_step_is_capped_in_tokens_and_arithmetic_steps_are_not():
+    from jackpot.models.tokenizer import build_tokenizer
+    from jackpot.tasks import Example, make_task
+    from jackpot.train.pretrain import SFT_BATCH_TOKENS, capped_batch_size, sft_batch
+
+    byte, char = build_tokenizer("byte"), build_tokenizer("char")
+    logic = make_task("reasoning-gym", dataset="propositional_logic", size=50).examples("train", 64, 0)
+    n = capped_batch_size(byte, logic)
+    assert 1 <= n < 64 and sft_batch(byte, logic[:n])["input_ids"].numel() <= SFT_BATCH_TOKENS
+    assert capped_batch_size(byte, [*logic[:3], Example("x" * 4 * SFT_BATCH_TOKENS, "y")]) == 1
+    for name in ("addition", "chain_sum", "multiply"):  # the offline default's recipe is unchanged
+        assert capped_batch_size(char, make_task(name).examples("train", 64, 0)) == 64
+
+
+def test_pretraining_without_a_progress_bar_reports_step_loss_and_time_left(monkeypatch, capsys):
+    from jackpot.models.loading import build_tiny_qwen
+    from jackpot.models.tokenizer import build_tokenizer
+    from jackpot.tasks import make_task
+    from jackpot.train import pretrain as sft
+
+    monkeypatch.setattr(sft, "LOG_EVERY_S", 0.0)  # a line at every step
+    tok = build_tokenizer("byte")
+    model = build_tiny_qwen(len(tok), hidden_size=16, num_layers=1, num_heads=2, seed=0,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            bos_token_id=tok.bos_token_id)
+    task = make_task("reasoning-gym", dataset="chain_sum", size=50)
+    stats = sft.pretrain(task, tok, model, steps=3, batch_size=64, lr=1e-3, seed=0, progress=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and stats["sft/batch_size"] < 64
+    assert lines[0].startswith("pre-train (SFT): step 1/3, loss ") and lines[-1].startswith("pre-train (SFT): step 3/3")
+    assert all(" elapsed, about " in line and line.endswith(" left") for line in lines)
+    sft.pretrain(task, tok, model, steps=2, batch_size=4, lr=1e-3, seed=0, progress=True)  # the bar instead
+    assert "step 1/2" not in capsys.readouterr().err
