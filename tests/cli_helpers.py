@@ -1,5 +1,6 @@
-"""Shared by the command-line tests: a tiny configuration that trains in seconds, and `jackpot` run the way a
-user runs it, as a separate process."""
+"""Shared by the tests that train: the tiny pair of models (`TINY_MODELS`, pre-trained once per session into
+the `cache` fixture of conftest.py), a tiny configuration that trains in seconds (`TINY`), and `jackpot` run
+the way a user runs it, as a separate process."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
+TINY_MODELS = [
     "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",
     "rollout_model.hidden_size=16", "rollout_model.num_layers=1", "rollout_model.num_heads=2",
-    "rollout_model.sft_steps=3", "train.prompts_per_step=2", "train.group_size=2", "train.eval_prompts=4",
+    "rollout_model.sft_steps=3",
+]
+TINY = [
+    *TINY_MODELS, "train.prompts_per_step=2", "train.group_size=2", "train.eval_prompts=4",
     "train.eval_samples=2", "tensorboard=false",
 ]
 

@@ -13,7 +13,15 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """The pre-trained tiny models' cache (`cache_dir=...`), shared by the whole session: a tiny model is
+    pre-trained once per spec (e.g. `cli_helpers.TINY_MODELS`), whichever test needs it first."""
+    return tmp_path_factory.mktemp("model_cache")

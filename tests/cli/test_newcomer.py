@@ -24,11 +24,6 @@ from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, build_config, field_docs, presets
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("model_cache")
-
-
 # ------------------------------------------------------------------------------------ run directories
 def test_runs_without_out_get_their_own_directory_under_the_runs_root(tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv("JACKPOT_RUNS_DIR", str(tmp_path / "runs"))

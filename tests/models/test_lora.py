@@ -21,11 +21,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def test_only_the_adapters_train(tmp_path, cache):
     run = setup(build_config(None, [*TINY, f"cache_dir={cache}"]), tmp_path / "run")
     object.__setattr__(run.task, "reward", lambda ex, c: float(len(c) % 2))  # non-zero advantages

@@ -13,14 +13,13 @@ import dataclasses
 import zlib
 
 import pytest
+from cli_helpers import TINY_MODELS
 
 from jackpot.train.config import Config, build_config
 from jackpot.train.loop import evaluate_all, setup, train_step
 
 TINY = [
-    "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",
-    "rollout_model.hidden_size=16", "rollout_model.num_layers=1", "rollout_model.num_heads=2",
-    "rollout_model.sft_steps=3", "train.prompts_per_step=2", "train.group_size=4", "train.eval_prompts=4",
+    *TINY_MODELS, "train.prompts_per_step=2", "train.group_size=4", "train.eval_prompts=4",
     "train.eval_samples=2", "tensorboard=false", "policy.lr=1e-2", "rollout_model.lr=1e-2",
 ]
 EPOCHS = ("train.ppo_epochs=2",)  # a second pass over the batch: the policy has moved, ratios != 1
@@ -126,8 +125,7 @@ def test_every_field_is_covered():
 
 
 @pytest.fixture(scope="module")
-def fingerprint(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def fingerprint(tmp_path_factory, cache):
     runs = tmp_path_factory.mktemp("runs")
     memo: dict[tuple, int] = {}
 

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import TINY_MODELS
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "train" / "dist_worker.py"
-BASE = ["train.threads=1", "policy.sft_steps=3", "rollout_model.sft_steps=3", "policy.hidden_size=32",
-        "rollout_model.hidden_size=16", "policy.num_layers=2", "rollout_model.num_layers=1",
-        "train.prompts_per_step=4", "train.group_size=4", "train.eval_prompts=4", "train.eval_samples=2",
-        "train.micro_batch_size=3", "tensorboard=false", "policy.lr=1e-3", "rollout_model.lr=1e-3"]
+BASE = [*TINY_MODELS, "train.threads=1", "train.prompts_per_step=4", "train.group_size=4", "train.eval_prompts=4",
+        "train.eval_samples=2", "train.micro_batch_size=3", "tensorboard=false", "policy.lr=1e-3",
+        "rollout_model.lr=1e-3"]
 CASES = {
     "on-policy": ["train.mode=on-policy"],
     "jackpot-exact-z": ["correction.z=exact"],
@@ -65,11 +65,6 @@ def _run_worker(tmp: Path, name: str, processes: int, overrides: list[str], cach
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("dist-cache")
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from cli_helpers import TINY_MODELS
 
 from jackpot.cli import main as cli_main
 from jackpot.metrics import read_metrics
@@ -21,16 +22,9 @@ from jackpot.train.prepare import model_head, prepare, sampled_logp
 from jackpot.train.update import policy_loss, update
 
 TINY = [
-    "policy.hidden_size=32", "policy.num_layers=2", "policy.num_heads=2", "policy.sft_steps=3",
-    "rollout_model.hidden_size=16", "rollout_model.num_layers=1", "rollout_model.num_heads=2",
-    "rollout_model.sft_steps=3", "train.prompts_per_step=4", "train.group_size=4", "train.eval_prompts=8",
+    *TINY_MODELS, "train.prompts_per_step=4", "train.group_size=4", "train.eval_prompts=8",
     "train.eval_samples=2", "train.eval_every=100", "tensorboard=false", "policy.lr=1e-3", "rollout_model.lr=1e-3",
 ]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("model_cache")
 
 
 def _cfg(cache, *extra):
