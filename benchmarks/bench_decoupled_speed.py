@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from jackpot.core.dtypes import DTYPES
 from jackpot.models.shapes import QWEN3  # the published widths, no download
 
 VARIANTS = {
@@ -74,7 +75,7 @@ def setup_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> di
     from jackpot.train.config import build_config
     from jackpot.train.loop import prepared_model
 
-    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
     cfg = build_config(None, [*VARIANTS[variant], f"train.prompts_per_step={args.batch // 2}", "train.group_size=2",
                               f"sampling.max_new_tokens={args.length}", f"rollout.engine={args.engine}"])
     r_layers, p_layers = (int(x) if x else None for x in args.layers.split(":"))
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="measured steps per variant, after one warm-up")
     parser.add_argument("--engine", default="hf")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

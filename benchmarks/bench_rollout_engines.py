@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from jackpot.core.dtypes import DTYPES
+
 ENGINES = ("hf", "hf-static", "generate_batch")
 
 
@@ -41,7 +43,7 @@ def build(args):
                       head_dim=args.hidden // heads, tie_word_embeddings=False, max_position_embeddings=40960,
                       pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(cfg).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    model = Qwen3ForCausalLM(cfg).to(device=args.device, dtype=DTYPES[args.dtype]).eval()
     with torch.no_grad():
         model.lm_head.weight[1] *= args.eos_scale
     return model
@@ -81,7 +83,8 @@ def run_generate_batch(model, prompts, args, seed: int):
     ids, mask, logp = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T), torch.zeros(B, T)
     for i, r in enumerate(results):
         n = len(r.generated_tokens)
-        ids[i, :n], mask[i, :n], logp[i, :n] = torch.tensor(r.generated_tokens), 1.0, torch.tensor(r.rollout_logp[:n])
+        # `logprobs`: transformers' name for the sampled tokens' log-probs
+        ids[i, :n], mask[i, :n], logp[i, :n] = torch.tensor(r.generated_tokens), 1.0, torch.tensor(r.logprobs[:n])
     return ids.to(prompts.device), mask.to(prompts.device), logp.to(prompts.device)
 
 
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine, interleaved (median)")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from jackpot.core.dtypes import DTYPES
 from jackpot.models.shapes import QWEN3, VOCAB  # the published widths, no download
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +72,12 @@ def measure(args) -> dict:
 
     from jackpot.rollout.base import RolloutBatch
     from jackpot.train.config import build_config
-    from jackpot.train.prepare import prepare
     from jackpot.train.update import update
+
+    try:
+        from jackpot.train.prepare import prepare
+    except ImportError:  # a --baseline-ref commit from before jackpot.train.prepare
+        from jackpot.train.update import prepare
 
     torch.set_num_threads(args.threads)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
@@ -181,6 +184,8 @@ def _child(args, variant: str, size: str, impl: str, code: Path) -> dict | None:
 
 
 def main(argv=None) -> int:
+    from jackpot.core.dtypes import DTYPES  # here: a --baseline-ref child runs an older jackpot
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="qwen3-0.6b", choices=list(QWEN3))
     p.add_argument("--rollout", default="qwen3-0.6b", choices=list(QWEN3))

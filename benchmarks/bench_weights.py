@@ -39,13 +39,13 @@ VARIANTS = {  # label -> (name in CORRECTIONS, kwargs, needs a per-state z)
 def make_inputs(batch: int, length: int, seed: int, with_z: bool) -> CorrectionInputs:
     gen = torch.Generator().manual_seed(seed)
     rollout = -torch.empty(batch, length).exponential_(generator=gen) * 0.7
-    ref = (rollout + LOG_RATIO_STD * torch.randn(batch, length, generator=gen)).clamp_max(0.0)
-    new = (ref + 0.05 * torch.randn(batch, length, generator=gen)).clamp_max(0.0)
+    old = (rollout + LOG_RATIO_STD * torch.randn(batch, length, generator=gen)).clamp_max(0.0)
+    new = (old + 0.05 * torch.randn(batch, length, generator=gen)).clamp_max(0.0)
     lengths = torch.randint(length // 4, length + 1, (batch, 1), generator=gen)
     mask = (torch.arange(length).unsqueeze(0) < lengths).float()
     uniforms = torch.rand(batch, length, generator=gen)
     z = torch.rand(batch, length, generator=gen) * 0.1 + 0.9 if with_z else None
-    return CorrectionInputs(rollout_logp=rollout, old_logp=ref, mask=mask, new_logp=new, uniforms=uniforms, z=z)
+    return CorrectionInputs(rollout_logp=rollout, old_logp=old, mask=mask, new_logp=new, uniforms=uniforms, z=z)
 
 
 def time_variants(inputs: dict[bool, CorrectionInputs], repeats: int) -> dict[str, list[float]]:

@@ -130,6 +130,10 @@ def main(args: argparse.Namespace) -> int:
                         ("--max-new-tokens", settings["max_new_tokens"])):
         if value < 1:
             raise InputError(f"{name} must be >= 1, got {value}")
+    if not settings["temperature"] > 0:
+        raise InputError(f"--temperature must be > 0, got {settings['temperature']}")
+    if not 0 < settings["top_p"] <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {settings['top_p']}")
     if args.out.suffix == ".jsonl":
         raise InputError(f"--out {args.out}: give the JSON summary's path; the completions go beside it as .jsonl")
     summary = evaluate_model(args.model, cfg, k=args.k, prompts=args.prompts, split=args.split,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-EVAL_STREAM = 4
+PROMPT_STREAM, REJECTION_STREAM, MINIBATCH_STREAM, SAMPLING_STREAM, EVAL_STREAM = range(5)  # the table above
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -29,4 +29,5 @@ def row_uniforms(seed: int, step: int, stream: int, global_rows: int, width: int
     return torch.rand(global_rows, width, generator=gen)[rows.start:rows.stop]
 
 
-__all__ = ["EVAL_STREAM", "row_uniforms", "step_seed"]
+__all__ = ["EVAL_STREAM", "MINIBATCH_STREAM", "PROMPT_STREAM", "REJECTION_STREAM", "SAMPLING_STREAM", "row_uniforms",
+           "step_seed"]

@@ -294,8 +294,8 @@ def jackpot(
     log_w = (log_z + torch.maximum(lr, log_lam.expand_as(lr))).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     w = log_w.exp() if c1 is None else log_w.exp().clamp_max(c1)
     if target == "new":
-        ref, new = inp.old_logp.detach().to(lr.dtype), inp.new_logp.detach().to(lr.dtype)
-        second = log_ratio(ref, new).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
+        old, new = inp.old_logp.detach().to(lr.dtype), inp.new_logp.detach().to(lr.dtype)
+        second = log_ratio(old, new).clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
         w = w * (second if c2 is None else second.clamp_max(c2))
     if sampled_mask:
         keep = (inp.uniforms < accept_prob).to(mask.dtype) * mask

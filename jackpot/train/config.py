@@ -272,7 +272,7 @@ class Config:
 # ----------------------------------------------------------------------------- entry points
 def build_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file or preset (and the preset it names) <- command-line overrides, with the task's
-    defaults filled in, checked (ValueError naming the field)."""
+    defaults filled in, checked (InputError naming the field)."""
     from jackpot.train.config_checks import resolve  # imports this schema, and the registries it checks against
 
     return resolve(config_io.build(Config, config_file, overrides))

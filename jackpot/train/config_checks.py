@@ -2,7 +2,7 @@
 
 `resolve(cfg)` fills in the task's defaults (its options, the response length) and checks the result:
 choices (each list read from the registry that owns it, `CHOICES`), ranges, and the rules between fields.
-Every failure is a ValueError that names the field, the bad value and what is allowed.
+Every failure is an InputError (a ValueError) that names the field, the bad value and what is allowed.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ NON_NEGATIVE = ("train.kl_coef", "distill.coef")
 
 
 def resolve(cfg: Config) -> Config:
-    """`cfg` with the task's defaults filled in (options, max_new_tokens), checked; ValueError if bad."""
+    """`cfg` with the task's defaults filled in (options, max_new_tokens), checked; InputError if bad."""
     check_choice("task.name", cfg.task.name, CHOICES["task.name"])
     if not isinstance(cfg.task.options, dict):
         raise InputError(f"task.options must be a mapping, got {cfg.task.options!r}")
@@ -71,7 +71,7 @@ def resolve(cfg: Config) -> Config:
 
 
 def check(cfg: Config) -> None:
-    """ValueError naming the field if any value of `cfg` is out of its choices or range."""
+    """InputError naming the field if any value of `cfg` is out of its choices or range."""
     for name, choices in CHOICES.items():
         if get(cfg, name) is not None:  # null only gets here where the field's type allows it
             check_choice(name, get(cfg, name), choices)
@@ -140,9 +140,14 @@ def get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+RENAMED = {"correction.target": {"ref": "old"}}  # renamed values an older run's config.yaml may hold
+
+
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
+        new = RENAMED.get(name, {}).get(value) if isinstance(value, str) else None
+        hint = f" ({value!r} is now {new!r})" if new else ""
+        raise InputError(f"{name} must be one of {list(choices)}, got {value!r}{hint}")
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -8,8 +8,8 @@ each merged over the one before:
 
 A YAML file may name a `preset` (a name or a path relative to it) that it extends. Override values are
 parsed as YAML scalars; every value is then coerced to its field's type (YAML reads '1e-4' as a string and
-'2' as an int where a float is meant), and an unknown key or a value of the wrong type is a ValueError
-that names the field. The listing (`jackpot config`, `jackpot train --help`) reads each field's docstring
+'2' as an int where a float is meant), and an unknown key or a value of the wrong type is an InputError
+(a ValueError) that names the field. The listing (`jackpot config`, `jackpot train --help`) reads each field's docstring
 from the schema's source, so the docstrings are written once.
 """
 

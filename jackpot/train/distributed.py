@@ -14,7 +14,7 @@ gradient average. The trainer crosses ranks for exactly four things:
                   the same number on every rank and the same as one process would compute.
     sum           metric numerators and denominators of the update (all ranks then agree).
     max_int       the number of micro-batches every rank runs (a sharded model's forward is a
-                  collective, so ranks with fewer rows run zero-weighted padding micro-batches).
+                  collective, so ranks with fewer rows run padding micro-batches: a row with its mask zeroed).
     any           Ctrl-C on any rank: every rank saves and stops after the same step.
 
 Models are distributed with PyTorch's own engines: DDP (replicated) or FSDP2 `fully_shard` (sharded,
@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jackpot.core.dtypes import DTYPES
 from jackpot.errors import InputError
 from jackpot.models.forward import response_hidden, unwrap_peft
 
@@ -212,7 +213,7 @@ def wrap(lm: nn.Module, mode: str, coll: Collective, *, trainable: bool, mixed_p
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy() if mixed_precision is None else MixedPrecisionPolicy(
-        param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
+        param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
     for layer in _decoder_layers(lm):
         fully_shard(layer, mp_policy=mp)
     fully_shard(body, mp_policy=mp)

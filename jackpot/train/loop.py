@@ -55,7 +55,7 @@ from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout import RolloutEngine, make_engine
 from jackpot.rollout.base import RolloutBatch
 from jackpot.rollout.hf import decode_responses, encode_prompts
-from jackpot.seeding import EVAL_STREAM, row_uniforms, step_seed
+from jackpot.seeding import EVAL_STREAM, PROMPT_STREAM, SAMPLING_STREAM, row_uniforms, step_seed
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
@@ -249,21 +249,21 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
     """Sample this rank's share of prompts_per_step prompts x group_size responses and score them:
     (batch, rewards (N / processes, G)). The batch's rows are the global rows `_shard(run).rows`."""
     t, s = run.cfg.train, run.cfg.sampling
-    examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, 0))
+    examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, PROMPT_STREAM))
     share = run.coll.share(t.prompts_per_step, "train.prompts_per_step")
     repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.group_size)]
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated],
                                              chat_template=run.cfg.task.chat_template)
     actor = run.rollout_train if run.rollout_model is not None else run.policy_train
     shard = _shard(run)
-    uniforms = row_uniforms(t.seed, step, 3, shard.total, s.max_new_tokens, shard.rows)
+    uniforms = row_uniforms(t.seed, step, SAMPLING_STREAM, shard.total, s.max_new_tokens, shard.rows)
     size = run.cfg.rollout.batch_size or len(repeated)  # equal shares: every rank runs as many generate calls
+    seed = step_seed(t.seed, step, SAMPLING_STREAM)
     with gathered_for_generation(actor) as model:
         run.engine.sync_weights(model, step)  # the actor's weights after the previous step's update
         parts = [run.engine.generate(prompt_ids[i:i + size], prompt_mask[i:i + size],
                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                     topk=s.topk, seed=step_seed(t.seed, step, 3), uniforms=uniforms[i:i + size],
-                                     synced=is_sharded(actor))
+                                     topk=s.topk, seed=seed, uniforms=uniforms[i:i + size], synced=is_sharded(actor))
                  for i in range(0, len(repeated), size)]
     batch = parts[0] if len(parts) == 1 else RolloutBatch.cat(parts)
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)

@@ -26,9 +26,9 @@ from jackpot.core.advantages import group_advantages
 from jackpot.core.corrections import CorrectionInputs, CorrectionResult, Needs, apply_correction, correction_needs
 from jackpot.core.divergences import kl_estimators, mismatch_metrics
 from jackpot.core.head import Head
-from jackpot.models.forward import output_head, response_hidden
+from jackpot.models.forward import output_head, response_head
 from jackpot.rollout.base import RolloutBatch
-from jackpot.seeding import row_uniforms
+from jackpot.seeding import REJECTION_STREAM, row_uniforms
 from jackpot.train.config import Config
 from jackpot.train.distributed import Collective, Shard, language_model
 
@@ -74,9 +74,9 @@ def model_head(model: torch.nn.Module, batch: RolloutBatch, temperature: float) 
     `model`: a Hugging Face causal LM, or one wrapped by jackpot.train.distributed (DDP / FSDP2)."""
     lm = language_model(model)
     if lm is model:
-        hidden = response_hidden(model, batch.input_ids, batch.attention_mask, batch.response_len)
-    else:  # through the wrapper's forward, where DDP's and FSDP2's hooks run
-        hidden = model(batch.input_ids, batch.attention_mask, batch.response_len)
+        return response_head(model, batch.input_ids, batch.attention_mask, batch.response_len, temperature)
+    # through the wrapper's forward, where DDP's and FSDP2's hooks run
+    hidden = model(batch.input_ids, batch.attention_mask, batch.response_len)
     weight, bias = output_head(lm)
     return Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature)
 
@@ -151,7 +151,8 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
                                            init_policy=init_policy)
     uniforms = None
     if needs.uniforms:
-        uniforms = row_uniforms(cfg.train.seed, step, 1, shard.total, cfg.sampling.max_new_tokens, shard.rows)
+        uniforms = row_uniforms(cfg.train.seed, step, REJECTION_STREAM, shard.total, cfg.sampling.max_new_tokens,
+                                shard.rows)
         uniforms = uniforms[:, :batch.response_len].to(batch.response_mask.device)
     prep = Prepared(batch, advantages, old, rollout_old, init, uniforms, None, {}, shard)
     if not needs.current_policy:  # fixed for the whole batch: computed once, sliced per mini-batch

@@ -356,6 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.eval_n < 0:
+        raise InputError(f"--eval-n must be >= 0, got {args.eval_n}")
     spec = TinyModelSpec(
         name=args.name, task=args.task, task_kwargs=dict(args.task_arg), hidden=args.hidden,
         layers=args.layers, heads=args.heads, intermediate=args.intermediate, steps=args.steps,

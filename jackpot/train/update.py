@@ -51,7 +51,7 @@ from jackpot.core.joint import rollout_model_loss
 from jackpot.core.losses import aggregate, loss_denominator, ppo_token_loss
 from jackpot.metrics import mean_of
 from jackpot.models.forward import unwrap_peft
-from jackpot.seeding import step_seed
+from jackpot.seeding import MINIBATCH_STREAM, step_seed
 from jackpot.train.config import Config
 from jackpot.train.distributed import Collective, Shard, gradient_sync, language_model
 from jackpot.train.prepare import (
@@ -72,13 +72,13 @@ def _detached(head: Head) -> Head:
 
 
 @torch.no_grad()
-def _current_correction(cfg: Config, coll: Collective, prep: Prepared, part: Prepared, size: int,
+def _current_correction(cfg: Config, coll: Collective, part: Prepared, size: int, pad: Prepared,
                         policy: torch.nn.Module) -> CorrectionResult:
     """The correction of a mini-batch (`part`: this rank's rows of it) under the policy being optimised
     (target='new'): a gradient-free pass of the policy over its micro-batches (padding included: forwards
     are collectives), then `batch_correction` over every rank's rows of the mini-batch."""
     needs, new_logp, raw_z = needs_of(cfg), [], []
-    for mb in _micro_batches(coll, prep, part, size):
+    for mb in _micro_batches(coll, part, size, pad):
         head = model_head(policy, mb.batch, cfg.sampling.temperature)
         if not mb.is_padding:
             new_logp.append(sampled_logp(cfg, head, mb.batch.response_ids))
@@ -160,17 +160,17 @@ def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, ro
 def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int,
             coll: Collective) -> dict:
     t = cfg.train
-    size = micro_size(cfg, coll.max_int(prep.batch.response_len))
+    size, pad = micro_size(cfg, coll.max_int(prep.batch.response_len)), prep.padding()
     records = []  # one dict per mini-batch
-    for mini in _minibatches(prep.shard, t.ppo_epochs, t.minibatches, step_seed(t.seed, step, 2)):
+    for mini in _minibatches(prep.shard, t.ppo_epochs, t.minibatches, step_seed(t.seed, step, MINIBATCH_STREAM)):
         part = prep.select(mini)  # this rank's rows of the mini-batch, with their part of the batch's correction
         if part.correction is None:  # target='new': the policy being optimised decides it
-            part.correction = _current_correction(cfg, coll, prep, part, size, policy)
+            part.correction = _current_correction(cfg, coll, part, size, pad, policy)
         denominators = _denominators(cfg, coll, part)
         for opt in (policy_opt, rollout_opt):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-        micros = _micro_batches(coll, prep, part, size)
+        micros = _micro_batches(coll, part, size, pad)
         stats = [_accumulate(cfg, mb, denominators, coll, policy=policy, rollout_model=rollout_model,
                              sync=j == len(micros) - 1) for j, mb in enumerate(micros)]
         record = {**_combine(stats, coll), **part.correction.stats,
@@ -209,9 +209,9 @@ def _minibatches(shard: Shard, epochs: int, minibatches: int, seed: int):
             yield shard.local(rows)
 
 
-def _micro_batches(coll: Collective, prep: Prepared, part: Prepared, size: int) -> list[Prepared]:
-    """`part` in micro-batches of `size` rows, padded to as many as the busiest rank runs."""
-    return coll.padded([part.select(i) for i in torch.arange(len(part.batch)).split(size)], prep.padding())
+def _micro_batches(coll: Collective, part: Prepared, size: int, pad: Prepared) -> list[Prepared]:
+    """`part` in micro-batches of `size` rows, padded with `pad` to as many as the busiest rank runs."""
+    return coll.padded([part.select(i) for i in torch.arange(len(part.batch)).split(size)], pad)
 
 
 def _denominators(cfg: Config, coll: Collective, part: Prepared) -> tuple[torch.Tensor, torch.Tensor]:

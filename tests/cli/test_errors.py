@@ -79,6 +79,7 @@ def test_unusable_device_is_one_line(tmp_path, device, expected):
     assert expected in line and "train.device=cpu" in line
 
 
+@pytest.mark.slow
 def test_traceback_on_request(tmp_path):
     for run in (jackpot("train", "--out", str(tmp_path / "r"), "train.device=gpu", env={"JACKPOT_TRACEBACK": "1"}),
                 jackpot("--debug", "train", "--out", str(tmp_path / "r"), "train.device=gpu"),
@@ -272,3 +273,8 @@ def test_summary_reports_the_threads_used(tmp_path):
         assert summary["threads"] == 2 == torch.get_num_threads() and summary["threads_why"] == "train.threads"
     finally:
         torch.set_num_threads(1)
+
+
+def test_pretrain_with_a_negative_evaluation_count_is_one_line(tmp_path):
+    line = one_error_line(jackpot("pretrain", "--eval-n", "-1", "--out", str(tmp_path / "m")))
+    assert "--eval-n must be >= 0, got -1" in line

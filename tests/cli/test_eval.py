@@ -67,6 +67,9 @@ def test_jackpot_eval_bad_input_is_one_clear_error(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
     result = _run("eval", "--model", "x", "--k", "0", "--out", str(tmp_path / "e.json"))
     assert result.returncode == 2 and "--k must be >= 1" in result.stderr
+    result = _run("eval", "--model", "x", "--top-p", "1.5", "--out", str(tmp_path / "e.json"))
+    assert result.returncode == 2 and "--top-p must be in (0, 1], got 1.5" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(("n", "c", "k"), [(10, 3, 4), (20, 0, 5), (20, 19, 2), (200, 7, 100), (8, 8, 8), (5, 1, 1)])

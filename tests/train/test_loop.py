@@ -175,6 +175,8 @@ def test_jackpot_loss_equals_on_policy_loss_for_identical_models(tmp_path, cache
     ("nonsense.key=1", "nonsense"),
     ("distill.is_cap=0", "distill.is_cap"),
     ("train.group_size=1", "group_size"),
+    ("correction.target=ref", r"correction.target must be one of \['old', 'new'\], got 'ref' \('ref' is now 'old'\)"),
+    ("correction.name={a: 1}", "correction.name"),  # not a string: no rename hint looked up
 ])
 def test_bad_config_values_name_the_field(override, message):
     with pytest.raises(ValueError, match=message):

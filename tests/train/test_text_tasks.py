@@ -14,6 +14,8 @@ import yaml
 
 from jackpot.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # end-to-end runs that pre-train tiny byte-level models
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "policy.hidden_size=32", "policy.num_layers=1", "policy.num_heads=2", "policy.sft_steps=2",
