@@ -85,7 +85,7 @@ def sample_and_score(engine: RolloutEngine, tokenizer, task: Task, examples: lis
     Greedy decoding: top_p=GREEDY_TOP_P.
     """
     jobs = [ex for ex in examples for _ in range(k)]
-    size = batch_size or len(jobs)
+    size = batch_size or max(1, len(jobs))
     completions: list[str] = []
     for call, first in enumerate(tqdm(range(0, len(jobs), size), desc=desc, disable=not progress)):
         chunk = jobs[first:first + size]
