@@ -7,9 +7,9 @@ step) per variant and size, each in a fresh process; memory is the process's pea
 the step minus its resident set before it (Linux: VmHWM after resetting it through /proc/self/clear_refs),
 so model weights count once and everything the step adds is measured.
 
-Variants: on-policy (the policy samples, no correction), TIS, Jackpot with exact Z, Jackpot with top-k Z + kappa
-(rollout model frozen), and Jackpot with exact Z with the rollout model trained jointly (PPO + full-vocabulary
-distillation). Implementations, on the same batches:
+Variants: on-policy (the policy samples, no correction), TIS, Jackpot with exact Z, Jackpot with top-k Z +
+kappa (rollout model frozen; also with target = new, whose correction needs a gradient-free policy pass), and
+Jackpot with exact Z with the rollout model trained jointly (PPO + full-vocabulary distillation). Implementations, on the same batches:
     chunked   train.head_chunk = --chunk positions per per-vocabulary computation (the default path)
     full      train.head_chunk = B x T: the same code forming all B x T x V logits at once
     baseline  (with --baseline-ref REF) the code of a git commit, e.g. the materialising trainer before the
@@ -42,6 +42,9 @@ VARIANTS = {
     "tis": ["correction.name=tis", "distill.rollout_model=frozen"],
     "jackpot exact Z": ["correction.name=jackpot", "correction.z=exact", "distill.rollout_model=frozen"],
     "jackpot top-k Z": ["correction.name=jackpot", "correction.z=topk", "distill.rollout_model=frozen"],
+    # the correction recomputed from the policy being optimised: a gradient-free pass per mini-batch
+    "jackpot top-k Z, new": ["correction.name=jackpot", "correction.z=topk", "correction.target=new",
+                             "distill.rollout_model=frozen"],
     "jackpot exact, joint": ["correction.name=jackpot", "correction.z=exact", "distill.rollout_model=joint",
                              "distill.estimator=full"],
 }
