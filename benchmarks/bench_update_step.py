@@ -9,7 +9,8 @@ so model weights count once and everything the step adds is measured.
 
 Variants: on-policy (the policy samples, no correction), TIS, Jackpot with exact Z, Jackpot with top-k Z +
 kappa (rollout model frozen; also with target = new, whose correction needs a gradient-free policy pass), and
-Jackpot with exact Z with the rollout model trained jointly (PPO + full-vocabulary distillation). Implementations, on the same batches:
+Jackpot with exact Z with the rollout model trained jointly (PPO + full-vocabulary distillation).
+Implementations, on the same batches:
     chunked   train.head_chunk = --chunk positions per per-vocabulary computation (the default path)
     full      train.head_chunk = B x T: the same code forming all B x T x V logits at once
     baseline  (with --baseline-ref REF) the code of a git commit, e.g. the materialising trainer before the
