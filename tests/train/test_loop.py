@@ -338,6 +338,6 @@ def test_a_padding_micro_batch_adds_nothing_to_loss_gradient_or_metrics(tmp_path
     new_logp = sampled_logp(cfg, model_head(run.policy, pad.batch, cfg.sampling.temperature), pad.batch.response_ids)
     loss, stats = policy_loss(cfg, pad, new_logp, torch.tensor(7.0))
     loss.backward()
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     assert all(p.grad is None or not p.grad.any() for p in run.policy.parameters())
     assert all(float(n) == 0 and (d is None or float(d) == 0) for n, d in stats.values())
