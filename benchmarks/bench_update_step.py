@@ -188,8 +188,6 @@ def _child(args, variant: str, size: str, impl: str, code: Path) -> dict | None:
 
 
 def main(argv=None) -> int:
-    from jackpot.core.dtypes import DTYPES  # here: a --baseline-ref child runs an older jackpot
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="qwen3-0.6b", choices=list(QWEN3))
     p.add_argument("--rollout", default="qwen3-0.6b", choices=list(QWEN3))
@@ -201,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=256, help="train.head_chunk of the chunked path")
     p.add_argument("--baseline-ref", default=None, help="also run the code of this git commit (a worktree)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", help="a name in jackpot.core.dtypes.DTYPES")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overrides", nargs="*", default=[], help="config overrides for every run, e.g. "
                    "policy.gradient_checkpointing=true (not given to the baseline, whose config may lack them)")
@@ -210,9 +208,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
+    if args.child:  # may run the older jackpot of --baseline-ref: it imports only what `measure` needs
         print(json.dumps(measure(args)))
         return 0
+    from jackpot.core.dtypes import DTYPES
+
+    if args.dtype not in DTYPES:
+        p.error(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}")
     codes = {"chunked": ROOT, "full": ROOT}
     tmp = None
     if args.baseline_ref:
