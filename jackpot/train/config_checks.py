@@ -124,6 +124,10 @@ def _check_rules(cfg: Config) -> None:
     if c.target != "old" and "target" not in correction_params(c.name):
         raise InputError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
                          "weights toward p_old)")
+    sharded = [f"parallel.{name}=fsdp" for name in ("policy", "rollout_model") if getattr(cfg.parallel, name) == "fsdp"]
+    if cfg.rollout.engine == "vllm" and sharded:  # the engine would need the full weights gathered every step
+        raise InputError(f"rollout.engine=vllm with {sharded[0]} is not supported yet (FSDP2-sharded weights are "
+                         "not gathered for the engine); use parallel.*=ddp or rollout.engine=hf")
     needs = correction_needs(c.name, **c.kwargs())
     if needs.z == "exact" and cfg.sampling.top_p < 1:
         raise InputError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
