@@ -68,11 +68,15 @@ def head_dim(config) -> int:
 
 def check_servable(model: torch.nn.Module, on_cpu: bool) -> None:
     """InputError (one line) if vLLM cannot serve `model`: a head dimension its CPU attention lacks."""
-    d = head_dim(_plain(model).config)
+    check_head_dim(head_dim(_plain(model).config), "the sampling model", on_cpu)
+
+
+def check_head_dim(d: int, what: str, on_cpu: bool) -> None:
+    """InputError (one line) naming `what` if vLLM's attention cannot serve head dimension `d` (CPU only)."""
     if on_cpu and d not in CPU_HEAD_DIMS:
         raise InputError(f"rollout.engine=vllm: vLLM's CPU attention serves head dimensions {list(CPU_HEAD_DIMS)}, "
-                         f"the sampling model has head_dim {d} (hidden_size / num_heads); choose another shape, "
-                         "e.g. rollout_model.hidden_size=64 rollout_model.num_heads=2, or rollout.engine=hf")
+                         f"{what} has head_dim {d} (hidden_size / num_heads); choose another shape, e.g. "
+                         "rollout_model.hidden_size=64 rollout_model.num_heads=2, or rollout.engine=hf")
 
 
 def _plain(model: torch.nn.Module) -> torch.nn.Module:

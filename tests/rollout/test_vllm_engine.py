@@ -115,10 +115,18 @@ def test_head_dim_the_cpu_attention_lacks_is_refused_before_loading(tok):
         make_engine("vllm", tiny(tok, hidden=64, heads=4), tok)
 
 
+def test_a_tiny_model_shape_vllm_cannot_serve_is_refused_by_the_config():
+    with pytest.raises(InputError, match=r"rollout_model \(rollout_model.hidden_size=64, rollout_model.num_heads=4\) "
+                                         "has head_dim 16"):
+        build_config(None, ["rollout.engine=vllm"])  # the default tiny rollout model
+    build_config(None, ["rollout.engine=vllm", "rollout_model.num_heads=2"])
+    build_config(None, ["rollout.engine=vllm", "train.mode=on-policy"])  # the rollout model is not used
+
+
 @pytest.mark.parametrize("field", ["parallel.policy", "parallel.rollout_model"])
 def test_fsdp_with_vllm_is_refused_by_the_config(field):
     with pytest.raises(InputError, match=f"rollout.engine=vllm with {field}=fsdp"):
-        build_config(None, ["rollout.engine=vllm", f"{field}=fsdp"])
+        build_config(None, ["rollout.engine=vllm", "rollout_model.num_heads=2", f"{field}=fsdp"])
 
 
 # ------------------------------------------------------------------------------- the engine
