@@ -136,17 +136,22 @@ def _check_rules(cfg: Config) -> None:
 
 
 def _check_vllm(cfg: Config) -> None:
-    """What the vLLM engine cannot serve, refused before any model is built: FSDP2-sharded models (their full
-    weights are not gathered for it yet) and, on CPU, a tiny model's head dimension its attention lacks (a
-    checkpoint's is checked when the engine is built). Both models generate: training and evaluation."""
-    from jackpot.rollout.vllm import check_head_dim  # no vLLM import: the module imports it on use only
-
+    """FSDP2-sharded models cannot be served by the vLLM engine yet (their full weights are not gathered)."""
     sharded = [f"parallel.{name}=fsdp" for name in ("policy", "rollout_model") if getattr(cfg.parallel, name) == "fsdp"]
     if sharded:
         raise InputError(f"rollout.engine=vllm with {sharded[0]} is not supported yet (FSDP2-sharded weights are "
                          "not gathered for the engine); use parallel.*=ddp or rollout.engine=hf")
-    models = ["policy"] + (["rollout_model"] if cfg.train.mode == "decoupled" else [])
-    for name in models:
+
+
+def check_training_models(cfg: Config) -> None:
+    """What `jackpot train` will build, checked before any model is built or pre-trained: on CPU the vLLM engine
+    cannot serve a tiny model whose head dimension its attention lacks (a checkpoint's is checked when the
+    engine is built). Both models generate (training and evaluation)."""
+    if cfg.rollout.engine != "vllm":
+        return
+    from jackpot.rollout.vllm import check_head_dim  # no vLLM import: that module imports it on use only
+
+    for name in ["policy"] + (["rollout_model"] if cfg.train.mode == "decoupled" else []):
         m = getattr(cfg, name)
         if m.path is None:
             check_head_dim(m.hidden_size // m.num_heads, f"{name} ({name}.hidden_size={m.hidden_size}, "

@@ -59,6 +59,7 @@ from jackpot.seeding import EVAL_STREAM, PROMPT_STREAM, SAMPLING_STREAM, row_uni
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
+from jackpot.train.config_checks import check_training_models
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, is_sharded, wrap
 from jackpot.train.prepare import prepare
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
@@ -178,6 +179,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                          f"({coll.world})")
     coll.barrier()  # every rank has checked `out` before rank 0 writes to it
     torch.set_num_threads(choose_threads(cfg)[0])  # train.threads, or a default that fits the models and CPUs
+    check_training_models(cfg)  # e.g. a shape the rollout engine cannot serve, before anything is pre-trained
     task = make_task(cfg.task.name, **cfg.task.options)
     device = coll.device(cfg.train.device)
     policy_dir = _main_first(coll, lambda: model_dir("policy", cfg.policy, cfg, progress and coll.is_main))

@@ -13,6 +13,7 @@ different kernel order; they agreed within 5e-7 when measured (ENVIRONMENT.md). 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -29,6 +30,7 @@ from jackpot.models.loading import build_tiny_qwen
 from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.rollout import RolloutEngine, encode_prompts, make_engine
 from jackpot.train.config import build_config
+from jackpot.train.config_checks import check_training_models
 
 pytestmark = pytest.mark.integration
 
@@ -115,18 +117,21 @@ def test_head_dim_the_cpu_attention_lacks_is_refused_before_loading(tok):
         make_engine("vllm", tiny(tok, hidden=64, heads=4), tok)
 
 
-def test_a_tiny_model_shape_vllm_cannot_serve_is_refused_by_the_config():
+def test_a_tiny_model_shape_vllm_cannot_serve_is_refused_before_training(tmp_path):
     with pytest.raises(InputError, match=r"rollout_model \(rollout_model.hidden_size=64, rollout_model.num_heads=4\) "
                                          "has head_dim 16"):
-        build_config(None, ["rollout.engine=vllm"])  # the default tiny rollout model
-    build_config(None, ["rollout.engine=vllm", "rollout_model.num_heads=2"])
-    build_config(None, ["rollout.engine=vllm", "train.mode=on-policy"])  # the rollout model is not used
+        check_training_models(build_config(None, ["rollout.engine=vllm"]))  # the default tiny rollout model
+    check_training_models(build_config(None, ["rollout.engine=vllm", "rollout_model.num_heads=2"]))
+    check_training_models(build_config(None, ["rollout.engine=vllm", "train.mode=on-policy"]))  # no rollout model
+    result = jackpot("train", "--out", str(tmp_path / "run"), "rollout.engine=vllm", f"cache_dir={tmp_path}")
+    assert result.returncode == 2 and "head_dim 16" in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before any model was pre-trained (nothing cached)
 
 
 @pytest.mark.parametrize("field", ["parallel.policy", "parallel.rollout_model"])
 def test_fsdp_with_vllm_is_refused_by_the_config(field):
     with pytest.raises(InputError, match=f"rollout.engine=vllm with {field}=fsdp"):
-        build_config(None, ["rollout.engine=vllm", "rollout_model.num_heads=2", f"{field}=fsdp"])
+        build_config(None, ["rollout.engine=vllm", f"{field}=fsdp"])
 
 
 # ------------------------------------------------------------------------------- the engine
@@ -259,4 +264,11 @@ def test_train_with_vllm_keeps_the_engine_synced(tmp_path, mode):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert 0 <= r[metric] < 1e-6, r
-    assert (out / "final" / "policy").is_dir()
+    # `jackpot eval` samples the trained policy with the same engine
+    result = jackpot("eval", "--model", str(out / "final" / "policy"), "--k", "2", "--prompts", "2", "--out",
+                     str(tmp_path / "eval.json"), "rollout.engine=vllm")
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["engine"] == "vllm" and summary["prompts"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [len(r["completions"]) for r in rows] == [2, 2]
