@@ -66,8 +66,16 @@ def model(tok):
 
 
 @pytest.fixture(scope="module")
-def engine(model, tok):
-    return make_engine("vllm", model, tok)
+def engines():
+    """Every engine the tests build, kept until the module ends: dropping an in-process vLLM engine breaks
+    the others' shared state (the trainer keeps its engines for the whole run for the same reason)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def engine(model, tok, engines):
+    engines.append(make_engine("vllm", model, tok))
+    return engines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +187,14 @@ def test_same_seed_same_sample_and_rows_independent_of_companions(engine, prompt
 
 
 @needs_vllm
+def test_a_fresh_engine_reproduces_the_samples(engine, model, tok, prompts, engines):
+    """Per-request seeds: a new engine over the same weights (a resumed run's) samples what the first did."""
+    fresh = make_engine("vllm", model, tok)
+    engines.append(fresh)
+    assert torch.equal(rollout(fresh, prompts, seed=9).response_ids, rollout(engine, prompts, seed=9).response_ids)
+
+
+@needs_vllm
 def test_topk_above_the_engine_cap_is_refused(engine, prompts):
     rollout(engine, prompts, max_new_tokens=1)  # built: max_logprobs = max(20, 5)
     with pytest.raises(InputError, match="max_logprobs=20"):
@@ -186,12 +202,13 @@ def test_topk_above_the_engine_cap_is_refused(engine, prompts):
 
 
 @needs_vllm
-def test_sync_weights_pushes_the_updated_weights_tied_embeddings_included(tok, prompts):
+def test_sync_weights_pushes_the_updated_weights_tied_embeddings_included(tok, prompts, engines):
     """After an in-place update, the engine samples from the old weights until `sync_weights` (a skipped
     sync is visible), then from the new ones exactly; the embedding is tied to the output head."""
     model = tiny(tok, seed=1)
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     engine = make_engine("vllm", model, tok)
+    engines.append(engine)
     assert_matches_forward(rollout(engine, prompts, seed=1), model)
     with torch.no_grad():
         for p in model.parameters():
@@ -212,10 +229,11 @@ def test_sync_weights_pushes_the_updated_weights_tied_embeddings_included(tok, p
 
 
 @needs_vllm
-def test_sync_weights_merges_lora_adapters_and_leaves_the_trained_module_alone(tok, prompts):
+def test_sync_weights_merges_lora_adapters_and_leaves_the_trained_module_alone(tok, prompts, engines):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny(tok, seed=2), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     engine = make_engine("vllm", model, tok)
+    engines.append(engine)
     assert_matches_forward(rollout(engine, prompts, seed=1), model)  # LoRA B = 0: the base weights
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -249,7 +267,9 @@ SETTINGS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", sorted(SETTINGS))
 def test_train_with_vllm_keeps_the_engine_synced(tmp_path, mode):
-    """Two steps end to end. The sampling model's learning rate is raised so one update moves it far: the
+    """Two steps end to end, evaluating after each (engines built for evaluation live beside the training
+    one: dropping one used to break the others). The sampling model's learning rate is raised so one update
+    moves it far: the
     trainer's recomputed log-probs against the engine's recorded ones (decoupled:
     mismatch/rollout_model_kl_k3, on-policy: mismatch/kl_k3) then stay at numerics level only if the update
     reached the engine. Measured with these settings: 0.0 synced; with sync_weights skipped, 0.083
@@ -257,8 +277,8 @@ def test_train_with_vllm_keeps_the_engine_synced(tmp_path, mode):
     metric, settings = SETTINGS[mode]
     out = tmp_path / "run"
     result = jackpot("train", "--out", str(out), *VLLM_MODELS, *settings, "rollout.engine=vllm", f"train.mode={mode}",
-                     "train.steps=2", "train.eval_prompts=2", "train.eval_samples=1", "train.threads=1",
-                     "tensorboard=false", f"cache_dir={tmp_path / 'models'}")
+                     "train.steps=2", "train.eval_every=1", "train.eval_prompts=2", "train.eval_samples=1",
+                     "train.threads=1", "tensorboard=false", f"cache_dir={tmp_path / 'models'}")
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [r for r in read_metrics(out) if r["step"] >= 1]
     assert [r["step"] for r in rows] == [1, 2]
