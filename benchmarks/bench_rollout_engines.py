@@ -9,6 +9,8 @@ Engines (one random-weight Qwen3 model from config, the same prompts, sampling a
                     every device (transformers' CompileConfig); the first call pays for the compilation
     generate_batch  transformers' continuous batching (paged attention, requests scheduled as they finish),
                     with `return_logprobs`; it records the sampled token's log-prob only, no top-k
+    vllm            jackpot's vLLM engine (`vllm.LLM` in this process; --engines hf,vllm from an environment
+                    with vLLM, e.g. `.venv-vllm/bin/python`, see the README); built in the untimed warm-up call
 
 Ragged responses: the EOS row of the output embedding is scaled by --eos-scale so rows stop at different
 lengths (the mean and spread are printed). tokens/s counts generated tokens up to each row's EOS, so padding
@@ -18,6 +20,8 @@ compared with a teacher-forced forward of the same model on its own samples (max
 
     python benchmarks/bench_rollout_engines.py                     # CPU, ~3 min
     python benchmarks/bench_rollout_engines.py --device cuda --hidden 2048 --layers 8 --batch 64 --length 1024
+    .venv-vllm/bin/python benchmarks/bench_rollout_engines.py --engines hf,vllm --hidden 1024 --vocab 151936 \
+        --batch 16 --length 128 --threads 2                          # real vocabulary, hf beside vLLM
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class _Ids:
     pad_token_id, eos_token_id = 0, 1
 
 
-def run_jackpot_engine(name: str, model, prompts, args, seed: int):
+def make_bench_engine(name: str, model, prompts, args):
     from jackpot.rollout import make_engine
     from jackpot.rollout.hf import HFRolloutEngine
 
@@ -63,8 +67,13 @@ def run_jackpot_engine(name: str, model, prompts, args, seed: int):
         engine = HFRolloutEngine(model, _Ids(), cache_implementation="static")
         model.generation_config.compile_config = CompileConfig(fullgraph=False)
         model.generation_config.compile_config._compile_all_devices = True
-    else:
-        engine = make_engine(name, model, _Ids())
+        return engine
+    if name == "vllm":  # the KV cache (VLLM_CPU_KVCACHE_SPACE, 1 GiB) need only hold these sequences
+        return make_engine(name, model, _Ids(), max_model_len=prompts.shape[1] + args.length)
+    return make_engine(name, model, _Ids())
+
+
+def run_jackpot_engine(engine, prompts, args, seed: int):
     batch = engine.generate(prompts, torch.ones_like(prompts), max_new_tokens=args.length, temperature=1.0,
                             top_p=1.0, topk=1, seed=seed)
     return batch.response_ids, batch.response_mask, batch.rollout_logp
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if "generate_batch" in engines:  # continuous batching takes unpadded prompts; give every row the same length
         prompts = prompts[:, -16:]
     times: dict[str, list[float]] = {e: [] for e in engines}
+    built = {name: make_bench_engine(name, model, prompts, args) for name in engines if name != "generate_batch"}
     stats: dict[str, tuple[float, float, float]] = {}
     for rep in range(args.repeats + 1):  # repeat 0 warms up (and compiles, for hf-compiled)
         for name in engines:
@@ -132,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "generate_batch":
                 ids, mask, logp = run_generate_batch(model, prompts, args, seed=rep)
             else:
-                ids, mask, logp = run_jackpot_engine(name, model, prompts, args, seed=rep)
+                ids, mask, logp = run_jackpot_engine(built[name], prompts, args, seed=rep)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if rep:

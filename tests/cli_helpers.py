@@ -31,3 +31,27 @@ def jackpot(*args: str, env: dict | None = None, prelude: str = "", wrapper: tup
                 "JACKPOT_TRACEBACK": "", **(env or {})}
     return subprocess.run([*wrapper, sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=600)
+
+
+def vllm_python() -> Path | None:
+    """The interpreter of the vLLM environment (JACKPOT_VLLM_PYTHON, else .venv-vllm/bin/python) if it exists."""
+    given = os.environ.get("JACKPOT_VLLM_PYTHON")
+    path = Path(given) if given else REPO / ".venv-vllm" / "bin" / "python"
+    return path if path.exists() else None
+
+
+def pytest_in_other_env(python: Path, tests: Path, *, missing: str, required_by: str) -> None:
+    """Run the pytest file `tests` with another environment's interpreter `python` (None: that environment is
+    absent, `missing` says how to build it: a failure when the variable `required_by` is "1", as in CI, else a
+    skip); fails unless every test there ran and passed."""
+    import pytest
+
+    if python is None:
+        if os.environ.get(required_by) == "1":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]

@@ -145,6 +145,10 @@ class RolloutEngine(Protocol):
     """Samples responses from a rollout model; `model_version` tags the weights in use."""
 
     model_version: int
+    per_row_uniforms: bool
+    """True: `generate` samples each row from its `uniforms` (the `hf` engines); False: from a per-request seed
+    derived from `seed` and the row's identity (`vllm`; see that module). Either way a row's sample does not
+    depend on its batch companions."""
 
     def generate(
         self,

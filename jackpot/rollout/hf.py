@@ -145,6 +145,9 @@ class HFRolloutEngine:
     (`benchmarks/bench_rollout_engines.py` measures both).
     """
 
+    per_row_uniforms = True
+    """Samples each row from its `uniforms` when given (module docstring)."""
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  eos_token_ids: list[int] | None = None, cache_implementation: str | None = None):
         if tokenizer.pad_token_id is None:
@@ -189,7 +192,7 @@ class HFRolloutEngine:
         forward is a collective: `generate(synced_gpus=True)`).
         Returns a `RolloutBatch` with T <= max_new_tokens (generation stops once all rows hit EOS).
         """
-        _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, topk)
+        check_generate_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, topk)
         device = self.model.device
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         if uniforms is not None and (uniforms.dim() != 2 or uniforms.shape[0] != prompt_ids.shape[0]
@@ -235,7 +238,7 @@ class HFRolloutEngine:
         )
 
 
-def _check_args(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+def check_generate_args(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                 temperature: float, top_p: float, topk: int) -> None:
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be (B, P); got {tuple(prompt_ids.shape)} "

@@ -124,6 +124,8 @@ def _check_rules(cfg: Config) -> None:
     if c.target != "old" and "target" not in correction_params(c.name):
         raise InputError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
                          "weights toward p_old)")
+    if cfg.rollout.engine == "vllm":
+        _check_vllm(cfg)
     needs = correction_needs(c.name, **c.kwargs())
     if needs.z == "exact" and cfg.sampling.top_p < 1:
         raise InputError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
@@ -131,6 +133,29 @@ def _check_rules(cfg: Config) -> None:
     if needs.z == "exact" and needs.current_policy:
         raise InputError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
                          "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
+
+
+def _check_vllm(cfg: Config) -> None:
+    """FSDP2-sharded models cannot be served by the vLLM engine yet (their full weights are not gathered)."""
+    sharded = [f"parallel.{name}=fsdp" for name in ("policy", "rollout_model") if getattr(cfg.parallel, name) == "fsdp"]
+    if sharded:
+        raise InputError(f"rollout.engine=vllm with {sharded[0]} is not supported yet (FSDP2-sharded weights are "
+                         "not gathered for the engine); use parallel.*=ddp or rollout.engine=hf")
+
+
+def check_training_models(cfg: Config) -> None:
+    """What `jackpot train` will build, checked before any model is built or pre-trained: on CPU the vLLM engine
+    cannot serve a tiny model whose head dimension its attention lacks (a checkpoint's is checked when the
+    engine is built). Both models generate (training and evaluation)."""
+    if cfg.rollout.engine != "vllm":
+        return
+    from jackpot.rollout.vllm import check_head_dim  # no vLLM import: that module imports it on use only
+
+    for name in ["policy"] + (["rollout_model"] if cfg.train.mode == "decoupled" else []):
+        m = getattr(cfg, name)
+        if m.path is None:
+            check_head_dim(m.hidden_size // m.num_heads, f"{name} ({name}.hidden_size={m.hidden_size}, "
+                           f"{name}.num_heads={m.num_heads})", on_cpu=cfg.train.device == "cpu")
 
 
 def get(cfg: Any, dotted: str) -> Any:

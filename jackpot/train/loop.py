@@ -59,6 +59,7 @@ from jackpot.seeding import EVAL_STREAM, PROMPT_STREAM, SAMPLING_STREAM, row_uni
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
+from jackpot.train.config_checks import check_training_models
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, is_sharded, wrap
 from jackpot.train.prepare import prepare
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
@@ -85,6 +86,7 @@ class Run:
     policy_wrapper: torch.nn.Module | None = None   # the policy wrapped by DDP / FSDP2 (several processes)
     rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
     engine: RolloutEngine | None = None           # samples the rollouts (rollout model, or policy on-policy)
+    eval_engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the evaluated model
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -178,6 +180,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                          f"({coll.world})")
     coll.barrier()  # every rank has checked `out` before rank 0 writes to it
     torch.set_num_threads(choose_threads(cfg)[0])  # train.threads, or a default that fits the models and CPUs
+    check_training_models(cfg)  # e.g. a shape the rollout engine cannot serve, before anything is pre-trained
     task = make_task(cfg.task.name, **cfg.task.options)
     device = coll.device(cfg.train.device)
     policy_dir = _main_first(coll, lambda: model_dir("policy", cfg.policy, cfg, progress and coll.is_main))
@@ -287,7 +290,7 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     rows = range(share.start * t.eval_samples, share.stop * t.eval_samples)
     uniforms = row_uniforms(t.seed, 0, EVAL_STREAM, len(examples) * t.eval_samples, s.max_new_tokens, rows)
     with gathered_for_generation(model) as lm:
-        scored = sample_and_score(make_engine(run.cfg.rollout.engine, lm, run.tokenizer), run.tokenizer, run.task,
+        scored = sample_and_score(_eval_engine(run, model, lm), run.tokenizer, run.task,
                                   examples[share.start:share.stop], k=t.eval_samples,
                                   max_new_tokens=s.max_new_tokens, temperature=t.eval_temperature or s.temperature,
                                   top_p=s.top_p, seed=t.seed, chat_template=run.cfg.task.chat_template,
@@ -295,6 +298,17 @@ def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
     rewards = run.coll.gather_rows(scored.rewards)[0]
     return {ACCURACY: mean_at_k(rewards), ACCURACY_SE: standard_error(rewards),
             pass_at(t.eval_samples): pass_at_k(rewards, t.eval_samples)}
+
+
+def _eval_engine(run: Run, model: torch.nn.Module, lm: torch.nn.Module) -> RolloutEngine:
+    """The engine that evaluates `model` (its language model `lm`), built once per run and synced before each
+    use: an engine holding its own copy of the weights (vllm) is not rebuilt at every evaluation, and in-process
+    vLLM engines must outlive each other (dropping one breaks the others' shared state)."""
+    if id(model) not in run.eval_engines:
+        run.eval_engines[id(model)] = make_engine(run.cfg.rollout.engine, lm, run.tokenizer)
+    engine = run.eval_engines[id(model)]
+    engine.sync_weights(lm, engine.model_version)
+    return engine
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:

