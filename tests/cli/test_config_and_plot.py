@@ -53,7 +53,7 @@ def test_a_file_task_alone_gets_no_other_tasks_options_and_records_its_verifier(
     with pytest.raises(ValueError, match=r"task 'file' needs option\(s\) \['path'\]"):
         build_config(None, ["task.name=file"])
     with pytest.raises(ValueError, match="rollout.engine must be one of"):
-        build_config(None, ["rollout.engine=vllm"])
+        build_config(None, ["rollout.engine=sglang"])
 
 
 def test_override_syntax_errors():
