@@ -40,6 +40,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from jackpot.errors import InputError
+from jackpot.models.forward import unwrap_peft
 from jackpot.rollout.base import FILL_LOGPROB, RolloutBatch
 from jackpot.rollout.hf import check_generate_args, default_eos_ids, response_mask_from_ids
 
@@ -68,7 +69,7 @@ def head_dim(config) -> int:
 
 def check_servable(model: torch.nn.Module, on_cpu: bool) -> None:
     """InputError (one line) if vLLM cannot serve `model`: a head dimension its CPU attention lacks."""
-    check_head_dim(head_dim(_plain(model).config), "the sampling model", on_cpu)
+    check_head_dim(head_dim(unwrap_peft(model).config), "the sampling model", on_cpu)
 
 
 def check_head_dim(d: int, what: str, on_cpu: bool) -> None:
@@ -77,12 +78,6 @@ def check_head_dim(d: int, what: str, on_cpu: bool) -> None:
         raise InputError(f"rollout.engine=vllm: vLLM's CPU attention serves head dimensions {list(CPU_HEAD_DIMS)}, "
                          f"{what} has head_dim {d} (hidden_size / num_heads); choose another shape, e.g. "
                          "rollout_model.hidden_size=64 rollout_model.num_heads=2, or rollout.engine=hf")
-
-
-def _plain(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM inside a peft wrapper, else the model itself (its config and shapes)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
 
 
 def merged_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -127,7 +122,7 @@ class VLLMRolloutEngine:
                  max_model_len: int | None = None, kv_cache_gib: float | None = None, enforce_eager: bool = True):
         if tokenizer.pad_token_id is None:
             raise InputError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
-        eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(_plain(model), tokenizer)
+        eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(unwrap_peft(model), tokenizer)
         if not eos or any(e is None for e in eos):
             raise InputError(f"eos_token_ids must be a non-empty list of ids, got {eos}")
         self.on_cpu = not torch.cuda.is_available()
@@ -136,7 +131,7 @@ class VLLMRolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = [int(e) for e in eos]
-        self.dtype = str(dtype or next(_plain(model).parameters()).dtype).removeprefix("torch.")
+        self.dtype = str(dtype or next(unwrap_peft(model).parameters()).dtype).removeprefix("torch.")
         self.max_model_len = max_model_len
         self.kv_cache_gib = kv_cache_gib
         self.enforce_eager = enforce_eager
