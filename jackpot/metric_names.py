@@ -13,6 +13,10 @@ from __future__ import annotations
 REWARD_MEAN = "reward/mean"                        # mean reward over the step's responses
 RESPONSE_LENGTH = "response/length"                # mean response length in tokens
 
+# rollout/: which weights sampled the step's batch (the engine's version stamp, `RolloutBatch.model_version`)
+ROLLOUT_MODEL_VERSION = "rollout/model_version"    # the sampling weights' version: step s samples with version s
+ROLLOUT_STALENESS = "rollout/staleness"            # step - model_version: updates the sampler lags (0: synchronous)
+
 # mismatch/: p_inf (recorded at sampling) against p_old (the policy at collection) on the sampled tokens
 # (jackpot.core.divergences returns the bare names; verl's rollout_corr/*)
 MISMATCH = "mismatch/"

@@ -47,6 +47,8 @@ from jackpot.metric_names import (
     PERF_UPDATE_S,
     RESPONSE_LENGTH,
     REWARD_MEAN,
+    ROLLOUT_MODEL_VERSION,
+    ROLLOUT_STALENESS,
     pass_at,
 )
 from jackpot.metrics import MetricLogger, scalars, standard_error
@@ -332,6 +334,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     values = scalars({REWARD_MEAN: coll.gather_rows(rewards)[0].mean(),
                       RESPONSE_LENGTH: tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
                       **prep.metrics, **upd})
+    values.update({ROLLOUT_MODEL_VERSION: float(batch.model_version),
+                   ROLLOUT_STALENESS: float(step - batch.model_version)})
     values.update({PERF_ROLLOUT_S: t1 - t0, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2,
                    PERF_STEP_S: t3 - t0, PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(t1 - t0, 1e-9)})
     return values

@@ -46,6 +46,8 @@ def test_cli_two_steps_trains_both_models_and_checkpoints(tmp_path, cache):
         for key in ("reward/mean", "mismatch/kl_k3", "obrs/accept_rate", "perf/rollout_s", "perf/update_s"):
             assert key in r and r[key] is not None and math.isfinite(r[key]), key
     assert "eval/accuracy" in records[0] and "eval/accuracy" in records[-1]
+    # the engine's version stamp is read back: step s sampled with the weights after update s - 1 (version s)
+    assert [(r["rollout/model_version"], r["rollout/staleness"]) for r in records[1:]] == [(1.0, 0.0), (2.0, 0.0)]
     # both models moved, and the checkpoint reloads into fresh models exactly
     after = setup(cfg, tmp_path / "reload")
     ckpt.load_checkpoint(ckpt.latest_checkpoint(out), after.models, after.optimizers)
