@@ -73,6 +73,7 @@ def setup_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> di
     """Models, engine, optimizers and config of one variant, ready for `step`."""
     from jackpot.rollout import make_engine
     from jackpot.train.config import build_config
+    from jackpot.train.config_checks import engine_options
     from jackpot.train.loop import prepared_model
 
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
@@ -84,7 +85,7 @@ def setup_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> di
         prepared_model(build(rollout_spec, r_layers, args.vocab, 1, dtype, device), cfg.rollout_model)
     actor = rollout if rollout is not None else policy
     return {"cfg": cfg, "policy": policy, "rollout": rollout, "actor": actor, "device": device,
-            "engine": make_engine(cfg.rollout.engine, actor, _Ids()),
+            "engine": make_engine(cfg.rollout.engine, actor, _Ids(), **engine_options(cfg)),
             "policy_opt": torch.optim.AdamW(policy.parameters(), lr=1e-6),
             "rollout_opt": torch.optim.AdamW(rollout.parameters(), lr=1e-6)
             if rollout is not None and cfg.distill.rollout_model == "joint" else None}
@@ -92,13 +93,14 @@ def setup_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> di
 
 def step(v: dict, prompts: torch.Tensor, rewards: torch.Tensor, i: int, args) -> dict[str, float]:
     """One trainer step (rollout, prepare, update) of a variant set up by `setup_variant`, timed by phase."""
+    from jackpot.rollout.weights import push_weights
     from jackpot.train.prepare import prepare
     from jackpot.train.update import update
 
     cfg, device = v["cfg"], v["device"]
     sync(device)
     t0 = time.perf_counter()
-    v["engine"].sync_weights(v["actor"], i)
+    push_weights(v["engine"], v["actor"], i + 1)  # the weights after i updates
     batch = v["engine"].generate(prompts, torch.ones_like(prompts), max_new_tokens=args.length, temperature=1.0,
                                  top_p=1.0, topk=cfg.sampling.topk, seed=i)
     sync(device)

@@ -43,7 +43,7 @@ from jackpot.core.dtypes import DTYPES
 from jackpot.errors import InputError
 from jackpot.fileio import write_text_atomic
 from jackpot.rollout.base import RolloutEngine
-from jackpot.rollout.hf import decode_responses, encode_prompts
+from jackpot.rollout.text import decode_responses, encode_prompts
 from jackpot.seeding import EVAL_STREAM, step_seed
 from jackpot.tasks import Example, Task, mean_at_k, pass_at_k
 
@@ -152,12 +152,13 @@ def evaluate_model(model_path: str, cfg, *, k: int, prompts: int, split: str, ba
     from jackpot.models.loading import load_model, load_tokenizer
     from jackpot.rollout import make_engine
     from jackpot.tasks import make_task
+    from jackpot.train.config_checks import engine_options
 
     start = time.perf_counter()
     task = make_task(cfg.task.name, **cfg.task.options)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, dtype=dtype, device=device)
-    engine = make_engine(cfg.rollout.engine, model, tokenizer)
+    engine = make_engine(cfg.rollout.engine, model, tokenizer, **engine_options(cfg))
     examples = list(dict.fromkeys(task.examples(split, prompts, seed)))  # a split smaller than --prompts repeats
     if len(examples) < prompts:
         print(f"jackpot eval: --prompts {prompts}, but the {split} split gave {len(examples)} distinct problems; "

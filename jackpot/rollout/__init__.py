@@ -1,7 +1,9 @@
 """Rollout engines: sample responses and record token-level log-probs (see `base.RolloutBatch`).
 
-`make_engine(name, model, tokenizer)` builds the engine the config's `rollout.engine` names; the trainer
-never constructs a concrete engine itself, and calls `engine.sync_weights(model, version)` after each update.
+`make_engine(name, model, tokenizer, **options)` builds the engine the config's `rollout.engine` names (with
+the `rollout.*` options it takes, `ENGINE_OPTIONS`); the trainer never constructs a concrete engine itself.
+Each engine declares what it can do (`base.RolloutEngine`), and gets the trained weights through
+`weights.push_weights` after every update. Text in and out: `text.encode_prompts`, `text.decode_responses`.
 
     hf          transformers' `generate` with its dynamic KV cache (the default)
     hf-static   the same with a pre-allocated static KV cache (`cache_implementation="static"`)
@@ -22,12 +24,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from jackpot.errors import InputError
 from jackpot.rollout.base import RolloutBatch, RolloutEngine
-from jackpot.rollout.hf import HFRolloutEngine, decode_responses, encode_prompts
+from jackpot.rollout.hf import HFRolloutEngine
+from jackpot.rollout.text import decode_responses, encode_prompts
 
 ENGINES: dict[str, Callable[..., RolloutEngine]] = {
     "hf": lambda model, tokenizer, **kw: HFRolloutEngine(model, tokenizer, **kw),
     "hf-static": lambda model, tokenizer, **kw: HFRolloutEngine(model, tokenizer, cache_implementation="static", **kw),
     "vllm": lambda model, tokenizer, **kw: _vllm_engine(model, tokenizer, **kw),
+}
+
+
+# the rollout.* options each engine takes (the config refuses the others by name)
+ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "hf": (), "hf-static": (),
+    "vllm": ("dtype", "max_model_len", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager"),
 }
 
 
@@ -44,5 +54,5 @@ def make_engine(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
     return ENGINES[name](model, tokenizer, **kwargs)
 
 
-__all__ = ["ENGINES", "HFRolloutEngine", "RolloutBatch", "RolloutEngine", "decode_responses", "encode_prompts",
-           "make_engine"]
+__all__ = ["ENGINES", "ENGINE_OPTIONS", "HFRolloutEngine", "RolloutBatch", "RolloutEngine", "decode_responses",
+           "encode_prompts", "make_engine"]

@@ -142,13 +142,24 @@ class RolloutBatch:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Samples responses from a rollout model; `model_version` tags the weights in use."""
+    """Samples responses from a model; declares what it can do, and stamps its rollouts with `model_version`.
+
+    What an engine declares, so the trainer never asks which engine it holds:
+    `per_row_uniforms`  True: `generate` samples each row from its `uniforms` (the `hf` engines); False: from a
+                        per-request seed derived from `seed` and the row's identity (`vllm`). Either way a row's
+                        sample does not depend on its batch companions.
+    `max_topk`          the largest `topk` `generate` serves (None: any).
+    `holds_weights`     True: the engine samples from a copy of the weights of its own (another dtype, another
+                        process, an inference engine), which `sync_weights` must receive after every update;
+                        False: it samples from the trainer's module itself and `sync_weights` gets None.
+    `dtype`             the dtype of the weights it holds (None when it holds none).
+    """
 
     model_version: int
     per_row_uniforms: bool
-    """True: `generate` samples each row from its `uniforms` (the `hf` engines); False: from a per-request seed
-    derived from `seed` and the row's identity (`vllm`; see that module). Either way a row's sample does not
-    depend on its batch companions."""
+    max_topk: int | None
+    holds_weights: bool
+    dtype: torch.dtype | None
 
     def generate(
         self,
@@ -169,11 +180,11 @@ class RolloutEngine(Protocol):
         on the rest of the batch; `synced`: the model is sharded over processes (see `hf.HFRolloutEngine`)."""
         ...
 
-    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        """Make the next `generate` sample from `model`'s current weights, stamped `version`.
+    def sync_weights(self, weights: list[tuple[str, torch.Tensor]] | None, version: int) -> None:
+        """Sample from these weights from now on, stamped `version`.
 
-        Call it after every update of the rollout model. An engine that holds its own copy of the weights
-        (another process, another dtype, an inference server) copies them here; one that samples from the
-        trainer's module directly only records the version.
+        `weights`: the named full tensors of the model's Hugging Face checkpoint in the engine's dtype
+        (`jackpot.rollout.weights.checkpoint_weights`) when `holds_weights`, else None. The trainer calls it
+        through `jackpot.rollout.weights.push_weights` after every update of the sampling model.
         """
         ...

@@ -1,10 +1,10 @@
 """Rollouts with vLLM (`vllm.LLM`, offline, in the trainer's process), recording token log-probs.
 
-The sampling model's weights are written once (`save_pretrained`, with its config) to a temporary
-directory the engine loads at its first `generate`; after that `sync_weights` pushes the current weights
-into the live engine in place, as named full tensors in checkpoint format
-(`collective_rpc("reload_weights", ...)`: no reload from disk, no restart). A LoRA-wrapped model is merged
-into full tensors on a copy (the trained module is left as it is).
+The engine is built at its first `generate` from a temporary directory holding the model's config and the
+latest pushed weights (or, if none were pushed, the weights of the model it was made with, read then).
+After that `sync_weights` pushes the weights into the live engine in place, as the named full tensors of the
+Hugging Face checkpoint (`jackpot.rollout.weights.checkpoint_weights`: LoRA merged, FSDP2 gathered, in the
+engine's dtype) through `collective_rpc("reload_weights", ...)`: no reload from disk, no restart.
 
 What is recorded is the distribution actually sampled from, as in `hf.HFRolloutEngine`:
 `logprobs_mode="processed_logprobs"` makes vLLM return log q with q = softmax(top_p(logits / temperature)),
@@ -21,6 +21,8 @@ random stream), never in distribution.
 
 Environment: `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set (unless already set) before vLLM is imported, so the
 engine runs in the calling process (no engine-core process, no `if __name__ == "__main__"` guard needed).
+Under `torchrun` every process builds an engine of its own and samples its own rows (tested with two
+processes on CPU: the same run as one process).
 On CPU, the KV cache is `VLLM_CPU_KVCACHE_SPACE` GiB (vLLM's variable) or `kv_cache_gib`. vLLM's CPU
 attention serves head dimensions `CPU_HEAD_DIMS` only: another is refused before anything is loaded.
 
@@ -39,10 +41,12 @@ import tempfile
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from jackpot.core.dtypes import DTYPES
 from jackpot.errors import InputError
 from jackpot.models.forward import unwrap_peft
 from jackpot.rollout.base import FILL_LOGPROB, RolloutBatch
-from jackpot.rollout.hf import check_generate_args, default_eos_ids, response_mask_from_ids
+from jackpot.rollout.text import check_generate_args, default_eos_ids, response_mask_from_ids
+from jackpot.rollout.weights import checkpoint_weights
 
 # vllm/v1/attention/backends/cpu_attn.py: CPUAttentionBackend.get_supported_head_sizes (vLLM 0.32)
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -80,18 +84,19 @@ def check_head_dim(d: int, what: str, on_cpu: bool) -> None:
                          "rollout_model.hidden_size=64 rollout_model.num_heads=2, or rollout.engine=hf")
 
 
-def merged_model(model: torch.nn.Module) -> PreTrainedModel:
-    """`model` with LoRA adapters merged into full weights, on a copy (the trained module is untouched);
-    a model without adapters is returned as is."""
-    if not callable(getattr(model, "merge_and_unload", None)):
-        return model
-    return copy.deepcopy(model).merge_and_unload()
+def write_checkpoint(directory: str, config, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """A Hugging Face checkpoint directory vLLM loads: `config.json` and one safetensors file. Written by hand,
+    not `save_pretrained`, which under torch.distributed writes on rank 0 only (every process needs its own)."""
+    from safetensors.torch import save_file
 
-
-def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Named full tensors in Hugging Face checkpoint format (LoRA merged), detached, on the CPU or the
-    model's device as they are."""
-    return [(name, t.detach()) for name, t in merged_model(model).state_dict().items()]
+    config.to_json_file(os.path.join(directory, "config.json"))
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in weights:  # tied tensors share storage, which safetensors refuses: each its own
+        tensor = tensor.detach().cpu().contiguous()
+        tensors[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
+    save_file(tensors, os.path.join(directory, "model.safetensors"))
 
 
 def request_seeds(seed: int | None, uniforms: torch.Tensor | None, batch: int) -> list[int | None]:
@@ -109,17 +114,20 @@ class VLLMRolloutEngine:
 
     `dtype`: the engine's dtype (default: the model's). `max_model_len`: prompt + response tokens (default:
     the model's `max_position_embeddings`). `kv_cache_gib`: the CPU KV cache in GiB (default:
-    `VLLM_CPU_KVCACHE_SPACE` if set, else 1 GiB). `enforce_eager`: no graph compilation (faster start).
-    The engine is built at the first `generate`, with `max_logprobs = max(20, topk)`; a later call with a
-    larger topk is refused.
+    `VLLM_CPU_KVCACHE_SPACE` if set, else 1 GiB); `gpu_memory_utilization`: vLLM's GPU memory fraction (GPU
+    only). `enforce_eager`: no graph compilation (faster start). `max_topk`: the largest `topk` served
+    (vLLM's `max_logprobs`, at least its default 20).
     """
 
     per_row_uniforms = False
     """Samples with per-request seeds; the `uniforms` argument only identifies rows (module docstring)."""
+    holds_weights = True
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  eos_token_ids: list[int] | None = None, *, dtype: str | torch.dtype | None = None,
-                 max_model_len: int | None = None, kv_cache_gib: float | None = None, enforce_eager: bool = True):
+                 max_model_len: int | None = None, kv_cache_gib: float | None = None,
+                 gpu_memory_utilization: float | None = None, enforce_eager: bool = True,
+                 max_topk: int = DEFAULT_MAX_LOGPROBS):
         if tokenizer.pad_token_id is None:
             raise InputError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
         eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(unwrap_peft(model), tokenizer)
@@ -127,34 +135,45 @@ class VLLMRolloutEngine:
             raise InputError(f"eos_token_ids must be a non-empty list of ids, got {eos}")
         self.on_cpu = not torch.cuda.is_available()
         check_servable(model, self.on_cpu)
+        if self.on_cpu and gpu_memory_utilization is not None:
+            raise InputError("rollout.gpu_memory_utilization applies to a GPU; on CPU vLLM's KV cache is "
+                             "rollout.kv_cache_gib")
         import_vllm()  # fail here, before any work, when vLLM is missing
-        self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = [int(e) for e in eos]
-        self.dtype = str(dtype or next(unwrap_peft(model).parameters()).dtype).removeprefix("torch.")
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else (
+            dtype or next(unwrap_peft(model).parameters()).dtype)
         self.max_model_len = max_model_len
         self.kv_cache_gib = kv_cache_gib
+        self.gpu_memory_utilization = gpu_memory_utilization
         self.enforce_eager = enforce_eager
+        self.max_topk = max(DEFAULT_MAX_LOGPROBS, int(max_topk))
         self.model_version = 0
-        self.max_logprobs: int | None = None
+        self._config = copy.deepcopy(unwrap_peft(model).config)  # vLLM picks its model class by `architectures`
+        self._config.architectures = self._config.architectures or [type(unwrap_peft(model)).__name__]
+        self._initial: torch.nn.Module | None = model  # whose weights a build takes if none were pushed
+        self._pending: list[tuple[str, torch.Tensor]] | None = None
         self._llm = None
         self._dir: str | None = None
 
-    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        """Push `model`'s current weights into the engine in place (LoRA merged), tagged `version`."""
-        self.model = model
-        self.model_version = int(version)
-        if self._llm is not None:  # not built yet: it will load `model` as it is then
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_weights(model),
+    def sync_weights(self, weights: list[tuple[str, torch.Tensor]] | None, version: int) -> None:
+        """Push `weights` (checkpoint format, the engine's dtype) into the engine in place, stamped `version`."""
+        if weights is None:
+            raise ValueError("the vLLM engine holds its own weights: sync_weights needs them "
+                             "(jackpot.rollout.weights.checkpoint_weights)")
+        if self._llm is None:  # not built yet: the build loads these
+            self._pending, self._initial = weights, None
+        else:
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
                                                                "is_checkpoint_format": True})
+        self.model_version = int(version)
 
     def _engine(self, topk: int):
+        if topk > self.max_topk:
+            raise InputError(f"topk={topk} is above the vLLM engine's largest top-K ({self.max_topk}, vLLM's "
+                             "max_logprobs, fixed when the engine is made)")
         if self._llm is None:
-            self.max_logprobs = max(DEFAULT_MAX_LOGPROBS, topk)
             self._llm = self._build()
-        if topk > self.max_logprobs:
-            raise InputError(f"topk={topk} is above the vLLM engine's max_logprobs={self.max_logprobs}, fixed "
-                             "when the engine was built by its first generate")
         return self._llm
 
     def _build(self):
@@ -163,11 +182,14 @@ class VLLMRolloutEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib or 1)
         elif self.kv_cache_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
+        weights = self._pending if self._pending is not None else checkpoint_weights(self._initial, self.dtype)
+        self._pending = self._initial = None
         self._dir = tempfile.mkdtemp(prefix="jackpot-vllm-")
-        merged_model(self.model).save_pretrained(self._dir)
-        return vllm.LLM(model=self._dir, skip_tokenizer_init=True, dtype=self.dtype, generation_config="vllm",
-                        logprobs_mode="processed_logprobs", max_logprobs=self.max_logprobs,
-                        enforce_eager=self.enforce_eager, max_model_len=self.max_model_len, seed=0)
+        write_checkpoint(self._dir, self._config, weights)
+        gpu = {} if self.gpu_memory_utilization is None else {"gpu_memory_utilization": self.gpu_memory_utilization}
+        return vllm.LLM(model=self._dir, skip_tokenizer_init=True, dtype=str(self.dtype).removeprefix("torch."),
+                        generation_config="vllm", logprobs_mode="processed_logprobs", max_logprobs=self.max_topk,
+                        enforce_eager=self.enforce_eager, max_model_len=self.max_model_len, seed=0, **gpu)
 
     def close(self) -> None:
         """Free the engine and its weight directory (also done when the engine is garbage-collected)."""

@@ -114,6 +114,16 @@ class RolloutConfig:
     batch_size: int | None = None
     """Sequences each process generates at once (null: its whole share of the batch). Bounds the KV cache,
     never changes the samples (docs/CONFIG.md)."""
+    dtype: str | None = None
+    """vllm: the dtype of the engine's copy of the weights (null: the sampling model's)."""
+    max_model_len: int | None = None
+    """vllm: prompt + response tokens a sequence may hold (null: the model's max_position_embeddings)."""
+    kv_cache_gib: float | None = None
+    """vllm on CPU: KV cache in GiB (null: $VLLM_CPU_KVCACHE_SPACE, else 1)."""
+    gpu_memory_utilization: float | None = None
+    """vllm on a GPU: the fraction of its memory vLLM may take (null: vLLM's default, 0.9)."""
+    enforce_eager: bool = True
+    """vllm: run eagerly (no graph capture or compilation: faster start, slower decoding)."""
 
 
 @dataclass(frozen=True)

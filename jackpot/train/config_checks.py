@@ -15,7 +15,7 @@ from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, corr
 from jackpot.core.dtypes import DTYPES
 from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
 from jackpot.errors import InputError
-from jackpot.rollout import ENGINES
+from jackpot.rollout import ENGINE_OPTIONS, ENGINES
 from jackpot.tasks import TASKS, default_max_new_tokens, task_options
 from jackpot.train.config import ROLLOUT_MODEL_TRAINING, TRAIN_MODES
 from jackpot.train.distributed import PARALLEL_MODES
@@ -42,16 +42,18 @@ CHOICES: dict[str, tuple] = {
     "parallel.policy": PARALLEL_MODES,
     "parallel.rollout_model": PARALLEL_MODES,
     "parallel.mixed_precision": tuple(DTYPES),  # or null
+    "rollout.dtype": tuple(DTYPES),  # or null
 }
 POSITIVE_INTS = ("train.steps", "train.prompts_per_step", "train.minibatches", "train.ppo_epochs",
                  "train.eval_every", "train.eval_prompts", "train.eval_samples", "train.checkpoint_every",
                  "sampling.max_new_tokens", "sampling.topk", "train.head_chunk", "train.micro_batch_tokens")
 POSITIVE_INTS_OR_NULL = ("train.micro_batch_size", "rollout.batch_size", "train.threads", "policy.lora_rank",
-                         "rollout_model.lora_rank")
+                         "rollout_model.lora_rank", "rollout.max_model_len")
 POSITIVE = ("sampling.temperature", "correction.lam", "correction.cap", "correction.low", "correction.high",
             "distill.is_cap", "policy.lr", "rollout_model.lr")
 POSITIVE_OR_NULL = ("train.grad_clip", "correction.c1", "correction.c2", "train.eval_temperature",
-                    "train.clip_eps_high", "correction.cap_min")
+                    "train.clip_eps_high", "correction.cap_min", "rollout.kv_cache_gib",
+                    "rollout.gpu_memory_utilization")
 NON_NEGATIVE = ("train.kl_coef", "distill.coef")
 
 
@@ -124,8 +126,7 @@ def _check_rules(cfg: Config) -> None:
     if c.target != "old" and "target" not in correction_params(c.name):
         raise InputError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
                          "weights toward p_old)")
-    if cfg.rollout.engine == "vllm":
-        _check_vllm(cfg)
+    _check_engine_options(cfg)
     needs = correction_needs(c.name, **c.kwargs())
     if needs.z == "exact" and cfg.sampling.top_p < 1:
         raise InputError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
@@ -135,12 +136,29 @@ def _check_rules(cfg: Config) -> None:
                          "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
 
 
-def _check_vllm(cfg: Config) -> None:
-    """FSDP2-sharded models cannot be served by the vLLM engine yet (their full weights are not gathered)."""
-    sharded = [f"parallel.{name}=fsdp" for name in ("policy", "rollout_model") if getattr(cfg.parallel, name) == "fsdp"]
-    if sharded:
-        raise InputError(f"rollout.engine=vllm with {sharded[0]} is not supported yet (FSDP2-sharded weights are "
-                         "not gathered for the engine); use parallel.*=ddp or rollout.engine=hf")
+def _check_engine_options(cfg: Config) -> None:
+    """Every rollout.* option set away from its default must be one the engine takes (`ENGINE_OPTIONS`)."""
+    r = cfg.rollout
+    takes = ENGINE_OPTIONS[r.engine]
+    for f in dataclasses.fields(r):
+        if f.name not in ("engine", "batch_size") and f.name not in takes and getattr(r, f.name) != f.default:
+            users = [name for name, options in ENGINE_OPTIONS.items() if f.name in options]
+            raise InputError(f"rollout.{f.name}={getattr(r, f.name)!r}: rollout.engine={r.engine} has no such option "
+                             f"(an option of rollout.engine={'|'.join(users)})")
+    for role in ("policy", "rollout_model"):  # checkpoint_weights refuses it too, after loading
+        if takes and getattr(cfg, role).lora_rank is not None and getattr(cfg.parallel, role) == "fsdp":
+            raise InputError(f"rollout.engine={r.engine} with {role}.lora_rank and parallel.{role}=fsdp: LoRA "
+                             "adapters of an FSDP2 model are not merged for the engine; use parallel.*=ddp")
+    if r.gpu_memory_utilization is not None and r.gpu_memory_utilization > 1:
+        raise InputError(f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
+
+
+def engine_options(cfg: Config) -> dict[str, Any]:
+    """The keyword arguments `make_engine` gets from the config: the rollout.* options the engine takes (those
+    left at null are left to the engine), and for an engine with a top-K cap the run's sampling.topk."""
+    r = cfg.rollout
+    options = {name: getattr(r, name) for name in ENGINE_OPTIONS[r.engine] if getattr(r, name) is not None}
+    return {**options, "max_topk": cfg.sampling.topk} if r.engine == "vllm" else options
 
 
 def check_training_models(cfg: Config) -> None:

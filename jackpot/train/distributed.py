@@ -234,16 +234,16 @@ def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def gathered_for_generation(model: nn.Module):
-    """Yield the Hugging Face model to generate with: for an FSDP2 model, its root unit unsharded for the
-    duration (each layer gathers itself in its own forward); otherwise the plain model."""
-    lm = language_model(model)
-    if not is_sharded(model):
-        yield lm
+def gathered_for_generation(model: nn.Module, engine):
+    """While `engine` samples from `model`: an FSDP2 model that the engine runs itself (it holds no weights of its
+    own) has its root unit unsharded for the duration (each layer gathers itself in its own forward), and the
+    block gets True: generate with `synced=True`, since every forward is a collective. Otherwise nothing, False."""
+    if not is_sharded(model) or engine.holds_weights:
+        yield False
         return
     model.unshard()
     try:
-        yield lm
+        yield True
     finally:
         model.reshard()
 

@@ -56,13 +56,14 @@ from jackpot.models.loading import load_model, load_tokenizer
 from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout import RolloutEngine, make_engine
 from jackpot.rollout.base import RolloutBatch
-from jackpot.rollout.hf import decode_responses, encode_prompts
+from jackpot.rollout.text import decode_responses, encode_prompts
+from jackpot.rollout.weights import push_weights
 from jackpot.seeding import EVAL_STREAM, PROMPT_STREAM, SAMPLING_STREAM, row_uniforms, step_seed
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
-from jackpot.train.config_checks import check_training_models
-from jackpot.train.distributed import Collective, Shard, gathered_for_generation, is_sharded, wrap
+from jackpot.train.config_checks import check_training_models, engine_options
+from jackpot.train.distributed import Collective, Shard, gathered_for_generation, language_model, wrap
 from jackpot.train.prepare import prepare
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
@@ -87,8 +88,7 @@ class Run:
     coll: Collective = dataclasses.field(default_factory=Collective)
     policy_wrapper: torch.nn.Module | None = None   # the policy wrapped by DDP / FSDP2 (several processes)
     rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
-    engine: RolloutEngine | None = None           # samples the rollouts (rollout model, or policy on-policy)
-    eval_engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the evaluated model
+    engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the model they sample
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -98,6 +98,11 @@ class Run:
     @property
     def rollout_train(self) -> torch.nn.Module | None:
         return self.rollout_wrapper if self.rollout_wrapper is not None else self.rollout_model
+
+    @property
+    def actor(self) -> torch.nn.Module:
+        """The model that samples the rollouts (as the update runs it): the rollout model, or the policy on-policy."""
+        return self.rollout_train if self.rollout_model is not None else self.policy_train
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -210,7 +215,6 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt,
               coll=coll, policy_wrapper=policy_train if policy_train is not policy else None,
               rollout_wrapper=rollout_train if rollout_train is not rollout_model else None)
-    run.engine = make_engine(cfg.rollout.engine, rollout_model if rollout_model is not None else policy, tokenizer)
     if resume:
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), run.models, run.optimizers, coll=coll)
         run.start_step = state["step"] + 1
@@ -259,16 +263,16 @@ def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
     repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.group_size)]
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated],
                                              chat_template=run.cfg.task.chat_template)
-    actor = run.rollout_train if run.rollout_model is not None else run.policy_train
+    actor = run.actor
     shard = _shard(run)
     uniforms = row_uniforms(t.seed, step, SAMPLING_STREAM, shard.total, s.max_new_tokens, shard.rows)
     size = run.cfg.rollout.batch_size or len(repeated)  # equal shares: every rank runs as many generate calls
     seed = step_seed(t.seed, step, SAMPLING_STREAM)
-    with gathered_for_generation(actor) as model:
-        run.engine.sync_weights(model, step)  # the actor's weights after the previous step's update
-        parts = [run.engine.generate(prompt_ids[i:i + size], prompt_mask[i:i + size],
-                                     max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                     topk=s.topk, seed=seed, uniforms=uniforms[i:i + size], synced=is_sharded(actor))
+    engine = engine_for(run, actor, version=step)  # the actor's weights after the previous step's update
+    with gathered_for_generation(actor, engine) as synced:
+        parts = [engine.generate(prompt_ids[i:i + size], prompt_mask[i:i + size],
+                                 max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                 topk=s.topk, seed=seed, uniforms=uniforms[i:i + size], synced=synced)
                  for i in range(0, len(repeated), size)]
     batch = parts[0] if len(parts) == 1 else RolloutBatch.cat(parts)
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
@@ -283,33 +287,36 @@ def _shard(run: Run) -> Shard:
 
 
 @torch.no_grad()
-def evaluate(run: Run, model: torch.nn.Module) -> dict[str, float]:
-    """Mean@k and Pass@k of `model` on the task's held-out split (k = eval_samples); several processes
-    each sample a block of the prompts, the scores are gathered (every rank returns the same numbers)."""
+def evaluate(run: Run, model: torch.nn.Module, version: int) -> dict[str, float]:
+    """Mean@k and Pass@k of `model` (its weights `version`: trained through step version - 1) on the task's
+    held-out split (k = eval_samples); several processes each sample a block of the prompts, the scores are
+    gathered (every rank returns the same numbers)."""
     t, s = run.cfg.train, run.cfg.sampling
     examples = run.task.examples("eval", t.eval_prompts, t.seed)
     share = run.coll.uneven_share(len(examples))
     rows = range(share.start * t.eval_samples, share.stop * t.eval_samples)
     uniforms = row_uniforms(t.seed, 0, EVAL_STREAM, len(examples) * t.eval_samples, s.max_new_tokens, rows)
-    with gathered_for_generation(model) as lm:
-        scored = sample_and_score(_eval_engine(run, model, lm), run.tokenizer, run.task,
+    engine = engine_for(run, model, version)
+    with gathered_for_generation(model, engine) as synced:
+        scored = sample_and_score(engine, run.tokenizer, run.task,
                                   examples[share.start:share.stop], k=t.eval_samples,
                                   max_new_tokens=s.max_new_tokens, temperature=t.eval_temperature or s.temperature,
                                   top_p=s.top_p, seed=t.seed, chat_template=run.cfg.task.chat_template,
-                                  uniforms=uniforms, synced=is_sharded(model))
+                                  uniforms=uniforms, synced=synced)
     rewards = run.coll.gather_rows(scored.rewards)[0]
     return {ACCURACY: mean_at_k(rewards), ACCURACY_SE: standard_error(rewards),
             pass_at(t.eval_samples): pass_at_k(rewards, t.eval_samples)}
 
 
-def _eval_engine(run: Run, model: torch.nn.Module, lm: torch.nn.Module) -> RolloutEngine:
-    """The engine that evaluates `model` (its language model `lm`), built once per run and synced before each
-    use: an engine holding its own copy of the weights (vllm) is not rebuilt at every evaluation, and in-process
-    vLLM engines must outlive each other (dropping one breaks the others' shared state)."""
-    if id(model) not in run.eval_engines:
-        run.eval_engines[id(model)] = make_engine(run.cfg.rollout.engine, lm, run.tokenizer)
-    engine = run.eval_engines[id(model)]
-    engine.sync_weights(lm, engine.model_version)
+def engine_for(run: Run, model: torch.nn.Module, version: int) -> RolloutEngine:
+    """The engine that samples from `model` (as the update runs it), holding its weights `version`: one per model
+    for the whole run, sampling and evaluation alike (an engine holding its own weights is built once and
+    pushed to, never rebuilt; in-process vLLM engines must outlive each other)."""
+    if id(model) not in run.engines:
+        run.engines[id(model)] = make_engine(run.cfg.rollout.engine, language_model(model), run.tokenizer,
+                                             **engine_options(run.cfg))
+    engine = run.engines[id(model)]
+    push_weights(engine, language_model(model), version)
     return engine
 
 
@@ -341,12 +348,14 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     return values
 
 
-def evaluate_all(run: Run) -> dict[str, float]:
-    """`evaluate` the policy (eval/...) and the rollout model if any (eval_rollout_model/...), timed."""
+def evaluate_all(run: Run, step: int) -> dict[str, float]:
+    """`evaluate` the policy (eval/...) and the rollout model if any (eval_rollout_model/...) after `step`
+    updates (their weights are version step + 1, those that sample step + 1), timed."""
+    version = step + 1
     t0 = time.perf_counter()
-    out = {EVAL + k: v for k, v in evaluate(run, run.policy_train).items()}
+    out = {EVAL + k: v for k, v in evaluate(run, run.policy_train, version).items()}
     if run.rollout_model is not None:
-        out.update({EVAL_ROLLOUT_MODEL + k: v for k, v in evaluate(run, run.rollout_train).items()})
+        out.update({EVAL_ROLLOUT_MODEL + k: v for k, v in evaluate(run, run.rollout_train, version).items()})
     out[PERF_EVAL_S] = time.perf_counter() - t0
     return out
 
@@ -360,7 +369,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     run = setup(cfg, out, resume=resume, progress=progress)
     t = cfg.train
     if run.start_step == 1:
-        run.logger.log(0, evaluate_all(run))
+        run.logger.log(0, evaluate_all(run, 0))
     bar = tqdm(range(run.start_step, t.steps + 1), desc="train", disable=not (progress and run.coll.is_main),
                dynamic_ncols=True)
     try:
@@ -368,7 +377,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
             for step in bar:
                 values = train_step(run, step)
                 if step % t.eval_every == 0 or step == t.steps:
-                    values.update(evaluate_all(run))
+                    values.update(evaluate_all(run, step))
                 run.logger.log(step, values)
                 bar.set_postfix(_postfix(values))
                 stop = run.coll.any(interrupted())  # Ctrl-C on any rank: all save after this step and stop

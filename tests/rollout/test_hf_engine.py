@@ -17,7 +17,8 @@ from jackpot.rollout import (
     encode_prompts,
     make_engine,
 )
-from jackpot.rollout.hf import response_mask_from_ids
+from jackpot.rollout.text import response_mask_from_ids
+from jackpot.rollout.weights import checkpoint_weights, push_weights
 
 HF_ENGINES = sorted(name for name in ENGINES if name.startswith("hf"))  # vllm: tests/rollout/test_vllm_engine.py
 PROMPTS = ["12+34=", "1+2=", "what is 3*4?", "9+9+9="]
@@ -292,26 +293,58 @@ def test_engine_factory_and_unknown_engine(model, tok):
 
 
 @pytest.mark.parametrize("name", HF_ENGINES)
-def test_after_sync_weights_the_engine_samples_from_the_new_weights(tok, prompts, name):
-    def fresh(seed):
-        return build_tiny_qwen(len(tok), hidden_size=32, num_layers=2, num_heads=2, seed=seed,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                               bos_token_id=tok.bos_token_id)
-
-    old, new = fresh(0), fresh(1)
-    engine = make_engine(name, old, tok)
+def test_an_engine_over_the_trainers_module_samples_its_current_weights(tok, prompts, name):
+    """The default engine holds no weights: it samples the module as it is now (an in-place update shows at
+    once), `push_weights` only stamps the version, and a push of weights to it is refused."""
+    model = _fresh(tok, 0)
+    engine = make_engine(name, model, tok)
+    assert not engine.holds_weights and engine.dtype is None and engine.max_topk is None
     before = rollout(engine, prompts, seed=3)
-    # a different module object (as after a reload, or a copy on another device): an engine that kept
-    # sampling from the module it was built with would still give `before`
-    engine.sync_weights(new, version=7)
+    model.load_state_dict(_fresh(tok, 1).state_dict())
+    push_weights(engine, model, 7)
     after = rollout(engine, prompts, seed=3)
-    torch.testing.assert_close(rollout(make_engine(name, old, tok), prompts, seed=3).rollout_logp, before.rollout_logp,
-                               atol=0, rtol=0)  # `old` itself is left as it was
     assert after.model_version == 7 and before.model_version == 0
-    assert not torch.equal(before.rollout_logp, after.rollout_logp)
-    reference = rollout(make_engine(name, new, tok), prompts, seed=3)
+    reference = rollout(make_engine(name, _fresh(tok, 1), tok), prompts, seed=3)
     torch.testing.assert_close(after.rollout_logp, reference.rollout_logp, atol=0, rtol=0)
-    torch.testing.assert_close(after.response_ids, reference.response_ids, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="takes None"):
+        engine.sync_weights(checkpoint_weights(model), 8)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_engine_with_its_own_copy_samples_the_pushed_weights_only(tok, prompts, lora):
+    """`own_copy=True`: the engine samples a copy (LoRA merged), so an in-place update of the trained module
+    changes nothing until `push_weights`; after it, the samples are the updated model's, bit for bit; the
+    trained module keeps its adapters."""
+    model = _fresh(tok, 0)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    engine = HFRolloutEngine(model, tok, own_copy=True)
+    assert engine.holds_weights and engine.dtype == torch.float32
+    before = rollout(engine, prompts, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    torch.testing.assert_close(rollout(engine, prompts, seed=3).rollout_logp, before.rollout_logp, atol=0, rtol=0)
+    push_weights(engine, model, 1)
+    after = rollout(engine, prompts, seed=3)
+    assert after.model_version == 1 and not torch.equal(after.rollout_logp, before.rollout_logp)
+    reference = rollout(make_engine("hf", model, tok), prompts, seed=3)  # the trained module itself
+    torch.testing.assert_close(after.rollout_logp, reference.rollout_logp, atol=1e-5, rtol=0)
+    assert torch.equal(after.response_ids, reference.response_ids)
+    assert hasattr(model, "merge_and_unload") == lora  # the trained module still carries its adapters
+    push_weights(engine, model, 1)  # already at version 1: nothing pushed
+    with pytest.raises(ValueError, match="needs the weights"):
+        engine.sync_weights(None, 2)
+
+
+def _fresh(tok, seed):
+    return build_tiny_qwen(len(tok), hidden_size=32, num_layers=2, num_heads=2, seed=seed,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
 
 
 def test_chat_template_is_applied_when_the_tokenizer_has_one(tok):
@@ -337,7 +370,7 @@ def test_eos_ids_include_the_checkpoints_generation_config(model, tok, prompts):
     it and the response mask ends there."""
     import copy
 
-    from jackpot.rollout.hf import default_eos_ids
+    from jackpot.rollout.text import default_eos_ids
 
     chat = copy.deepcopy(model)
     turn_end = tok.convert_tokens_to_ids("1")

@@ -44,7 +44,7 @@ def main(out: str, run_dir: str, steps: int, overrides: list[str]) -> None:
             rows.update(weights=prep.correction.weights, keep=prep.correction.mask)
         gathered = {k: coll.gather_rows(v)[0] for k, v in rows.items()}
         record.append({"rows": gathered, "metrics": {k: v for k, v in values.items() if not k.startswith("perf/")}})
-    evaluation = {k: v for k, v in loop.evaluate_all(run).items() if not k.startswith("perf/")}
+    evaluation = {k: v for k, v in loop.evaluate_all(run, steps).items() if not k.startswith("perf/")}
     params = {name: _full_state(run, name) for name in run.models}
     if coll.is_main:
         torch.save({"steps": record, "eval": evaluation, "params": params, "world": coll.world}, out)

@@ -105,6 +105,8 @@ ELSEWHERE = {
     "parallel.mixed_precision": "several processes only (FSDP2): test_distributed",
     "task.chat_template": "the tiny tokenizers have no chat template: test_rollout (encode_prompts with one)",
     "rollout.engine": "engines sample the same distribution: test_rollout (each engine's log-probs, sync_weights)",
+    **{f"rollout.{name}": "a vLLM engine option: tests/rollout/test_vllm_engine.py (options reach vllm.LLM)"
+       for name in ("dtype", "max_model_len", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager")},
 }
 
 
@@ -137,7 +139,7 @@ def fingerprint(tmp_path_factory, cache):
             cfg = build_config(None, [*TINY, f"cache_dir={cache}", *overrides])
             run = setup(cfg, runs / str(len(memo)))
             object.__setattr__(run.task, "reward", reward)  # tasks are frozen dataclasses
-            values = {**train_step(run, 1), **evaluate_all(run)}
+            values = {**train_step(run, 1), **evaluate_all(run, 1)}
             run.logger.close()
             logged = sorted((k, round(v, 12)) for k, v in values.items() if not k.startswith("perf/"))
             params = [p.detach().double().sum().item() for m in run.models.values() for p in m.parameters()]

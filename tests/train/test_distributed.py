@@ -69,8 +69,13 @@ def _run_worker(tmp: Path, name: str, processes: int, overrides: list[str], cach
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_equal_one(tmp_path, cache, case):
-    one = _run_worker(tmp_path, "one", 1, CASES[case], cache)
-    two = _run_worker(tmp_path, "two", 2, CASES[case], cache)
+    assert_two_equal_one(tmp_path, cache, CASES[case])
+
+
+def assert_two_equal_one(tmp_path: Path, cache: Path, overrides: list[str]) -> None:
+    """The worker's 2 steps in one process and in two agree (module docstring); also used by the vLLM tests."""
+    one = _run_worker(tmp_path, "one", 1, overrides, cache)
+    two = _run_worker(tmp_path, "two", 2, overrides, cache)
     assert (one["world"], two["world"]) == (1, 2)
     for step, (a, b) in enumerate(zip(one["steps"], two["steps"], strict=True), 1):
         assert a["rows"].keys() == b["rows"].keys()
@@ -88,7 +93,7 @@ def test_two_processes_equal_one(tmp_path, cache, case):
         # the comparison discriminates: groups have a reward spread and the policy takes a real step
         assert a["rows"]["rewards"].reshape(4, 4).std(1).gt(0).any()
         assert a["metrics"]["policy/grad_norm"] > 1e-3
-    if "train.mode=on-policy" not in CASES[case] and "keep" in one["steps"][0]["rows"]:
+    if "train.mode=on-policy" not in overrides and "keep" in one["steps"][0]["rows"]:
         rows = [s["rows"] for s in one["steps"]]
         assert any((r["keep"] < r["response_mask"]).any() for r in rows), "no token rejected: mask not tested"
     # the evaluation: prompts split over the ranks, scores gathered (the dense test reward: not all equal)

@@ -284,7 +284,7 @@ def test_evaluation_samples_with_the_configured_nucleus(tmp_path, cache, monkeyp
     run = setup(_cfg(cache, "sampling.top_p=0.9", "correction.z=topk", "train.eval_temperature=0.5"), tmp_path)
     from jackpot.train.loop import evaluate
 
-    evaluate(run, run.policy)
+    evaluate(run, run.policy, 1)
     assert seen and seen[-1]["top_p"] == 0.9 and seen[-1]["temperature"] == 0.5
 
 
