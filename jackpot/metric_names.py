@@ -75,9 +75,11 @@ EVAL_ROLLOUT_MODEL_ACCURACY = EVAL_ROLLOUT_MODEL + ACCURACY
 EVAL_ROLLOUT_MODEL_ACCURACY_SE = EVAL_ROLLOUT_MODEL + ACCURACY_SE
 
 # perf/: wall-clock seconds of a step's phases, and throughput
-PERF_ROLLOUT_S = "perf/rollout_s"                  # sampling and scoring
+PERF_ROLLOUT_S = "perf/rollout_s"                  # sampling and scoring (async: the generator's time on the batch)
 PERF_PREPARE_S = "perf/prepare_s"                  # log-probs, Z and the correction (no gradients)
 PERF_UPDATE_S = "perf/update_s"                    # the optimizer steps
 PERF_STEP_S = "perf/step_s"                        # the three together
+PERF_ROLLOUT_WAIT_S = "perf/rollout_wait_s"        # rollout.async_steps > 0: the trainer waiting for its batch
+PERF_GENERATOR_IDLE_S = "perf/generator_idle_s"    # rollout.async_steps > 0: the generator waiting for a job
 PERF_ROLLOUT_TOKENS_PER_S = "perf/rollout_tokens_per_s"  # response tokens sampled per second
 PERF_EVAL_S = "perf/eval_s"                        # one evaluation (policy, and rollout model if any)

@@ -30,7 +30,7 @@ from jackpot.rollout.text import decode_responses, encode_prompts
 ENGINES: dict[str, Callable[..., RolloutEngine]] = {
     "hf": lambda model, tokenizer, **kw: HFRolloutEngine(model, tokenizer, **kw),
     "hf-static": lambda model, tokenizer, **kw: HFRolloutEngine(model, tokenizer, cache_implementation="static", **kw),
-    "vllm": lambda model, tokenizer, **kw: _vllm_engine(model, tokenizer, **kw),
+    "vllm": lambda model, tokenizer, own_copy=True, **kw: _vllm_engine(model, tokenizer, **kw),  # always a copy
 }
 
 

@@ -37,6 +37,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import weakref
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -154,7 +155,7 @@ class VLLMRolloutEngine:
         self._initial: torch.nn.Module | None = model  # whose weights a build takes if none were pushed
         self._pending: list[tuple[str, torch.Tensor]] | None = None
         self._llm = None
-        self._dir: str | None = None
+        self._remove_dir = None  # weakref.finalize removing the weight directory: at close, collection or exit
 
     def sync_weights(self, weights: list[tuple[str, torch.Tensor]] | None, version: int) -> None:
         """Push `weights` (checkpoint format, the engine's dtype) into the engine in place, stamped `version`."""
@@ -184,22 +185,19 @@ class VLLMRolloutEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
         weights = self._pending if self._pending is not None else checkpoint_weights(self._initial, self.dtype)
         self._pending = self._initial = None
-        self._dir = tempfile.mkdtemp(prefix="jackpot-vllm-")
-        write_checkpoint(self._dir, self._config, weights)
+        directory = tempfile.mkdtemp(prefix="jackpot-vllm-")
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, directory, True)
+        write_checkpoint(directory, self._config, weights)
         gpu = {} if self.gpu_memory_utilization is None else {"gpu_memory_utilization": self.gpu_memory_utilization}
-        return vllm.LLM(model=self._dir, skip_tokenizer_init=True, dtype=str(self.dtype).removeprefix("torch."),
+        return vllm.LLM(model=directory, skip_tokenizer_init=True, dtype=str(self.dtype).removeprefix("torch."),
                         generation_config="vllm", logprobs_mode="processed_logprobs", max_logprobs=self.max_topk,
                         enforce_eager=self.enforce_eager, max_model_len=self.max_model_len, seed=0, **gpu)
 
     def close(self) -> None:
         """Free the engine and its weight directory (also done when the engine is garbage-collected)."""
         self._llm = None
-        if getattr(self, "_dir", None) is not None:  # absent when __init__ refused the model
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def __del__(self) -> None:
-        self.close()
+        if self._remove_dir is not None:
+            self._remove_dir()
 
     @torch.no_grad()
     def generate(

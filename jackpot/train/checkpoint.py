@@ -31,9 +31,11 @@ KEEP_LAST = 2
 
 def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], extra: dict | None = None,
-                    coll: Collective | None = None) -> Path:
+                    coll: Collective | None = None, local: dict | None = None) -> Path:
+    """Write step `step`'s checkpoint (module docstring): `extra` joins state.json; `local` is this process's own
+    state (tensors and plain values, e.g. the batches generated ahead), read back by `load_local`."""
     if coll is not None and coll.world > 1:
-        return _save_sharded(run_dir, step, models, optimizers, extra, coll)
+        return _save_sharded(run_dir, step, models, optimizers, extra, coll, local)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -44,6 +46,8 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
         for name, model in models.items():
             save_file(_untie(_saved_state(model)), str(tmp / f"{name}.safetensors"))
         torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optim.pt")
+        if local is not None:
+            torch.save(local, tmp / _local_name(0))
         (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,7 +84,7 @@ def _dcp_state(models: dict[str, torch.nn.Module], optimizers: dict[str, torch.o
     return state
 
 
-def _save_sharded(run_dir, step, models, optimizers, extra, coll: Collective) -> Path:
+def _save_sharded(run_dir, step, models, optimizers, extra, coll: Collective, local: dict | None) -> Path:
     import torch.distributed.checkpoint as dcp
 
     root = Path(run_dir) / "checkpoints"
@@ -91,6 +95,8 @@ def _save_sharded(run_dir, step, models, optimizers, extra, coll: Collective) ->
     coll.barrier()
     try:  # DCP gathers a failure on any rank and raises it on every rank (a CheckpointException: BaseException)
         dcp.save(_dcp_state(models, optimizers), checkpoint_id=str(tmp))
+        if local is not None:
+            torch.save(local, tmp / _local_name(coll.rank))
     except BaseException as e:
         if coll.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -106,6 +112,16 @@ def _save_sharded(run_dir, step, models, optimizers, extra, coll: Collective) ->
         _publish(root, final)
     coll.barrier()
     return final
+
+
+def _local_name(rank: int) -> str:
+    return f"local_rank{rank}.pt"
+
+
+def load_local(path: str | Path, rank: int = 0) -> dict | None:
+    """The `local` state process `rank` saved in checkpoint `path` (None if it saved none)."""
+    file = Path(path) / _local_name(rank)
+    return torch.load(file, weights_only=True) if file.is_file() else None
 
 
 def _first_failure(e: BaseException) -> BaseException:

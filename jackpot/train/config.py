@@ -114,6 +114,11 @@ class RolloutConfig:
     batch_size: int | None = None
     """Sequences each process generates at once (null: its whole share of the batch). Bounds the KV cache,
     never changes the samples (docs/CONFIG.md)."""
+    async_steps: int = 0
+    """Batches generated ahead, while the trainer updates (0: synchronous); a batch is then sampled by the
+    weights of up to this many updates ago (rollout/staleness). docs/CONFIG.md."""
+    threads: int | None = None
+    """With async_steps > 0: torch threads of the generator, beside train.threads (null: 1)."""
     dtype: str | None = None
     """vllm: the dtype of the engine's copy of the weights (null: the sampling model's)."""
     max_model_len: int | None = None

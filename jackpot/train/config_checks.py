@@ -48,7 +48,7 @@ POSITIVE_INTS = ("train.steps", "train.prompts_per_step", "train.minibatches", "
                  "train.eval_every", "train.eval_prompts", "train.eval_samples", "train.checkpoint_every",
                  "sampling.max_new_tokens", "sampling.topk", "train.head_chunk", "train.micro_batch_tokens")
 POSITIVE_INTS_OR_NULL = ("train.micro_batch_size", "rollout.batch_size", "train.threads", "policy.lora_rank",
-                         "rollout_model.lora_rank", "rollout.max_model_len")
+                         "rollout_model.lora_rank", "rollout.max_model_len", "rollout.threads")
 POSITIVE = ("sampling.temperature", "correction.lam", "correction.cap", "correction.low", "correction.high",
             "distill.is_cap", "policy.lr", "rollout_model.lr")
 POSITIVE_OR_NULL = ("train.grad_clip", "correction.c1", "correction.c2", "train.eval_temperature",
@@ -139,9 +139,9 @@ def _check_rules(cfg: Config) -> None:
 def _check_engine_options(cfg: Config) -> None:
     """Every rollout.* option set away from its default must be one the engine takes (`ENGINE_OPTIONS`)."""
     r = cfg.rollout
-    takes = ENGINE_OPTIONS[r.engine]
+    takes, options = ENGINE_OPTIONS[r.engine], {name for names in ENGINE_OPTIONS.values() for name in names}
     for f in dataclasses.fields(r):
-        if f.name not in ("engine", "batch_size") and f.name not in takes and getattr(r, f.name) != f.default:
+        if f.name in options and f.name not in takes and getattr(r, f.name) != f.default:
             users = [name for name, options in ENGINE_OPTIONS.items() if f.name in options]
             raise InputError(f"rollout.{f.name}={getattr(r, f.name)!r}: rollout.engine={r.engine} has no such option "
                              f"(an option of rollout.engine={'|'.join(users)})")
@@ -149,6 +149,11 @@ def _check_engine_options(cfg: Config) -> None:
         if takes and getattr(cfg, role).lora_rank is not None and getattr(cfg.parallel, role) == "fsdp":
             raise InputError(f"rollout.engine={r.engine} with {role}.lora_rank and parallel.{role}=fsdp: LoRA "
                              "adapters of an FSDP2 model are not merged for the engine; use parallel.*=ddp")
+    if not isinstance(r.async_steps, int) or isinstance(r.async_steps, bool) or r.async_steps < 0:
+        raise InputError(f"rollout.async_steps must be an integer >= 0, got {r.async_steps!r}")
+    if r.threads is not None and r.async_steps == 0:
+        raise InputError("rollout.threads sets the threads of the asynchronous generator: it needs "
+                         "rollout.async_steps > 0")
     if r.gpu_memory_utilization is not None and r.gpu_memory_utilization > 1:
         raise InputError(f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
 

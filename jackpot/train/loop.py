@@ -40,9 +40,11 @@ from jackpot.metric_names import (
     MISMATCH_KL_K3,
     OBRS_ACCEPT_RATE,
     PERF_EVAL_S,
+    PERF_GENERATOR_IDLE_S,
     PERF_PREPARE_S,
     PERF_ROLLOUT_S,
     PERF_ROLLOUT_TOKENS_PER_S,
+    PERF_ROLLOUT_WAIT_S,
     PERF_STEP_S,
     PERF_UPDATE_S,
     RESPONSE_LENGTH,
@@ -57,13 +59,14 @@ from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout import RolloutEngine, make_engine
 from jackpot.rollout.base import RolloutBatch
 from jackpot.rollout.text import decode_responses, encode_prompts
-from jackpot.rollout.weights import push_weights
+from jackpot.rollout.weights import checkpoint_weights, push_weights
 from jackpot.seeding import EVAL_STREAM, PROMPT_STREAM, SAMPLING_STREAM, row_uniforms, step_seed
 from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
 from jackpot.train.config_checks import check_training_models, engine_options
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, language_model, wrap
+from jackpot.train.pipeline import Generator
 from jackpot.train.prepare import prepare
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
@@ -89,6 +92,7 @@ class Run:
     policy_wrapper: torch.nn.Module | None = None   # the policy wrapped by DDP / FSDP2 (several processes)
     rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
     engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the model they sample
+    generator: Generator | None = None  # rollout.async_steps > 0: generates the next batches in the background
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -216,8 +220,12 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
               coll=coll, policy_wrapper=policy_train if policy_train is not policy else None,
               rollout_wrapper=rollout_train if rollout_train is not rollout_model else None)
     if resume:
-        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), run.models, run.optimizers, coll=coll)
+        path = ckpt.latest_checkpoint(out)
+        state = ckpt.load_checkpoint(path, run.models, run.optimizers, coll=coll)
         run.start_step = state["step"] + 1
+    if cfg.rollout.async_steps:
+        run.generator = _generator(run, ckpt.load_local(path, coll.rank) if resume else None,
+                                   state.get("async_steps", 0) if resume else None)
     if coll.is_main:
         _write_config(cfg, out)
         run.logger = MetricLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
@@ -225,6 +233,20 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     else:
         run.logger = _NoLogger()
     return run
+
+
+def _generator(run: Run, local: dict | None, saved_steps: int | None) -> Generator:
+    """The background generator over a copy of the sampling model; resumed, with the checkpoint's batches."""
+    k = run.cfg.rollout.async_steps
+    if saved_steps is not None and saved_steps != k:
+        raise InputError(f"--resume: the checkpoint was written with rollout.async_steps={saved_steps}, the run "
+                         f"asks for {k}; resume with rollout.async_steps={saved_steps}")
+    engine = make_engine(run.cfg.rollout.engine, language_model(run.actor), run.tokenizer, own_copy=True,
+                         **engine_options(run.cfg))
+    generator = Generator(engine, run.cfg.rollout.threads or 1)
+    if local is not None:
+        generator.restore({int(step): RolloutBatch(**batch) for step, batch in local["inflight"].items()})
+    return generator
 
 
 def _main_first(coll: Collective, make):
@@ -254,30 +276,76 @@ def _write_config(cfg: Config, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- phases
-def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
-    """Sample this rank's share of prompts_per_step prompts x group_size responses and score them:
-    (batch, rewards (N / processes, G)). The batch's rows are the global rows `_shard(run).rows`."""
+@dataclass
+class Prompts:
+    """One step's prompts for this rank: the task examples (each repeated group_size times), their ids and mask
+    (left-padded), the rows' sampling uniforms (from their global index) and the call's seed."""
+
+    examples: list
+    ids: torch.Tensor
+    mask: torch.Tensor
+    uniforms: torch.Tensor
+    seed: int
+
+
+def step_prompts(run: Run, step: int) -> Prompts:
+    """This rank's share of the prompts_per_step prompts of `step` (drawn from (seed, step)), group_size times."""
     t, s = run.cfg.train, run.cfg.sampling
     examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, PROMPT_STREAM))
     share = run.coll.share(t.prompts_per_step, "train.prompts_per_step")
     repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.group_size)]
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated],
                                              chat_template=run.cfg.task.chat_template)
-    actor = run.actor
     shard = _shard(run)
     uniforms = row_uniforms(t.seed, step, SAMPLING_STREAM, shard.total, s.max_new_tokens, shard.rows)
-    size = run.cfg.rollout.batch_size or len(repeated)  # equal shares: every rank runs as many generate calls
-    seed = step_seed(t.seed, step, SAMPLING_STREAM)
-    engine = engine_for(run, actor, version=step)  # the actor's weights after the previous step's update
-    with gathered_for_generation(actor, engine) as synced:
-        parts = [engine.generate(prompt_ids[i:i + size], prompt_mask[i:i + size],
-                                 max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                 topk=s.topk, seed=seed, uniforms=uniforms[i:i + size], synced=synced)
-                 for i in range(0, len(repeated), size)]
-    batch = parts[0] if len(parts) == 1 else RolloutBatch.cat(parts)
+    return Prompts(repeated, prompt_ids, prompt_mask, uniforms, step_seed(t.seed, step, SAMPLING_STREAM))
+
+
+def sample(engine: RolloutEngine, prompts: Prompts, cfg: Config, synced: bool = False) -> RolloutBatch:
+    """`engine`'s responses to `prompts`, rollout.batch_size rows per generate call (equal shares: every rank
+    runs as many calls)."""
+    s, size = cfg.sampling, cfg.rollout.batch_size or len(prompts.examples)
+    parts = [engine.generate(prompts.ids[i:i + size], prompts.mask[i:i + size], max_new_tokens=s.max_new_tokens,
+                             temperature=s.temperature, top_p=s.top_p, topk=s.topk, seed=prompts.seed,
+                             uniforms=prompts.uniforms[i:i + size], synced=synced)
+             for i in range(0, len(prompts.examples), size)]
+    return parts[0] if len(parts) == 1 else RolloutBatch.cat(parts)
+
+
+def score(run: Run, prompts: Prompts, batch: RolloutBatch) -> torch.Tensor:
+    """The task's reward of each response: (prompts of this rank, group_size)."""
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
-    rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(repeated, completions)])
-    return batch, rewards.reshape(len(share), t.group_size).to(batch.rollout_logp.device)
+    rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(prompts.examples, completions)])
+    return rewards.reshape(-1, run.cfg.train.group_size).to(batch.rollout_logp.device)
+
+
+def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
+    """Sample this rank's share of prompts_per_step prompts x group_size responses and score them:
+    (batch, rewards (N / processes, G)). The batch's rows are the global rows `_shard(run).rows`."""
+    prompts = step_prompts(run, step)
+    engine = engine_for(run, run.actor, version=step)  # the actor's weights after the previous step's update
+    with gathered_for_generation(run.actor, engine) as synced:
+        batch = sample(engine, prompts, run.cfg, synced)
+    return batch, score(run, prompts, batch)
+
+
+def collect_ahead(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
+    """`collect` with rollout.async_steps = k > 0 (jackpot.train.pipeline): hand the generator the batches up to
+    step + k, sampled by the weights now (version `step`), then take and score the batch of `step`, generated
+    earlier. Also returns the pipeline's timings."""
+    g, k = run.generator, run.cfg.rollout.async_steps
+    weights = None
+    for n in range(g.last_step + 1, step + k + 1):
+        if weights is None:  # a copy: the update that follows changes the trained module in place
+            weights = [(name, t.clone()) for name, t in checkpoint_weights(language_model(run.actor), g.engine.dtype)]
+            version = step
+        prompts = step_prompts(run, n)
+        g.submit(n, version, weights if n == g.last_step + 1 else None,
+                 lambda engine, prompts=prompts: sample(engine, prompts, run.cfg))
+    generated, waited = g.result(step)
+    batch = generated.batch
+    return batch, score(run, step_prompts(run, step), batch), {
+        PERF_ROLLOUT_S: generated.seconds, PERF_ROLLOUT_WAIT_S: waited, PERF_GENERATOR_IDLE_S: generated.idle_s}
 
 
 def _shard(run: Run) -> Shard:
@@ -323,9 +391,13 @@ def engine_for(run: Run, model: torch.nn.Module, version: int) -> RolloutEngine:
 def train_step(run: Run, step: int) -> dict[str, float]:
     """One step: collect and score rollouts, prepare, update; returns the step's metrics."""
     cfg = run.cfg
-    # ---- rollout + score
+    # ---- rollout + score (async: take the batch generated ahead, and queue the next)
     t0 = time.perf_counter()
-    batch, rewards = collect(run, step)
+    if run.generator is None:
+        batch, rewards = collect(run, step)
+        pipeline = {}
+    else:
+        batch, rewards, pipeline = collect_ahead(run, step)
     t1 = time.perf_counter()
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
@@ -343,8 +415,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                       **prep.metrics, **upd})
     values.update({ROLLOUT_MODEL_VERSION: float(batch.model_version),
                    ROLLOUT_STALENESS: float(step - batch.model_version)})
-    values.update({PERF_ROLLOUT_S: t1 - t0, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2,
-                   PERF_STEP_S: t3 - t0, PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(t1 - t0, 1e-9)})
+    rollout_s = pipeline.pop(PERF_ROLLOUT_S, t1 - t0)  # async: the generator's time, not the trainer's wait
+    values.update({PERF_ROLLOUT_S: rollout_s, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2, PERF_STEP_S: t3 - t0,
+                   PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(rollout_s, 1e-9), **pipeline})
     return values
 
 
@@ -382,15 +455,26 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                 bar.set_postfix(_postfix(values))
                 stop = run.coll.any(interrupted())  # Ctrl-C on any rank: all save after this step and stop
                 if step % t.checkpoint_every == 0 or step == t.steps or stop:
-                    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, coll=run.coll)
+                    save_checkpoint(run, step)
                 if stop:
                     raise KeyboardInterrupt(f"interrupted after step {step}; checkpoint saved in {run.out}")
         # the trained models as Hugging Face directories: RUN/final/policy (and rollout_model)
         ckpt.export_models(run.out, run.models, {"policy": run.policy_train, "rollout_model": run.rollout_train},
                            run.tokenizer, coll=run.coll)
     finally:
+        if run.generator is not None:
+            run.generator.close()
         run.logger.close()
     return run.out
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """The checkpoint after `step`: models, optimizers, and with async_steps the batches generated ahead."""
+    g = run.generator
+    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, coll=run.coll,
+                         **({} if g is None else {"extra": {"async_steps": run.cfg.rollout.async_steps},
+                                                  "local": {"inflight": {step: dataclasses.asdict(batch) for step, batch
+                                                                         in g.inflight().items()}}}))
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from cli_helpers import jackpot, vllm_python
 from transformers.generation import TopPLogitsWarper
 
 from jackpot.errors import InputError
-from jackpot.metric_names import MISMATCH_KL_K3, MISMATCH_ROLLOUT_MODEL_KL_K3
+from jackpot.metric_names import MISMATCH_KL_K3, MISMATCH_ROLLOUT_MODEL_KL_K3, ROLLOUT_STALENESS
 from jackpot.metrics import read_metrics
 from jackpot.models.forward import response_logits, token_logprobs
 from jackpot.models.loading import build_tiny_qwen
@@ -347,11 +347,14 @@ def test_train_with_vllm_keeps_the_engine_synced(tmp_path, mode):
 
 @needs_vllm
 @pytest.mark.slow
-def test_a_resumed_vllm_run_continues_as_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("async_steps", [0, 1])
+def test_a_resumed_vllm_run_continues_as_the_uninterrupted_one(tmp_path, async_steps):
     """Per-request seeds from (run seed, step, global row): the engine a resumed run builds from the checkpoint
     samples what the uninterrupted run's engine, pushed to in place, sampled. 3 steps straight equal 2 steps, then
-    --resume to 3: the same metrics (timings aside) and the same exported weights, exactly."""
-    common = [*VLLM_MODELS, *SETTINGS["decoupled"][1], "rollout.engine=vllm", "train.eval_every=3",
+    --resume to 3: the same metrics (timings aside) and the same exported weights, exactly. With
+    rollout.async_steps=1 the engine generates in the background thread, one step ahead."""
+    common = [f"rollout.async_steps={async_steps}", *VLLM_MODELS, *SETTINGS["decoupled"][1], "rollout.engine=vllm",
+              "train.eval_every=3",
               "train.eval_prompts=2", "train.eval_samples=1", "train.threads=1", "tensorboard=false",
               "train.checkpoint_every=1", f"cache_dir={tmp_path / 'models'}"]
     for out, extra in (("full", ["train.steps=3"]), ("cut", ["train.steps=2"]), ("cut", ["train.steps=3", "--resume"])):
@@ -359,9 +362,10 @@ def test_a_resumed_vllm_run_continues_as_the_uninterrupted_one(tmp_path):
         assert result.returncode == 0, result.stderr[-4000:]
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in full] == [r["step"] for r in cut] == [0, 1, 2, 3]
-    for a, b in zip(full, cut, strict=True):
-        assert {k: v for k, v in a.items() if not k.startswith("perf/")} == \
-            {k: v for k, v in b.items() if not k.startswith("perf/")}
+    assert [r[ROLLOUT_STALENESS] for r in full[1:]] == [0, async_steps, async_steps]
+    for a, b in zip(full, cut, strict=True):  # the cut run also evaluated after its last step, 2
+        a = {k: v for k, v in a.items() if not k.startswith("perf/")}
+        assert a == {k: v for k, v in b.items() if k in a}
     from safetensors.torch import load_file
 
     for role in ("policy", "rollout_model"):

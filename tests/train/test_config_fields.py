@@ -105,6 +105,8 @@ ELSEWHERE = {
     "parallel.mixed_precision": "several processes only (FSDP2): test_distributed",
     "task.chat_template": "the tiny tokenizers have no chat template: test_rollout (encode_prompts with one)",
     "rollout.engine": "engines sample the same distribution: test_rollout (each engine's log-probs, sync_weights)",
+    "rollout.async_steps": "the first step samples with the initial weights either way: tests/train/test_async.py",
+    "rollout.threads": "the generator's torch threads: by design changes no result",
     **{f"rollout.{name}": "a vLLM engine option: tests/rollout/test_vllm_engine.py (options reach vllm.LLM)"
        for name in ("dtype", "max_model_len", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager")},
 }

@@ -45,6 +45,8 @@ CASES = {
                                        "distill.rollout_model=frozen"],
     # the KL-to-init reference sharded like the policy
     "fsdp-kl-to-init": ["correction.z=exact", "parallel.policy=fsdp", "train.kl_coef=0.5"],
+    # a generator per process, batches one step ahead; the weight copies gathered from FSDP2 shards
+    "async-fsdp-rollout-model": ["rollout.async_steps=1", "parallel.rollout_model=fsdp"],
 }
 EXACT_ROWS = ("response_ids", "response_mask", "rewards", "keep")
 ATOL = 1e-5
