@@ -93,8 +93,9 @@ class Generator:
         return {step: self._wait(step).batch for step in sorted(self.futures)}
 
     def _wait(self, step: int) -> Generated:
+        future = self.futures[step]  # KeyError: never submitted
         try:
-            return self.futures[step].result()
+            return future.result()
         except BaseException as e:
             raise GeneratorError(f"the rollout generator failed on the batch of step {step}: "
                                  f"{type(e).__name__}: {e}") from e

@@ -25,6 +25,7 @@ def _module(name: str):
     ("bench_normalizer", ["--positions", "8", "--vocab", "64", "--chunk-sizes", "16,64", "--k", "4", "--repeats", "1"]),
     ("bench_decoupled_speed", ["--pairs", "16x1:32x2", "--batch", "4", "--length", "4", "--vocab", "64",
                                "--steps", "1"]),
+    ("bench_async", ["--pairs", "16x1:32x2", "--batch", "4", "--length", "4", "--vocab", "64", "--steps", "1"]),
     ("bench_rollout_engines", ["--hidden", "16", "--layers", "1", "--batch", "3", "--length", "4", "--vocab", "64",
                                "--repeats", "1", "--engines", "hf,hf-static"]),
     ("bench_threads", ["--steps", "1", "--threads", "1", "--overrides", "policy.hidden_size=16", "policy.num_layers=1",
