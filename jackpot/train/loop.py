@@ -219,13 +219,18 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt,
               coll=coll, policy_wrapper=policy_train if policy_train is not policy else None,
               rollout_wrapper=rollout_train if rollout_train is not rollout_model else None)
+    local = None
     if resume:
         path = ckpt.latest_checkpoint(out)
         state = ckpt.load_checkpoint(path, run.models, run.optimizers, coll=coll)
         run.start_step = state["step"] + 1
+        if state.get("async_steps", 0) != cfg.rollout.async_steps:  # its batches in flight follow that schedule
+            raise InputError(f"--resume: the checkpoint was written with rollout.async_steps="
+                             f"{state.get('async_steps', 0)}, the run asks for {cfg.rollout.async_steps}; resume "
+                             f"with rollout.async_steps={state.get('async_steps', 0)}")
+        local = ckpt.load_local(path, coll.rank)
     if cfg.rollout.async_steps:
-        run.generator = _generator(run, ckpt.load_local(path, coll.rank) if resume else None,
-                                   state.get("async_steps", 0) if resume else None)
+        run.generator = _generator(run, local)
     if coll.is_main:
         _write_config(cfg, out)
         run.logger = MetricLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
@@ -235,12 +240,8 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     return run
 
 
-def _generator(run: Run, local: dict | None, saved_steps: int | None) -> Generator:
+def _generator(run: Run, local: dict | None) -> Generator:
     """The background generator over a copy of the sampling model; resumed, with the checkpoint's batches."""
-    k = run.cfg.rollout.async_steps
-    if saved_steps is not None and saved_steps != k:
-        raise InputError(f"--resume: the checkpoint was written with rollout.async_steps={saved_steps}, the run "
-                         f"asks for {k}; resume with rollout.async_steps={saved_steps}")
     engine = make_engine(run.cfg.rollout.engine, language_model(run.actor), run.tokenizer, own_copy=True,
                          **engine_options(run.cfg))
     generator = Generator(engine, run.cfg.rollout.threads or 1)

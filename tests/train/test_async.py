@@ -106,8 +106,9 @@ def test_a_resumed_async_run_continues_as_the_uninterrupted_one(tmp_path, cache)
 def test_resuming_with_another_async_steps_is_refused(tmp_path, cache):
     args = ["train", "--no-progress", *TINY, f"cache_dir={cache}", "--out", str(tmp_path / "run")]
     cli_main([*args, "train.steps=1", "rollout.async_steps=1"])
-    with pytest.raises(InputError, match="written with rollout.async_steps=1, the run asks for 2"):
-        loop.setup(_cfg(cache, "rollout.async_steps=2"), tmp_path / "run", resume=True)
+    for k in (2, 0):
+        with pytest.raises(InputError, match=f"written with rollout.async_steps=1, the run asks for {k}"):
+            loop.setup(_cfg(cache, f"rollout.async_steps={k}"), tmp_path / "run", resume=True)
 
 
 def test_ctrl_c_saves_the_batches_generated_ahead(tmp_path, cache, monkeypatch):
