@@ -39,7 +39,7 @@ from transformers.generation import (
 from jackpot.errors import InputError
 from jackpot.rollout.base import FILL_LOGPROB, RolloutBatch
 from jackpot.rollout.text import check_generate_args, default_eos_ids, response_mask_from_ids
-from jackpot.rollout.weights import merged_copy
+from jackpot.rollout.weights import model_copy
 
 
 class _Recorder(LogitsProcessor):
@@ -116,7 +116,7 @@ class HFRolloutEngine:
         if not eos or any(e is None for e in eos):
             raise InputError(f"eos_token_ids must be a non-empty list of ids, got {eos}")
         self.holds_weights = own_copy
-        self.model = merged_copy(model).requires_grad_(False) if own_copy else model
+        self.model = model_copy(model) if own_copy else model
         self.dtype = next(self.model.parameters()).dtype if own_copy else None
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos)

@@ -27,15 +27,9 @@ def has_adapters(model: torch.nn.Module) -> bool:
     return callable(getattr(model, "merge_and_unload", None))
 
 
-def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model`, its LoRA adapters (if any) merged into full weights."""
-    model = copy.deepcopy(model)
-    return model.merge_and_unload() if has_adapters(model) else model
-
-
 def merged_model(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with its LoRA adapters merged into full weights, on a copy; a model without adapters as is."""
-    return merged_copy(model) if has_adapters(model) else model
+    return copy.deepcopy(model).merge_and_unload() if has_adapters(model) else model
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -65,3 +59,18 @@ def push_weights(engine, model: torch.nn.Module, version: int) -> None:
     if engine.model_version == version:  # versions start at 1: an engine at 0 was never pushed to
         return
     engine.sync_weights(checkpoint_weights(model, engine.dtype) if engine.holds_weights else None, version)
+
+
+def model_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain Hugging Face model holding `model`'s checkpoint weights (LoRA merged, FSDP2 gathered: a collective),
+    built from its config on the device and in the dtype of those weights, requiring no gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from jackpot.models.forward import unwrap_peft
+
+    weights = dict(checkpoint_weights(model))
+    first = next(iter(weights.values()))
+    lm = AutoModelForCausalLM.from_config(unwrap_peft(model).config, dtype=first.dtype).to(first.device)
+    lm.load_state_dict(weights, strict=True)
+    lm.generation_config = unwrap_peft(model).generation_config
+    return lm.requires_grad_(False).eval()

@@ -336,7 +336,7 @@ def collect_ahead(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor, dict
     earlier. Also returns the pipeline's timings."""
     g, k = run.generator, run.cfg.rollout.async_steps
     weights = None
-    for n in range(g.last_step + 1, step + k + 1):
+    for n in range(g.last_step + 1, step + k + 1):  # also past train.steps: a resume may extend the run
         if weights is None:  # a copy: the update that follows changes the trained module in place
             weights = [(name, t.clone()) for name, t in checkpoint_weights(language_model(run.actor), g.engine.dtype)]
             version = step
@@ -427,6 +427,8 @@ def evaluate_all(run: Run, step: int) -> dict[str, float]:
     updates (their weights are version step + 1, those that sample step + 1), timed."""
     version = step + 1
     t0 = time.perf_counter()
+    if run.generator is not None:  # the generator finishes its queue first: in-process vLLM engines share state
+        run.generator.inflight()
     out = {EVAL + k: v for k, v in evaluate(run, run.policy_train, version).items()}
     if run.rollout_model is not None:
         out.update({EVAL_ROLLOUT_MODEL + k: v for k, v in evaluate(run, run.rollout_train, version).items()})
