@@ -126,7 +126,7 @@ def _check_rules(cfg: Config) -> None:
     if c.target != "old" and "target" not in correction_params(c.name):
         raise InputError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
                          "weights toward p_old)")
-    _check_engine_options(cfg)
+    _check_rollout(cfg)
     needs = correction_needs(c.name, **c.kwargs())
     if needs.z == "exact" and cfg.sampling.top_p < 1:
         raise InputError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
@@ -136,19 +136,16 @@ def _check_rules(cfg: Config) -> None:
                          "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
 
 
-def _check_engine_options(cfg: Config) -> None:
-    """Every rollout.* option set away from its default must be one the engine takes (`ENGINE_OPTIONS`)."""
+def _check_rollout(cfg: Config) -> None:
+    """The rollout.* options: each set away from its default must be one the engine takes (`ENGINE_OPTIONS`);
+    asynchronous generation; a model whose weights are pushed to an engine's own copy cannot be LoRA + FSDP2."""
     r = cfg.rollout
     takes, options = ENGINE_OPTIONS[r.engine], {name for names in ENGINE_OPTIONS.values() for name in names}
     for f in dataclasses.fields(r):
         if f.name in options and f.name not in takes and getattr(r, f.name) != f.default:
-            users = [name for name, options in ENGINE_OPTIONS.items() if f.name in options]
+            owners = "|".join(name for name, names in ENGINE_OPTIONS.items() if f.name in names)
             raise InputError(f"rollout.{f.name}={getattr(r, f.name)!r}: rollout.engine={r.engine} has no such option "
-                             f"(an option of rollout.engine={'|'.join(users)})")
-    for role in ("policy", "rollout_model"):  # checkpoint_weights refuses it too, after loading
-        if takes and getattr(cfg, role).lora_rank is not None and getattr(cfg.parallel, role) == "fsdp":
-            raise InputError(f"rollout.engine={r.engine} with {role}.lora_rank and parallel.{role}=fsdp: LoRA "
-                             "adapters of an FSDP2 model are not merged for the engine; use parallel.*=ddp")
+                             f"(an option of rollout.engine={owners})")
     if not isinstance(r.async_steps, int) or isinstance(r.async_steps, bool) or r.async_steps < 0:
         raise InputError(f"rollout.async_steps must be an integer >= 0, got {r.async_steps!r}")
     if r.threads is not None and r.async_steps == 0:
@@ -156,6 +153,16 @@ def _check_engine_options(cfg: Config) -> None:
                          "rollout.async_steps > 0")
     if r.gpu_memory_utilization is not None and r.gpu_memory_utilization > 1:
         raise InputError(f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
+    # weights pushed as checkpoint tensors (jackpot.rollout.weights): vLLM's engines (sampling and evaluation,
+    # both models) and the asynchronous generator's copy (the sampling model); LoRA is merged on a deep copy,
+    # which an FSDP2 module does not allow
+    actor = "rollout_model" if cfg.train.mode == "decoupled" else "policy"
+    pushed = ["policy", "rollout_model"] if r.engine == "vllm" else [actor] if r.async_steps else []
+    for role in pushed:
+        if getattr(cfg, role).lora_rank is not None and getattr(cfg.parallel, role) == "fsdp":
+            raise InputError(f"{role}.lora_rank with parallel.{role}=fsdp cannot push its weights to "
+                             f"{'rollout.engine=vllm' if r.engine == 'vllm' else 'the asynchronous generator'} "
+                             "(LoRA adapters of an FSDP2 model are not merged); use parallel.*=ddp")
 
 
 def engine_options(cfg: Config) -> dict[str, Any]:

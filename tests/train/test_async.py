@@ -158,7 +158,9 @@ def test_a_failing_generator_stops_the_run_with_one_error_naming_the_step(tmp_pa
     ("rollout.async_steps=-1", "rollout.async_steps must be an integer >= 0"),
     ("rollout.threads=2", "rollout.threads .* needs rollout.async_steps > 0"),
     ("rollout.threads=0", "rollout.threads must be a positive integer"),
+    ("rollout.async_steps=1 rollout_model.lora_rank=4 parallel.rollout_model=fsdp",
+     "rollout_model.lora_rank with parallel.rollout_model=fsdp cannot push its weights to the asynchronous"),
 ])
 def test_bad_async_values_are_refused(override, message):
     with pytest.raises(InputError, match=message):
-        build_config(None, [override])
+        build_config(None, override.split())
