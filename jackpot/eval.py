@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from jackpot.core.dtypes import DTYPES
 from jackpot.errors import InputError
 from jackpot.fileio import write_text_atomic
+from jackpot.rollout import ENGINES
 from jackpot.rollout.base import RolloutEngine
 from jackpot.rollout.text import decode_responses, encode_prompts
 from jackpot.seeding import EVAL_STREAM, step_seed
@@ -110,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="default: sampling.top_p (1.0)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's response budget")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    parser.add_argument("--engine", default=None, choices=tuple(ENGINES),
+                        help="the rollout engine (default: rollout.engine, hf); its options as rollout.*=...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
@@ -121,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from jackpot.train.config import build_config
 
-    cfg = build_config(args.config, args.overrides)
+    cfg = build_config(args.config, [*args.overrides, *([f"rollout.engine={args.engine}"] if args.engine else [])])
     s = cfg.sampling
     settings = {"temperature": args.temperature if args.temperature is not None else s.temperature,
                 "top_p": args.top_p if args.top_p is not None else s.top_p,

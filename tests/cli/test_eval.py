@@ -69,6 +69,10 @@ def test_jackpot_eval_bad_input_is_one_clear_error(tmp_path):
     assert result.returncode == 2 and "--k must be >= 1" in result.stderr
     result = _run("eval", "--model", "x", "--top-p", "1.5", "--out", str(tmp_path / "e.json"))
     assert result.returncode == 2 and "--top-p must be in (0, 1], got 1.5" in result.stderr
+    result = _run("eval", "--model", "x", "--engine", "sglang", "--out", str(tmp_path / "e.json"))
+    assert result.returncode == 2 and "--engine: invalid choice: 'sglang'" in result.stderr
+    result = _run("eval", "--model", "x", "--out", str(tmp_path / "e.json"), "rollout.kv_cache_gib=2")
+    assert result.returncode == 2 and "rollout.engine=hf has no such option" in result.stderr
     assert "Traceback" not in result.stderr
 
 

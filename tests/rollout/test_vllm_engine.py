@@ -337,7 +337,7 @@ def test_train_with_vllm_keeps_the_engine_synced(tmp_path, mode):
         assert 0 <= r[metric] < 1e-6, r
     # `jackpot eval` samples the trained policy with the same engine
     result = jackpot("eval", "--model", str(out / "final" / "policy"), "--k", "2", "--prompts", "2", "--out",
-                     str(tmp_path / "eval.json"), "rollout.engine=vllm")
+                     str(tmp_path / "eval.json"), "--engine", "vllm")
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["engine"] == "vllm" and summary["prompts"] == 2
