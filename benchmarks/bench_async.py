@@ -5,8 +5,9 @@ The models, prompts and trainer step are those of `bench_decoupled_speed.py` (ra
 responses that run to --length tokens). An asynchronous step is the trainer's pipeline
 (`jackpot.train.pipeline.Generator`, as `rollout.async_steps=1` runs it): hand the generator the next batch
 with a copy of the sampling weights, take the current batch (generated during the previous update), prepare
-and update. Printed per variant (medians over --steps measured steps after one warm-up, the variants
-interleaved step by step so that outside load falls on all alike):
+and update. Printed per variant (medians over --steps measured steps after one warm-up; the variants run one
+after the other, each variant's steps back to back, since a generator would use another variant's step as
+free time; outside load can therefore fall on the variants unevenly: repeat on a busy machine):
 
     gen s      the engine's time on a batch (the synchronous step's rollout phase; async: the generator's)
     train s    prepare + update
@@ -84,27 +85,28 @@ def async_step(v: dict, prompts: torch.Tensor, rewards: torch.Tensor, i: int, ar
 
 
 def run_pair(rollout_spec: str, policy_spec: str, args) -> dict[str, list[dict[str, float]]]:
-    variants = {}
-    for name, (base, is_async) in VARIANTS.items():
-        v = setup_variant(base, rollout_spec, policy_spec, args)
-        variants[name] = setup_async(v, args) if is_async else v
+    """Every variant's measured steps, one variant after the other (each a warm-up step, then --steps back to
+    back): interleaving would hand a generator the other variants' steps as free time."""
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, args.vocab, (args.batch, PROMPT_LEN), generator=g).to(args.device)
-    rows: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
-    try:
-        for i in range(1 + args.steps):
-            rewards = torch.randint(0, 2, (args.batch // 2, 2), generator=g).float().to(args.device)
-            for name, v in variants.items():
-                if "generator" in v:
-                    row = async_step(v, prompts, rewards, i, args)
+    rewards = [torch.randint(0, 2, (args.batch // 2, 2), generator=g).float().to(args.device)
+               for _ in range(1 + args.steps)]
+    rows: dict[str, list[dict[str, float]]] = {}
+    for name, (base, is_async) in VARIANTS.items():
+        v = setup_variant(base, rollout_spec, policy_spec, args)
+        v = setup_async(v, args) if is_async else v
+        rows[name] = []
+        try:
+            for i in range(1 + args.steps):
+                if is_async:
+                    row = async_step(v, prompts, rewards[i], i, args)
                 else:
-                    r = step(v, prompts, rewards, i, args)
+                    r = step(v, prompts, rewards[i], i, args)
                     row = {"gen": r["rollout"], "train": r["prepare"] + r["update"], "wait": 0.0, "step": r["step"]}
                 if i:
                     rows[name].append(row)
-    finally:
-        for v in variants.values():
-            if "generator" in v:
+        finally:
+            if is_async:
                 v["generator"].close()
     return rows
 
