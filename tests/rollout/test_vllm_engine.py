@@ -352,8 +352,9 @@ def test_train_with_vllm_keeps_the_engine_synced(tmp_path, mode):
 def test_a_resumed_vllm_run_continues_as_the_uninterrupted_one(tmp_path):
     """Per-request seeds from (run seed, step, global row): the engine a resumed run builds from the checkpoint
     samples what the uninterrupted run's engine, pushed to in place, sampled. 3 steps straight equal 2 steps, then
-    --resume to 3: the same metrics (timings aside) and the same exported weights, exactly."""
-    common = [*VLLM_MODELS, *SETTINGS["decoupled"][1], "rollout.engine=vllm", "train.eval_every=3",
+    --resume to 3: the same metrics (timings aside) and the same exported weights, exactly. Both evaluate after
+    every step: a run evaluates at its last step too, so the cut run has an evaluation at step 2."""
+    common = [*VLLM_MODELS, *SETTINGS["decoupled"][1], "rollout.engine=vllm", "train.eval_every=1",
               "train.eval_prompts=2", "train.eval_samples=1", "train.threads=1", "tensorboard=false",
               "train.checkpoint_every=1", f"cache_dir={tmp_path / 'models'}"]
     for out, extra in (("full", ["train.steps=3"]), ("cut", ["train.steps=2"]), ("cut", ["train.steps=3", "--resume"])):
