@@ -11,13 +11,16 @@ the variants interleaved step by step (so load from other processes falls on all
                        (PPO + full-vocabulary distillation, eq. 8)
     jackpot frozen     the same with the rollout model frozen (no second backward)
 
-The step is the trainer's own: the rollout engine (`jackpot.rollout.make_engine`, config rollout.engine),
-then `jackpot.train.prepare.prepare` and `update`, with random 0/1 rewards. Goal (issue: decoupled speed):
+The step is the trainer's own: the rollout engine (`jackpot.rollout.make_engine`, config rollout.engine; every
+variant on the same `--engine`, the weights pushed to it before each rollout as the trainer pushes them), then
+`jackpot.train.prepare.prepare` and `update`, with random 0/1 rewards. Goal (issue: decoupled speed):
 a decoupled step <= 0.5x an on-policy step at rollout-dominated shapes. The ratio printed is the median
 decoupled step time over the median on-policy step time, measured side by side in this run.
 
     python benchmarks/bench_decoupled_speed.py                                  # CPU, ~10 min on 2 busy cores
     python benchmarks/bench_decoupled_speed.py --pairs 256x2:512x4 --length 256 --batch 8
+    .venv-vllm/bin/python benchmarks/bench_decoupled_speed.py --engine vllm --pairs 64x2:256x4 --vocab 151936 \\
+        --batch 2 --length 512 --steps 3                                        # both modes on vLLM (CPU)
     python benchmarks/bench_decoupled_speed.py --pairs qwen3-1.7b:qwen3-8b --layers 4:4 --device cuda \\
         --dtype bfloat16 --vocab 151936 --batch 64 --length 1024
 """
@@ -71,14 +74,17 @@ class _Ids:
 
 def setup_variant(variant: str, rollout_spec: str, policy_spec: str, args) -> dict:
     """Models, engine, optimizers and config of one variant, ready for `step`."""
-    from jackpot.rollout import make_engine
+    from jackpot.rollout import ENGINE_OPTIONS, make_engine
     from jackpot.train.config import build_config
     from jackpot.train.config_checks import engine_options
     from jackpot.train.loop import prepared_model
 
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    # an engine with a KV cache sized by the longest sequence (vLLM) gets this run's, not the model's 40,960
+    sized = "max_model_len" in ENGINE_OPTIONS[args.engine]
+    fit = [f"rollout.max_model_len={PROMPT_LEN + args.length}"] if sized else []
     cfg = build_config(None, [*VARIANTS[variant], f"train.prompts_per_step={args.batch // 2}", "train.group_size=2",
-                              f"sampling.max_new_tokens={args.length}", f"rollout.engine={args.engine}"])
+                              f"sampling.max_new_tokens={args.length}", f"rollout.engine={args.engine}", *fit])
     r_layers, p_layers = (int(x) if x else None for x in args.layers.split(":"))
     policy = prepared_model(build(policy_spec, p_layers, args.vocab, 0, dtype, device), cfg.policy)
     rollout = None if cfg.train.mode == "on-policy" else \
@@ -138,7 +144,8 @@ def sync(device: torch.device) -> None:
 
 
 def params(spec: str, layers: int | None, vocab: int) -> int:
-    return sum(p.numel() for p in build(spec, layers, vocab, 0, torch.float32, "meta").parameters())
+    with torch.device("meta"):  # built there, not moved there: a move unties the tied output head
+        return sum(p.numel() for p in build(spec, layers, vocab, 0, torch.float32, "meta").parameters())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=256, help="response tokens (random models rarely stop)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=2, help="measured steps per variant, after one warm-up")
-    parser.add_argument("--engine", default="hf")
+    parser.add_argument("--engine", default="hf", help="rollout.engine of every variant (vllm: run from .venv-vllm)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=1)

@@ -1,14 +1,18 @@
 """Shared by the tests that train: the tiny pair of models (`TINY_MODELS`, pre-trained once per session into
 the `cache` fixture of conftest.py), a tiny configuration that trains in seconds (`TINY`), and `jackpot` run
-the way a user runs it, as a separate process."""
+the way a user runs it, as a separate process. Also: the interpreter of vLLM's own environment (`vllm_python`),
+the `needs_vllm` mark, and running a test file in another environment (`pytest_in_other_env`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODELS = [
@@ -40,12 +44,19 @@ def vllm_python() -> Path | None:
     return path if path.exists() else None
 
 
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# Without vLLM here the vLLM tests skip: test_vllm_in_its_env.py runs them in .venv-vllm. With JACKPOT_REQUIRE_VLLM=1
+# (CI) and no such environment either, they run and fail (the engine's ImportError names what to install).
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM and not (os.environ.get("JACKPOT_REQUIRE_VLLM") == "1" and vllm_python() is None),
+    reason="vLLM is not installed here; tests/rollout/test_vllm_in_its_env.py runs these in .venv-vllm "
+           "(README: 'The vLLM engine')")
+
+
 def pytest_in_other_env(python: Path, tests: Path, *, missing: str, required_by: str) -> None:
     """Run the pytest file `tests` with another environment's interpreter `python` (None: that environment is
     absent, `missing` says how to build it: a failure when the variable `required_by` is "1", as in CI, else a
     skip); fails unless every test there ran and passed."""
-    import pytest
-
     if python is None:
         if os.environ.get(required_by) == "1":
             pytest.fail(missing)

@@ -22,6 +22,8 @@ TRL's own IS correction (`vllm_importance_sampling_correction`) must be off: bot
 `hf_rollout_func(rollout_model)` is the decoupled mode: a separate (smaller) Hugging Face model
 generates every completion through `jackpot.rollout.hf.HFRolloutEngine` and returns the log-probs of
 the distribution it sampled from (after temperature / top-p), which become `sampling_per_token_logps`.
+`vllm_rollout_func(rollout_model)` is the same served by vLLM: one engine for the run, given the rollout
+model's current weights before every generation batch (so joint training, below, reaches it too).
 
 Joint training (paper eq. 8), optional: given `rollout_model` and `rollout_optimizer`, every training
 micro-batch also updates the rollout model on the same trajectories with the trainer's loss,
@@ -52,7 +54,8 @@ from jackpot.core.head import logprobs_at
 from jackpot.core.joint import rollout_model_loss
 from jackpot.models.forward import response_head
 from jackpot.models.tokenizer import check_same_tokenizer
-from jackpot.rollout.hf import HFRolloutEngine
+from jackpot.rollout import make_engine
+from jackpot.rollout.weights import push_weights
 
 
 @dataclass
@@ -101,7 +104,8 @@ class JackpotGRPOTrainer(GRPOTrainer):
     """`GRPOTrainer` whose policy loss is Jackpot-corrected (module docstring). Takes a `JackpotGRPOConfig`.
 
     The sampling log-probs must exist: run with `use_vllm=True`, or pass a `rollout_func` (e.g.
-    `hf_rollout_func(rollout_model)` for the decoupled mode). Text prompts only (no images).
+    `hf_rollout_func(rollout_model)` or `vllm_rollout_func(rollout_model)` for the decoupled mode). Text
+    prompts only (no images).
     `rollout_model` alone is shorthand for `rollout_func=hf_rollout_func(rollout_model)`; with
     `rollout_optimizer` (over its parameters) it is also trained jointly (module docstring).
     """
@@ -215,7 +219,8 @@ class JackpotGRPOTrainer(GRPOTrainer):
 
 
 def hf_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1):
-    """A TRL `rollout_func`: `rollout_model` (a Hugging Face causal LM) samples one completion per prompt.
+    """A TRL `rollout_func`: `rollout_model` (a Hugging Face causal LM) samples one completion per prompt
+    with transformers' `generate` (`jackpot.rollout.hf.HFRolloutEngine`, sampling from the module itself).
 
     Sampling uses the trainer's temperature, top_p and max_completion_length, so the returned log-probs
     are those of the distribution sampled from, on the temperature the policy's log-probs use.
@@ -223,22 +228,54 @@ def hf_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1)
     TRL's own generation path does (`_rollout_prompt_ids`). Settings this sampler cannot honour raise a
     ValueError: top_k, min_p, repetition_penalty != 1 and a non-empty generation_kwargs.
     """
+    return _rollout_func("hf", rollout_model, tokenizer, topk=topk)
+
+
+def vllm_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1, **engine_options: Any):
+    """`hf_rollout_func`'s contract served by vLLM (`jackpot.rollout.vllm.VLLMRolloutEngine`, in this process).
+
+    The engine is built at the first call and kept in the returned function; before every call it is given
+    `rollout_model`'s current weights (`jackpot.rollout.weights.push_weights`: LoRA merged, FSDP2 gathered, in
+    the engine's dtype), so a rollout model trained jointly (`JackpotGRPOTrainer(rollout_optimizer=...)`) or
+    changed in any other way samples with the weights it has at that call. `engine_options`: the engine's
+    options (the `rollout.*` ones of `jackpot train`: dtype, max_model_len, kv_cache_gib,
+    gpu_memory_utilization, enforce_eager). Keep the returned function alive for the whole process: dropping an
+    in-process vLLM engine while another lives breaks the other. Needs vLLM (README: "The vLLM engine").
+    """
+    return _rollout_func("vllm", rollout_model, tokenizer, topk=topk, max_topk=topk, **engine_options)
+
+
+def _rollout_func(engine_name: str, rollout_model: Any, tokenizer: Any, *, topk: int, **engine_options: Any):
+    """A TRL `rollout_func` over the rollout engine registered as `engine_name` (`jackpot.rollout.ENGINES`).
+
+    The engine is made at the first call (it needs the trainer's tokenizer and EOS ids) and kept. Every call
+    pushes the rollout model's weights stamped with the call's number (`push_weights`: an engine that samples
+    from the module itself gets the version only) and draws the call's seed from torch's RNG, which TRL seeds
+    per process (`set_seed(args.seed, device_specific=True)`): reproducible, and no two processes sample alike.
+    """
+    engine, calls = None, 0
 
     def rollout_func(prompts: list[Any], trainer: GRPOTrainer) -> dict[str, Any]:
+        nonlocal engine, calls
         tok = tokenizer if tokenizer is not None else trainer.processing_class
         if tokenizer is not None:
             check_same_tokenizer(tokenizer, trainer.processing_class, names=("rollout", "policy"))
         if getattr(trainer, "tools", None):
-            raise ValueError("hf_rollout_func cannot serve TRL's tool-call loop: TRL generates the turn after a "
-                             "tool call with its own generation path (the policy or vLLM), not the rollout model, "
-                             "so the batch would mix two samplers; train without tools in decoupled mode")
+            raise ValueError("a rollout model's rollout_func cannot serve TRL's tool-call loop: TRL generates the "
+                             "turn after a tool call with its own generation path (the policy or vLLM), not the "
+                             "rollout model, so the batch would mix two samplers; train without tools in decoupled "
+                             "mode")
         args = trainer.args
-        _check_sampling_settings(args)
+        _check_sampling_settings(args, engine_name)
         prompt_ids, prompt_mask = _left_pad(_rollout_prompt_ids(prompts, trainer, tok), tok.pad_token_id)
-        engine = HFRolloutEngine(rollout_model, tok, eos_token_ids=list(trainer.eos_token_ids))
+        if engine is None:
+            engine = make_engine(engine_name, rollout_model, tok, eos_token_ids=list(trainer.eos_token_ids),
+                                 **engine_options)
+        calls += 1
+        push_weights(engine, rollout_model, calls)
         batch = engine.generate(prompt_ids.to(rollout_model.device), prompt_mask.to(rollout_model.device),
                                 max_new_tokens=trainer.max_completion_length, temperature=trainer.temperature,
-                                top_p=args.top_p, topk=topk)
+                                top_p=args.top_p, topk=topk, seed=int(torch.randint(2**62, ())))
         keep_p, keep_r = batch.prompt_mask.bool().cpu(), batch.response_mask.bool().cpu()
         ids, resp, lps = batch.prompt_ids.cpu(), batch.response_ids.cpu(), batch.rollout_logp.cpu()
         return {
@@ -250,8 +287,8 @@ def hf_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 1)
     return rollout_func
 
 
-def _check_sampling_settings(args: Any) -> None:
-    """ValueError for every GRPOConfig sampling setting `hf_rollout_func` would otherwise ignore."""
+def _check_sampling_settings(args: Any, engine_name: str) -> None:
+    """ValueError for every GRPOConfig sampling setting a rollout model's `rollout_func` would otherwise ignore."""
     refused = []
     if args.top_k:
         refused.append(f"top_k={args.top_k} (set 0)")
@@ -262,7 +299,8 @@ def _check_sampling_settings(args: Any) -> None:
     if args.generation_kwargs:
         refused.append(f"generation_kwargs={args.generation_kwargs!r} (set None)")
     if refused:
-        raise ValueError("hf_rollout_func samples with temperature and top_p only; it cannot honour "
+        raise ValueError(f"the rollout model's rollout_func ({engine_name} engine) samples with temperature and "
+                         "top_p only; it cannot honour "
                          + ", ".join(refused))
 
 
@@ -296,4 +334,4 @@ def _left_pad(rows: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-__all__ = ["JackpotGRPOConfig", "JackpotGRPOTrainer", "hf_rollout_func", "jackpot_trl_correction"]
+__all__ = ["JackpotGRPOConfig", "JackpotGRPOTrainer", "hf_rollout_func", "jackpot_trl_correction", "vllm_rollout_func"]

