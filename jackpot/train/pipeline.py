@@ -55,23 +55,19 @@ class Generator:
             raise ValueError("the generator's engine must hold a copy of the weights (hf: own_copy=True)")
         self.engine = engine
         self.threads = threads
-        self.futures: dict[int, Future] = {}  # step -> its batch, in submission order
+        self.futures: dict[int, Future] = {}  # step -> its batch, in submission order, until trained on
+        self.last_step = 0  # the latest step whose batch was submitted (or restored)
         self._jobs: queue.Queue = queue.Queue()
         self._last_end: float | None = None
         self._thread = threading.Thread(target=self._work, name="jackpot-generator", daemon=True)
         self._thread.start()
-
-    @property
-    def last_step(self) -> int:
-        """The latest step whose batch was submitted (or restored); 0 before any."""
-        return max(self.futures, default=0)
 
     def submit(self, step: int, version: int, weights: list[tuple[str, torch.Tensor]] | None,
                generate: Callable[[RolloutEngine], RolloutBatch]) -> None:
         """Queue `step`'s batch: `generate(engine)` once the engine holds `weights`, stamped `version` (None: the
         engine already holds that version)."""
         future: Future = Future()
-        self.futures[step] = future
+        self.futures[step], self.last_step = future, step
         self._jobs.put((future, version, weights, generate))
 
     def restore(self, batches: dict[int, RolloutBatch]) -> None:
@@ -79,7 +75,7 @@ class Generator:
         for step, batch in sorted(batches.items()):
             future: Future = Future()
             future.set_result(Generated(batch, 0.0, 0.0))
-            self.futures[step] = future
+            self.futures[step], self.last_step = future, step
 
     def result(self, step: int) -> tuple[Generated, float]:
         """(`step`'s batch, seconds waited for it), no longer in flight; GeneratorError if generating it failed."""
