@@ -19,6 +19,7 @@ Groups (each a figure and a table):
              Jackpot (target = new), against synchronous Jackpot
   async-2    the same two updates behind (rollout.async_steps = 2)
   async-8    eight updates behind, no correction and Jackpot only
+  async-0    the synchronous controls: the async presets with rollout.async_steps = 0
 Seed s varies both the RL seed and the pre-trained pair: the policy and the rollout model are
 warm-started with their preset seeds + s (cached per seed), and every preset of seed s shares that pair.
 At this scale the pair matters as much as the method (its accuracies after pre-training move by tens
@@ -55,6 +56,7 @@ GROUPS = {
     "async": ["jackpot", "async-none", "async-tis", "async-icepop", "async-jackpot"],
     "async-2": ["jackpot", "async2-none", "async2-tis", "async2-icepop", "async2-jackpot"],
     "async-8": ["jackpot", "async8-none", "async8-jackpot"],
+    "async-0": ["jackpot", "async0-none", "async0-jackpot", "async0-tis", "async0-icepop"],
 }
 DEFAULT_GROUPS = ["decoupled", "staleness", "wide-gap"]  # docs/RESULTS.md; the async study is docs/RESULTS-async.md
 
