@@ -102,9 +102,9 @@ def table(runs: dict[str, list[Path]]) -> str:
     pre-trained pair and evaluation problems), which removes most of the pair-to-pair spread."""
     reference = next(iter(runs))
     head = (f"| preset | policy eval before | policy eval after | Δ | Δ vs {reference} (paired) | rollout model Δ "
-            "| acceptance | actor–policy KL k3 (mean) | staleness (mean) | rollout s/step | update s/step "
-            "| step s/step |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| acceptance | actor–policy KL k3 (mean) | staleness (mean) | sampler drift KL k3 (mean) "
+            "| rollout s/step | update s/step | step s/step |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     summaries = {p: [json.loads((d / "summary.json").read_text()) for d in dirs] for p, dirs in runs.items()}
     ref_delta = [x["eval_after"] - x["eval_before"] for x in summaries[reference]]
@@ -119,6 +119,7 @@ def table(runs: dict[str, list[Path]]) -> str:
                     f"| {mean_std([x['accept_rate_mean'] for x in s])} "
                     f"| {mean_std([x['actor_policy_kl_k3_mean'] for x in s], '.4f')} "
                     f"| {mean_std([x.get('staleness_mean') for x in s], '.2f')} "
+                    f"| {mean_std([x.get('sampler_drift_kl_k3_mean') for x in s], '.1e')} "
                     f"| {mean_std([x['rollout_s_mean'] for x in s], '.2f')} "
                     f"| {mean_std([x['update_s_mean'] for x in s], '.2f')} "
                     f"| {mean_std([x.get('step_s_mean') for x in s], '.2f')} |")
