@@ -4,6 +4,7 @@
     python scripts/compare.py --groups decoupled --seeds 0 train.steps=10
     python scripts/compare.py --fixed-pair --results docs/RESULTS-fixed-pair.md
     python scripts/compare.py --presets jackpot wide-gap-jackpot --results docs/RESULTS-subset.md
+    python scripts/compare.py --groups async async-2 --results docs/RESULTS-async.md
 
 Groups (each a figure and a table):
   decoupled  on-policy vs decoupled (rollout model samples): no correction, only reverse KL,
@@ -13,6 +14,12 @@ Groups (each a figure and a table):
              no clip + Jackpot (target = new) — the paper's Table 3 setting
   wide-gap   the decoupled setting with a weaker rollout model (half the pre-training): no
              correction, TIS + reverse KL, Jackpot
+  async      (not run by default) the decoupled Jackpot setting made asynchronous, rollout.async_steps = 1:
+             each batch sampled by the rollout model of one update ago; no correction, TIS, IcePop,
+             Jackpot (target = new), against synchronous Jackpot
+  async-2    the same two updates behind (rollout.async_steps = 2)
+  async-8    eight updates behind, no correction and Jackpot only
+  async-0    the synchronous controls: the async presets with rollout.async_steps = 0
 Seed s varies both the RL seed and the pre-trained pair: the policy and the rollout model are
 warm-started with their preset seeds + s (cached per seed), and every preset of seed s shares that pair.
 At this scale the pair matters as much as the method (its accuracies after pre-training move by tens
@@ -46,7 +53,12 @@ GROUPS = {
                   "jackpot-reverse-kl"],
     "staleness": ["staleness-clip", "staleness-noclip", "staleness-jackpot"],
     "wide-gap": ["on-policy", "wide-gap-none", "wide-gap-tis", "wide-gap-jackpot"],
+    "async": ["jackpot", "async-none", "async-tis", "async-icepop", "async-jackpot"],
+    "async-2": ["jackpot", "async2-none", "async2-tis", "async2-icepop", "async2-jackpot"],
+    "async-8": ["jackpot", "async8-none", "async8-jackpot"],
+    "async-0": ["jackpot", "async0-none", "async0-jackpot", "async0-tis", "async0-icepop"],
 }
+DEFAULT_GROUPS = ["decoupled", "staleness", "wide-gap"]  # docs/RESULTS.md; the async study is docs/RESULTS-async.md
 
 
 def train_once(preset: str, seed: int, run_dir: Path, overrides: list[str], fixed_pair: bool = False) -> Path:
@@ -90,8 +102,9 @@ def table(runs: dict[str, list[Path]]) -> str:
     pre-trained pair and evaluation problems), which removes most of the pair-to-pair spread."""
     reference = next(iter(runs))
     head = (f"| preset | policy eval before | policy eval after | Δ | Δ vs {reference} (paired) | rollout model Δ "
-            "| acceptance | actor–policy KL k3 (mean) | rollout s/step | update s/step |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            "| acceptance | actor–policy KL k3 (mean) | staleness (mean) | sampler drift KL k3 (mean) "
+            "| rollout s/step | update s/step | step s/step |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     summaries = {p: [json.loads((d / "summary.json").read_text()) for d in dirs] for p, dirs in runs.items()}
     ref_delta = [x["eval_after"] - x["eval_before"] for x in summaries[reference]]
@@ -105,8 +118,11 @@ def table(runs: dict[str, list[Path]]) -> str:
                     f"| {mean_std(delta, '+.3f')} | {mean_std(paired, '+.3f')} | {mean_std(rm_delta, '+.3f')} "
                     f"| {mean_std([x['accept_rate_mean'] for x in s])} "
                     f"| {mean_std([x['actor_policy_kl_k3_mean'] for x in s], '.4f')} "
+                    f"| {mean_std([x.get('staleness_mean') for x in s], '.2f')} "
+                    f"| {mean_std([x.get('sampler_drift_kl_k3_mean') for x in s], '.1e')} "
                     f"| {mean_std([x['rollout_s_mean'] for x in s], '.2f')} "
-                    f"| {mean_std([x['update_s_mean'] for x in s], '.2f')} |")
+                    f"| {mean_std([x['update_s_mean'] for x in s], '.2f')} "
+                    f"| {mean_std([x.get('step_s_mean') for x in s], '.2f')} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -141,7 +157,7 @@ def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    ap.add_argument("--groups", nargs="+", default=DEFAULT_GROUPS, choices=list(GROUPS))
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
     ap.add_argument("--fixed-pair", action="store_true",
@@ -154,7 +170,8 @@ def main() -> None:
               for g in args.groups}
     groups = {g: run_all(chosen[g], args.seeds, Path(args.out), args.overrides, args.fixed_pair)
               for g in args.groups if len(chosen[g]) > 1 or args.presets is None}
-    flags = (f" --presets {' '.join(args.presets)}" if args.presets else "") + \
+    flags = (f" --groups {' '.join(args.groups)}" if args.groups != DEFAULT_GROUPS else "") + \
+        (f" --presets {' '.join(args.presets)}" if args.presets else "") + \
         (f" --results {args.results}" if args.results != ap.get_default("results") else "")
     write_results(groups, Path(args.results), args.seeds, args.overrides, args.fixed_pair, flags)
     print(Path(args.results).read_text())

@@ -23,11 +23,14 @@ from jackpot.metric_names import (
     EVAL_ROLLOUT_MODEL_ACCURACY,
     EVAL_ROLLOUT_MODEL_ACCURACY_SE,
     MISMATCH_KL_K3,
+    MISMATCH_ROLLOUT_MODEL_KL_K3,
     OBRS_ACCEPT_RATE,
     PERF_ROLLOUT_S,
+    PERF_ROLLOUT_WAIT_S,
     PERF_STEP_S,
     PERF_UPDATE_S,
     REWARD_MEAN,
+    ROLLOUT_STALENESS,
 )
 from jackpot.metrics import read_metrics
 
@@ -75,6 +78,9 @@ def summarize(run_dir: str | Path) -> dict:
         "rollout_s_mean": mean(PERF_ROLLOUT_S),
         "update_s_mean": mean(PERF_UPDATE_S),
         "step_s_mean": mean(PERF_STEP_S),
+        "staleness_mean": mean(ROLLOUT_STALENESS),
+        "sampler_drift_kl_k3_mean": mean(MISMATCH_ROLLOUT_MODEL_KL_K3),  # the sampling weights then vs now
+        "rollout_wait_s_mean": mean(PERF_ROLLOUT_WAIT_S),  # async only: the trainer waiting for its batch
     }
 
 

@@ -11,6 +11,7 @@ pinned by the rest of the suite. Two processes against one: tests/train/test_dis
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 
@@ -96,6 +97,9 @@ def test_a_resumed_async_run_continues_as_the_uninterrupted_one(tmp_path, cache)
         a, b = _no_perf(a), _no_perf(b)
         assert a == {k: v for k, v in b.items() if k in a}
     assert full[3][ROLLOUT_STALENESS] == 1
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["staleness_mean"] == pytest.approx(2 / 3) and summary["rollout_wait_s_mean"] >= 0
+    assert summary["sampler_drift_kl_k3_mean"] > 1e-6  # steps 2 and 3 were sampled by the weights before an update
     from safetensors.torch import load_file
 
     for role in ("policy", "rollout_model"):

@@ -57,6 +57,8 @@ def test_cli_two_steps_trains_both_models_and_checkpoints(tmp_path, cache):
         assert not torch.equal(p0, p1), f"{name} parameters did not change"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["accept_rate_mean"] is not None
+    assert summary["staleness_mean"] == 0 and summary["rollout_wait_s_mean"] is None  # synchronous
+    assert summary["sampler_drift_kl_k3_mean"] < 1e-6  # the sampling weights are the updated ones
     assert (out / "config.yaml").is_file()
     # the trained models as Hugging Face directories: what `jackpot eval --model` and from_pretrained load
     from jackpot.models.loading import load_model, load_tokenizer
