@@ -49,9 +49,10 @@ POSITIVE_INTS = ("train.steps", "train.prompts_per_step", "train.minibatches", "
 POSITIVE_INTS_OR_NULL = ("train.micro_batch_size", "rollout.batch_size", "train.threads", "policy.lora_rank",
                          "rollout_model.lora_rank")
 POSITIVE = ("sampling.temperature", "correction.lam", "correction.cap", "correction.low", "correction.high",
-            "distill.is_cap", "policy.lr", "rollout_model.lr")
+            "distill.is_cap", "policy.lr", "rollout_model.lr", "distill.coef_min", "distill.coef_max",
+            "distill.coef_rate")
 POSITIVE_OR_NULL = ("train.grad_clip", "correction.c1", "correction.c2", "train.eval_temperature",
-                    "train.clip_eps_high", "correction.cap_min")
+                    "train.clip_eps_high", "correction.cap_min", "distill.target_kl")
 NON_NEGATIVE = ("train.kl_coef", "distill.coef")
 
 
@@ -126,6 +127,8 @@ def _check_rules(cfg: Config) -> None:
                          "weights toward p_old)")
     if cfg.rollout.engine == "vllm":
         _check_vllm(cfg)
+    if cfg.distill.target_kl is not None:
+        _check_kl_control(cfg)
     needs = correction_needs(c.name, **c.kwargs())
     if needs.z == "exact" and cfg.sampling.top_p < 1:
         raise InputError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
@@ -133,6 +136,18 @@ def _check_rules(cfg: Config) -> None:
     if needs.z == "exact" and needs.current_policy:
         raise InputError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
                          "rollout model at every mini-batch); use correction.z='topk' or 'batch'")
+
+
+def _check_kl_control(cfg: Config) -> None:
+    """distill.target_kl adapts the coefficient of a rollout model that is trained, within its bounds."""
+    d = cfg.distill
+    if cfg.train.mode != "decoupled" or d.rollout_model != "joint":
+        raise InputError(f"distill.target_kl={d.target_kl} needs a rollout model that is trained (train.mode="
+                         f"decoupled, distill.rollout_model=joint), got train.mode={cfg.train.mode}, "
+                         f"distill.rollout_model={d.rollout_model}")
+    if not d.coef_min <= d.coef <= d.coef_max:
+        raise InputError(f"distill.coef ({d.coef}), the controller's starting value, must lie in [distill.coef_min, "
+                         f"distill.coef_max] = [{d.coef_min}, {d.coef_max}] when distill.target_kl is set")
 
 
 def _check_vllm(cfg: Config) -> None:

@@ -66,7 +66,9 @@ from jackpot.train.distributed import Collective, Shard, gathered_for_generation
 from jackpot.train.prepare import prepare
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
-from jackpot.train.update import update
+from jackpot.train.update import distill_coefficient, update
+
+DISTILL_COEF_STATE = "distill_coef"  # checkpoint state.json: the coefficient the last update used (target_kl)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Run:
     rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
     engine: RolloutEngine | None = None           # samples the rollouts (rollout model, or policy on-policy)
     eval_engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the evaluated model
+    distill_coef: float | None = None             # the last update's distillation coefficient (None: distill.coef)
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -214,6 +217,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     if resume:
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out), run.models, run.optimizers, coll=coll)
         run.start_step = state["step"] + 1
+        run.distill_coef = state.get(DISTILL_COEF_STATE)
     if coll.is_main:
         _write_config(cfg, out)
         run.logger = MetricLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
@@ -323,17 +327,19 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
                    init_policy=run.init_policy, step=step, coll=run.coll, shard=_shard(run))
+    # ---- the distillation coefficient: distill.coef, or adapted to the gap just measured (distill.target_kl)
+    run.distill_coef, control = distill_coefficient(cfg, run.distill_coef, prep.metrics)
     t2 = time.perf_counter()
     # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
     upd = update(cfg, prep, policy=run.policy_train, rollout_model=run.rollout_train, policy_opt=run.policy_opt,
                  rollout_opt=run.rollout_opt if cfg.distill.rollout_model == "joint" else None, step=step,
-                 coll=run.coll)
+                 coll=run.coll, distill_coef=run.distill_coef)
     t3 = time.perf_counter()
     coll = run.coll
     tokens = coll.sum(batch.response_mask.sum())
     values = scalars({REWARD_MEAN: coll.gather_rows(rewards)[0].mean(),
                       RESPONSE_LENGTH: tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
-                      **prep.metrics, **upd})
+                      **prep.metrics, **upd, **control})
     values.update({ROLLOUT_MODEL_VERSION: float(batch.model_version),
                    ROLLOUT_STALENESS: float(step - batch.model_version)})
     values.update({PERF_ROLLOUT_S: t1 - t0, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2,
@@ -373,7 +379,8 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                 bar.set_postfix(_postfix(values))
                 stop = run.coll.any(interrupted())  # Ctrl-C on any rank: all save after this step and stop
                 if step % t.checkpoint_every == 0 or step == t.steps or stop:
-                    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, coll=run.coll)
+                    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers,
+                                         extra={DISTILL_COEF_STATE: run.distill_coef}, coll=run.coll)
                 if stop:
                     raise KeyboardInterrupt(f"interrupted after step {step}; checkpoint saved in {run.out}")
         # the trained models as Hugging Face directories: RUN/final/policy (and rollout_model)
