@@ -1,4 +1,5 @@
-"""`jackpot plot RUN_DIR...`: overlay runs' metrics (reward, eval accuracy, actor-policy KL, acceptance).
+"""`jackpot plot RUN_DIR...`: overlay runs' metrics (reward, eval accuracy, actor-policy KL, acceptance, and the
+rollout model's distillation coefficient when a run logs it).
 
 Each run is labelled by its directory name; runs named `<label>-seed<N>` are grouped, drawn as
 their mean with a min-max band.
@@ -13,7 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from jackpot.fileio import write_atomic
-from jackpot.metric_names import EVAL_ACCURACY, MISMATCH_KL_K3, OBRS_ACCEPT_RATE, REWARD_MEAN
+from jackpot.metric_names import (
+    EVAL_ACCURACY,
+    MISMATCH_KL_K3,
+    OBRS_ACCEPT_RATE,
+    REWARD_MEAN,
+    ROLLOUT_MODEL_DISTILL_COEF,
+)
 from jackpot.metrics import read_metrics
 
 PANELS = (  # (metric, title, smoothed)
@@ -21,11 +28,13 @@ PANELS = (  # (metric, title, smoothed)
     (EVAL_ACCURACY, "policy eval accuracy (Mean@k)", False),
     (MISMATCH_KL_K3, "actor-policy KL (k3)", True),
     (OBRS_ACCEPT_RATE, "OBRS acceptance rate", True),
+    (ROLLOUT_MODEL_DISTILL_COEF, "distillation coefficient", False),
 )
+OPTIONAL = (ROLLOUT_MODEL_DISTILL_COEF,)  # drawn only when a run logs it (a trained rollout model)
 # Axes show scale honestly: fractions span [0, 1] (a +0.02 change looks like one), non-negative quantities
 # start at 0; a panel whose data leave those ranges keeps matplotlib's limits and says so in its title.
 FRACTIONS = (REWARD_MEAN, EVAL_ACCURACY, OBRS_ACCEPT_RATE)
-NON_NEGATIVE = (MISMATCH_KL_K3,)
+NON_NEGATIVE = (MISMATCH_KL_K3, ROLLOUT_MODEL_DISTILL_COEF)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +103,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
 
     groups = group_runs(run_dirs)
     colors = {label: f"C{i % 10}" for i, label in enumerate(groups)}  # one colour per run group in every panel
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for ax, (key, name, smoothed) in zip(axes, PANELS):
+    logged = {k for runs in groups.values() for records in runs for r in records for k in r}
+    panels = [p for p in PANELS if p[0] not in OPTIONAL or p[0] in logged]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, name, smoothed) in zip(axes, panels):
         for label, runs in groups.items():
             series = [s for s in (_series(r, key) for r in runs) if s[0]]
             if not series:
