@@ -35,6 +35,7 @@ OPTIONAL = (ROLLOUT_MODEL_DISTILL_COEF,)  # drawn only when a run logs it (a tra
 # start at 0; a panel whose data leave those ranges keeps matplotlib's limits and says so in its title.
 FRACTIONS = (REWARD_MEAN, EVAL_ACCURACY, OBRS_ACCEPT_RATE)
 NON_NEGATIVE = (MISMATCH_KL_K3, ROLLOUT_MODEL_DISTILL_COEF)
+LOG_SCALE = (ROLLOUT_MODEL_DISTILL_COEF,)  # multiplicative quantities, drawn on a log axis unless one is 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,12 +72,16 @@ def _moving_average(values, window: int):
 
 
 def set_limits(ax, key: str, values: list[float]) -> bool:
-    """[0, 1] for fractions and [0, ...) for non-negative quantities; False if the data leave that range."""
+    """[0, 1] for fractions, a log axis for multiplicative quantities (all > 0), [0, ...) for non-negative
+    ones; False if the data leave that range."""
     if not values:
         return True
     lo, hi = min(values), max(values)
     if key in FRACTIONS and 0 <= lo and hi <= 1:
         ax.set_ylim(0, 1)
+        return True
+    if key in LOG_SCALE and lo > 0:
+        ax.set_yscale("log")
         return True
     if key in NON_NEGATIVE and lo >= 0:
         ax.set_ylim(bottom=0, top=hi * 1.05 if hi > 0 else 1)
@@ -120,6 +125,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
                 ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[label], alpha=0.15)
         honest = set_limits(ax, key, [v for line in ax.get_lines() for v in line.get_ydata()])
         ax.set_title(name + (f" (moving avg {smooth})" if smoothed and smooth > 1 else "")
+                     + (" (log scale)" if ax.get_yscale() == "log" else "")
                      + ("" if honest else "\n(y axis zoomed, not from 0)"), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

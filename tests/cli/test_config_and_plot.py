@@ -126,6 +126,25 @@ def test_plot_draws_the_distillation_coefficient_when_a_run_logs_it(tmp_path):
     assert widths == [4 * 504, 5 * 504]
 
 
+def test_the_coefficient_is_drawn_on_a_log_axis():
+    """The controller moves the coefficient by factors: a log axis (0.01 to 100 over four decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jackpot.plot import set_limits
+
+    fig, (coef, kl) = plt.subplots(1, 2)
+    assert set_limits(coef, "rollout_model/distill_coef", [0.01, 1.0, 100.0]) and coef.get_yscale() == "log"
+    assert set_limits(kl, "mismatch/kl_k3", [0.1, 0.5]) and kl.get_yscale() == "linear"
+    fig.delaxes(coef)
+    zero = fig.add_subplot(1, 2, 1)  # distill.coef = 0 (decoupled-none): a linear axis from 0
+    assert set_limits(zero, "rollout_model/distill_coef", [0.0, 0.0]) and zero.get_yscale() == "linear"
+    assert zero.get_ylim()[0] == 0
+    plt.close(fig)
+
+
 def test_plot_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         cli_main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "p.png")])
