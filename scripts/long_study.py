@@ -12,8 +12,9 @@ Seeds vary the RL seed only, every seed on the presets' pre-trained pair (script
 the study pre-trains one pair per pair. Runs go seed by seed, so an interrupted study holds whole seeds.
 
 Per arm the table gives the policy's accuracy before and after, its change paired with on-policy on the same seed,
-the actor-policy gap (mismatch/kl_k3) and the acceptance over the first and the last 100 steps, and the
-distillation coefficient over the last 100 steps; the figures draw them over the steps.
+the actor-policy gap (mismatch/kl_k3) and the acceptance over the first and the last 100 steps, the
+distillation coefficient over the last 100 steps, and the distillation loss it weights (rollout_model/distill_kl,
+in the arm's own direction) over the first and the last 100; the figures draw them over the steps.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jackpot.metric_names import (  # noqa: E402
     MISMATCH_KL_K3,
     OBRS_ACCEPT_RATE,
     ROLLOUT_MODEL_DISTILL_COEF,
+    ROLLOUT_MODEL_DISTILL_KL,
 )
 from jackpot.metrics import read_metrics  # noqa: E402
 from jackpot.plot import plot_runs  # noqa: E402
@@ -67,7 +69,8 @@ def _figures(run_dir: Path) -> dict[str, float | None]:
             "rollout_after": rollout_evals[-1] if rollout_evals else None,
             "kl_first": mean(MISMATCH_KL_K3, first), "kl_last": mean(MISMATCH_KL_K3, last),
             "accept_first": mean(OBRS_ACCEPT_RATE, first), "accept_last": mean(OBRS_ACCEPT_RATE, last),
-            "coef_last": mean(ROLLOUT_MODEL_DISTILL_COEF, last), "steps": steps[-1]["step"]}
+            "coef_last": mean(ROLLOUT_MODEL_DISTILL_COEF, last), "distill_first": mean(ROLLOUT_MODEL_DISTILL_KL, first),
+            "distill_last": mean(ROLLOUT_MODEL_DISTILL_KL, last)}
 
 
 def table(out: Path, presets: list[str], seeds: list[int]) -> str:
@@ -75,8 +78,8 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
     ref = {d.name.rsplit("-seed", 1)[1]: _figures(d)["delta"] for d in _finished(out, presets[0], seeds)}
     lines = [f"| arm | seeds | eval before | eval after | Δ | Δ vs {presets[0]} (paired) | best eval | rollout model "
              f"eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} | acceptance, first {WINDOW} | acceptance, "
-             f"last {WINDOW} | distill coef, last {WINDOW} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"last {WINDOW} | distill coef, last {WINDOW} | distill KL, first {WINDOW} | distill KL, last {WINDOW} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         dirs = _finished(out, preset, seeds)
         rows = [_figures(d) for d in dirs]
@@ -85,11 +88,12 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
         col = {key: mean_std([r[key] for r in rows], spec) for key, spec in (
             ("before", ".3f"), ("after", ".3f"), ("delta", "+.3f"), ("best", ".3f"), ("rollout_after", ".3f"),
             ("kl_first", ".3f"), ("kl_last", ".3f"), ("accept_first", ".3f"), ("accept_last", ".3f"),
-            ("coef_last", ".3g"))}
+            ("coef_last", ".3g"), ("distill_first", ".3f"), ("distill_last", ".3f"))}
         seeds_done = ", ".join(d.name.rsplit("-seed", 1)[1] for d in dirs) or "none"
         lines.append(f"| {preset} | {seeds_done} | {col['before']} | {col['after']} | {col['delta']} "
                      f"| {mean_std(paired, '+.3f')} | {col['best']} | {col['rollout_after']} | {col['kl_first']} "
-                     f"| {col['kl_last']} | {col['accept_first']} | {col['accept_last']} | {col['coef_last']} |")
+                     f"| {col['kl_last']} | {col['accept_first']} | {col['accept_last']} | {col['coef_last']} "
+                     f"| {col['distill_first']} | {col['distill_last']} |")
     return "\n".join(lines) + "\n"
 
 
