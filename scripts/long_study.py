@@ -14,7 +14,9 @@ the study pre-trains one pair per pair. Runs go seed by seed, so an interrupted 
 Per arm the table gives the policy's accuracy before and after, its change paired with on-policy on the same seed,
 the actor-policy gap (mismatch/kl_k3) and the acceptance over the first and the last 100 steps, the
 distillation coefficient over the last 100 steps, and the distillation loss it weights (rollout_model/distill_kl,
-in the arm's own direction) over the first and the last 100; the figures draw them over the steps.
+in the arm's own direction) over the first and the last 100; the figures draw them over the steps. A second
+table per pair gives each run's largest one-batch gap and, under the controller, when its coefficient reached
+the upper bound and how often the gap was below the target.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
@@ -97,6 +101,24 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tails(out: Path, presets: list[str], seeds: list[int]) -> str:
+    """Per run: the largest one-batch gap, and under the controller the first step its coefficient reached
+    distill.coef_max and the fraction of steps whose gap was below distill.target_kl."""
+    lines = ["| run | largest one-batch KL k3 (step) | coefficient at its upper bound from step "
+             "| steps with KL k3 below the target |", "|---|---|---|---|"]
+    for d in [d for p in presets for d in _finished(out, p, seeds)]:
+        steps = [r for r in read_metrics(d) if r["step"] > 0]
+        top = max(steps, key=lambda r: r[MISMATCH_KL_K3])
+        distill = yaml.safe_load((d / "config.yaml").read_text())["distill"]
+        at_bound = below = "–"
+        if distill.get("target_kl") is not None:
+            at_bound = next((str(r["step"]) for r in steps
+                             if r[ROLLOUT_MODEL_DISTILL_COEF] >= distill["coef_max"]), "never")
+            below = f"{sum(r[MISMATCH_KL_K3] < distill['target_kl'] for r in steps) / len(steps):.1%}"
+        lines.append(f"| {d.name} | {top[MISMATCH_KL_K3]:.2f} ({top['step']}) | {at_bound} | {below} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out: Path, seeds: list[int], path: Path) -> None:
     dirs = [d for presets in PAIRS.values() for p in presets for d in _finished(out, p, seeds)]
     commits = sorted({json.loads((d / "summary.json").read_text()).get("commit", "unrecorded") for d in dirs})
@@ -111,7 +133,8 @@ def write_results(out: Path, seeds: list[int], path: Path) -> None:
         figure = path.parent / f"{path.stem.lower()}-{name}.png"
         if runs:
             plot_runs(runs, figure, title=f"{name} pair, 1,000 steps", smooth=25)
-        parts += [f"\n## {name} pair\n\n", table(out, presets, seeds), f"\n![{name}]({figure.name})\n"]
+        parts += [f"\n## {name} pair\n\n", table(out, presets, seeds), f"\n![{name}]({figure.name})\n\n",
+                  tails(out, presets[1:], seeds)]
     write_page(path, parts)  # with docs/results-long-notes.md, the reading of the numbers
 
 
