@@ -57,6 +57,9 @@ POLICY_GRAD_NORM = "policy/grad_norm"              # gradient norm before clippi
 ROLLOUT_MODEL_PPO_LOSS = "rollout_model/ppo_loss"
 ROLLOUT_MODEL_DISTILL_KL = "rollout_model/distill_kl"
 ROLLOUT_MODEL_GRAD_NORM = "rollout_model/grad_norm"
+ROLLOUT_MODEL_DISTILL_COEF = "rollout_model/distill_coef"  # the distillation coefficient the step's update used
+ROLLOUT_MODEL_DISTILL_KL_ERROR = "rollout_model/distill_kl_error"  # distill.target_kl: clipped log(gap / target)
+DISTILL_CONTROL_SIGNAL = MISMATCH_KL_K3            # the gap distill.target_kl holds (jackpot.core.control)
 
 # eval/, eval_rollout_model/: held-out evaluation of the policy and of the rollout model (bare names from
 # jackpot.train.loop.evaluate)

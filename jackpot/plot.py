@@ -1,4 +1,5 @@
-"""`jackpot plot RUN_DIR...`: overlay runs' metrics (reward, eval accuracy, actor-policy KL, acceptance).
+"""`jackpot plot RUN_DIR...`: overlay runs' metrics (reward, eval accuracy, actor-policy KL, acceptance, and the
+rollout model's distillation coefficient when a run logs it).
 
 Each run is labelled by its directory name; runs named `<label>-seed<N>` are grouped, drawn as
 their mean with a min-max band.
@@ -13,7 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from jackpot.fileio import write_atomic
-from jackpot.metric_names import EVAL_ACCURACY, MISMATCH_KL_K3, OBRS_ACCEPT_RATE, REWARD_MEAN
+from jackpot.metric_names import (
+    EVAL_ACCURACY,
+    MISMATCH_KL_K3,
+    OBRS_ACCEPT_RATE,
+    REWARD_MEAN,
+    ROLLOUT_MODEL_DISTILL_COEF,
+)
 from jackpot.metrics import read_metrics
 
 PANELS = (  # (metric, title, smoothed)
@@ -21,11 +28,14 @@ PANELS = (  # (metric, title, smoothed)
     (EVAL_ACCURACY, "policy eval accuracy (Mean@k)", False),
     (MISMATCH_KL_K3, "actor-policy KL (k3)", True),
     (OBRS_ACCEPT_RATE, "OBRS acceptance rate", True),
+    (ROLLOUT_MODEL_DISTILL_COEF, "distillation coefficient", False),
 )
+OPTIONAL = (ROLLOUT_MODEL_DISTILL_COEF,)  # drawn only when a run logs it (a trained rollout model)
 # Axes show scale honestly: fractions span [0, 1] (a +0.02 change looks like one), non-negative quantities
 # start at 0; a panel whose data leave those ranges keeps matplotlib's limits and says so in its title.
 FRACTIONS = (REWARD_MEAN, EVAL_ACCURACY, OBRS_ACCEPT_RATE)
-NON_NEGATIVE = (MISMATCH_KL_K3,)
+NON_NEGATIVE = (MISMATCH_KL_K3, ROLLOUT_MODEL_DISTILL_COEF)
+LOG_SCALE = (ROLLOUT_MODEL_DISTILL_COEF,)  # multiplicative quantities, drawn on a log axis unless one is 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,12 +72,16 @@ def _moving_average(values, window: int):
 
 
 def set_limits(ax, key: str, values: list[float]) -> bool:
-    """[0, 1] for fractions and [0, ...) for non-negative quantities; False if the data leave that range."""
+    """[0, 1] for fractions, a log axis for multiplicative quantities (all > 0), [0, ...) for non-negative
+    ones; False if the data leave that range."""
     if not values:
         return True
     lo, hi = min(values), max(values)
     if key in FRACTIONS and 0 <= lo and hi <= 1:
         ax.set_ylim(0, 1)
+        return True
+    if key in LOG_SCALE and lo > 0:
+        ax.set_yscale("log")
         return True
     if key in NON_NEGATIVE and lo >= 0:
         ax.set_ylim(bottom=0, top=hi * 1.05 if hi > 0 else 1)
@@ -94,8 +108,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
 
     groups = group_runs(run_dirs)
     colors = {label: f"C{i % 10}" for i, label in enumerate(groups)}  # one colour per run group in every panel
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for ax, (key, name, smoothed) in zip(axes, PANELS):
+    logged = {k for runs in groups.values() for records in runs for r in records for k in r}
+    panels = [p for p in PANELS if p[0] not in OPTIONAL or p[0] in logged]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, name, smoothed) in zip(axes, panels):
         for label, runs in groups.items():
             series = [s for s in (_series(r, key) for r in runs) if s[0]]
             if not series:
@@ -109,6 +125,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
                 ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[label], alpha=0.15)
         honest = set_limits(ax, key, [v for line in ax.get_lines() for v in line.get_ydata()])
         ax.set_title(name + (f" (moving avg {smooth})" if smoothed and smooth > 1 else "")
+                     + (" (log scale)" if ax.get_yscale() == "log" else "")
                      + ("" if honest else "\n(y axis zoomed, not from 0)"), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

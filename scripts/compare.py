@@ -148,9 +148,15 @@ def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: l
         figure = path.parent / f"{path.stem.lower()}-{name}.png"
         plot_runs([d for dirs in runs.values() for d in dirs], figure, title=name)
         parts += [f"\n## {name}\n\n", table(runs), f"\n![{name}]({figure.name})\n"]
-    notes = path.parent / f"{path.stem.lower()}-notes.md"  # hand-written reading of the numbers, kept across re-runs
+    write_page(path, parts)
+
+
+def write_page(path: Path, parts: list[str]) -> None:
+    """Write `parts` into `path`, followed by the hand-written reading of its numbers if there is one
+    (`<stem>-notes.md` beside it, lower case, kept across re-runs)."""
+    notes = path.parent / f"{path.stem.lower()}-notes.md"
     if notes.is_file():
-        parts += ["\n", notes.read_text()]
+        parts = [*parts, "\n", notes.read_text()]
     write_text_atomic(path, "".join(parts))
 
 

@@ -176,7 +176,17 @@ class DistillConfig:
     """'joint': train the rollout model on the same trajectories (PPO + distillation, eq. 8);
     'frozen': never update it."""
     coef: float = 1.0
-    """Weight of the distillation loss toward the policy (0: PPO only)."""
+    """Weight of the distillation loss toward the policy (0: PPO only); with target_kl, its starting value."""
+    target_kl: float | None = None
+    """Adapt coef every step so that the actor-policy gap measured on the batch just sampled (mismatch/kl_k3, the
+    sampled-token k3 estimate of KL(p_inf || p_old)) stays near this value (METHOD.md §10). None: coef fixed."""
+    coef_min: float = 0.01
+    """With target_kl: the smallest coefficient the controller sets (the rollout model's PPO then dominates)."""
+    coef_max: float = 100.0
+    """With target_kl: the largest coefficient the controller sets (distillation then dominates)."""
+    coef_rate: float = 0.1
+    """With target_kl: the controller's gain; each step log(coef) moves by coef_rate x log(kl / target_kl),
+    the log-error clipped to [-1, 1]: at most a factor e^0.1 (about 10 %) a step."""
     ppo: bool = True
     """Include the rollout model's own PPO loss L_PPO(omega)."""
     direction: str = "forward"

@@ -50,10 +50,11 @@ POSITIVE_INTS = ("train.steps", "train.prompts_per_step", "train.minibatches", "
 POSITIVE_INTS_OR_NULL = ("train.micro_batch_size", "rollout.batch_size", "train.threads", "policy.lora_rank",
                          "rollout_model.lora_rank", "rollout.max_model_len", "rollout.threads")
 POSITIVE = ("sampling.temperature", "correction.lam", "correction.cap", "correction.low", "correction.high",
-            "distill.is_cap", "policy.lr", "rollout_model.lr")
+            "distill.is_cap", "policy.lr", "rollout_model.lr", "distill.coef_min", "distill.coef_max",
+            "distill.coef_rate")
 POSITIVE_OR_NULL = ("train.grad_clip", "correction.c1", "correction.c2", "train.eval_temperature",
                     "train.clip_eps_high", "correction.cap_min", "rollout.kv_cache_gib",
-                    "rollout.gpu_memory_utilization")
+                    "rollout.gpu_memory_utilization", "distill.target_kl")
 NON_NEGATIVE = ("train.kl_coef", "distill.coef")
 
 
@@ -127,6 +128,8 @@ def _check_rules(cfg: Config) -> None:
         raise InputError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
                          "weights toward p_old)")
     _check_rollout(cfg)
+    if cfg.distill.target_kl is not None:
+        _check_kl_control(cfg)
     needs = correction_needs(c.name, **c.kwargs())
     if needs.z == "exact" and cfg.sampling.top_p < 1:
         raise InputError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
@@ -171,6 +174,18 @@ def engine_options(cfg: Config) -> dict[str, Any]:
     r = cfg.rollout
     options = {name: getattr(r, name) for name in ENGINE_OPTIONS[r.engine] if getattr(r, name) is not None}
     return {**options, "max_topk": cfg.sampling.topk} if r.engine == "vllm" else options
+
+
+def _check_kl_control(cfg: Config) -> None:
+    """distill.target_kl adapts the coefficient of a rollout model that is trained, within its bounds."""
+    d = cfg.distill
+    if cfg.train.mode != "decoupled" or d.rollout_model != "joint":
+        raise InputError(f"distill.target_kl={d.target_kl} needs a rollout model that is trained (train.mode="
+                         f"decoupled, distill.rollout_model=joint), got train.mode={cfg.train.mode}, "
+                         f"distill.rollout_model={d.rollout_model}")
+    if not d.coef_min <= d.coef <= d.coef_max:
+        raise InputError(f"distill.coef ({d.coef}), the controller's starting value, must lie in [distill.coef_min, "
+                         f"distill.coef_max] = [{d.coef_min}, {d.coef_max}] when distill.target_kl is set")
 
 
 def check_training_models(cfg: Config) -> None:

@@ -207,8 +207,11 @@ def preset_descriptions() -> dict[str, str]:
 
 
 def describe_presets(width: int = 100) -> str:
-    """Every preset by name with its description, wrapped."""
+    """Every preset by name with its description, wrapped, the descriptions in one column after the longest name."""
+    descriptions = preset_descriptions()
+    column = max(map(len, descriptions), default=0) + 2
     lines = []
-    for name, text in preset_descriptions().items():
-        lines.extend(textwrap.wrap(text, width=width, initial_indent=f"  {name:<20s}", subsequent_indent=" " * 22))
+    for name, text in descriptions.items():
+        lines.extend(textwrap.wrap(text, width=width, initial_indent=f"  {name:<{column}s}",
+                                   subsequent_indent=" " * (column + 2)))
     return "\n".join(lines)

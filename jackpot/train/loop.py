@@ -70,7 +70,9 @@ from jackpot.train.pipeline import Generator
 from jackpot.train.prepare import prepare
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
-from jackpot.train.update import update
+from jackpot.train.update import distill_coefficient, update
+
+DISTILL_COEF_STATE = "distill_coef"  # checkpoint state.json: the coefficient the last update used (target_kl)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Run:
     rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
     engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the model they sample
     generator: Generator | None = None  # rollout.async_steps > 0: generates the next batches in the background
+    distill_coef: float | None = None  # the last update's distillation coefficient (None: distill.coef)
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -229,6 +232,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                              f"{state.get('async_steps', 0)}, the run asks for {cfg.rollout.async_steps}; resume "
                              f"with rollout.async_steps={state.get('async_steps', 0)}")
         local = ckpt.load_local(path, coll.rank)
+        run.distill_coef = state.get(DISTILL_COEF_STATE)
     if cfg.rollout.async_steps:
         run.generator = _generator(run, local)
     if coll.is_main:
@@ -403,17 +407,19 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
                    init_policy=run.init_policy, step=step, coll=run.coll, shard=_shard(run))
+    # ---- the distillation coefficient: distill.coef, or adapted to the gap just measured (distill.target_kl)
+    run.distill_coef, control = distill_coefficient(cfg, run.distill_coef, prep.metrics)
     t2 = time.perf_counter()
     # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
     upd = update(cfg, prep, policy=run.policy_train, rollout_model=run.rollout_train, policy_opt=run.policy_opt,
                  rollout_opt=run.rollout_opt if cfg.distill.rollout_model == "joint" else None, step=step,
-                 coll=run.coll)
+                 coll=run.coll, distill_coef=run.distill_coef)
     t3 = time.perf_counter()
     coll = run.coll
     tokens = coll.sum(batch.response_mask.sum())
     values = scalars({REWARD_MEAN: coll.gather_rows(rewards)[0].mean(),
                       RESPONSE_LENGTH: tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
-                      **prep.metrics, **upd})
+                      **prep.metrics, **upd, **control})
     values.update({ROLLOUT_MODEL_VERSION: float(batch.model_version),
                    ROLLOUT_STALENESS: float(step - batch.model_version)})
     rollout_s = pipeline.pop(PERF_ROLLOUT_S, t1 - t0)  # async: the generator's time, not the trainer's wait
@@ -473,11 +479,11 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
 
 def save_checkpoint(run: Run, step: int) -> None:
     """The checkpoint after `step`: models, optimizers, and with async_steps the batches generated ahead."""
-    g = run.generator
-    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, coll=run.coll,
-                         **({} if g is None else {"extra": {"async_steps": run.cfg.rollout.async_steps},
-                                                  "local": {"inflight": {step: dataclasses.asdict(batch) for step, batch
-                                                                         in g.inflight().items()}}}))
+    g, extra = run.generator, {DISTILL_COEF_STATE: run.distill_coef}
+    if g is not None:
+        extra["async_steps"] = run.cfg.rollout.async_steps
+    local = None if g is None else {"inflight": {n: dataclasses.asdict(batch) for n, batch in g.inflight().items()}}
+    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, extra=extra, coll=run.coll, local=local)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@
                  rollout model: PPO(p_omega / p_omega_old, A) * min(p_omega_old / p_inf, cap)
                                 + coef * KL(SG(p_new) || p_omega)         (paper eq. 8)
                -> one optimizer step per model. The correction (weights w, mask keep) comes from the
-               CORRECTIONS table.
+               CORRECTIONS table; coef is distill.coef, or with distill.target_kl the step's value from
+               `distill_coefficient` (adapted to the gap prepare measured on this batch).
 
 A correction that needs the current policy (Jackpot with target='new') is recomputed here at every
 mini-batch over the whole mini-batch, so lambda, kappa, Z and every loss denominator are mini-batch
@@ -45,6 +46,7 @@ import torch
 
 from jackpot import metric_names as names
 from jackpot.core.checks import SAFETY_BOUND
+from jackpot.core.control import kl_controlled_coef, log_kl_error
 from jackpot.core.corrections import CorrectionResult
 from jackpot.core.head import Head
 from jackpot.core.joint import rollout_model_loss
@@ -111,17 +113,34 @@ def policy_loss(cfg: Config, mb: Prepared, new_logp: torch.Tensor, denominator: 
 
 
 def _rollout_model_loss(cfg: Config, mb: Prepared, roll: Head, teacher: Head, teacher_logp: torch.Tensor,
-                        denominator: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                        denominator: torch.Tensor, distill_coef: float) -> tuple[torch.Tensor, dict]:
     """The rollout model's share of the mini-batch loss (jackpot.core.joint: PPO + distillation toward the
     policy, paper eq. 8). teacher: the current policy's head (detached); teacher_logp (B, T): its log-probs
     at the sampled tokens."""
     d, t, batch = cfg.distill, cfg.train, mb.batch
     out = rollout_model_loss(roll, teacher, batch.response_ids, batch.response_mask, mb.advantages,
                              mb.rollout_model_old_logp, batch.rollout_logp, teacher_logp=teacher_logp, ppo=d.ppo,
-                             distill_coef=d.coef, direction=d.direction, estimator=d.estimator,
+                             distill_coef=distill_coef, direction=d.direction, estimator=d.estimator,
                              topk=cfg.sampling.topk, clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high,
                              dual_clip=t.dual_clip, is_cap=d.is_cap, denominator=denominator, chunk=t.head_chunk)
     return out.loss, {k: (v, None) for k, v in out.metrics().items()}
+
+
+def distill_coefficient(cfg: Config, previous: float | None, metrics: dict) -> tuple[float, dict[str, float]]:
+    """The distillation coefficient of this step's update and its metrics: distill.coef, or with
+    distill.target_kl the previous step's coefficient (None: distill.coef, the starting value) adapted to the
+    gap `metrics` (prepare's, on the batch just sampled) measured (jackpot.core.control, METHOD.md §10).
+    No metrics when no rollout model is trained."""
+    d = cfg.distill
+    if cfg.train.mode != "decoupled" or d.rollout_model != "joint":
+        return d.coef, {}
+    if d.target_kl is None:
+        return d.coef, {names.ROLLOUT_MODEL_DISTILL_COEF: d.coef}
+    kl = float(metrics[names.DISTILL_CONTROL_SIGNAL])
+    coef = kl_controlled_coef(d.coef if previous is None else previous, kl, target=d.target_kl,
+                              rate=d.coef_rate, low=d.coef_min, high=d.coef_max)
+    return coef, {names.ROLLOUT_MODEL_DISTILL_COEF: coef,
+                  names.ROLLOUT_MODEL_DISTILL_KL_ERROR: log_kl_error(kl, d.target_kl)}
 
 
 # ----------------------------------------------------------------------------- update
@@ -147,18 +166,20 @@ def _checkpointing(*models):
 
 
 def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int,
-           coll: Collective | None = None) -> dict:
+           coll: Collective | None = None, distill_coef: float | None = None) -> dict:
     """ppo_epochs x minibatches optimizer steps over the prepared batch; returns averaged metrics.
     policy / rollout_model: Hugging Face models, or wrapped by jackpot.train.distributed (several processes);
-    the rollout model is trained when `rollout_opt` is given."""
+    the rollout model is trained when `rollout_opt` is given, with the distillation coefficient `distill_coef`
+    (None: distill.coef; the loop passes `distill_coefficient`'s)."""
     trained = rollout_model if rollout_opt is not None else None
+    coef = cfg.distill.coef if distill_coef is None else distill_coef
     with _checkpointing(language_model(policy), None if trained is None else language_model(trained)):
         return _update(cfg, prep, policy=policy, rollout_model=trained, policy_opt=policy_opt,
-                       rollout_opt=rollout_opt, step=step, coll=coll or Collective())
+                       rollout_opt=rollout_opt, step=step, coll=coll or Collective(), distill_coef=coef)
 
 
 def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, rollout_opt, step: int,
-            coll: Collective) -> dict:
+            coll: Collective, distill_coef: float) -> dict:
     t = cfg.train
     size, pad = micro_size(cfg, coll.max_int(prep.batch.response_len)), prep.padding()
     records = []  # one dict per mini-batch
@@ -172,7 +193,7 @@ def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, r
                 opt.zero_grad(set_to_none=True)
         micros = _micro_batches(coll, part, size, pad)
         stats = [_accumulate(cfg, mb, denominators, coll, policy=policy, rollout_model=rollout_model,
-                             sync=j == len(micros) - 1) for j, mb in enumerate(micros)]
+                             distill_coef=distill_coef, sync=j == len(micros) - 1) for j, mb in enumerate(micros)]
         record = {**_combine(stats, coll), **part.correction.stats,
                   names.POLICY_GRAD_NORM: _step(policy, policy_opt, t.grad_clip)}
         if rollout_model is not None:
@@ -182,7 +203,7 @@ def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, r
 
 
 def _accumulate(cfg: Config, mb: Prepared, denominators: tuple[torch.Tensor, torch.Tensor], coll: Collective, *,
-                policy, rollout_model, sync: bool) -> dict:
+                policy, rollout_model, distill_coef: float, sync: bool) -> dict:
     """One micro-batch's forward and backward: its share of the mini-batch's losses (gradients are
     synchronised over ranks at the last micro-batch, `sync`); returns its metric (numerator, denominator)s."""
     temp = cfg.sampling.temperature
@@ -193,7 +214,8 @@ def _accumulate(cfg: Config, mb: Prepared, denominators: tuple[torch.Tensor, tor
         if rollout_model is not None:  # before the policy's backward, which reshards an FSDP2 policy's head
             with gradient_sync(rollout_model, sync):
                 roll_loss, roll_stats = _rollout_model_loss(cfg, mb, model_head(rollout_model, mb.batch, temp),
-                                                            _detached(head), new_logp.detach(), denominators[1])
+                                                            _detached(head), new_logp.detach(), denominators[1],
+                                                            distill_coef)
                 coll.backward(roll_loss)
             stats.update(roll_stats)
         coll.backward(loss)

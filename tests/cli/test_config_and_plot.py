@@ -10,6 +10,7 @@ import pytest
 
 from jackpot.cli import main as cli_main
 from jackpot.metrics import MetricLogger, read_metrics
+from jackpot.plot import plot_runs
 from jackpot.train.config import Config, build_config
 from jackpot.train.config_io import CONFIG_DIR, parse_overrides
 
@@ -106,6 +107,42 @@ def test_plot_overlays_runs_and_groups_seeds(tmp_path):
     out = tmp_path / "plot.png"
     assert cli_main(["plot", *map(str, runs), "--out", str(out)]) == 0
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_the_distillation_coefficient_when_a_run_logs_it(tmp_path):
+    """A fifth panel, the rollout model's distillation coefficient, only when some run logs it: the figure is
+    4.2 inches (504 pixels at 120 dpi) wider. The width is read from the PNG header."""
+    import struct
+
+    plain = _fake_run(tmp_path / "plain", 0.0)
+    controlled = _fake_run(tmp_path / "controlled", 0.0)
+    rows = [{**json.loads(line), "rollout_model/distill_coef": 1.1 ** s}
+            for s, line in enumerate((controlled / "metrics.jsonl").read_text().splitlines())]
+    (controlled / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    widths = []
+    for runs in ([plain], [plain, controlled]):
+        out = plot_runs(runs, tmp_path / f"{len(runs)}.png")
+        widths.append(struct.unpack(">I", out.read_bytes()[16:20])[0])
+    assert widths == [4 * 504, 5 * 504]
+
+
+def test_the_coefficient_is_drawn_on_a_log_axis():
+    """The controller moves the coefficient by factors: a log axis (0.01 to 100 over four decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jackpot.plot import set_limits
+
+    fig, (coef, kl) = plt.subplots(1, 2)
+    assert set_limits(coef, "rollout_model/distill_coef", [0.01, 1.0, 100.0]) and coef.get_yscale() == "log"
+    assert set_limits(kl, "mismatch/kl_k3", [0.1, 0.5]) and kl.get_yscale() == "linear"
+    fig.delaxes(coef)
+    zero = fig.add_subplot(1, 2, 1)  # distill.coef = 0 (decoupled-none): a linear axis from 0
+    assert set_limits(zero, "rollout_model/distill_coef", [0.0, 0.0]) and zero.get_yscale() == "linear"
+    assert zero.get_ylim()[0] == 0
+    plt.close(fig)
 
 
 def test_plot_missing_run_is_a_clear_error(tmp_path):

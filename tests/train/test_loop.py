@@ -12,14 +12,15 @@ import torch
 from cli_helpers import TINY_MODELS
 
 from jackpot.cli import main as cli_main
+from jackpot.errors import InputError
 from jackpot.metrics import read_metrics
 from jackpot.models.loading import build_tiny_qwen, load_model, save_model_and_tokenizer
 from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import build_config
-from jackpot.train.loop import collect, setup
+from jackpot.train.loop import collect, setup, train_step
 from jackpot.train.prepare import model_head, prepare, sampled_logp
-from jackpot.train.update import policy_loss, update
+from jackpot.train.update import distill_coefficient, policy_loss, update
 
 TINY = [
     *TINY_MODELS, "train.prompts_per_step=4", "train.group_size=4", "train.eval_prompts=8",
@@ -92,6 +93,84 @@ def test_resume_continues_exactly(tmp_path, cache):
     assert a.keys() == b.keys()
     for k in a:  # same seed, same CPU: bitwise-identical arithmetic
         assert a[k] == b[k], k
+
+
+def _parameters(run_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    latest = ckpt.latest_checkpoint(run_dir)
+    return {f"{name}.{k}": v for name in ("policy", "rollout_model")
+            for k, v in load_file(str(latest / f"{name}.safetensors")).items()}
+
+
+def test_resume_continues_the_distillation_controller_exactly(tmp_path, cache):
+    """distill.target_kl far below the gap: the coefficient climbs by e^0.1 a step (the log-error clipped at 1),
+    so a resume that started again from distill.coef would use e^0.1 instead of e^0.3 at step 3. The checkpoint
+    keeps the coefficient: metrics and both models' parameters equal the uninterrupted run's."""
+    args = ["train", "--no-progress", *TINY, f"cache_dir={cache}", "distill.target_kl=1e-4"]
+    cli_main([*args, "--out", str(tmp_path / "full"), "train.steps=3"])
+    cli_main([*args, "--out", str(tmp_path / "cut"), "train.steps=2"])
+    cli_main([*args, "--out", str(tmp_path / "cut"), "train.steps=3", "--resume"])
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["rollout_model/distill_coef"] for r in full[1:]] == pytest.approx([math.exp(0.1 * s) for s in (1, 2, 3)],
+                                                                               rel=1e-12)
+    a, b = _no_perf(full[3]), _no_perf(cut[3])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k], k
+    pa, pb = _parameters(tmp_path / "full"), _parameters(tmp_path / "cut")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+def test_the_adapted_coefficient_is_the_one_the_rollout_model_trains_with(tmp_path, cache):
+    """One step with distill.target_kl (the coefficient moves from 1 to e^0.1 before the update) trains the
+    rollout model exactly as a fixed distill.coef = e^0.1 does, and not as the starting value 1 does."""
+    adapted = math.exp(0.1)
+
+    def rollout_model_after_one_step(*extra):
+        run = setup(_cfg(cache, *extra), tmp_path / str(len(list(tmp_path.iterdir()))))
+        values = train_step(run, 1)
+        return values, [p.detach().clone() for p in run.rollout_model.parameters()]
+
+    values, controlled = rollout_model_after_one_step("distill.target_kl=1e-4")
+    assert values["rollout_model/distill_coef"] == adapted and values["rollout_model/distill_kl_error"] == 1.0
+    fixed_values, fixed = rollout_model_after_one_step(f"distill.coef={adapted!r}")
+    assert fixed_values["rollout_model/distill_coef"] == adapted
+    assert "rollout_model/distill_kl_error" not in fixed_values
+    _, start = rollout_model_after_one_step()
+    assert all(torch.equal(a, b) for a, b in zip(controlled, fixed, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(controlled, start, strict=True))
+
+
+def test_without_a_target_the_coefficient_is_distill_coef_whatever_came_before():
+    """target_kl None: distill.coef every step (a resumed run's saved coefficient is ignored), logged when the
+    rollout model is trained; nothing is logged without one. With a target: the previous coefficient moves."""
+    metrics = {"mismatch/kl_k3": torch.tensor(0.4)}
+    assert distill_coefficient(build_config(None, ["distill.coef=0.3"]), 7.0, metrics) == \
+        (0.3, {"rollout_model/distill_coef": 0.3})
+    for frozen in (["train.mode=on-policy"], ["distill.rollout_model=frozen"]):
+        assert distill_coefficient(build_config(None, frozen), None, metrics) == (1.0, {})
+    coef, logged = distill_coefficient(build_config(None, ["distill.target_kl=0.2"]), 0.5, metrics)
+    assert coef == pytest.approx(0.5 * 2 ** 0.1, rel=1e-7) and logged == {
+        "rollout_model/distill_coef": coef, "rollout_model/distill_kl_error": pytest.approx(math.log(2), rel=1e-7)}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.target_kl=0"], r"^distill.target_kl must be > 0 or null, got 0.0$"),
+    (["distill.target_kl=-0.05"], r"^distill.target_kl must be > 0 or null, got -0.05$"),
+    (["distill.target_kl=0.1", "distill.coef_max=0"], r"^distill.coef_max must be > 0, got 0.0$"),
+    (["distill.target_kl=0.1", "distill.coef_rate=-1"], r"^distill.coef_rate must be > 0, got -1.0$"),
+    (["distill.target_kl=0.1", "distill.coef=0"], r"distill.coef \(0.0\), the controller's starting value, must lie"),
+    (["distill.target_kl=0.1", "distill.coef_min=2", "distill.coef_max=1"], r"must lie in \[distill.coef_min"),
+    (["distill.target_kl=0.1", "train.mode=on-policy"], r"distill.target_kl=0.1 needs a rollout model that is trained"),
+    (["distill.target_kl=0.1", "distill.rollout_model=frozen"], r"needs a rollout model that is trained"),
+])
+def test_bad_distillation_control_is_refused_in_one_line(overrides, message):
+    with pytest.raises(InputError, match=message) as err:
+        build_config(None, overrides)
+    assert "\n" not in str(err.value)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cache):
