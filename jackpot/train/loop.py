@@ -479,7 +479,9 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
 
 def save_checkpoint(run: Run, step: int) -> None:
     """The checkpoint after `step`: models, optimizers, and with async_steps the batches generated ahead."""
-    g, extra = run.generator, {DISTILL_COEF_STATE: run.distill_coef}
+    g, extra = run.generator, {}
+    if run.cfg.distill.target_kl is not None:  # the controller's state (a fixed coefficient is in the config)
+        extra[DISTILL_COEF_STATE] = run.distill_coef
     if g is not None:
         extra["async_steps"] = run.cfg.rollout.async_steps
     local = None if g is None else {"inflight": {n: dataclasses.asdict(batch) for n, batch in g.inflight().items()}}
