@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decoupled_speed import PROMPT_LEN, _Ids, params, setup_variant, step, sync  # noqa: E402
+from bench_decoupled_speed import PROMPT_LEN, _Ids, params, setup_variant, step, step_arguments, sync  # noqa: E402
 
 VARIANTS = {  # name -> (bench_decoupled_speed variant, asynchronous)
     "on-policy": ("on-policy", False),
@@ -113,16 +113,7 @@ def run_pair(rollout_spec: str, policy_spec: str, args) -> dict[str, list[dict[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["192x2:512x4"],
-                        help="ROLLOUT:POLICY model specs, each HIDDENxLAYERS or a Qwen3 name (see --layers)")
-    parser.add_argument("--layers", default=":", help="ROLLOUT:POLICY layers for Qwen3-named specs (default 2)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (prompts x 2)")
-    parser.add_argument("--length", type=int, default=128, help="response tokens (random models rarely stop)")
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per variant, after one warm-up")
-    parser.add_argument("--engine", default="hf")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    step_arguments(parser, pairs=["192x2:512x4"], length=128, steps=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
     parser.add_argument("--gen-threads", type=int, default=1, help="torch threads of the asynchronous generator")
     args = parser.parse_args(argv)

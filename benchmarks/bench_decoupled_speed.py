@@ -148,18 +148,23 @@ def params(spec: str, layers: int | None, vocab: int) -> int:
         return sum(p.numel() for p in build(spec, layers, vocab, 0, torch.float32, "meta").parameters())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["96x2:256x4", "192x2:512x4"],
+def step_arguments(parser: argparse.ArgumentParser, *, pairs: list[str], length: int, steps: int) -> None:
+    """The models, shapes, engine and device of a benchmarked trainer step (also bench_async.py's)."""
+    parser.add_argument("--pairs", nargs="+", default=pairs,
                         help="ROLLOUT:POLICY model specs, each HIDDENxLAYERS or a Qwen3 name (see --layers)")
     parser.add_argument("--layers", default=":", help="ROLLOUT:POLICY layers for Qwen3-named specs (default 2)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (prompts x 2)")
-    parser.add_argument("--length", type=int, default=256, help="response tokens (random models rarely stop)")
+    parser.add_argument("--length", type=int, default=length, help="response tokens (random models rarely stop)")
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=2, help="measured steps per variant, after one warm-up")
+    parser.add_argument("--steps", type=int, default=steps, help="measured steps per variant, after one warm-up")
     parser.add_argument("--engine", default="hf", help="rollout.engine of every variant (vllm: run from .venv-vllm)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    step_arguments(parser, pairs=["96x2:256x4", "192x2:512x4"], length=256, steps=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
