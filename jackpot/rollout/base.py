@@ -153,6 +153,9 @@ class RolloutEngine(Protocol):
                         process, an inference engine), which `sync_weights` must receive after every update;
                         False: it samples from the trainer's module itself and `sync_weights` gets None.
     `dtype`             the dtype of the weights it holds (None when it holds none).
+    `exact_logprobs`    True: the recorded log-probs are the processed distribution sampled from, equal to a
+                        teacher-forced forward of the same weights in the same dtype up to kernel numerics — so
+                        the trainer may take them as the sampling model's old log-probs (train.recompute_old).
     """
 
     model_version: int
@@ -160,6 +163,7 @@ class RolloutEngine(Protocol):
     max_topk: int | None
     holds_weights: bool
     dtype: torch.dtype | None
+    exact_logprobs: bool
 
     def generate(
         self,

@@ -106,6 +106,9 @@ class HFRolloutEngine:
     per_row_uniforms = True
     """Samples each row from its `uniforms` when given (module docstring)."""
     max_topk = None
+    exact_logprobs = True
+    """Records the processed scores `generate` samples from: a teacher-forced forward of the same weights gives
+    them to ~1e-6 in float32 (tests/rollout/test_hf_engine.py)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  eos_token_ids: list[int] | None = None, cache_implementation: str | None = None, *,

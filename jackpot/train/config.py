@@ -30,6 +30,7 @@ __all__ = ["CACHE_ENV", "RUNS_ENV", "Config", "CorrectionConfig", "DistillConfig
 CACHE_ENV = "JACKPOT_CACHE_DIR"
 RUNS_ENV = "JACKPOT_RUNS_DIR"
 TRAIN_MODES = ("decoupled", "on-policy")  # train.mode
+RECOMPUTE_OLD = ("auto", "always", "never")  # train.recompute_old (jackpot.train.prepare.recorded_logprobs_serve)
 ROLLOUT_MODEL_TRAINING = ("joint", "frozen")  # distill.rollout_model
 
 
@@ -223,6 +224,17 @@ class TrainConfig:
     head_chunk: int = 1024
     """Response positions per chunk of every per-vocabulary computation: at most head_chunk x V logits exist
     at once. Changes memory and speed only, never a result (jackpot/core/head.py)."""
+    recompute_old: str = "auto"
+    """The sampling model's log-probs before the update (p_omega_old decoupled, p_old on-policy): 'always'
+    recomputes them with a forward of that model in prepare; 'auto' takes the engine's recorded ones instead
+    (verl's bypass mode) exactly when they are the trainer's own — an engine that declares exact processed
+    log-probs, sampled synchronously (rollout.async_steps=0, train.minibatches=1) by the very weights the trainer
+    holds, in float32/float64 on both sides, no nucleus (sampling.top_p=1), no mixed precision — else recomputes;
+    'never' always takes them (refused where the engine cannot serve them). Exact Z reads the rollout model's
+    logits anyway. Every recompute_check_every steps it recomputes regardless (jackpot/train/prepare.py)."""
+    recompute_check_every: int = 50
+    """With recompute_old auto|never: recompute at step 1 and every this many steps after it, logging
+    mismatch/rollout_model_kl_k3 (the engine's log-probs against the trainer's): the check never goes blind."""
     clip_eps: float | None = 0.2
     """PPO clip range; None: no clip (pure importance-weighted policy gradient)."""
     clip_eps_high: float | None = None

@@ -67,7 +67,7 @@ from jackpot.train.config import Config, ModelConfig, to_dict
 from jackpot.train.config_checks import check_training_models, engine_options
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, language_model, wrap
 from jackpot.train.pipeline import Generator
-from jackpot.train.prepare import prepare
+from jackpot.train.prepare import prepare, recorded_logprobs_serve
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
 from jackpot.train.update import distill_coefficient, update
@@ -405,8 +405,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         batch, rewards, pipeline = collect_ahead(run, step)
     t1 = time.perf_counter()
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
+    recorded = recorded_logprobs_serve(cfg, _sampling_engine(run), language_model(run.actor), batch, step)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
-                   init_policy=run.init_policy, step=step, coll=run.coll, shard=_shard(run))
+                   init_policy=run.init_policy, step=step, coll=run.coll, shard=_shard(run), recorded_old=recorded)
     # ---- the distillation coefficient: distill.coef, or adapted to the gap just measured (distill.target_kl)
     run.distill_coef, control = distill_coefficient(cfg, run.distill_coef, prep.metrics)
     t2 = time.perf_counter()
@@ -426,6 +427,11 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     values.update({PERF_ROLLOUT_S: rollout_s, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2, PERF_STEP_S: t3 - t0,
                    PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(rollout_s, 1e-9), **pipeline})
     return values
+
+
+def _sampling_engine(run: Run) -> RolloutEngine:
+    """The engine that sampled this step's batch: the asynchronous generator's, else the sampling model's."""
+    return run.generator.engine if run.generator is not None else run.engines[id(run.actor)]
 
 
 def evaluate_all(run: Run, step: int) -> dict[str, float]:
