@@ -99,12 +99,22 @@ def topk_z(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> torch.Tens
     """Per-state top-k Z_t before the batch correction kappa (applied in `batch_correction`); None when the
     correction needs no top-k Z. Exact Z comes from the fused pass in `prepare` (with target='new' it is
     refused by the config: the pre-update rollout model is not at hand)."""
+    return target_logps(cfg, needs, tgt, mb)[1]
+
+
+@torch.no_grad()
+def target_logps(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's (policy's) log-probs at the sampled tokens (B, T) and, when the correction needs top-k Z, its
+    per-state top-k Z_t (B, T) from its log-probs at the engine's recorded top-K ids — both from one pass over the
+    target's head (the sampled id and the K ids gathered from the same chunk of logits)."""
+    ids = mb.response_ids
     if needs.z != "topk":
-        return None
-    shape = mb.response_ids.shape
+        return sampled_logp(cfg, tgt, ids), None
     k = mb.topk_ids.shape[-1]
-    tgt_at_topk = vocab.logprobs_at(tgt, mb.topk_ids.reshape(-1, k), chunk=cfg.train.head_chunk).reshape(*shape, k)
-    return obrs.topk_normalizer(mb.topk_ids, mb.topk_logp, tgt_at_topk, needs.z_lam)
+    at = torch.cat([ids.reshape(-1, 1), mb.topk_ids.reshape(-1, k)], dim=-1)
+    both = vocab.logprobs_at(tgt, at, chunk=cfg.train.head_chunk)
+    z = obrs.topk_normalizer(mb.topk_ids, mb.topk_logp, both[:, 1:].reshape(*ids.shape, k), needs.z_lam)
+    return both[:, 0].reshape(ids.shape), z
 
 
 def batch_correction(cfg: Config, needs: Needs, coll: Collective, part: Prepared, new_logp: torch.Tensor | None,
@@ -227,13 +237,14 @@ def _score(cfg: Config, needs: Needs, batch: RolloutBatch, coll: Collective, *, 
             for key, value in (("old", old), ("rollout_old", rollout_old), ("z", z)):
                 parts[key].append(value.reshape(mb.response_ids.shape))
         else:
-            parts["old"].append(mb.rollout_logp if on_policy_recorded else sampled_logp(cfg, old_head, mb.response_ids))
+            old, z = (mb.rollout_logp, None) if old_head is None else target_logps(cfg, needs, old_head, mb)
+            parts["old"].append(mb.rollout_logp if on_policy_recorded else old)
             if rollout_model is None or recorded_old:
                 parts["rollout_old"].append(parts["old"][-1] if rollout_model is None else mb.rollout_logp)
             else:
                 parts["rollout_old"].append(sampled_logp(cfg, model_head(rollout_model, mb, temp), mb.response_ids))
             if per_state:
-                parts["z"].append(topk_z(cfg, needs, old_head, mb))
+                parts["z"].append(z)
         if init_policy is not None:
             parts["init"].append(sampled_logp(cfg, model_head(init_policy, mb, temp), mb.response_ids))
     cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}

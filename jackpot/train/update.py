@@ -63,7 +63,7 @@ from jackpot.train.prepare import (
     model_head,
     needs_of,
     sampled_logp,
-    topk_z,
+    target_logps,
 )
 
 
@@ -77,8 +77,9 @@ def _current_correction(cfg: Config, coll: Collective, part: Prepared, size: int
     for mb in _micro_batches(coll, part, size, pad):
         head = model_head(policy, mb.batch, cfg.sampling.temperature)
         if not mb.is_padding:
-            new_logp.append(sampled_logp(cfg, head, mb.batch.response_ids))
-            raw_z.append(topk_z(cfg, needs, head, mb.batch))
+            new, z = target_logps(cfg, needs, head, mb.batch)  # one pass over the head for both
+            new_logp.append(new)
+            raw_z.append(z)
     empty = part.batch.response_mask.new_zeros(part.batch.response_mask.shape)
     new = torch.cat(new_logp) if new_logp else empty
     z = (torch.cat(raw_z) if new_logp else empty) if needs.z == "topk" else None
