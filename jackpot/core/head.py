@@ -185,10 +185,10 @@ class _JointPass(torch.autograd.Function):
             logits = _logits(h[s:e], w, b, temperature)  # the policy's: the one head computation of the chunk
             lse_p[s:e] = torch.logsumexp(logits, -1)
             p_logp[s:e] = logits.gather(-1, idx)[:, 0] - lse_p[s:e]
+            lt = torch.log_softmax(logits, -1) if kl_mode or k else None
+            del logits  # at most one (chunk, V) buffer per head alive beside the KL's temporaries
             ls = torch.log_softmax(_logits(sh[s:e], sw, sb, temperature), -1)
             s_logp[s:e] = ls.gather(-1, idx)[:, 0]
-            if kl_mode or k:
-                lt = torch.log_softmax(logits, -1)
             if kl_mode:
                 kl[s:e] = _kl_terms(ls, lt, kl_mode == "reverse")
             if k:
@@ -211,10 +211,13 @@ class _JointPass(torch.autograd.Function):
         c, temperature = ctx.chunk, ctx.temperature
         for s in range(0, h.shape[0], c):
             e, idx = s + c, ids[s:s + c, None]
-            if need_p or (student_terms and g_kl is not None):
+            teacher = student_terms and g_kl is not None and ctx.kl_mode
+            if need_p or teacher:
                 logits = _logits(h[s:e], w, b, temperature)
-            if need_p:
-                grads_p.add(s, _grad_logprobs(logits, lse_p[s:e], idx, g_p[s:e, None]), temperature)
+                if need_p:
+                    grads_p.add(s, _grad_logprobs(logits, lse_p[s:e], idx, g_p[s:e, None]), temperature)
+                lt = torch.log_softmax(logits, -1) if teacher else None
+                del logits
             if not student_terms:
                 continue
             ls = torch.log_softmax(_logits(sh[s:e], sw, sb, temperature), -1)
@@ -224,8 +227,8 @@ class _JointPass(torch.autograd.Function):
                 g = g_s[s:e, None].to(d.dtype)
                 d = d - ps * g
                 d = d.scatter_add(-1, idx, g)
-            if g_kl is not None and ctx.kl_mode:
-                part = _kl_dlogits(ls, torch.log_softmax(logits, -1), kl[s:e], ctx.kl_mode == "reverse")
+            if teacher:
+                part = _kl_dlogits(ls, lt, kl[s:e], ctx.kl_mode == "reverse")
                 d = d + g_kl[s:e, None].to(part.dtype) * part
             if g_top is not None and top_ids.shape[1]:
                 g = g_top[s:e].to(d.dtype)
