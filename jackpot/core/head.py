@@ -66,8 +66,9 @@ class Head:
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    out = upcast(F.linear(h, w, b))
-    return out / temperature if temperature != 1.0 else out
+    out = F.linear(h, w, b)
+    out = out.float() if out.dtype in (torch.bfloat16, torch.float16) else out  # a fresh buffer either way
+    return out.div_(temperature) if temperature != 1.0 else out
 
 
 def _check_chunk(chunk: int) -> None:
@@ -94,16 +95,17 @@ class _LogprobsAt(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, w, b, ids, lse = ctx.saved_tensors
         grads = _HeadGrads(ctx.needs_input_grad[:3], h, w, b)
+        g = grad_out / ctx.temperature  # d/dlogits is linear in g: the temperature folded in once
         for s in range(0, h.shape[0], ctx.chunk):
             e = s + ctx.chunk
-            grads.add(s, _grad_logprobs(_logits(h[s:e], w, b, ctx.temperature), lse[s:e], ids[s:e], grad_out[s:e]),
-                      ctx.temperature)
+            grads.add(s, _grad_logprobs(_logits(h[s:e], w, b, ctx.temperature), lse[s:e], ids[s:e], g[s:e]))
         return (*grads.result(), None, None, None)
 
 
 def _grad_logprobs(logits, lse, ids, g):
-    d = -(logits - lse[:, None]).exp() * g.sum(-1, keepdim=True)
-    return d.scatter_add(-1, ids, g.to(d.dtype))
+    """d/dlogits of sum_k g_k log p(ids_k) = scatter(g) - p * sum_k g_k, formed in the logits' own buffer."""
+    d = logits.sub_(lse[:, None]).exp_().mul_(-g.sum(-1, keepdim=True).to(logits.dtype))
+    return d.scatter_add_(-1, ids, g.to(d.dtype))
 
 
 class _HeadGrads:
@@ -117,15 +119,14 @@ class _HeadGrads:
         dtype = self.grad_w.dtype if self.grad_w is not None else torch.float32
         self.grad_b = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if needs[2] and b is not None else None
 
-    def add(self, start: int, d: torch.Tensor, temperature: float) -> None:
-        """The chunk of positions [start, start + len(d)) with dL/dlogits d (n, V) (logits before / temperature)."""
-        if temperature != 1.0:
-            d = d / temperature
+    def add(self, start: int, d: torch.Tensor) -> None:
+        """The chunk of positions [start, start + len(d)) with d (n, V) = dL/d(h W^T + b): the temperature's
+        1/T already in d (the callers fold it into the upstream gradients)."""
         hs = self.h[start:start + d.shape[0]]
         if self.grad_h is not None:
             self.grad_h[start:start + d.shape[0]] = (d.to(self.w.dtype) @ self.w).to(self.h.dtype)
         if self.grad_w is not None:
-            self.grad_w += d.T @ upcast(hs).to(d.dtype)
+            self.grad_w.addmm_(d.T, upcast(hs).to(d.dtype))
         if self.grad_b is not None:
             self.grad_b += d.sum(0)
 
@@ -152,17 +153,10 @@ def logprobs_at(head: Head, ids: torch.Tensor, *, chunk: int = DEFAULT_ROW_CHUNK
 
 
 def _kl_terms(ls: torch.Tensor, lt: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """Per-position exact KL from the student's and the teacher's log-softmax rows (n, V):
-    forward KL(p_t || p_s) = sum p_t (log p_t - log p_s), reverse KL(p_s || p_t) = sum p_s (log p_s - log p_t);
-    a zero probability adds 0 (0 log 0 = 0)."""
-    p, d = (ls.exp(), ls - lt) if reverse else (lt.exp(), lt - ls)
-    return torch.where(p > 0, p * d, torch.zeros_like(p)).sum(-1)
-
-
-def _kl_dlogits(ls: torch.Tensor, lt: torch.Tensor, kl: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """d KL / d student logits (n, V): forward p_s - p_t; reverse p_s * (log p_s - log p_t - KL)."""
-    ps = ls.exp()
-    return ps * (ls - lt - kl[:, None]) if reverse else ps - lt.exp()
+    """Per-position exact KL from the student's and the teacher's log-softmax rows (n, V), finite (a linear
+    head's logits are): forward KL(p_t || p_s) = sum p_t (log p_t - log p_s), reverse KL(p_s || p_t)."""
+    p, diff = (ls.exp(), ls - lt) if reverse else (lt.exp(), lt - ls)
+    return diff.mul_(p).sum(-1)
 
 
 class _JointPass(torch.autograd.Function):
@@ -170,24 +164,29 @@ class _JointPass(torch.autograd.Function):
     the forward and once in the backward (`joint_logprobs`). Inputs: the policy's head (h, w, b), the student's
     (sh, sw, sb), ids (N,); kl None | "forward" | "reverse"; k >= 0 the policy's top-k. Outputs: the policy's
     log-probs at ids (gradient to its head), the student's log-probs at ids, the exact KL and the student's
-    log-probs at the policy's top-k (gradient to the student's head), the policy's top-k log-probs (none)."""
+    log-probs at the policy's top-k (gradient to the student's head), the policy's top-k log-probs (none).
+
+    d/dlogits_s of g_s log p_s(id) + g_kl KL + sum_k g_k log p_s(top_k) is, with p_s, p_t the two softmaxes,
+        p_s (g_kl - g_s - sum_k g_k) - g_kl p_t + scatter(g_s at id, g_k at top_k)        forward KL
+        p_s (g_kl (log p_s - log p_t - KL) - g_s - sum_k g_k) + scatter(...)              reverse KL
+    formed in place, a few (chunk, V) passes per head (the policy's own: p_t (-g_p) + scatter(g_p))."""
 
     @staticmethod
     def forward(ctx, h, w, b, sh, sw, sb, ids, temperature: float, chunk: int, kl_mode, k: int):
         n, dtype = h.shape[0], upcast(h[:0]).dtype
-        p_logp, s_logp = (torch.empty(n, dtype=dtype, device=h.device) for _ in range(2))
+        p_logp, s_logp, lse_p, lse_s = (torch.empty(n, dtype=dtype, device=h.device) for _ in range(4))
         kl = torch.zeros(n if kl_mode else 0, dtype=dtype, device=h.device)
-        lse_p = torch.empty(n, dtype=dtype, device=h.device)
         s_top, p_top = (torch.empty(n, k, dtype=dtype, device=h.device) for _ in range(2))
         top_ids = torch.empty(n, k, dtype=torch.long, device=h.device)
         for s in range(0, n, chunk):
             e, idx = s + chunk, ids[s:s + chunk, None]
-            logits = _logits(h[s:e], w, b, temperature)  # the policy's: the one head computation of the chunk
-            lse_p[s:e] = torch.logsumexp(logits, -1)
-            p_logp[s:e] = logits.gather(-1, idx)[:, 0] - lse_p[s:e]
-            lt = torch.log_softmax(logits, -1) if kl_mode or k else None
-            del logits  # at most one (chunk, V) buffer per head alive beside the KL's temporaries
-            ls = torch.log_softmax(_logits(sh[s:e], sw, sb, temperature), -1)
+            lt = _logits(h[s:e], w, b, temperature)  # the policy's: the one head computation of the chunk
+            lse_p[s:e] = torch.logsumexp(lt, -1)
+            lt = lt.sub_(lse_p[s:e, None])  # log p_t, in the logits' buffer
+            p_logp[s:e] = lt.gather(-1, idx)[:, 0]
+            ls = _logits(sh[s:e], sw, sb, temperature)
+            lse_s[s:e] = torch.logsumexp(ls, -1)
+            ls = ls.sub_(lse_s[s:e, None])
             s_logp[s:e] = ls.gather(-1, idx)[:, 0]
             if kl_mode:
                 kl[s:e] = _kl_terms(ls, lt, kl_mode == "reverse")
@@ -195,7 +194,7 @@ class _JointPass(torch.autograd.Function):
                 top = lt.topk(k, -1)
                 p_top[s:e], top_ids[s:e] = top.values, top.indices
                 s_top[s:e] = ls.gather(-1, top.indices)
-        ctx.save_for_backward(h, w, b, sh, sw, sb, ids, lse_p, kl, top_ids)
+        ctx.save_for_backward(h, w, b, sh, sw, sb, ids, lse_p, lse_s, kl, top_ids)
         ctx.temperature, ctx.chunk, ctx.kl_mode = temperature, chunk, kl_mode
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(p_top)
@@ -203,38 +202,42 @@ class _JointPass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_p, g_s, g_kl, g_top, _):
-        h, w, b, sh, sw, sb, ids, lse_p, kl, top_ids = ctx.saved_tensors
-        need_p, need_s = any(ctx.needs_input_grad[:3]) and g_p is not None, any(ctx.needs_input_grad[3:6])
+        h, w, b, sh, sw, sb, ids, lse_p, lse_s, kl, top_ids = ctx.saved_tensors
+        g_kl = g_kl if ctx.kl_mode else None
+        g_top = g_top if top_ids.shape[1] else None
+        need_p = any(ctx.needs_input_grad[:3]) and g_p is not None
+        need_s = any(ctx.needs_input_grad[3:6]) and any(g is not None for g in (g_s, g_kl, g_top))
         grads_p = _HeadGrads(ctx.needs_input_grad[:3], h, w, b) if need_p else None
         grads_s = _HeadGrads(ctx.needs_input_grad[3:6], sh, sw, sb) if need_s else None
-        student_terms = need_s and any(g is not None for g in (g_s, g_kl, g_top))
-        c, temperature = ctx.chunk, ctx.temperature
+        inv_t = 1.0 / ctx.temperature  # every d/dlogits is linear in the upstream gradients: 1/T folded in
+        g_p, g_s, g_kl, g_top = (None if g is None else g * inv_t for g in (g_p, g_s, g_kl, g_top))
+        zero = torch.zeros((), dtype=lse_p.dtype, device=h.device)
+        # the per-row coefficient of p_s beside the KL's own term: -g_s - sum_k g_k
+        coef = -(g_s if g_s is not None else zero) - (g_top.sum(-1) if g_top is not None else zero)
+        c = ctx.chunk
         for s in range(0, h.shape[0], c):
             e, idx = s + c, ids[s:s + c, None]
-            teacher = student_terms and g_kl is not None and ctx.kl_mode
+            teacher = need_s and g_kl is not None
             if need_p or teacher:
-                logits = _logits(h[s:e], w, b, temperature)
+                lt = _logits(h[s:e], w, b, ctx.temperature).sub_(lse_p[s:e, None])
+                pt = lt.exp() if need_p or ctx.kl_mode == "forward" else None
                 if need_p:
-                    grads_p.add(s, _grad_logprobs(logits, lse_p[s:e], idx, g_p[s:e, None]), temperature)
-                lt = torch.log_softmax(logits, -1) if teacher else None
-                del logits
-            if not student_terms:
+                    grads_p.add(s, (pt * -g_p[s:e, None]).scatter_add_(-1, idx, g_p[s:e, None]))
+            if not need_s:
                 continue
-            ls = torch.log_softmax(_logits(sh[s:e], sw, sb, temperature), -1)
-            ps = ls.exp()
-            d = torch.zeros_like(ls)
+            ls = _logits(sh[s:e], sw, sb, ctx.temperature).sub_(lse_s[s:e, None])
+            row = coef if coef.dim() == 0 else coef[s:e, None]
+            if teacher and ctx.kl_mode == "reverse":  # p_s (g_kl (ls - lt - KL) + coef)
+                d = (ls - lt).sub_(kl[s:e, None]).mul_(g_kl[s:e, None]).add_(row).mul_(ls.exp_())
+            else:  # p_s (g_kl + coef) - g_kl p_t
+                d = ls.exp_().mul_(row + g_kl[s:e, None] if teacher else row)
+                if teacher:
+                    d.addcmul_(pt, g_kl[s:e, None], value=-1.0)
             if g_s is not None:
-                g = g_s[s:e, None].to(d.dtype)
-                d = d - ps * g
-                d = d.scatter_add(-1, idx, g)
-            if teacher:
-                part = _kl_dlogits(ls, lt, kl[s:e], ctx.kl_mode == "reverse")
-                d = d + g_kl[s:e, None].to(part.dtype) * part
-            if g_top is not None and top_ids.shape[1]:
-                g = g_top[s:e].to(d.dtype)
-                d = d - ps * g.sum(-1, keepdim=True)
-                d = d.scatter_add(-1, top_ids[s:e], g)
-            grads_s.add(s, d, temperature)
+                d.scatter_add_(-1, idx, g_s[s:e, None])
+            if g_top is not None:
+                d.scatter_add_(-1, top_ids[s:e], g_top[s:e])
+            grads_s.add(s, d)
         none = (None, None, None)
         return (*(grads_p.result() if grads_p else none), *(grads_s.result() if grads_s else none),
                 None, None, None, None, None)
