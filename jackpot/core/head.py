@@ -25,6 +25,7 @@ ratios, KL — in float32 (float64 for float64 inputs). Temperature divides the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -355,13 +356,22 @@ def logprobs_and_normalizer(target: Head, rollout: Head, ids: torch.Tensor, lam:
         raise ValueError(f"target and rollout heads must cover the same positions and vocabulary, ids (N,): "
                          f"({len(target)}, {target.vocab_size}), ({len(rollout)}, {rollout.vocab_size}), "
                          f"{tuple(ids.shape)}")
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam!r}")
+    log_lam = math.log(lam)
     lt_out, li_out, z_out = [], [], []
     for s in range(0, len(target), chunk):
-        lt = torch.log_softmax(_logits(target.hidden[s:s + chunk], target.weight, target.bias, target.temperature), -1)
-        li = torch.log_softmax(_logits(rollout.hidden[s:s + chunk], rollout.weight, rollout.bias,
-                                       rollout.temperature), -1)
         idx = ids[s:s + chunk, None].long()
+        lt = _log_softmax_(_logits(target.hidden[s:s + chunk], target.weight, target.bias, target.temperature))
+        li = _log_softmax_(_logits(rollout.hidden[s:s + chunk], rollout.weight, rollout.bias, rollout.temperature))
         lt_out.append(lt.gather(-1, idx)[:, 0])
         li_out.append(li.gather(-1, idx)[:, 0])
-        z_out.append(obrs.normalizer(lt, li, lam))
+        # Z = sum_x min(p_inf, p_tgt / lam) (jackpot.core.obrs.normalizer), in the logits' own buffers
+        z_out.append(torch.minimum(li, lt.sub_(log_lam), out=lt).exp_().sum(-1))
     return torch.cat(lt_out), torch.cat(li_out), torch.cat(z_out)
+
+
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax over the last dim in the logits' own buffer. A NaN or +inf logit makes its row's logsumexp
+    NaN / inf, so the row's values say so without a full-size check."""
+    return logits.sub_(torch.logsumexp(logits, -1, keepdim=True))
