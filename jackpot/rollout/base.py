@@ -153,6 +153,9 @@ class RolloutEngine(Protocol):
                         process, an inference engine), which `sync_weights` must receive after every update;
                         False: it samples from the trainer's module itself and `sync_weights` gets None.
     `dtype`             the dtype of the weights it holds (None when it holds none).
+    `release()`         before an update: free what the engine holds on the device (a colocated vLLM sleeps;
+                        the `hf` engines hold nothing of their own: a no-op). The engine wakes by itself, weights
+                        before a push and KV cache before sampling; `resume()` wakes it without a push.
     """
 
     model_version: int
@@ -180,6 +183,14 @@ class RolloutEngine(Protocol):
         on the rest of the batch; `synced`: the model is sharded over processes (see `hf.HFRolloutEngine`)."""
         ...
 
+    def release(self) -> None:
+        """Free the engine's device memory until it is next used (see the class docstring)."""
+        ...
+
+    def resume(self) -> None:
+        """Take back what `release` freed, weights as they were (see the class docstring)."""
+        ...
+
     def sync_weights(self, weights: list[tuple[str, torch.Tensor]] | None, version: int) -> None:
         """Sample from these weights from now on, stamped `version`.
 
@@ -188,3 +199,9 @@ class RolloutEngine(Protocol):
         through `jackpot.rollout.weights.push_weights` after every update of the sampling model.
         """
         ...
+
+
+def release_all(engines) -> None:
+    """`release()` every engine of `engines` (before an update: colocated engines give their memory back)."""
+    for engine in engines:
+        engine.release()
