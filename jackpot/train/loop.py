@@ -390,11 +390,18 @@ def engine_for(run: Run, model: torch.nn.Module, version: int) -> RolloutEngine:
         run.engines[id(model)] = make_engine(run.cfg.rollout.engine, language_model(model), run.tokenizer,
                                              **engine_options(run.cfg))
     engine = run.engines[id(model)]
+    release_all(e for e in run.engines.values() if e is not engine)  # colocated vLLM: one engine awake at a time
     push_weights(engine, language_model(model), version)
     return engine
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
+    """One step under train.mixed_precision's autocast (jackpot.train.precision; none by default): `step_body`."""
+    with autocast(run.cfg.train.mixed_precision, run.policy):
+        return step_body(run, step)
+
+
+def step_body(run: Run, step: int) -> dict[str, float]:
     """One step: collect and score rollouts, prepare, update; returns the step's metrics."""
     cfg = run.cfg
     # ---- rollout + score (async: take the batch generated ahead, and queue the next)
@@ -459,8 +466,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     try:
         with _deferred_interrupt() as interrupted:
             for step in bar:
-                with autocast(cfg.train.mixed_precision, run.policy):  # train.mixed_precision, e.g. bf16
-                    values = train_step(run, step)
+                values = train_step(run, step)
                 if step % t.eval_every == 0 or step == t.steps:
                     values.update(evaluate_all(run, step))
                 run.logger.log(step, values)

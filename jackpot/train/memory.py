@@ -10,9 +10,10 @@ bound, so a run it refuses cannot fit, and one it lets through may still run out
 
 Colocated vLLM (`rollout.engine=vllm` on CUDA) takes `gpu_memory_utilization` (u, vLLM's default 0.9) of the
 device's total memory when it is built, after the trainer's models: the trainer's weights plus u x total must
-fit in the device (vLLM refuses to start otherwise, with a less direct message). The optimizer's states are
-made at the first update, while the engine sleeps (sleep_level 1 or 2) or beside it (0): with sleep they need
-not fit beside u x total, without it they must. docs/SCALING.md works the pairs through.
+fit in the device (vLLM refuses to start otherwise, with a less direct message). In decoupled mode there are
+two engines (the rollout model's, and the policy's for evaluation): asleep (sleep_level 1 or 2) the trainer
+keeps one awake at a time, awake (0) both hold u each. The optimizer's states are made at the first update,
+while the engines sleep or beside them (sleep_level 0). docs/SCALING.md works the pairs through.
 
 The parameter count of a checkpoint comes from its config (`AutoConfig`), the model built on the meta device
 (no memory, no weights read); a tiny model's from its shape (`tiny_parameters`). A source whose config cannot be
@@ -38,12 +39,14 @@ VLLM_DEFAULT_UTILIZATION = 0.9
 @dataclass(frozen=True)
 class Need:
     """Bytes a run keeps on each device: `weights` from the start, `states` (gradients, moments) from the first
-    update, `engine` vLLM's share (0 without colocated vLLM), and the parts by name for the message."""
+    update, `engine` one vLLM engine's share (0 without colocated vLLM) and `engines` how many it builds (the
+    sampling model's, and in decoupled mode the policy's for evaluation), and the parts by name for the message."""
 
     weights: int
     states: int
     engine: int
     parts: tuple[str, ...]
+    engines: int = 1
 
 
 def tiny_parameters(hidden: int, layers: int, vocab: int = TINY_VOCAB) -> int:
@@ -91,8 +94,8 @@ def run_need(cfg, counts: dict[str, int], world: int, device_total: int | None) 
     if device_total is not None:
         u = cfg.rollout.gpu_memory_utilization or VLLM_DEFAULT_UTILIZATION
         engine = int(u * device_total)
-        parts.append(f"vLLM's rollout.gpu_memory_utilization={u} x {device_total / GiB:.1f} GiB")
-    return Need(weights, states, engine, tuple(parts))
+        parts.append(f"vLLM's rollout.gpu_memory_utilization={u} x {device_total / GiB:.1f} GiB per engine")
+    return Need(weights, states, engine, tuple(parts), engines=2 if cfg.train.mode == "decoupled" else 1)
 
 
 def check_fits(cfg) -> None:
@@ -131,8 +134,9 @@ def _check(need: Need, free: int, where: str, cfg) -> None:
     from jackpot.train.config_checks import engine_options
 
     sleeps = engine_options(cfg).get("sleep_level", 0) > 0
-    at_build = need.weights + need.engine
-    at_update = need.weights + need.states + (0 if sleeps else need.engine)
+    awake = need.engine * (1 if sleeps else need.engines)  # asleep, the trainer keeps one engine awake at a time
+    at_build = need.weights + awake
+    at_update = need.weights + need.states + (0 if sleeps else awake)
     total = max(at_build, at_update)
     if total > free:
         hint = (" (lower rollout.gpu_memory_utilization)" if need.engine and at_build > free else

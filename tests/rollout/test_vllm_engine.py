@@ -155,7 +155,8 @@ def test_an_option_the_engine_does_not_have_is_refused_by_name(option):
 def test_engine_options_reach_the_engine_and_bad_values_are_refused():
     cfg = build_config(None, ["rollout.engine=vllm", "rollout.max_model_len=64", "rollout.kv_cache_gib=0.5",
                               "sampling.topk=30"])
-    assert engine_options(cfg) == {"max_model_len": 64, "kv_cache_gib": 0.5, "enforce_eager": True, "max_topk": 30}
+    assert engine_options(cfg) == {"max_model_len": 64, "kv_cache_gib": 0.5, "enforce_eager": True, "max_topk": 30,
+                                   "sleep_level": 0}  # on CPU
     for bad, message in (("rollout.gpu_memory_utilization=1.5", "in \\(0, 1\\]"),
                          ("rollout.kv_cache_gib=0", "must be > 0 or null"), ("rollout.dtype=int8", "must be one of")):
         with pytest.raises(InputError, match=f"rollout.{bad.split('.')[1].split('=')[0]}.*{message}"):
