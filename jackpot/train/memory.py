@@ -60,7 +60,8 @@ def checkpoint_parameters(source: str) -> int | None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, local_files_only=True)  # no network: a hub id not yet
+        # downloaded is skipped here (the download comes with loading)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 - an unreadable config is reported by the loader, with its reason

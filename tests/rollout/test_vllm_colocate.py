@@ -36,6 +36,9 @@ class RecordingLLM:
         assert "weights" not in self.asleep, "a push into sleeping weights"
         self.calls.append(("push", method))
 
+    def reset_prefix_cache(self) -> None:
+        self.calls.append(("reset_prefix_cache",))
+
     def generate(self, prompts, params, use_tqdm=False):
         assert not self.asleep, f"sampling with {self.asleep} asleep"
         self.calls.append(("generate", len(prompts)))
@@ -66,7 +69,8 @@ def pair():
 
 
 def names(calls):
-    return [c[0] if c[0] not in ("sleep", "wake_up") else f"{c[0]}:{c[1]}" for c in calls]
+    return [c[0] if c[0] not in ("sleep", "wake_up") else f"{c[0]}:{c[1]}" for c in calls
+            if c[0] != "reset_prefix_cache"]
 
 
 def sample(engine):
@@ -119,6 +123,7 @@ def test_level_0_never_sleeps_and_release_is_harmless(fake_vllm, pair):
     step(engine, model, 2)
     assert "enable_sleep_mode" not in fake_vllm[0][1]
     assert names(fake_vllm) == ["build", "generate", "push", "generate"]
+    assert [c[0] for c in fake_vllm][2:4] == ["push", "reset_prefix_cache"]  # no KV cached from the old weights
 
 
 def test_level_2_without_a_push_is_a_bug_not_garbage(fake_vllm, pair):
