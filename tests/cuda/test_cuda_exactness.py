@@ -6,9 +6,14 @@ tolerances: each quantity computed on the GPU from bfloat16 tensors against floa
     gradients through the head                             within 2 % of float64, relative to their norm
     OBRS Z from bfloat16 logits                            within 1e-4 relative (the logits are given: only the
                                                            float32 upcast and summation differ)
-    one decoupled prepare + update on the GPU              float32 on the GPU equals float32 on the CPU to 1e-4
-                                                           (no TF32); bf16 autocast agrees in sign with float32
-                                                           on > 95 % of the moved weights, loss within 0.02
+    one decoupled prepare + update on the GPU              float32 on the GPU equals float32 on the CPU (each
+                                                           weight's move within 1e-5 + 1e-3 relative, on all but
+                                                           0.1 % of them; no TF32); bf16 autocast agrees in sign
+                                                           with float32 on > 95 % of the moved weights, loss
+                                                           within 0.02
+
+A dry run of this file on CPU (`.cuda()` removed) passes: the bf16 tolerances hold there; on the GPU only the
+kernels differ.
 
 Skipped without a GPU (`-m cuda` selects them; scripts/device_check.sh runs them first). Nothing here has run
 yet: no GPU was lent while they were written (docs/PERFORMANCE.md).
@@ -138,9 +143,11 @@ def _decoupled_step(device: str, mixed: str | None):
 def test_decoupled_step_on_the_gpu_equals_the_cpu_step():
     gpu, r_gpu, _ = _decoupled_step("cuda", None)
     cpu, r_cpu, _ = _decoupled_step("cpu", None)
-    for a, b in zip(gpu, cpu):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
-    assert r_gpu["policy/loss"] == pytest.approx(r_cpu["policy/loss"], abs=1e-4)
+    # AdamW's first step moves a weight by about lr * sign(gradient): a gradient within rounding of zero may flip,
+    # so equality is asked of all but 0.1 % of the weights
+    close = sum((a - b).abs().le(1e-5 + 1e-3 * b.abs()).sum().item() for a, b in zip(gpu, cpu))
+    assert close / sum(a.numel() for a in gpu) > 0.999
+    assert float(r_gpu["policy/loss"]) == pytest.approx(float(r_cpu["policy/loss"]), abs=1e-4)
 
 
 def test_bf16_autocast_step_keeps_fp32_masters_and_follows_the_fp32_step():
@@ -151,4 +158,4 @@ def test_bf16_autocast_step_keeps_fp32_masters_and_follows_the_fp32_step():
     agree = sum((torch.sign(m[k]) == torch.sign(f[k])).sum().item() for m, f, k in zip(mixed, full, big))
     total = sum(k.sum().item() for k in big)
     assert total > 10_000 and agree / total > 0.95
-    assert r_mixed["policy/loss"] == pytest.approx(r_full["policy/loss"], abs=0.02)
+    assert float(r_mixed["policy/loss"]) == pytest.approx(float(r_full["policy/loss"]), abs=0.02)
