@@ -10,9 +10,11 @@ trained under bf16 autocast (train.mixed_precision=bf16), fused AdamW, the polic
 the `hf` engine, `train.head_chunk` from jackpot.train.precision.gpu_head_chunk. Random weights rarely emit EOS,
 so every response is `--new-tokens` long: the regime that sizes memory and speed.
 
-Each mode runs `jackpot.train.loop.train` for `--steps` steps (16 prompts x 8 samples; evaluation only at the end,
-on 8 prompts x 1) and reports the mean over the steps after the first (the first pays for kernel selection and
-allocation): rollout, prepare and update seconds, sampled tokens per second, and the peak memory torch allocated.
+Each mode runs the trainer's `setup` and `train_step` (what `jackpot train` runs) for `--steps` steps (16 prompts x
+8 samples; no evaluation, checkpoint or export: a real-size checkpoint with its optimizer states is tens of GB of
+the machine's 64 GiB disk) and reports the mean over the steps after the first (the first pays for kernel
+selection and allocation): rollout, prepare and update seconds, sampled tokens per second, and the peak memory
+torch allocated during the steps.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,31 +69,30 @@ def run_mode(mode: str, models: dict[str, str], out: Path, steps: int, new_token
     """`train` for `steps` steps of `mode` on `device`; the per-step means and the peak memory."""
     import torch
 
-    from jackpot.metrics import read_metrics
     from jackpot.models.shapes import VOCAB
     from jackpot.train.config import build_config
-    from jackpot.train.loop import train
+    from jackpot.train.loop import setup, train_step
     from jackpot.train.precision import gpu_head_chunk
 
     cuda = device == "cuda"
     chunk = gpu_head_chunk(VOCAB, torch.cuda.mem_get_info()[1]) if cuda else 1024
     overrides = [f"policy.path={models['policy']}", f"train.mode={mode}", f"train.device={device}",
-                 f"train.prompts_per_step={prompts}", "train.threads=1",
+                 f"train.prompts_per_step={prompts}", *([] if cuda else ["train.threads=1"]),
                  "train.mixed_precision=bf16", "policy.gradient_checkpointing=true", f"train.steps={steps}",
-                 f"train.eval_every={steps}", "train.eval_prompts=8", "train.eval_samples=1",
-                 f"train.checkpoint_every={steps + 1}", f"sampling.max_new_tokens={new_tokens}",
+                 "train.eval_prompts=8", f"sampling.max_new_tokens={new_tokens}",
                  f"train.head_chunk={chunk}", "tensorboard=false"]
     if mode == "decoupled":
         overrides += [f"rollout_model.path={models['rollout_model']}", "rollout_model.gradient_checkpointing=true"]
     cfg = build_config(None, overrides)
+    run = setup(cfg, out)  # what `jackpot train` runs, without its evaluations, checkpoints and export (disk)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    train(cfg, out, progress=False)
+    rows = [train_step(run, step) for step in range(1, steps + 1)]
     wall = time.perf_counter() - t0
-    rows = [r for r in read_metrics(out) if r.get("step", 0) >= 2 and "perf/step_s" in r] or \
-           [r for r in read_metrics(out) if "perf/step_s" in r]
-    result = {k: statistics.mean(r[k] for r in rows) for k in KEYS}
+    run.logger.close()
+    rows = rows[1:] or rows  # the first step pays for kernel selection and allocation
+    result = {k: statistics.mean(float(r[k]) for r in rows) for k in KEYS}
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     result.update(peak_gib=peak, wall_s=wall, head_chunk=chunk, steps_averaged=len(rows))
     return result
@@ -100,7 +102,7 @@ def table(results: dict[str, dict], device: str, new_tokens: int, prompts: int) 
     lines = [f"{device}; {ROLLOUT} -> {POLICY} (random weights, V = 151,936), {prompts} prompts x 8 samples x "
              f"{new_tokens} new tokens, bf16 autocast over fp32 masters, fused AdamW, head_chunk "
              f"{next(iter(results.values()))['head_chunk']}; seconds per step (mean of steps >= 2)", "",
-             "| mode | rollout s | prepare s | update s | step s | sampled tok/s | peak GiB | run wall s |",
+             "| mode | rollout s | prepare s | update s | step s | sampled tok/s | peak GiB | all steps wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         lines.append(f"| {mode} | {r['perf/rollout_s']:.2f} | {r['perf/prepare_s']:.2f} | {r['perf/update_s']:.2f} | "
@@ -145,6 +147,7 @@ def main() -> None:
                             "--prompts", str(args.prompts), *(["--smoke"] if args.smoke else [])],
                            check=True, env={**os.environ})
             results[mode] = json.loads(Path(str(out) + ".json").read_text())
+            shutil.rmtree(out, ignore_errors=True)
     print(table(results, name, args.new_tokens, args.prompts))
 
 
