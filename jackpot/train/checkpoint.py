@@ -14,6 +14,7 @@ directory, then, after all ranks are done, rank 0 writes state.json, renames it 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -42,7 +43,9 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    need = checkpoint_bytes(models, optimizers)
     try:  # a failed write (full disk, Ctrl-C) leaves no temporary directory; `latest` still names the last one
+        check_space(tmp, need)
         for name, model in models.items():
             save_file(_untie(_saved_state(model)), str(tmp / f"{name}.safetensors"))
         torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optim.pt")
@@ -53,12 +56,45 @@ def save_checkpoint(run_dir: str | Path, step: int, models: dict[str, torch.nn.M
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, Exception):
             raise
+        if "unexpected pos" in str(e):  # torch's zip writer, short of space: "[enforce fail ...] unexpected pos N vs M"
+            e = OSError(errno.ENOSPC, disk_full(need, shutil.disk_usage(root).free))
         raise checkpoint_write_error(e, final, latest_checkpoint(run_dir)) from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _publish(root, final)
     return final
+
+
+def checkpoint_bytes(models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> int:
+    """The bytes of tensor data a one-process checkpoint of `models` and `optimizers` writes (headers aside)."""
+    total = 0
+    for model in models.values():
+        frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        total += sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in frozen)
+    for opt in optimizers.values():
+        total += sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+                     if torch.is_tensor(t))
+    return total
+
+
+def disk_full(need: int, free: int) -> str:
+    """The reason a checkpoint cannot be written, with its size and the free space."""
+    return f"the disk is full: the checkpoint needs {_gib(need)} and {_gib(free)} is free"
+
+
+def check_space(directory: Path, need: int) -> None:
+    """OSError(ENOSPC) naming both sizes if the file system of `directory` has less than `need` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise OSError(errno.ENOSPC, disk_full(need, free))
+
+
+def _gib(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def _publish(root: Path, final: Path) -> None:

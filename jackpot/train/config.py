@@ -130,6 +130,10 @@ class RolloutConfig:
     """vllm on a GPU: the fraction of its memory vLLM may take (null: vLLM's default, 0.9)."""
     enforce_eager: bool = True
     """vllm: run eagerly (no graph capture or compilation: faster start, slower decoding)."""
+    sleep_level: int | None = None
+    """vllm on a GPU: how the engine frees the device for every update (vLLM's sleep mode): 0 never, 1 weights to
+    CPU memory and KV cache dropped, 2 both dropped (pushed again after). null: 0 on CPU and with async_steps,
+    else 2 when the sampling model is trained, 1 when it is frozen (jackpot/rollout/vllm.py, docs/SCALING.md)."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,9 @@ class TrainConfig:
     micro_batch_tokens: int = 16384
     """When micro_batch_size is None: response positions per forward/backward (16,384: the whole mini-batch
     of the offline default, 2 sequences of 8,192 tokens)."""
+    mixed_precision: str | None = None
+    """'bf16': forward and backward under bfloat16 autocast over float32 parameters, gradients and AdamW states
+    (the master weights; jackpot/train/precision.py); needs float32 models. null: the parameters' own dtype."""
     head_chunk: int = 1024
     """Response positions per chunk of every per-vocabulary computation: at most head_chunk x V logits exist
     at once. Changes memory and speed only, never a result (jackpot/core/head.py)."""
@@ -290,7 +297,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     policy: ModelConfig = field(default_factory=ModelConfig)
     rollout_model: ModelConfig = field(default_factory=lambda: ModelConfig(
-        hidden_size=64, num_layers=2, num_heads=4, sft_steps=600, sft_lr=3e-3, seed=1))
+        hidden_size=64, num_layers=2, num_heads=2, sft_steps=600, sft_lr=3e-3, seed=1))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)

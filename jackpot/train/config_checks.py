@@ -19,6 +19,7 @@ from jackpot.rollout import ENGINE_OPTIONS, ENGINES
 from jackpot.tasks import TASKS, default_max_new_tokens, task_options
 from jackpot.train.config import RECOMPUTE_OLD, ROLLOUT_MODEL_TRAINING, TRAIN_MODES
 from jackpot.train.distributed import PARALLEL_MODES
+from jackpot.train.precision import MIXED_PRECISIONS
 
 if TYPE_CHECKING:
     from jackpot.train.config import Config
@@ -44,6 +45,7 @@ CHOICES: dict[str, tuple] = {
     "parallel.rollout_model": PARALLEL_MODES,
     "parallel.mixed_precision": tuple(DTYPES),  # or null
     "rollout.dtype": tuple(DTYPES),  # or null
+    "train.mixed_precision": tuple(MIXED_PRECISIONS),  # or null
 }
 POSITIVE_INTS = ("train.steps", "train.prompts_per_step", "train.minibatches", "train.ppo_epochs",
                  "train.eval_every", "train.eval_prompts", "train.eval_samples", "train.checkpoint_every",
@@ -130,6 +132,7 @@ def _check_rules(cfg: Config) -> None:
         raise InputError(f"correction.target={c.target!r}: correction {c.name!r} has no target (it always "
                          "weights toward p_old)")
     _check_rollout(cfg)
+    _check_mixed_precision(cfg)
     if cfg.distill.target_kl is not None:
         _check_kl_control(cfg)
     needs = correction_needs(c.name, **c.kwargs())
@@ -161,6 +164,13 @@ def _check_rollout(cfg: Config) -> None:
                          "rollout.async_steps > 0")
     if r.gpu_memory_utilization is not None and r.gpu_memory_utilization > 1:
         raise InputError(f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
+    if r.sleep_level is not None:
+        from jackpot.rollout.vllm import check_sleep_level  # no vLLM import: that module imports it on use only
+
+        check_sleep_level(r.sleep_level, on_cpu=cfg.train.device == "cpu")
+        if r.sleep_level and r.async_steps:
+            raise InputError(f"rollout.sleep_level={r.sleep_level} with rollout.async_steps={r.async_steps}: the "
+                             "engine generates while the trainer updates, so it cannot sleep; use sleep_level=0")
     # weights pushed as checkpoint tensors (jackpot.rollout.weights): vLLM's engines (sampling and evaluation,
     # both models) and the asynchronous generator's copy (the sampling model); LoRA is merged on a deep copy,
     # which an FSDP2 module does not allow
@@ -178,7 +188,36 @@ def engine_options(cfg: Config) -> dict[str, Any]:
     left at null are left to the engine), and for an engine with a top-K cap the run's sampling.topk."""
     r = cfg.rollout
     options = {name: getattr(r, name) for name in ENGINE_OPTIONS[r.engine] if getattr(r, name) is not None}
-    return {**options, "max_topk": cfg.sampling.topk} if r.engine == "vllm" else options
+    if r.engine != "vllm":
+        return options
+    return {"sleep_level": default_sleep_level(cfg), **options, "max_topk": cfg.sampling.topk}
+
+
+def default_sleep_level(cfg: Config) -> int:
+    """rollout.sleep_level when null: 0 on CPU or with asynchronous generation (the engine never idles during an
+    update); on a GPU 2 when the sampling model is trained (its weights are replaced after every update anyway,
+    as TRL does), 1 when it is frozen (its weights wait in CPU memory instead of being pushed again, verl's
+    default level)."""
+    if cfg.train.device == "cpu" or cfg.rollout.async_steps:
+        return 0
+    trained = cfg.train.mode == "on-policy" or cfg.distill.rollout_model == "joint"
+    return 2 if trained else 1
+
+
+def _check_mixed_precision(cfg: Config) -> None:
+    """train.mixed_precision autocasts over float32 master weights: the trained models must be float32, and
+    FSDP2's own mixed precision (parallel.mixed_precision) is the other way of doing it, not both."""
+    if cfg.train.mixed_precision is None:
+        return
+    trained = ["policy"] + (["rollout_model"] if cfg.train.mode == "decoupled" and cfg.distill.rollout_model == "joint"
+                            else [])
+    for role in trained:
+        if getattr(cfg, role).dtype != "float32":
+            raise InputError(f"train.mixed_precision={cfg.train.mixed_precision} keeps float32 master weights: "
+                             f"{role}.dtype must be float32, got {getattr(cfg, role).dtype}")
+    if cfg.parallel.mixed_precision is not None:
+        raise InputError(f"train.mixed_precision={cfg.train.mixed_precision} and parallel.mixed_precision="
+                         f"{cfg.parallel.mixed_precision}: choose one (the latter is FSDP2's, under torchrun)")
 
 
 def _check_kl_control(cfg: Config) -> None:
@@ -196,16 +235,18 @@ def _check_kl_control(cfg: Config) -> None:
 def check_training_models(cfg: Config) -> None:
     """What `jackpot train` will build, checked before any model is built or pre-trained: on CPU the vLLM engine
     cannot serve a tiny model whose head dimension its attention lacks (a checkpoint's is checked when the
-    engine is built). Both models generate (training and evaluation)."""
+    engine is built). Both models generate (training and evaluation). Then vLLM itself is imported: missing, it
+    is one line now, not after minutes of pre-training."""
     if cfg.rollout.engine != "vllm":
         return
-    from jackpot.rollout.vllm import check_head_dim  # no vLLM import: that module imports it on use only
+    from jackpot.rollout.vllm import check_head_dim, import_vllm  # that module imports vLLM on use only
 
     for name in ["policy"] + (["rollout_model"] if cfg.train.mode == "decoupled" else []):
         m = getattr(cfg, name)
         if m.path is None:
             check_head_dim(m.hidden_size // m.num_heads, f"{name} ({name}.hidden_size={m.hidden_size}, "
                            f"{name}.num_heads={m.num_heads})", on_cpu=cfg.train.device == "cpu")
+    import_vllm()
 
 
 def get(cfg: Any, dotted: str) -> Any:

@@ -57,7 +57,7 @@ from jackpot.metrics import MetricLogger, scalars, standard_error
 from jackpot.models.loading import load_model, load_tokenizer
 from jackpot.models.tokenizer import check_same_tokenizer
 from jackpot.rollout import RolloutEngine, make_engine
-from jackpot.rollout.base import RolloutBatch
+from jackpot.rollout.base import RolloutBatch, release_all
 from jackpot.rollout.text import decode_responses, encode_prompts
 from jackpot.rollout.weights import checkpoint_weights, push_weights
 from jackpot.seeding import EVAL_STREAM, PROMPT_STREAM, SAMPLING_STREAM, row_uniforms, step_seed
@@ -67,6 +67,7 @@ from jackpot.train.config import Config, ModelConfig, to_dict
 from jackpot.train.config_checks import check_training_models, engine_options
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, language_model, wrap
 from jackpot.train.pipeline import Generator
+from jackpot.train.precision import adamw, autocast
 from jackpot.train.prepare import prepare, recorded_logprobs_serve
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
@@ -214,8 +215,8 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                                        cfg.rollout_model)
         rollout_train = wrap(rollout_model, cfg.parallel.rollout_model, coll,
                              trainable=cfg.distill.rollout_model == "joint", mixed_precision=mp)
-        rollout_opt = torch.optim.AdamW(_trainable(rollout_model), lr=cfg.rollout_model.lr)
-    policy_opt = torch.optim.AdamW(_trainable(policy), lr=cfg.policy.lr)  # after wrap: FSDP2 shards in place
+        rollout_opt = adamw(_trainable(rollout_model), cfg.rollout_model.lr)
+    policy_opt = adamw(_trainable(policy), cfg.policy.lr)  # after wrap: FSDP2 shards in place
     if coll.is_main:
         out.mkdir(parents=True, exist_ok=True)
     coll.barrier()
@@ -389,11 +390,18 @@ def engine_for(run: Run, model: torch.nn.Module, version: int) -> RolloutEngine:
         run.engines[id(model)] = make_engine(run.cfg.rollout.engine, language_model(model), run.tokenizer,
                                              **engine_options(run.cfg))
     engine = run.engines[id(model)]
+    release_all(e for e in run.engines.values() if e is not engine)  # colocated vLLM: one engine awake at a time
     push_weights(engine, language_model(model), version)
     return engine
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
+    """One step under train.mixed_precision's autocast (jackpot.train.precision; none by default): `step_body`."""
+    with autocast(run.cfg.train.mixed_precision, run.policy):
+        return step_body(run, step)
+
+
+def step_body(run: Run, step: int) -> dict[str, float]:
     """One step: collect and score rollouts, prepare, update; returns the step's metrics."""
     cfg = run.cfg
     # ---- rollout + score (async: take the batch generated ahead, and queue the next)
@@ -404,6 +412,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     else:
         batch, rewards, pipeline = collect_ahead(run, step)
     t1 = time.perf_counter()
+    release_all(run.engines.values())  # colocated vLLM sleeps through prepare and update (rollout.sleep_level)
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
     recorded = recorded_logprobs_serve(cfg, _sampling_engine(run), language_model(run.actor), batch, step)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,

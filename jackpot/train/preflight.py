@@ -4,7 +4,8 @@ minutes of pre-training, and not as a library's traceback.
 
     check_device(name)        the torch device exists in this torch build and on this machine
     check_writable_dir(path)  the run directory can be created and written (nothing is left behind)
-    check_run(cfg, out)       all of the above, plus both models' sources and the task's data
+    check_run(cfg, out)       all of the above, plus both models' sources, the task's data, and whether the models
+                              fit the device (`jackpot.train.memory.check_fits`, from parameter counts)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jackpot.errors import JackpotError, WriteError
 from jackpot.models.loading import check_model_source
 from jackpot.tasks import make_task
 from jackpot.train.config import Config
+from jackpot.train.memory import check_fits
 
 
 def check_device(name: str) -> torch.device:
@@ -83,4 +85,5 @@ def check_run(cfg: Config, out: str | Path) -> None:
         else:
             reason = " ".join(str(e).split())
         raise JackpotError(f"task.name={cfg.task.name} task.options={cfg.task.options}: {reason}") from None
+    check_fits(cfg)
     check_writable_dir(out)

@@ -10,9 +10,13 @@ and EOS tokens only (the prompt is context, not a target). AdamW, linear warm-up
 training run and its tests do not pay for SFT twice.
 
 Measured on 2-digit addition (2 shared CPU cores, 1 torch thread, 200 eval problems, 2 seeds):
-    h64, 2 layers (0.11M params), lr 3e-3, 600 steps: greedy 51%, sampled 26-31%, ~20 s
-    h128, 3 layers (0.65M params), lr 2e-3, 600 steps: greedy 20-60%, sampled 11-39%, ~45-50 s
-Accuracy jumps late and abruptly (h64: 8% at 500 steps, 51% at 600), so it varies with the seed.
+    h64, 2 layers, 4 heads (0.11M params), lr 3e-3, 600 steps: greedy 51%, sampled 26-31%, ~20 s
+    h64, 2 layers, 2 heads (the default rollout model since December 2026: head_dim 32, which vLLM serves),
+        lr 3e-3, 600 steps, seeds 1 and 2: greedy 14% / 11%, sampled 6% / 7% (800 steps, seed 1: 8%);
+        lr 6e-3: sampled 17% / 9%. With 3 heads at h96: 6% / 10%; 4 heads at h128: 53% / 42%, ~85 s
+    h128, 3 layers, 4 heads (0.65M params), lr 2e-3, 600 steps: greedy 20-60%, sampled 11-39%, ~45-50 s
+Accuracy jumps late and abruptly (h64: 8% at 500 steps, 51% at 600), so it varies with the seed; fewer,
+wider heads learn 2-digit addition more slowly at this size.
 
 Tokenizer: the built-in arithmetic tasks use the 56-symbol character tokenizer; every other task (files,
 reasoning-gym) the byte-level one, which encodes any text (`jackpot.models.tokenizer`).

@@ -114,19 +114,26 @@ def test_missing_vllm_is_one_line_naming_the_extra(model, tok, monkeypatch):
 
 
 def test_head_dim_the_cpu_attention_lacks_is_refused_before_loading(tok):
-    with pytest.raises(InputError, match="head_dim 16"):  # the default tiny rollout model's shape
+    with pytest.raises(InputError, match="head_dim 16"):  # the tiny rollout model's shape before December 2026
         make_engine("vllm", tiny(tok, hidden=64, heads=4), tok)
 
 
 def test_a_tiny_model_shape_vllm_cannot_serve_is_refused_before_training(tmp_path):
     with pytest.raises(InputError, match=r"rollout_model \(rollout_model.hidden_size=64, rollout_model.num_heads=4\) "
                                          "has head_dim 16"):
-        check_training_models(build_config(None, ["rollout.engine=vllm"]))  # the default tiny rollout model
-    check_training_models(build_config(None, ["rollout.engine=vllm", "rollout_model.num_heads=2"]))
-    check_training_models(build_config(None, ["rollout.engine=vllm", "train.mode=on-policy"]))  # no rollout model
-    result = jackpot("train", "--out", str(tmp_path / "run"), "rollout.engine=vllm", f"cache_dir={tmp_path}")
+        check_training_models(build_config(None, ["rollout.engine=vllm", "rollout_model.num_heads=4"]))
+    result = jackpot("train", "--out", str(tmp_path / "run"), "rollout.engine=vllm", "rollout_model.num_heads=4",
+                     f"cache_dir={tmp_path}")
     assert result.returncode == 2 and "head_dim 16" in result.stderr
     assert not any(tmp_path.iterdir())  # refused before any model was pre-trained (nothing cached)
+
+
+def test_the_default_tiny_models_have_shapes_vllm_serves():
+    from jackpot.rollout.vllm import CPU_HEAD_DIMS
+
+    cfg = build_config(None, [])
+    for m in (cfg.policy, cfg.rollout_model):
+        assert m.hidden_size // m.num_heads in CPU_HEAD_DIMS  # the offline default runs with rollout.engine=vllm
 
 
 @pytest.mark.parametrize("role", ["policy", "rollout_model"])
@@ -148,7 +155,8 @@ def test_an_option_the_engine_does_not_have_is_refused_by_name(option):
 def test_engine_options_reach_the_engine_and_bad_values_are_refused():
     cfg = build_config(None, ["rollout.engine=vllm", "rollout.max_model_len=64", "rollout.kv_cache_gib=0.5",
                               "sampling.topk=30"])
-    assert engine_options(cfg) == {"max_model_len": 64, "kv_cache_gib": 0.5, "enforce_eager": True, "max_topk": 30}
+    assert engine_options(cfg) == {"max_model_len": 64, "kv_cache_gib": 0.5, "enforce_eager": True, "max_topk": 30,
+                                   "sleep_level": 0}  # on CPU
     for bad, message in (("rollout.gpu_memory_utilization=1.5", "in \\(0, 1\\]"),
                          ("rollout.kv_cache_gib=0", "must be > 0 or null"), ("rollout.dtype=int8", "must be one of")):
         with pytest.raises(InputError, match=f"rollout.{bad.split('.')[1].split('=')[0]}.*{message}"):

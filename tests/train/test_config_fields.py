@@ -71,6 +71,7 @@ OVERRIDES: dict[str, tuple[str, tuple[str, ...]]] = {
     "train.eval_prompts": ("train.eval_prompts=3", ()),
     "train.eval_samples": ("train.eval_samples=3", ()),
     "train.eval_temperature": ("train.eval_temperature=0.3", ()),
+    "train.mixed_precision": ("train.mixed_precision=bf16", ()),
 }
 for role in ("policy", "rollout_model"):
     OVERRIDES.update({
@@ -114,6 +115,7 @@ ELSEWHERE = {
     "rollout.engine": "engines sample the same distribution: test_rollout (each engine's log-probs, sync_weights)",
     "rollout.async_steps": "the first step samples with the initial weights either way: tests/train/test_async.py",
     "rollout.threads": "the generator's torch threads: by design changes no result",
+    "rollout.sleep_level": "vLLM's sleep mode, CUDA only: tests/rollout/test_vllm_colocate.py (the order of calls)",
     **{f"rollout.{name}": "a vLLM engine option: tests/rollout/test_vllm_engine.py (options reach vllm.LLM)"
        for name in ("dtype", "max_model_len", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager")},
 }
