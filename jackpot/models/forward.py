@@ -141,3 +141,30 @@ def response_head(
     hidden = response_hidden(model, input_ids, attention_mask, response_len)
     weight, bias = output_head(model)
     return Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature)
+
+
+# ----------------------------------------------------------------------------- the model as the trainer wraps it
+class HiddenStates(nn.Module):
+    """A causal LM's forward as the trainer uses it: the last hidden states at the response positions.
+    What DDP and FSDP2 wrap (their hooks run on a module's forward; `jackpot.train.distributed.wrap`)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+        return response_hidden(self.lm, input_ids, attention_mask, response_len)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a DDP / HiddenStates wrapper (itself when unwrapped)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.lm if isinstance(model, HiddenStates) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded over processes by FSDP2 (its weights gathered by a collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

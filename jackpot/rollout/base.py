@@ -153,6 +153,10 @@ class RolloutEngine(Protocol):
                         process, an inference engine), which `sync_weights` must receive after every update;
                         False: it samples from the trainer's module itself and `sync_weights` gets None.
     `dtype`             the dtype of the weights it holds (None when it holds none).
+    `exact_logprobs`    True: its recorded (processed) log-probs equal a teacher-forced forward of the same weights
+                        in the same dtype (`hf`; `vllm` in float32).
+    The facts that hold for every engine of a kind are also in its `engines.EngineSpec`, readable before one is made.
+    `close()` frees what the engine holds (its copy of the weights, an inference engine); its maker calls it.
     """
 
     model_version: int
@@ -160,6 +164,7 @@ class RolloutEngine(Protocol):
     max_topk: int | None
     holds_weights: bool
     dtype: torch.dtype | None
+    exact_logprobs: bool
 
     def generate(
         self,
@@ -167,10 +172,10 @@ class RolloutEngine(Protocol):
         prompt_mask: torch.Tensor,
         *,
         max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        topk: int,
-        seed: int | None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        topk: int = 20,
+        seed: int | None = None,
         uniforms: torch.Tensor | None = None,
         synced: bool = False,
     ) -> RolloutBatch:
@@ -187,4 +192,8 @@ class RolloutEngine(Protocol):
         (`jackpot.rollout.weights.checkpoint_weights`) when `holds_weights`, else None. The trainer calls it
         through `jackpot.rollout.weights.push_weights` after every update of the sampling model.
         """
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds; it samples no more."""
         ...

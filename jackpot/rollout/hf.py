@@ -106,6 +106,8 @@ class HFRolloutEngine:
     per_row_uniforms = True
     """Samples each row from its `uniforms` when given (module docstring)."""
     max_topk = None
+    exact_logprobs = True
+    """Its recorded log-probs are those of the model's own forward, which a teacher-forced one reproduces."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  eos_token_ids: list[int] | None = None, cache_implementation: str | None = None, *,
@@ -122,6 +124,11 @@ class HFRolloutEngine:
         self.eos_token_ids = list(eos)
         self.cache_implementation = cache_implementation
         self.model_version = 0
+
+    def close(self) -> None:
+        """Drop the copy of the weights it holds (`own_copy`); the trainer's module is never touched."""
+        if self.holds_weights:
+            self.model = None
 
     def set_version(self, version: int) -> None:
         """Tag subsequent rollouts with `version` (call after loading new weights into the model)."""

@@ -126,6 +126,11 @@ class VLLMRolloutEngine:
     """Samples with per-request seeds; the `uniforms` argument only identifies rows (module docstring)."""
     holds_weights = True
 
+    @property
+    def exact_logprobs(self) -> bool:
+        """In float32 its processed log-probs equal a teacher-forced forward of the same weights (`EngineSpec`)."""
+        return self.dtype == torch.float32
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  eos_token_ids: list[int] | None = None, *, dtype: str | torch.dtype | None = None,
                  max_model_len: int | None = None, kv_cache_gib: float | None = None,

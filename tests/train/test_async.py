@@ -77,7 +77,7 @@ def test_each_batch_is_sampled_by_the_version_its_stamp_names(tmp_path, cache, m
             versions[step + 1] = copy.deepcopy(run.actor)
     finally:
         loop.prepare = real_prepare
-        run.generator.close()
+        run.source.close()
 
 
 def test_a_resumed_async_run_continues_as_the_uninterrupted_one(tmp_path, cache):
