@@ -108,13 +108,13 @@ def measure(args) -> dict:
     mask = torch.ones(B, T, device=device)
     with torch.no_grad():  # the rollout record: p_inf at the sampled tokens and its top-k, one sequence at a time
         import jackpot
-        from jackpot.models.forward import response_logits
 
         sampler = rollout if rollout is not None else policy
         ids = torch.cat([prompt, response], 1)
         logp, top_v, top_i = [], [], []
         for i in range(B):
-            lp = torch.log_softmax(response_logits(sampler, ids[i:i + 1], torch.ones_like(ids[i:i + 1]), T), -1)[0]
+            logits = sampler(input_ids=ids[i:i + 1], use_cache=False).logits[0, P - 1:-1].float()  # no padding
+            lp = torch.log_softmax(logits, -1)
             logp.append(lp.gather(-1, response[i, :, None])[:, 0])
             top = lp.topk(cfg.sampling.topk, -1)
             top_v.append(top.values)

@@ -20,12 +20,13 @@ import sys
 import pytest
 import torch
 from cli_helpers import jackpot, needs_vllm
+from reference import response_logits
 from transformers.generation import TopPLogitsWarper
 
 from jackpot.errors import InputError
 from jackpot.metric_names import MISMATCH_KL_K3, MISMATCH_ROLLOUT_MODEL_KL_K3, ROLLOUT_STALENESS
 from jackpot.metrics import read_metrics
-from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.forward import token_logprobs
 from jackpot.models.loading import build_tiny_qwen
 from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.rollout import RolloutEngine, encode_prompts, make_engine

@@ -18,12 +18,13 @@ import signal
 import pytest
 import torch
 from cli_helpers import TINY
+from reference import response_logits
 
 from jackpot.cli import main as cli_main
 from jackpot.errors import InputError
 from jackpot.metric_names import PERF_GENERATOR_IDLE_S, PERF_ROLLOUT_WAIT_S, ROLLOUT_MODEL_VERSION, ROLLOUT_STALENESS
 from jackpot.metrics import read_metrics
-from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.forward import token_logprobs
 from jackpot.train import checkpoint as ckpt
 from jackpot.train import loop
 from jackpot.train.config import build_config
