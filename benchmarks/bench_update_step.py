@@ -95,7 +95,7 @@ def measure(args) -> dict:
         overrides.append(f"train.head_chunk={args.chunk}")
     cfg = build_config(None, overrides)
     policy = _model(args.policy, args.policy_layers, 0, dtype, device)
-    rollout = None if cfg.train.mode == "on-policy" else _model(args.rollout, args.rollout_layers, 1, dtype, device)
+    rollout = None if not cfg.decoupled else _model(args.rollout, args.rollout_layers, 1, dtype, device)
     if args.impl != "baseline":  # dropout off, gradient checkpointing / LoRA as configured, as `jackpot train` does
         from jackpot.train.loop import prepared_model
 
@@ -125,8 +125,7 @@ def measure(args) -> dict:
     rewards = torch.randn(B // 2, 2, generator=g).to(device)
     policy_opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     rollout_opt = torch.optim.SGD([p for p in rollout.parameters() if p.requires_grad], lr=1e-6) \
-        if rollout is not None and \
-        cfg.distill.rollout_model == "joint" else None
+        if cfg.trains_rollout_model else None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

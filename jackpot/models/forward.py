@@ -4,11 +4,11 @@ engines, which both use them).
 
 One forward pass over `prompt + response` (prompts left-padded, responses right-padded) gives, at
 position `P - 1 + t`, the hidden state (through the output head, the logits) that predicts response token
-`t`. Left padding shifts the real tokens, so position ids are recomputed from the mask, `position_ids = cumsum(mask) - 1` (clamped
-at 0 on pad positions) — the same positions `generate` uses, so the teacher-forced logits match
-the ones seen during generation (to ~1e-6 in float32). The (B, T, V) logits are never formed here:
-`response_head` hands the chunked functions of `jackpot.core.head` the hidden states and the head (a
-plain-forward reference for tests is `tests/reference.py`'s `response_logits`).
+`t`. Left padding shifts the real tokens, so position ids are recomputed from the mask,
+`position_ids = cumsum(mask) - 1` (clamped at 0 on pad positions) — the same positions `generate` uses,
+so the teacher-forced logits match the ones seen during generation (to ~1e-6 in float32). The (B, T, V)
+logits are never formed here: `response_head` hands the chunked functions of `jackpot.core.head` the
+hidden states and the head (a plain-forward reference for tests is `tests/reference.py`'s `response_logits`).
 
 Dividing by the sampling temperature reproduces the distribution rollouts were drawn from when no
 other logits processing (top-p, top-k) was applied.

@@ -166,19 +166,9 @@ class RolloutEngine(Protocol):
     dtype: torch.dtype | None
     exact_logprobs: bool
 
-    def generate(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        topk: int = 20,
-        seed: int | None = None,
-        uniforms: torch.Tensor | None = None,
-        synced: bool = False,
-    ) -> RolloutBatch:
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, topk: int = 20, seed: int | None = None,
+                 uniforms: torch.Tensor | None = None, synced: bool = False) -> RolloutBatch:
         """Sample one response per prompt row; prompt_ids/prompt_mask are (B, P), left-padded.
 
         `uniforms` (B, >= max_new_tokens): each row's draws, step by step, so a row's sample does not depend

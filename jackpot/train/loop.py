@@ -65,7 +65,7 @@ from jackpot.train.config import Config, to_dict
 from jackpot.train.config_checks import check_training_models
 from jackpot.train.distill_control import DistillCoefficient
 from jackpot.train.distributed import Collective, gathered_for_generation
-from jackpot.train.models import build_models
+from jackpot.train.models import Models, build_models
 from jackpot.train.models import model_dir as model_dir  # moved to jackpot.train.models; kept for one release
 from jackpot.train.models import prepared_model as prepared_model  # the same
 from jackpot.train.prepare import prepare
@@ -74,26 +74,18 @@ from jackpot.train.threads import choose_threads
 from jackpot.train.update import update
 
 
-@dataclass
-class Run:
-    """Everything a run holds between steps."""
+@dataclass(kw_only=True)
+class Run(Models):
+    """Everything a run holds between steps: its models (`models.Models`) and what else it needs."""
 
     cfg: Config
     out: Path
     task: Task
-    tokenizer: object
-    policy: torch.nn.Module
-    rollout_model: torch.nn.Module | None      # None in on-policy mode
-    init_policy: torch.nn.Module | None         # frozen copy for the KL penalty (kl_coef > 0)
-    policy_opt: torch.optim.Optimizer
-    rollout_opt: torch.optim.Optimizer | None
     source: RolloutSource | None = None  # where each step's batch comes from (and the engines that evaluate)
     distill: DistillCoefficient | None = None  # the distillation coefficient across steps
     logger: MetricLogger | None = None
     start_step: int = 1
     coll: Collective = dataclasses.field(default_factory=Collective)
-    policy_wrapper: torch.nn.Module | None = None   # the policy wrapped by DDP / FSDP2 (several processes)
-    rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -150,8 +142,8 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     if coll.is_main:
         out.mkdir(parents=True, exist_ok=True)
     coll.barrier()
-    run = Run(cfg, out, task, coll=coll, distill=DistillCoefficient(cfg),
-              **{f.name: getattr(models, f.name) for f in dataclasses.fields(models)})
+    run = Run(**{f.name: getattr(models, f.name) for f in dataclasses.fields(models)}, cfg=cfg, out=out, task=task,
+              coll=coll, distill=DistillCoefficient(cfg))
     run.source = RolloutSource(cfg, task, run.tokenizer, coll, run.actor)
     if resume:
         path = ckpt.latest_checkpoint(out)

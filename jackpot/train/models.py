@@ -33,8 +33,8 @@ class Models:
     init_policy: torch.nn.Module | None         # frozen copy for the KL penalty (kl_coef > 0)
     policy_opt: torch.optim.Optimizer
     rollout_opt: torch.optim.Optimizer | None
-    policy_wrapper: torch.nn.Module | None = None
-    rollout_wrapper: torch.nn.Module | None = None
+    policy_wrapper: torch.nn.Module | None = None   # the policy wrapped by DDP / FSDP2 (several processes)
+    rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
 
 
 def model_dir(role: str, mc: ModelConfig, cfg: Config, progress: bool) -> str:
