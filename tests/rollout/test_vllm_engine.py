@@ -165,6 +165,7 @@ def test_logprobs_and_topk_match_teacher_forced_forward(engine, model, prompts, 
     batch = rollout(engine, prompts, temperature=temperature, top_p=top_p, seed=3)
     assert isinstance(engine, RolloutEngine) and not engine.per_row_uniforms
     assert batch.response_mask.sum() > 4 and batch.topk_ids.shape[-1] == 5
+    assert engine.dtype == torch.float32 and engine.exact_logprobs  # what its spec says of float32
     assert_matches_forward(batch, model, temperature, top_p)
 
 
@@ -279,7 +280,7 @@ def test_a_bfloat16_engine_gets_the_updated_weights_in_its_dtype(tok, prompts, e
     model = tiny(tok, seed=3)
     engine = make_engine("vllm", model, tok, dtype="bfloat16")
     engines.append(engine)
-    assert engine.dtype == torch.bfloat16
+    assert engine.dtype == torch.bfloat16 and not engine.exact_logprobs  # within bfloat16 arithmetic only
     old = tiny(tok, seed=3)
     with torch.no_grad():
         for p in model.parameters():
