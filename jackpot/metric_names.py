@@ -81,6 +81,7 @@ EVAL_ROLLOUT_MODEL_ACCURACY_SE = EVAL_ROLLOUT_MODEL + ACCURACY_SE
 PERF_ROLLOUT_S = "perf/rollout_s"                  # sampling and scoring (async: the generator's time on the batch)
 PERF_PREPARE_S = "perf/prepare_s"                  # log-probs, Z and the correction (no gradients)
 PERF_UPDATE_S = "perf/update_s"                    # the optimizer steps
+PERF_RECORDED_OLD = "perf/recorded_old"            # 1: the engine's log-probs served as the sampling model's old ones
 PERF_STEP_S = "perf/step_s"                        # the three together
 PERF_ROLLOUT_WAIT_S = "perf/rollout_wait_s"        # rollout.async_steps > 0: the trainer waiting for its batch
 PERF_GENERATOR_IDLE_S = "perf/generator_idle_s"    # rollout.async_steps > 0: the generator waiting for a job

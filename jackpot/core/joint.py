@@ -14,8 +14,11 @@ policy, in the direction and with the estimator chosen (`jackpot.core.losses`, M
     estimator "sampled"  the sampled token only, importance-weighted from p_inf (truncated at is_cap)
 
 Both models enter as `jackpot.core.head.Head`s over the same B x T response positions (row-major), so nothing of
-size B x T x V is ever held: the rollout model's log-probs at the sampled tokens and the full KL share one pass over
-its logits (`head.logprobs_and_kl`). The policy's head is the teacher: detached, no gradient reaches it.
+size B x T x V is ever held: the rollout model's log-probs at the sampled tokens and every distillation estimator
+come from one pass over both heads (`head.joint_logprobs`), the teacher's distribution read from the policy's
+logits of that pass. The policy's head is the teacher: no gradient of this loss reaches it. In the trainer the same
+pass also gives the policy its own log-probs with gradient (`rollout_model_loss_from`), so a joint update forms
+each head's logits once per chunk forward and once backward.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from jackpot import metric_names as names
 from jackpot.core import head as vocab
 from jackpot.core.checks import SAFETY_BOUND, check_same_shape
-from jackpot.core.head import DEFAULT_ROW_CHUNK, Head
+from jackpot.core.head import DEFAULT_ROW_CHUNK, Head, JointLogprobs
 from jackpot.core.losses import KL_DIRECTIONS, KL_ESTIMATORS, aggregate, distill_kl_at, ppo_token_loss
 
 
@@ -44,6 +47,17 @@ class RolloutModelLoss:
         """The terms under the trainer's metric names (`rollout_model/...`), the ones that are on."""
         named = {names.ROLLOUT_MODEL_PPO_LOSS: self.ppo_loss, names.ROLLOUT_MODEL_DISTILL_KL: self.distill_kl}
         return {k: v for k, v in named.items() if v is not None}
+
+
+def distillation_request(distill: bool, direction: str, estimator: str, topk: int) -> dict:
+    """The keyword arguments of `jackpot.core.head.joint_logprobs` that serve a distillation term: the exact KL
+    for estimator "full", the policy's top-k for "topk", nothing for "sampled" (or no distillation)."""
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    return {"kl": direction if distill and estimator == "full" else None,
+            "topk": topk if distill and estimator == "topk" else 0}
 
 
 def rollout_model_loss(
@@ -74,32 +88,65 @@ def rollout_model_loss(
         policy's head over the same positions (used detached).
     response_ids (B, T) the sampled tokens; mask (B, T) the response mask; advantages (B,) or (B, T);
     old_logp (B, T) log p_omega_old, the rollout model before this update; rollout_logp (B, T) log p_inf;
-    teacher_logp (B, T) log p_new at the sampled tokens: needed by estimator "sampled" only.
+    teacher_logp (B, T) log p_new at the sampled tokens (estimator "sampled"; None: read from the teacher's head).
     ppo / distill_coef: the terms (distill_coef 0 leaves distillation out); direction, estimator, topk (the
     policy's top-k for estimator "topk", at most the vocabulary), is_cap (the IS truncation of both the PPO
     weight and the sampled estimator): as in the module docstring. clip_eps, clip_eps_high, dual_clip: PPO's.
     denominator: both terms' token-mean denominator (pass the mini-batch's when accumulating micro-batches;
         None: this batch's response tokens). chunk: positions per chunk of logits.
+
+    The trainer, whose policy forward is at hand with gradient, calls `jackpot.core.head.joint_logprobs` itself
+    (one pass over both heads for both models' losses) and `rollout_model_loss_from` on its result.
     """
-    if direction not in KL_DIRECTIONS:
-        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
     check_same_shape(response_ids=response_ids, mask=mask, old_logp=old_logp, rollout_logp=rollout_logp,
                      teacher_logp=teacher_logp)
     if len(student) != response_ids.numel() or len(teacher) != len(student):
         raise ValueError(f"the heads must cover the B x T = {response_ids.numel()} response positions, got "
                          f"{len(student)} (rollout model) and {len(teacher)} (policy)")
+    ids = response_ids.reshape(-1)
+    if distill_coef > 0:
+        request = distillation_request(True, direction, estimator, min(topk, teacher.vocab_size))
+        logs = vocab.joint_logprobs(vocab.detached(teacher), student, ids, chunk=chunk, **request)
+    else:  # PPO alone: the teacher's head is not needed
+        distillation_request(False, direction, estimator, 0)
+        logs = JointLogprobs(None, vocab.logprobs_at(student, ids, chunk=chunk))
+    return rollout_model_loss_from(logs, response_ids.shape, mask, advantages, old_logp, rollout_logp,
+                                   teacher_logp=teacher_logp, ppo=ppo, distill_coef=distill_coef,
+                                   direction=direction, estimator=estimator, clip_eps=clip_eps,
+                                   clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap,
+                                   denominator=denominator)
+
+
+def rollout_model_loss_from(
+    logs: JointLogprobs,
+    shape: torch.Size | tuple[int, int],
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    *,
+    teacher_logp: torch.Tensor | None = None,
+    ppo: bool = True,
+    distill_coef: float = 1.0,
+    direction: str = "forward",
+    estimator: str = "full",
+    clip_eps: float | None = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    is_cap: float = 2.0,
+    denominator: torch.Tensor | float | None = None,
+) -> RolloutModelLoss:
+    """`rollout_model_loss` from the pass over both heads (`jackpot.core.head.joint_logprobs`, asked for what
+    `distillation_request` names) at the B x T = `shape` response positions; teacher_logp (B, T) defaults to
+    the pass's policy log-probs (detached)."""
     distill = distill_coef > 0
-    if distill and estimator == "sampled" and teacher_logp is None:
-        raise ValueError("estimator='sampled' needs teacher_logp (the policy's log-probs at the sampled tokens)")
-    shape, ids, reverse = response_ids.shape, response_ids.reshape(-1), direction == "reverse"
-    logp = kl = None
-    if ppo and distill and estimator == "full":  # one pass over the rollout model's logits for both terms
-        logp, kl = vocab.logprobs_and_kl(student, teacher, ids, reverse=reverse, chunk=chunk)
-        logp, kl = logp.reshape(shape), kl.reshape(shape)
-    elif ppo or (distill and estimator == "sampled"):
-        logp = vocab.logprobs_at(student, ids, chunk=chunk).reshape(shape)
+    distillation_request(distill, direction, estimator, 0)  # checks direction and estimator
+    missing = {"full": logs.kl is None, "topk": logs.student_at_top is None,
+               "sampled": teacher_logp is None and logs.policy is None}[estimator]
+    if distill and missing:
+        raise ValueError(f"estimator={estimator!r} needs the pass over both heads to carry what "
+                         f"distillation_request asks for (kl, topk) or teacher_logp")
+    logp = logs.student.reshape(shape)
     total = mask.new_zeros(())
     ppo_loss = distill_kl = None
     if ppo:
@@ -109,33 +156,19 @@ def rollout_model_loss(
         ppo_loss = aggregate(tok * log_is.exp().clamp_max(is_cap), mask, "token-mean", denominator=denominator)
         total = total + ppo_loss
     if distill:
-        if kl is None:
-            kl = distillation_kl(student, teacher, shape, direction=direction, estimator=estimator, topk=topk,
-                                 student_logp=logp if estimator == "sampled" else None, teacher_logp=teacher_logp,
-                                 rollout_logp=rollout_logp, is_cap=is_cap, chunk=chunk)
+        if estimator == "full":
+            kl = logs.kl.reshape(shape)
+        elif estimator == "topk":
+            kl = distill_kl_at(logs.student_at_top, direction=direction, estimator="topk",
+                               teacher_logp=logs.policy_top).reshape(shape)
+        else:
+            t_logp = logs.policy.detach().reshape(shape) if teacher_logp is None else teacher_logp
+            kl = distill_kl_at(logp, direction=direction, estimator="sampled", teacher_logp=t_logp,
+                               rollout_logp=rollout_logp, is_cap=is_cap)
         distill_kl = aggregate(kl, mask, "token-mean", denominator=denominator)
         total = total + distill_coef * distill_kl
     return RolloutModelLoss(total, None if ppo_loss is None else ppo_loss.detach(),
                             None if distill_kl is None else distill_kl.detach())
 
 
-def distillation_kl(student: Head, teacher: Head, shape: torch.Size | tuple[int, int], *, direction: str = "forward",
-                    estimator: str = "full", topk: int = 20, student_logp: torch.Tensor | None = None,
-                    teacher_logp: torch.Tensor | None = None, rollout_logp: torch.Tensor | None = None,
-                    is_cap: float = 2.0, chunk: int = DEFAULT_ROW_CHUNK) -> torch.Tensor:
-    """Per-position distillation KL (B, T) = `shape` of the student (rollout model) toward the teacher (policy),
-    with gradient to the student only. Estimator "sampled" takes the student's and the teacher's log-probs at the
-    sampled tokens and rollout_logp (log p_inf), each (B, T); the others read the heads alone."""
-    if estimator == "full":
-        return vocab.kl_from_hidden(student, teacher, reverse=direction == "reverse", chunk=chunk).reshape(shape)
-    if estimator == "topk":
-        t_logp, t_ids = vocab.topk(teacher, min(topk, teacher.vocab_size), chunk=chunk)
-        s_logp = vocab.logprobs_at(student, t_ids, chunk=chunk)
-        return distill_kl_at(s_logp, direction=direction, estimator="topk", teacher_logp=t_logp).reshape(shape)
-    if student_logp is None or teacher_logp is None or rollout_logp is None:
-        raise ValueError("estimator='sampled' needs student_logp, teacher_logp and rollout_logp")
-    return distill_kl_at(student_logp, direction=direction, estimator="sampled", teacher_logp=teacher_logp,
-                         rollout_logp=rollout_logp, is_cap=is_cap)
-
-
-__all__ = ["RolloutModelLoss", "distillation_kl", "rollout_model_loss"]
+__all__ = ["RolloutModelLoss", "distillation_request", "rollout_model_loss", "rollout_model_loss_from"]

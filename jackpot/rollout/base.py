@@ -153,8 +153,9 @@ class RolloutEngine(Protocol):
                         process, an inference engine), which `sync_weights` must receive after every update;
                         False: it samples from the trainer's module itself and `sync_weights` gets None.
     `dtype`             the dtype of the weights it holds (None when it holds none).
-    `exact_logprobs`    True: its recorded (processed) log-probs equal a teacher-forced forward of the same weights
-                        in the same dtype (`hf`; `vllm` in float32).
+    `exact_logprobs`    True: the recorded log-probs are the processed distribution sampled from, equal to a
+                        teacher-forced forward of the same weights in the same dtype up to kernel numerics — so
+                        the trainer may take them as the sampling model's old log-probs (train.recompute_old).
     The facts that hold for every engine of a kind are also in its `engines.EngineSpec`, readable before one is made.
     `close()` frees what the engine holds (its copy of the weights, an inference engine); its maker calls it.
     """

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from jackpot.errors import InputError
@@ -42,15 +41,12 @@ class EngineSpec:
     """`generate` samples each row from its `uniforms` (else from a per-row seed; `base.RolloutEngine`)."""
     serves_sharded: bool = True
     """It can sample from a model sharded over processes (FSDP2: every forward a collective, `synced=True`)."""
-    exact_dtypes: tuple[torch.dtype, ...] | None = None
-    """The weight dtypes in which its recorded (processed) log-probs equal a teacher-forced forward of the same
-    weights in the same dtype; None: every dtype (`exact_logprobs`)."""
+    exact_logprobs: bool = True
+    """Its recorded log-probs are the processed distribution it sampled from, equal to a teacher-forced forward of
+    the same weights in the same dtype up to kernel numerics (`base.RolloutEngine`; float32 is where that is
+    tight, which the trainer checks: `jackpot.train.prepare.recorded_logprobs_serve`)."""
     check_head_dim: Callable[[int, str, bool], None] | None = None
     """(head dimension, what has it, on CPU) -> InputError (one line) if it cannot serve that shape; None: any."""
-
-    def exact_logprobs(self, dtype: torch.dtype | None) -> bool:
-        """Whether an engine holding weights of `dtype` records log-probs a teacher-forced forward reproduces."""
-        return self.exact_dtypes is None or dtype in self.exact_dtypes
 
     def engine_options(self, values: Any, topk: int) -> dict[str, Any]:
         """The keyword arguments `make_engine` takes from `values` (an object with the `rollout.*` options as
@@ -79,7 +75,7 @@ ENGINE_SPECS: dict[str, EngineSpec] = {
     "vllm": EngineSpec(make=_vllm_engine,
                        options=("dtype", "max_model_len", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager"),
                        holds_weights=True, caps_topk=True, per_row_uniforms=False, serves_sharded=False,
-                       exact_dtypes=(torch.float32,), check_head_dim=_vllm_head_dim),
+                       check_head_dim=_vllm_head_dim),
 }
 
 

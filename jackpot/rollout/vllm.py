@@ -125,11 +125,9 @@ class VLLMRolloutEngine:
     per_row_uniforms = False
     """Samples with per-request seeds; the `uniforms` argument only identifies rows (module docstring)."""
     holds_weights = True
-
-    @property
-    def exact_logprobs(self) -> bool:
-        """In float32 its processed log-probs equal a teacher-forced forward of the same weights (`EngineSpec`)."""
-        return self.dtype == torch.float32
+    exact_logprobs = True
+    """logprobs_mode='processed_logprobs': equal to a teacher-forced forward of the same weights within 1e-5 in
+    float32 (tests/rollout/test_vllm_engine.py)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  eos_token_ids: list[int] | None = None, *, dtype: str | torch.dtype | None = None,

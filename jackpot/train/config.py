@@ -20,18 +20,19 @@ from typing import Any
 
 from jackpot.core.corrections import correction_params
 from jackpot.train import config_io
-from jackpot.train.config_checks import CHOICES, ROLLOUT_MODEL_TRAINING, TRAIN_MODES, resolve
+from jackpot.train.config_checks import CHOICES, RECOMPUTE_OLD, ROLLOUT_MODEL_TRAINING, TRAIN_MODES, resolve
 from jackpot.train.config_io import describe_presets, presets, to_dict
 
 # with the schema, the entry points the trainer and the CLI use (the rest of the machinery: config_io)
-__all__ = ["CACHE_ENV", "RUNS_ENV", "Config", "CorrectionConfig", "DistillConfig", "ModelConfig", "ParallelConfig",
-           "ROLLOUT_MODEL_TRAINING", "RolloutConfig", "SamplingConfig", "TRAIN_MODES", "TaskConfig", "TrainConfig",
-           "build_config", "default_cache_dir",
-           "default_runs_dir", "describe_fields", "describe_presets", "field_docs", "presets", "to_dict"]
+__all__ = ["CACHE_ENV", "RECOMPUTE_OLD", "ROLLOUT_MODEL_TRAINING", "RUNS_ENV", "TRAIN_MODES", "Config",
+           "CorrectionConfig", "DistillConfig", "ModelConfig", "ParallelConfig", "RolloutConfig", "SamplingConfig",
+           "TaskConfig", "TrainConfig", "build_config", "default_cache_dir", "default_runs_dir", "describe_fields",
+           "describe_presets", "field_docs", "presets", "to_dict"]
 
 CACHE_ENV = "JACKPOT_CACHE_DIR"
 RUNS_ENV = "JACKPOT_RUNS_DIR"
-# TRAIN_MODES (train.mode) and ROLLOUT_MODEL_TRAINING (distill.rollout_model) are the checks' (config_checks.py)
+# TRAIN_MODES (train.mode), RECOMPUTE_OLD (train.recompute_old) and ROLLOUT_MODEL_TRAINING (distill.rollout_model)
+# are the checks' (config_checks.py), re-exported here
 
 
 def default_cache_dir() -> Path:
@@ -224,6 +225,17 @@ class TrainConfig:
     head_chunk: int = 1024
     """Response positions per chunk of every per-vocabulary computation: at most head_chunk x V logits exist
     at once. Changes memory and speed only, never a result (jackpot/core/head.py)."""
+    recompute_old: str = "auto"
+    """The sampling model's log-probs before the update (p_omega_old decoupled, p_old on-policy): 'always'
+    recomputes them with a forward of that model in prepare; 'auto' takes the engine's recorded ones instead
+    (verl's bypass mode) exactly when they are the trainer's own — an engine that declares exact processed
+    log-probs, sampled synchronously (rollout.async_steps=0, train.minibatches=1) by the very weights the trainer
+    holds, in float32/float64 on both sides, no nucleus (sampling.top_p=1), no mixed precision — else recomputes;
+    'never' always takes them (refused where the engine cannot serve them). Exact Z reads the rollout model's
+    logits anyway. Every recompute_check_every steps it recomputes regardless (jackpot/train/prepare.py)."""
+    recompute_check_every: int = 50
+    """With recompute_old auto|never: recompute at step 1 and every this many steps after it, logging
+    mismatch/rollout_model_kl_k3 (the engine's log-probs against the trainer's): the check never goes blind."""
     clip_eps: float | None = 0.2
     """PPO clip range; None: no clip (pure importance-weighted policy gradient)."""
     clip_eps_high: float | None = None

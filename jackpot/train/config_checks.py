@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the schema imports these checks; they read it through the c
     from jackpot.train.config import Config
 
 TRAIN_MODES = ("decoupled", "on-policy")  # train.mode
+RECOMPUTE_OLD = ("auto", "always", "never")  # train.recompute_old (jackpot.train.prepare.recorded_logprobs_serve)
 ROLLOUT_MODEL_TRAINING = ("joint", "frozen")  # distill.rollout_model
 
 # field -> its valid values, from the owner of each list (`jackpot config` shows them beside the docstrings)
@@ -38,6 +39,7 @@ CHOICES: dict[str, tuple] = {
     "correction.z": Z_MODES,
     "correction.level": LEVELS,
     "train.loss_agg": AGGREGATIONS,
+    "train.recompute_old": RECOMPUTE_OLD,
     "train.advantages": ADVANTAGE_MODES,
     "distill.rollout_model": ROLLOUT_MODEL_TRAINING,
     "distill.direction": KL_DIRECTIONS,
@@ -49,7 +51,8 @@ CHOICES: dict[str, tuple] = {
 }
 POSITIVE_INTS = ("train.steps", "train.prompts_per_step", "train.minibatches", "train.ppo_epochs",
                  "train.eval_every", "train.eval_prompts", "train.eval_samples", "train.checkpoint_every",
-                 "sampling.max_new_tokens", "sampling.topk", "train.head_chunk", "train.micro_batch_tokens")
+                 "sampling.max_new_tokens", "sampling.topk", "train.head_chunk", "train.micro_batch_tokens",
+                 "train.recompute_check_every")
 POSITIVE_INTS_OR_NULL = ("train.micro_batch_size", "rollout.batch_size", "train.threads", "policy.lora_rank",
                          "rollout_model.lora_rank", "rollout.max_model_len", "rollout.threads")
 POSITIVE = ("sampling.temperature", "correction.lam", "correction.cap", "correction.low", "correction.high",
@@ -137,6 +140,9 @@ def _check_rules(cfg: Config) -> None:
     if needs.z == "exact" and cfg.sampling.top_p < 1:
         raise InputError("correction.z='exact' needs sampling.top_p = 1 (the rollout model's logits then "
                          "give p_inf exactly); use correction.z='topk' or 'batch' with nucleus sampling")
+    if t.recompute_old == "never" and cfg.sampling.top_p < 1:
+        raise InputError("train.recompute_old=never needs sampling.top_p = 1: with nucleus sampling the engine "
+                         "records log-probs renormalised over the nucleus, not the sampling model's p_old")
     if needs.z == "exact" and needs.current_policy:
         raise InputError("correction.z='exact' with target='new' is not supported (it needs the pre-update "
                          "rollout model at every mini-batch); use correction.z='topk' or 'batch'")

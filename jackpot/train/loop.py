@@ -56,6 +56,7 @@ from jackpot.metric_names import (
     pass_at,
 )
 from jackpot.metrics import MetricLogger, scalars, standard_error
+from jackpot.models.forward import language_model
 from jackpot.rollout.base import RolloutBatch
 from jackpot.rollout.text import decode_responses
 from jackpot.seeding import EVAL_STREAM, row_uniforms
@@ -68,7 +69,7 @@ from jackpot.train.distributed import Collective, gathered_for_generation
 from jackpot.train.models import Models, build_models
 from jackpot.train.models import model_dir as model_dir  # moved to jackpot.train.models; kept for one release
 from jackpot.train.models import prepared_model as prepared_model  # the same
-from jackpot.train.prepare import prepare
+from jackpot.train.prepare import prepare, recorded_logprobs_serve
 from jackpot.train.rollout_source import RolloutSource
 from jackpot.train.threads import choose_threads
 from jackpot.train.update import update
@@ -216,8 +217,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     rewards = score(run, examples, batch)
     t1 = time.perf_counter()
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
+    recorded = recorded_logprobs_serve(cfg, run.source.sampling_engine, language_model(run.actor), batch, step)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
-                   init_policy=run.init_policy, step=step, coll=coll, shard=run.source.shard)
+                   init_policy=run.init_policy, step=step, coll=coll, shard=run.source.shard,
+                   recorded_old=recorded)
     # ---- the distillation coefficient: distill.coef, or adapted to the gap just measured (distill.target_kl)
     distill_coef, control = run.distill.step(prep.metrics)
     t2 = time.perf_counter()

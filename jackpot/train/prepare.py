@@ -26,6 +26,7 @@ from jackpot.core.advantages import group_advantages
 from jackpot.core.corrections import CorrectionInputs, CorrectionResult, Needs, apply_correction, correction_needs
 from jackpot.core.divergences import kl_estimators, mismatch_metrics
 from jackpot.core.head import Head
+from jackpot.errors import InputError
 from jackpot.models.forward import output_head, response_head
 from jackpot.rollout.base import RolloutBatch
 from jackpot.seeding import REJECTION_STREAM, row_uniforms
@@ -98,12 +99,22 @@ def topk_z(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> torch.Tens
     """Per-state top-k Z_t before the batch correction kappa (applied in `batch_correction`); None when the
     correction needs no top-k Z. Exact Z comes from the fused pass in `prepare` (with target='new' it is
     refused by the config: the pre-update rollout model is not at hand)."""
+    return target_logps(cfg, needs, tgt, mb)[1]
+
+
+@torch.no_grad()
+def target_logps(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's (policy's) log-probs at the sampled tokens (B, T) and, when the correction needs top-k Z, its
+    per-state top-k Z_t (B, T) from its log-probs at the engine's recorded top-K ids — both from one pass over the
+    target's head (the sampled id and the K ids gathered from the same chunk of logits)."""
+    ids = mb.response_ids
     if needs.z != "topk":
-        return None
-    shape = mb.response_ids.shape
+        return sampled_logp(cfg, tgt, ids), None
     k = mb.topk_ids.shape[-1]
-    tgt_at_topk = vocab.logprobs_at(tgt, mb.topk_ids.reshape(-1, k), chunk=cfg.train.head_chunk).reshape(*shape, k)
-    return obrs.topk_normalizer(mb.topk_ids, mb.topk_logp, tgt_at_topk, needs.z_lam)
+    at = torch.cat([ids.reshape(-1, 1), mb.topk_ids.reshape(-1, k)], dim=-1)
+    both = vocab.logprobs_at(tgt, at, chunk=cfg.train.head_chunk)
+    z = obrs.topk_normalizer(mb.topk_ids, mb.topk_logp, both[:, 1:].reshape(*ids.shape, k), needs.z_lam)
+    return both[:, 0].reshape(ids.shape), z
 
 
 def batch_correction(cfg: Config, needs: Needs, coll: Collective, part: Prepared, new_logp: torch.Tensor | None,
@@ -135,11 +146,45 @@ def batch_correction(cfg: Config, needs: Needs, coll: Collective, part: Prepared
                             result.stats)
 
 
+# ----------------------------------------------------------------------------- the recorded log-probs
+EXACT_DTYPES = (torch.float32, torch.float64)  # where an engine's log-probs and a forward agree to numerics
+
+
+def recorded_logprobs_serve(cfg: Config, engine, model: torch.nn.Module, batch: RolloutBatch, step: int) -> bool:
+    """Whether `batch.rollout_logp`, recorded by `engine` while sampling from `model` (the sampling model, as the
+    trainer holds it), serves as that model's log-probs before this step's update (train.recompute_old):
+    'always' never; 'auto' exactly when they are the trainer's own — the engine declares exact processed
+    log-probs (`exact_logprobs`), the batch was sampled synchronously (async_steps 0, one mini-batch) by this
+    step's weights, both sides in float32/float64, no nucleus, no mixed precision; 'never' always. Check steps
+    (step 1 and every train.recompute_check_every after) recompute whatever the setting."""
+    t = cfg.train
+    if t.recompute_old == "always" or (step - 1) % t.recompute_check_every == 0:
+        return False
+    if not getattr(engine, "exact_logprobs", False):
+        if t.recompute_old == "never":
+            raise InputError(f"train.recompute_old=never: the {type(engine).__name__} records no exact processed "
+                             "log-probs of the sampling model; use train.recompute_old=auto or always")
+        return False
+    if t.recompute_old == "never":
+        return True
+    trainer = next(model.parameters()).dtype
+    sampler = engine.dtype if engine.holds_weights else trainer
+    return (cfg.rollout.async_steps == 0 and t.minibatches == 1 and cfg.sampling.top_p == 1
+            and cfg.parallel.mixed_precision is None and sampler == trainer and trainer in EXACT_DTYPES
+            and batch.model_version == step)
+
+
 # ----------------------------------------------------------------------------- prepare
 @torch.no_grad()
 def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, rollout_model, init_policy,
-            step: int, coll: Collective | None = None, shard: Shard | None = None) -> Prepared:
+            step: int, coll: Collective | None = None, shard: Shard | None = None,
+            recorded_old: bool = False) -> Prepared:
     """rewards (N, G) with batch rows ordered prompt-major. rollout_model None means on-policy.
+
+    recorded_old: the engine's recorded log-probs (`batch.rollout_logp`) serve as the sampling model's log-probs
+    before the update — p_omega_old (decoupled) or p_old (on-policy) — instead of a forward of that model
+    (`recorded_logprobs_serve` says when they are its own); its forward then runs only where the correction
+    needs its logits anyway (exact Z), and `mismatch/rollout_model_kl_k3` is not logged (nothing was measured).
 
     Several processes: `batch` holds the rows `shard` of the global batch (whole groups), `coll` is the
     process group's seam. Default: one process, the batch is all of it."""
@@ -148,7 +193,7 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
     needs = needs_of(cfg)
     advantages = group_advantages(rewards, mode=cfg.train.advantages).reshape(-1)
     old, rollout_old, init, raw_z = _score(cfg, needs, batch, coll, policy=policy, rollout_model=rollout_model,
-                                           init_policy=init_policy)
+                                           init_policy=init_policy, recorded_old=recorded_old)
     uniforms = None
     if needs.uniforms:
         uniforms = row_uniforms(cfg.train.seed, step, REJECTION_STREAM, shard.total, cfg.sampling.max_new_tokens,
@@ -159,34 +204,47 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
         prep.correction = batch_correction(cfg, needs, coll, prep, None, raw_z)
     rollout_logp, mask, old, rollout_old = (coll.gather_rows(t)[0] for t in (
         batch.rollout_logp, batch.response_mask, old, rollout_old))
-    prep.metrics = {names.MISMATCH + k: v for k, v in mismatch_metrics(old, rollout_logp, mask).items()}
+    measured = not recorded_old or (needs.z == "exact" and not needs.current_policy)  # a forward ran
+    if rollout_model is not None or measured:  # on-policy with p_old = p_inf there is no mismatch to report
+        prep.metrics = {names.MISMATCH + k: v for k, v in mismatch_metrics(old, rollout_logp, mask).items()}
     prep.metrics.update(prep.correction.stats if prep.correction is not None else {})
-    prep.metrics[names.MISMATCH_ROLLOUT_MODEL_KL_K3] = kl_estimators(rollout_old, rollout_logp, mask)[names.KL_K3]
+    prep.metrics[names.PERF_RECORDED_OLD] = torch.tensor(float(not measured))
+    if measured:
+        prep.metrics[names.MISMATCH_ROLLOUT_MODEL_KL_K3] = kl_estimators(rollout_old, rollout_logp, mask)[names.KL_K3]
     return prep
 
 
 def _score(cfg: Config, needs: Needs, batch: RolloutBatch, coll: Collective, *, policy, rollout_model,
-           init_policy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+           init_policy, recorded_old: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """At the sampled tokens, in micro-batches: log p_old, log p_omega_old (the rollout model; p_old
-    on-policy), log p_init (kl_coef > 0), and the per-state Z a fixed-target correction needs."""
+    on-policy), log p_init (kl_coef > 0), and the per-state Z a fixed-target correction needs. With
+    `recorded_old` the sampling model's log-probs are the engine's (`prepare`): its forward runs only for exact Z,
+    and on-policy the policy's forward only for a Z."""
     temp = cfg.sampling.temperature
+    fixed_z = needs.z if not needs.current_policy else None
     parts: dict[str, list] = {"old": [], "rollout_old": [], "init": [], "z": []}
     # the same micro-batch size on every rank (the longest response of all): equal numbers of forwards
     for idx in torch.arange(len(batch)).split(micro_size(cfg, coll.max_int(batch.response_len))):
         mb = batch.select(idx)
-        old_head = model_head(policy, mb, temp)
-        roll_head = old_head if rollout_model is None else model_head(rollout_model, mb, temp)
-        if needs.z == "exact" and not needs.current_policy:  # one pass over both heads' logits
+        on_policy_recorded = rollout_model is None and recorded_old
+        per_state = fixed_z in ("exact", "topk")  # a Z that reads the target's (policy's) logits
+        old_head = None if on_policy_recorded and not per_state else model_head(policy, mb, temp)
+        if fixed_z == "exact":  # one pass over both heads' logits
+            roll_head = old_head if rollout_model is None else model_head(rollout_model, mb, temp)
             old, rollout_old, z = vocab.logprobs_and_normalizer(old_head, roll_head, mb.response_ids.reshape(-1),
                                                                 needs.z_lam, chunk=cfg.train.head_chunk)
             for key, value in (("old", old), ("rollout_old", rollout_old), ("z", z)):
                 parts[key].append(value.reshape(mb.response_ids.shape))
         else:
-            parts["old"].append(sampled_logp(cfg, old_head, mb.response_ids))
-            parts["rollout_old"].append(parts["old"][-1] if roll_head is old_head else
-                                        sampled_logp(cfg, roll_head, mb.response_ids))
-            if not needs.current_policy:
-                parts["z"].append(topk_z(cfg, needs, old_head, mb))
+            old, z = (mb.rollout_logp, None) if old_head is None else target_logps(cfg, needs, old_head, mb)
+            parts["old"].append(mb.rollout_logp if on_policy_recorded else old)
+            if rollout_model is None or recorded_old:
+                parts["rollout_old"].append(parts["old"][-1] if rollout_model is None else mb.rollout_logp)
+            else:
+                parts["rollout_old"].append(sampled_logp(cfg, model_head(rollout_model, mb, temp), mb.response_ids))
+            if per_state:
+                parts["z"].append(z)
         if init_policy is not None:
             parts["init"].append(sampled_logp(cfg, model_head(init_policy, mb, temp), mb.response_ids))
     cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}

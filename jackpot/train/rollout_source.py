@@ -149,6 +149,11 @@ class RolloutSource:
             self.generator = Generator(engine, self.cfg.rollout.threads or 1)
         return self.generator
 
+    @property
+    def sampling_engine(self) -> RolloutEngine:
+        """The engine that sampled the batches `take` returns: the generator's copy, else the sampling model's."""
+        return self.generator.engine if self.generator is not None else self.engines[id(self.actor)]
+
     def engine(self, model: torch.nn.Module, version: int) -> RolloutEngine:
         """The engine that samples from `model` (as the update runs it), holding its weights `version`: one per
         model for the whole run, sampling and evaluation alike (an engine holding its own weights is built once

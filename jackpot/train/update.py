@@ -48,8 +48,8 @@ from jackpot import metric_names as names
 from jackpot.core.checks import SAFETY_BOUND
 from jackpot.core.control import kl_controlled_coef, log_kl_error
 from jackpot.core.corrections import CorrectionResult
-from jackpot.core.head import Head
-from jackpot.core.joint import rollout_model_loss
+from jackpot.core.head import JointLogprobs, joint_logprobs
+from jackpot.core.joint import distillation_request, rollout_model_loss_from
 from jackpot.core.losses import aggregate, loss_denominator, ppo_token_loss
 from jackpot.metrics import mean_of
 from jackpot.models.forward import unwrap_peft
@@ -63,14 +63,8 @@ from jackpot.train.prepare import (
     model_head,
     needs_of,
     sampled_logp,
-    topk_z,
+    target_logps,
 )
-
-
-def _detached(head: Head) -> Head:
-    return Head(head.hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(),
-                head.temperature)
-
 
 
 @torch.no_grad()
@@ -83,8 +77,9 @@ def _current_correction(cfg: Config, coll: Collective, part: Prepared, size: int
     for mb in _micro_batches(coll, part, size, pad):
         head = model_head(policy, mb.batch, cfg.sampling.temperature)
         if not mb.is_padding:
-            new_logp.append(sampled_logp(cfg, head, mb.batch.response_ids))
-            raw_z.append(topk_z(cfg, needs, head, mb.batch))
+            new, z = target_logps(cfg, needs, head, mb.batch)  # one pass over the head for both
+            new_logp.append(new)
+            raw_z.append(z)
     empty = part.batch.response_mask.new_zeros(part.batch.response_mask.shape)
     new = torch.cat(new_logp) if new_logp else empty
     z = (torch.cat(raw_z) if new_logp else empty) if needs.z == "topk" else None
@@ -112,17 +107,17 @@ def policy_loss(cfg: Config, mb: Prepared, new_logp: torch.Tensor, denominator: 
     return loss, stats
 
 
-def _rollout_model_loss(cfg: Config, mb: Prepared, roll: Head, teacher: Head, teacher_logp: torch.Tensor,
-                        denominator: torch.Tensor, distill_coef: float) -> tuple[torch.Tensor, dict]:
+def _rollout_model_loss(cfg: Config, mb: Prepared, logs: JointLogprobs, denominator: torch.Tensor,
+                        distill_coef: float) -> tuple[torch.Tensor, dict]:
     """The rollout model's share of the mini-batch loss (jackpot.core.joint: PPO + distillation toward the
-    policy, paper eq. 8). teacher: the current policy's head (detached); teacher_logp (B, T): its log-probs
-    at the sampled tokens."""
+    policy, paper eq. 8) from the micro-batch's one pass over both heads (`logs`, whose policy log-probs are the
+    teacher's at the sampled tokens)."""
     d, t, batch = cfg.distill, cfg.train, mb.batch
-    out = rollout_model_loss(roll, teacher, batch.response_ids, batch.response_mask, mb.advantages,
-                             mb.rollout_model_old_logp, batch.rollout_logp, teacher_logp=teacher_logp, ppo=d.ppo,
-                             distill_coef=distill_coef, direction=d.direction, estimator=d.estimator,
-                             topk=cfg.sampling.topk, clip_eps=t.clip_eps, clip_eps_high=t.clip_eps_high,
-                             dual_clip=t.dual_clip, is_cap=d.is_cap, denominator=denominator, chunk=t.head_chunk)
+    out = rollout_model_loss_from(logs, batch.response_ids.shape, batch.response_mask, mb.advantages,
+                                  mb.rollout_model_old_logp, batch.rollout_logp, ppo=d.ppo, distill_coef=distill_coef,
+                                  direction=d.direction, estimator=d.estimator, clip_eps=t.clip_eps,
+                                  clip_eps_high=t.clip_eps_high, dual_clip=t.dual_clip, is_cap=d.is_cap,
+                                  denominator=denominator)
     return out.loss, {k: (v, None) for k, v in out.metrics().items()}
 
 
@@ -205,21 +200,33 @@ def _update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, r
 def _accumulate(cfg: Config, mb: Prepared, denominators: tuple[torch.Tensor, torch.Tensor], coll: Collective, *,
                 policy, rollout_model, distill_coef: float, sync: bool) -> dict:
     """One micro-batch's forward and backward: its share of the mini-batch's losses (gradients are
-    synchronised over ranks at the last micro-batch, `sync`); returns its metric (numerator, denominator)s."""
-    temp = cfg.sampling.temperature
-    with gradient_sync(policy, sync):
+    synchronised over ranks at the last micro-batch, `sync`); returns its metric (numerator, denominator)s.
+    With the rollout model trained, one pass over both heads (`joint_logprobs`) gives the policy its log-probs
+    and the rollout model its log-probs and distillation terms, the teacher's distribution read from the policy's
+    own logits; one backward of the sum of both losses then recomputes each head once per chunk."""
+    temp, ids = cfg.sampling.temperature, mb.batch.response_ids
+    with gradient_sync(policy, sync), _gradient_sync_of(rollout_model, sync):
         head = model_head(policy, mb.batch, temp)
-        new_logp = sampled_logp(cfg, head, mb.batch.response_ids)
+        if rollout_model is None:
+            new_logp = sampled_logp(cfg, head, ids)
+        else:
+            d = cfg.distill
+            request = distillation_request(distill_coef > 0, d.direction, d.estimator,
+                                           min(cfg.sampling.topk, head.vocab_size))
+            logs = joint_logprobs(head, model_head(rollout_model, mb.batch, temp), ids.reshape(-1),
+                                  chunk=cfg.train.head_chunk, **request)
+            new_logp = logs.policy.reshape(ids.shape)
         loss, stats = policy_loss(cfg, mb, new_logp, denominators[0])
-        if rollout_model is not None:  # before the policy's backward, which reshards an FSDP2 policy's head
-            with gradient_sync(rollout_model, sync):
-                roll_loss, roll_stats = _rollout_model_loss(cfg, mb, model_head(rollout_model, mb.batch, temp),
-                                                            _detached(head), new_logp.detach(), denominators[1],
-                                                            distill_coef)
-                coll.backward(roll_loss)
+        if rollout_model is not None:
+            roll_loss, roll_stats = _rollout_model_loss(cfg, mb, logs, denominators[1], distill_coef)
+            loss = loss + roll_loss  # the two models share no parameter: one backward serves both
             stats.update(roll_stats)
         coll.backward(loss)
     return stats
+
+
+def _gradient_sync_of(model, sync: bool):
+    return contextlib.nullcontext() if model is None else gradient_sync(model, sync)
 
 
 def _minibatches(shard: Shard, epochs: int, minibatches: int, seed: int):

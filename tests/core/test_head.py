@@ -141,23 +141,84 @@ def test_bad_input_is_a_clear_error():
         H.kl_from_hidden(H.Head(h, w), H.Head(h[:3], w))
 
 
+OUTPUTS = ("policy", "student", "kl", "student_at_top")
+
+
+def _joint_reference(p, s, ids, kl, k):
+    """The joint pass's outputs from the unchunked float64 log-softmax of each head (the teacher detached)."""
+    lp, ls = full_logp(*p), full_logp(*s)
+    lt = lp.detach()
+    out = {"policy": lp.gather(-1, ids[:, None])[:, 0], "student": ls.gather(-1, ids[:, None])[:, 0]}
+    if kl:
+        out["kl"] = (ls.exp() * (ls - lt)).sum(-1) if kl == "reverse" else (lt.exp() * (lt - ls)).sum(-1)
+    if k:
+        top = lt.topk(k, -1)
+        out["student_at_top"], out["policy_top"] = ls.gather(-1, top.indices), top.values
+    return out
+
+
 @pytest.mark.parametrize("chunk", [3, 100])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("which", ["both", "logp", "kl"])
-def test_logprobs_and_kl_together_equal_each_alone(chunk, reverse, which):
-    """The fused pass: same values and the same gradient for any mix of upstream gradients."""
-    hs, ws, bs = tensors(14)
-    ht, wt, bt = tensors(15)
+@pytest.mark.parametrize(("kl", "k"), [("forward", 0), ("reverse", 0), (None, 4), (None, 0)])
+@pytest.mark.parametrize("which", ["all", "policy", "student", "distill"])
+def test_joint_logprobs_and_their_gradients_match_the_full_computation(chunk, kl, k, which):
+    """One pass over both heads: every output equals its float64 reference, and for any mix of upstream
+    gradients the policy's head gets the gradient of its own log-probs only, the student's head that of its
+    log-probs and distillation terms only (the policy is the teacher: held fixed)."""
+    p, s = tensors(14), tensors(15)
     ids = torch.randint(0, V, (N,), generator=gen(16))
-    u1 = torch.randn(N, generator=gen(17), dtype=torch.float64)
-    u2 = torch.randn(N, generator=gen(18), dtype=torch.float64)
-    s, t = H.Head(hs, ws, bs, 0.9), H.Head(ht, wt, bt, 0.9)
-    lp, kl = H.logprobs_and_kl(s, t, ids, reverse=reverse, chunk=chunk)
-    lp_ref = H.logprobs_at(s, ids, chunk=chunk)
-    kl_ref = H.kl_from_hidden(s, t, reverse=reverse, chunk=chunk)
-    torch.testing.assert_close(lp, lp_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(kl, kl_ref, rtol=1e-12, atol=1e-12)
-    pick = {"both": lambda a, b: (a * u1).sum() + (b * u2).sum(), "logp": lambda a, b: (a * u1).sum(),
-            "kl": lambda a, b: (b * u2).sum()}[which]
-    for a, r in zip(grads(pick(lp, kl), (hs, ws, bs)), grads(pick(lp_ref, kl_ref), (hs, ws, bs))):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    got = H.joint_logprobs(H.Head(*p, 0.9), H.Head(*s, 0.9), ids, kl=kl, topk=k, chunk=chunk)
+    ref = _joint_reference((*p, 0.9), (*s, 0.9), ids, kl, k)
+    assert (got.kl is None) == (kl is None) and (got.student_at_top is None) == (k == 0)
+    for name in ref:
+        torch.testing.assert_close(getattr(got, name), ref[name], rtol=1e-11, atol=1e-12)
+    assert not got.policy_top.requires_grad if k else got.policy_top is None
+    ups = {name: torch.randn(ref[name].shape, generator=gen(17 + n), dtype=torch.float64)
+           for n, name in enumerate(OUTPUTS) if name in ref}
+    chosen = {"all": list(ups), "policy": ["policy"], "student": ["student"],
+              "distill": [n for n in ("kl", "student_at_top") if n in ups] or ["student"]}[which]
+
+    def total(outs):
+        return sum((outs[n] * ups[n]).sum() for n in chosen)
+
+    params = [x for x in (*p, *s) if x is not None]
+    got_g = torch.autograd.grad(total({n: getattr(got, n) for n in ups}), params, allow_unused=True)
+    ref_g = torch.autograd.grad(total(ref), params, allow_unused=True)
+    for a, r in zip(got_g, ref_g, strict=True):
+        if r is None:
+            assert a is None or not a.abs().any()
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+
+
+def test_joint_pass_forms_each_head_once_per_chunk_forward_and_backward(monkeypatch):
+    """The cost floor of a joint update (METHOD.md §9): with the exact KL and the top-k estimator alike, each
+    head's logits are formed once per chunk in the forward and once in the backward — the teacher's
+    distribution comes from the policy's own pass. Counted by the weight each logits computation uses."""
+    calls = []
+    real = H._logits
+    monkeypatch.setattr(H, "_logits", lambda h, w, b, t: calls.append(w) or real(h, w, b, t))
+    p, s = tensors(20), tensors(21)
+    ids = torch.randint(0, V, (N,), generator=gen(22))
+    chunks = -(-N // 3)
+    for request in ({"kl": "forward"}, {"kl": "reverse"}, {"topk": 5}):
+        calls.clear()
+        out = H.joint_logprobs(H.Head(*p), H.Head(*s), ids, chunk=3, **request)
+        distill = out.kl if out.kl is not None else out.student_at_top.sum(-1)
+        assert sum(w is p[1] for w in calls) == chunks and sum(w is s[1] for w in calls) == chunks
+        calls.clear()
+        (out.policy.sum() + out.student.sum() + distill.sum()).backward()
+        assert sum(w is p[1] for w in calls) == chunks, request
+        assert sum(w is s[1] for w in calls) == chunks, request
+
+
+def test_joint_pass_bad_input_is_a_clear_error():
+    p, s = tensors(23), tensors(24)
+    ids = torch.zeros(N, dtype=torch.long)
+    with pytest.raises(ValueError, match="kl must be"):
+        H.joint_logprobs(H.Head(*p), H.Head(*s), ids, kl="both")
+    with pytest.raises(ValueError, match="topk must be"):
+        H.joint_logprobs(H.Head(*p), H.Head(*s), ids, topk=V + 1)
+    with pytest.raises(ValueError, match="same positions"):
+        H.joint_logprobs(H.Head(*p), H.Head(*s), ids[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        H.joint_logprobs(H.Head(*p, 0.5), H.Head(*s), ids)

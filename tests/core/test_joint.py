@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jackpot.core.head import Head
+from jackpot.core.head import Head, logprobs_at
 from jackpot.core.joint import rollout_model_loss
 from jackpot.core.losses import aggregate, distill_kl, ppo_token_loss
 
@@ -76,9 +76,14 @@ def test_rollout_model_loss_equals_the_full_logits_terms(estimator, direction, p
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-13)
 
 
-def test_sampled_distillation_needs_the_teachers_log_probs():
+def test_sampled_distillation_reads_the_teachers_log_probs_from_its_head():
+    """estimator='sampled' without teacher_logp: the policy's log-probs at the sampled tokens come from the
+    teacher's head (the same pass), giving the loss that passing them gives."""
     student, teacher, ids, mask, old, rollout, adv = _case()
-    with pytest.raises(ValueError, match="teacher_logp"):
-        rollout_model_loss(Head(*student), Head(*teacher), ids, mask, adv, old, rollout, estimator="sampled")
+    t_logp = logprobs_at(Head(*teacher), ids.reshape(-1)).reshape(ids.shape).detach()
+    got = rollout_model_loss(Head(*student), Head(*teacher), ids, mask, adv, old, rollout, estimator="sampled")
+    ref = rollout_model_loss(Head(*student), Head(*teacher), ids, mask, adv, old, rollout, estimator="sampled",
+                             teacher_logp=t_logp)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="response positions"):
         rollout_model_loss(Head(*student), Head(*teacher), ids[:, :2], mask[:, :2], adv, old[:, :2], rollout[:, :2])

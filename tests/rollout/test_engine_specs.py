@@ -7,7 +7,6 @@ The vLLM engine itself runs in tests/rollout/test_vllm_engine.py (its own enviro
 from __future__ import annotations
 
 import pytest
-import torch
 
 from jackpot.errors import InputError
 from jackpot.models.loading import build_tiny_qwen
@@ -34,20 +33,16 @@ def test_an_hf_engine_is_what_its_spec_says(model, tok, name):
     spec = engine_spec(name)
     for own_copy in (False, True):
         engine = make_engine(name, model, tok, own_copy=own_copy)
-        assert engine.per_row_uniforms == spec.per_row_uniforms and engine.exact_logprobs
+        assert engine.per_row_uniforms == spec.per_row_uniforms and engine.exact_logprobs == spec.exact_logprobs
         assert engine.holds_weights == (own_copy or spec.holds_weights)
-        assert spec.exact_logprobs(engine.dtype) and spec.exact_logprobs(torch.bfloat16)
 
 
 def test_the_vllm_spec_is_what_its_engine_says():
-    """Read from the class and a bare instance: building one needs vLLM."""
+    """Read from the class: building one needs vLLM."""
     spec = engine_spec("vllm")
     assert VLLMRolloutEngine.per_row_uniforms == spec.per_row_uniforms is False
     assert VLLMRolloutEngine.holds_weights == spec.holds_weights is True
-    bare = object.__new__(VLLMRolloutEngine)
-    for dtype, exact in ((torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
-        bare.dtype = dtype
-        assert bare.exact_logprobs == spec.exact_logprobs(dtype) == exact
+    assert VLLMRolloutEngine.exact_logprobs == spec.exact_logprobs is True
 
 
 def test_engine_options_are_the_options_an_engine_takes_and_its_top_k_cap():

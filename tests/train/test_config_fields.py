@@ -95,6 +95,9 @@ ELSEWHERE = {
     "train.checkpoint_every": "when the loop saves: test_train (Ctrl-C, resume)",
     "train.micro_batch_size": "designed to change nothing: test_train_wiring (micro-batched step == hand formula)",
     "train.micro_batch_tokens": "designed to change nothing: test_train_wiring (micro-batched step == hand formula)",
+    "train.recompute_old": "designed to change numerics only: tests/train/test_recorded_old.py (recorded == "
+                           "recomputed where claimed, recomputed where it must)",
+    "train.recompute_check_every": "tests/train/test_recorded_old.py (the check steps recompute and log the metric)",
     "train.head_chunk": "designed to change nothing: test_core_head (every chunk size equals the full computation)",
     "policy.gradient_checkpointing": "designed to change nothing: test_train_wiring (same step, layers recomputed)",
     "rollout_model.gradient_checkpointing": "designed to change nothing: test_train_wiring (same step, recomputed)",

@@ -341,14 +341,21 @@ def _expected_rollout_grad(cfg, world, teacher_model, rollout_moved, old_lp):
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("estimator", ["full", "topk", "sampled"])
 @pytest.mark.parametrize("ppo", [True, False])
-def test_rollout_model_step_distils_toward_the_current_policy(world, direction, estimator, ppo):
+@pytest.mark.parametrize("micro", [None, 3])
+def test_rollout_model_step_distils_toward_the_current_policy(world, direction, estimator, ppo, micro):
     """The teacher is the policy being trained (after it moved), not p_old or p_inf; the PPO term uses
-    the rollout model's own old log-probs with the truncated IS weight p_omega_old / p_inf."""
+    the rollout model's own old log-probs with the truncated IS weight p_omega_old / p_inf. The one pass over
+    both heads (`joint_logprobs`) leaves the policy's step exactly what it is with the rollout model frozen,
+    micro-batched or not."""
+    micro_cfg = [f"train.micro_batch_size={micro}"] if micro else []
     cfg = _cfg("correction.z=exact", f"distill.direction={direction}", f"distill.estimator={estimator}",
-               f"distill.ppo={str(ppo).lower()}", "distill.coef=0.7", "distill.is_cap=1.3")
+               f"distill.ppo={str(ppo).lower()}", "distill.coef=0.7", "distill.is_cap=1.3", *micro_cfg)
     policy_stale, rollout, batch, rewards, _ = world
     policy_moved = _perturbed(policy_stale, seed=5, scale=0.1)
-    _, d_roll, prep = _trainer_step(cfg, world, policy_stale, policy_moved, rollout_opt_lr=1.0)
+    d_pol, d_roll, prep = _trainer_step(cfg, world, policy_stale, policy_moved, rollout_opt_lr=1.0)
+    alone, _, _ = _trainer_step(_cfg("correction.z=exact", *micro_cfg), world, policy_stale, policy_moved)
+    for a, r in zip(d_pol, alone, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         old_lp = _logp(_logits(rollout, batch), batch.response_ids)
     torch.testing.assert_close(prep.rollout_model_old_logp, old_lp, rtol=0, atol=1e-12)
