@@ -50,11 +50,11 @@ GOAL_OVERLAP, GOAL_VS_ON_POLICY = 1.15, 0.4
 
 def setup_async(v: dict, args) -> dict:
     """Give a variant a background generator over its own copy of the sampling model."""
-    from jackpot.rollout import make_engine
-    from jackpot.train.config_checks import engine_options
+    from jackpot.rollout import engine_options, make_engine
     from jackpot.train.pipeline import Generator
 
-    engine = make_engine(v["cfg"].rollout.engine, v["actor"], _Ids(), own_copy=True, **engine_options(v["cfg"]))
+    engine = make_engine(v["cfg"].rollout.engine, v["actor"], _Ids(), own_copy=True,
+                         **engine_options(v["cfg"].rollout, v["cfg"].sampling.topk))
     return {**v, "generator": Generator(engine, args.gen_threads)}
 
 

@@ -100,11 +100,12 @@ def run_generate_batch(model, prompts, args, seed: int):
 @torch.no_grad()
 def logprob_error(model, prompts, ids, mask, logp) -> float:
     """max |recorded - teacher-forced| log-prob over generated tokens (float32 forward of the same model)."""
-    from jackpot.models.forward import response_logits, token_logprobs
+    from jackpot.models.forward import token_logprobs
 
     full = torch.cat([prompts, ids], 1)
-    attention = torch.cat([torch.ones_like(prompts), mask.long()], 1)
-    expected = token_logprobs(response_logits(model, full, attention, ids.shape[1]), ids)
+    attention = torch.cat([torch.ones_like(prompts), mask.long()], 1)  # prompts unpadded: positions 0, 1, ...
+    logits = model(input_ids=full, attention_mask=attention, use_cache=False).logits[:, prompts.shape[1] - 1:-1]
+    expected = token_logprobs(logits, ids)
     m = mask.bool()
     return float((logp[m].float() - expected[m].float()).abs().max())
 

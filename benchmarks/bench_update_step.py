@@ -95,7 +95,7 @@ def measure(args) -> dict:
         overrides.append(f"train.head_chunk={args.chunk}")
     cfg = build_config(None, overrides)
     policy = _model(args.policy, args.policy_layers, 0, dtype, device)
-    rollout = None if cfg.train.mode == "on-policy" else _model(args.rollout, args.rollout_layers, 1, dtype, device)
+    rollout = None if not cfg.decoupled else _model(args.rollout, args.rollout_layers, 1, dtype, device)
     if args.impl != "baseline":  # dropout off, gradient checkpointing / LoRA as configured, as `jackpot train` does
         from jackpot.train.loop import prepared_model
 
@@ -108,13 +108,13 @@ def measure(args) -> dict:
     mask = torch.ones(B, T, device=device)
     with torch.no_grad():  # the rollout record: p_inf at the sampled tokens and its top-k, one sequence at a time
         import jackpot
-        from jackpot.models.forward import response_logits
 
         sampler = rollout if rollout is not None else policy
         ids = torch.cat([prompt, response], 1)
         logp, top_v, top_i = [], [], []
         for i in range(B):
-            lp = torch.log_softmax(response_logits(sampler, ids[i:i + 1], torch.ones_like(ids[i:i + 1]), T), -1)[0]
+            logits = sampler(input_ids=ids[i:i + 1], use_cache=False).logits[0, P - 1:-1].float()  # no padding
+            lp = torch.log_softmax(logits, -1)
             logp.append(lp.gather(-1, response[i, :, None])[:, 0])
             top = lp.topk(cfg.sampling.topk, -1)
             top_v.append(top.values)
@@ -125,8 +125,7 @@ def measure(args) -> dict:
     rewards = torch.randn(B // 2, 2, generator=g).to(device)
     policy_opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     rollout_opt = torch.optim.SGD([p for p in rollout.parameters() if p.requires_grad], lr=1e-6) \
-        if rollout is not None and \
-        cfg.distill.rollout_model == "joint" else None
+        if cfg.trains_rollout_model else None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

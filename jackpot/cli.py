@@ -14,7 +14,7 @@ COMMANDS = {
     "simulate": ("jackpot.simulate", "reproduce the paper's numerical OBRS study (Figure 2) plus a budget sweep"),
     "pretrain": ("jackpot.train.pretrain", "warm-start a tiny model on a task by supervised fine-tuning"),
     "train": ("jackpot.train.cli", "RL-train a policy on rollouts from a (smaller) rollout model"),
-    "eval": ("jackpot.eval", "Mean@k and Pass@k of a model on a task, with every completion written out"),
+    "eval": ("jackpot.eval_cli", "Mean@k and Pass@k of a model on a task, with every completion written out"),
     "plot": ("jackpot.plot", "overlay the metrics of one or more run directories into a PNG"),
     "config": ("jackpot.train.show_config", "list every config field of `jackpot train` (default, docstring) "
                                             "and the presets"),

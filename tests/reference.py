@@ -1,4 +1,5 @@
-"""Slow, obvious reference implementations of the core math, written from METHOD.md (§3-§4, §7).
+"""Slow, obvious reference implementations of the core math, written from METHOD.md (§3-§4, §7), and the
+teacher-forced forward (`response_logits`) the chunked head and the engines are checked against.
 
 Pure Python floats (IEEE float64) and explicit loops, one state / one token / one group at a time,
 so that a reader can check each line against the paper's formulas. Nothing here imports `jackpot`.
@@ -409,3 +410,30 @@ def mismatch_ref(target_logp, rollout_logp, mask, *, low: float, high: float) ->
         }
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# teacher-forced logits (a plain forward: what the chunked head and the engines' records are checked against)
+# --------------------------------------------------------------------------------------------------
+def response_logits(model, input_ids, attention_mask, response_len: int, temperature: float = 1.0):
+    """Logits predicting each response token, divided by `temperature`: (B, T, V) float32 (float64 for a float64
+    model). `input_ids` (B, P + T): the prompt (left-padded) then the response; row t is the model's output at
+    position P - 1 + t, with the position ids `generate` uses (cumsum of the mask - 1). Forms B x T x V logits:
+    for tests and benchmarks only (the package's forward is `jackpot.models.forward.response_hidden` + a head)."""
+    import torch
+
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, P + T), got shape {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    if not 1 <= response_len < input_ids.shape[1] or not temperature > 0:
+        raise ValueError(f"response_len must be in [1, {input_ids.shape[1] - 1}] and temperature > 0, got "
+                         f"{response_len}, {temperature}")
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                logits_to_keep=response_len + 1)  # only the last T + 1 positions: no (B, P, V) prompt logits
+    logits = out.logits[:, :-1, :]
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return logits / temperature if temperature != 1.0 else logits

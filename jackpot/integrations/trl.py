@@ -54,7 +54,7 @@ from jackpot.core.head import logprobs_at
 from jackpot.core.joint import rollout_model_loss
 from jackpot.models.forward import response_head
 from jackpot.models.tokenizer import check_same_tokenizer
-from jackpot.rollout import make_engine
+from jackpot.rollout import engine_spec, make_engine
 from jackpot.rollout.weights import push_weights
 
 
@@ -242,17 +242,20 @@ def vllm_rollout_func(rollout_model: Any, tokenizer: Any = None, *, topk: int = 
     gpu_memory_utilization, enforce_eager). Keep the returned function alive for the whole process: dropping an
     in-process vLLM engine while another lives breaks the other. Needs vLLM (README: "The vLLM engine").
     """
-    return _rollout_func("vllm", rollout_model, tokenizer, topk=topk, max_topk=topk, **engine_options)
+    return _rollout_func("vllm", rollout_model, tokenizer, topk=topk, **engine_options)
 
 
 def _rollout_func(engine_name: str, rollout_model: Any, tokenizer: Any, *, topk: int, **engine_options: Any):
-    """A TRL `rollout_func` over the rollout engine registered as `engine_name` (`jackpot.rollout.ENGINES`).
+    """A TRL `rollout_func` over the rollout engine registered as `engine_name` (`jackpot.rollout.ENGINE_SPECS`;
+    an engine whose top-K is fixed when made gets `topk` as its cap).
 
     The engine is made at the first call (it needs the trainer's tokenizer and EOS ids) and kept. Every call
     pushes the rollout model's weights stamped with the call's number (`push_weights`: an engine that samples
     from the module itself gets the version only) and draws the call's seed from torch's RNG, which TRL seeds
     per process (`set_seed(args.seed, device_specific=True)`): reproducible, and no two processes sample alike.
     """
+    if engine_spec(engine_name).caps_topk:
+        engine_options = {"max_topk": topk, **engine_options}
     engine, calls = None, 0
 
     def rollout_func(prompts: list[Any], trainer: GRPOTrainer) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""Teacher-forced scoring of sampled responses: the logits and log-probs a model assigns to them.
+"""Teacher-forced scoring of sampled responses: the hidden states and head a model scores them with, and the
+model as the trainer wraps it (`HiddenStates`, `language_model`, `is_sharded`: below the trainer and the
+engines, which both use them).
 
 One forward pass over `prompt + response` (prompts left-padded, responses right-padded) gives, at
-position `P - 1 + t`, the logits that predict response token `t`. Left padding shifts the real
-tokens, so position ids are recomputed from the mask, `position_ids = cumsum(mask) - 1` (clamped
-at 0 on pad positions) — the same positions `generate` uses, so the teacher-forced logits match
-the ones seen during generation (to ~1e-6 in float32).
+position `P - 1 + t`, the hidden state (through the output head, the logits) that predicts response token
+`t`. Left padding shifts the real tokens, so position ids are recomputed from the mask,
+`position_ids = cumsum(mask) - 1` (clamped at 0 on pad positions) — the same positions `generate` uses,
+so the teacher-forced logits match the ones seen during generation (to ~1e-6 in float32). The (B, T, V)
+logits are never formed here: `response_head` hands the chunked functions of `jackpot.core.head` the
+hidden states and the head (a plain-forward reference for tests is `tests/reference.py`'s `response_logits`).
 
 Dividing by the sampling temperature reproduces the distribution rollouts were drawn from when no
 other logits processing (top-p, top-k) was applied.
@@ -18,34 +22,6 @@ from torch import nn
 from jackpot.core.dtypes import upcast
 from jackpot.core.head import Head
 from jackpot.errors import InputError
-
-
-def response_logits(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_len: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Logits predicting each response token, divided by `temperature`: (B, T, V) float32 (float64 for a
-    float64 model: tests compare against float64 references).
-
-    Args:
-        model: a Hugging Face causal LM (called with `input_ids`, `attention_mask`, `position_ids`).
-        input_ids: (B, P + T) prompt (left-padded) followed by the response (right-padded).
-        attention_mask: (B, P + T), 1 on real tokens, 0 on padding.
-        response_len: T, the number of trailing columns that are the response (T >= 1, P >= 1).
-        temperature: > 0.
-    Row t of the result is the model's output at position P - 1 + t.
-    """
-    _check_inputs(input_ids, attention_mask, response_len, temperature)
-    mask = attention_mask.long()
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    # Only the last T + 1 positions are needed; logits_to_keep skips the (B, P, V) prompt logits.
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=response_len + 1)
-    logits = upcast(out.logits[:, :-1, :])
-    return logits / temperature if temperature != 1.0 else logits
 
 
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
@@ -115,7 +91,7 @@ def response_hidden(
     """The last hidden states that predict each response token: (B, T, H), in the model's dtype.
 
     Row t is the base model's output at position P - 1 + t (the input of the output embedding there),
-    with the same position ids as `response_logits`; no (B, T, V) logits are formed.
+    with the position ids `generate` uses (module docstring); no (B, T, V) logits are formed.
     """
     _check_inputs(input_ids, attention_mask, response_len, 1.0)
     model = unwrap_peft(model)
@@ -141,3 +117,30 @@ def response_head(
     hidden = response_hidden(model, input_ids, attention_mask, response_len)
     weight, bias = output_head(model)
     return Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, temperature)
+
+
+# ----------------------------------------------------------------------------- the model as the trainer wraps it
+class HiddenStates(nn.Module):
+    """A causal LM's forward as the trainer uses it: the last hidden states at the response positions.
+    What DDP and FSDP2 wrap (their hooks run on a module's forward; `jackpot.train.distributed.wrap`)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+        return response_hidden(self.lm, input_ids, attention_mask, response_len)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a DDP / HiddenStates wrapper (itself when unwrapped)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.lm if isinstance(model, HiddenStates) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded over processes by FSDP2 (its weights gathered by a collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

@@ -159,6 +159,8 @@ class RolloutEngine(Protocol):
     `release()`         before an update: free what the engine holds on the device (a colocated vLLM sleeps;
                         the `hf` engines hold nothing of their own: a no-op). The engine wakes by itself, weights
                         before a push and KV cache before sampling; `resume()` wakes it without a push.
+    The facts that hold for every engine of a kind are also in its `engines.EngineSpec`, readable before one is made.
+    `close()` frees what the engine holds (its copy of the weights, an inference engine); its maker calls it.
     """
 
     model_version: int
@@ -168,19 +170,9 @@ class RolloutEngine(Protocol):
     dtype: torch.dtype | None
     exact_logprobs: bool
 
-    def generate(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        topk: int,
-        seed: int | None,
-        uniforms: torch.Tensor | None = None,
-        synced: bool = False,
-    ) -> RolloutBatch:
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, topk: int = 20, seed: int | None = None,
+                 uniforms: torch.Tensor | None = None, synced: bool = False) -> RolloutBatch:
         """Sample one response per prompt row; prompt_ids/prompt_mask are (B, P), left-padded.
 
         `uniforms` (B, >= max_new_tokens): each row's draws, step by step, so a row's sample does not depend
@@ -202,6 +194,10 @@ class RolloutEngine(Protocol):
         (`jackpot.rollout.weights.checkpoint_weights`) when `holds_weights`, else None. The trainer calls it
         through `jackpot.rollout.weights.push_weights` after every update of the sampling model.
         """
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds; it samples no more."""
         ...
 
 

@@ -126,6 +126,11 @@ class HFRolloutEngine:
         self.cache_implementation = cache_implementation
         self.model_version = 0
 
+    def close(self) -> None:
+        """Drop the copy of the weights it holds (`own_copy`); the trainer's module is never touched."""
+        if self.holds_weights:
+            self.model = None
+
     def set_version(self, version: int) -> None:
         """Tag subsequent rollouts with `version` (call after loading new weights into the model)."""
         self.model_version = int(version)

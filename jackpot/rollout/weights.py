@@ -18,6 +18,7 @@ import copy
 import torch
 
 from jackpot.errors import InputError
+from jackpot.models.forward import is_sharded, unwrap_peft
 
 Weights = list[tuple[str, torch.Tensor]]
 
@@ -40,8 +41,6 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 def checkpoint_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Weights:
     """The named full tensors of `model`'s Hugging Face checkpoint, detached (module docstring)."""
-    from jackpot.train.distributed import is_sharded
-
     if is_sharded(model) and has_adapters(model):
         raise InputError("LoRA with parallel=fsdp cannot push weights to an engine holding its own copy "
                          "(rollout.engine=vllm): use parallel=ddp for a LoRA sampling model, or rollout.engine=hf")
@@ -65,8 +64,6 @@ def model_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain Hugging Face model holding `model`'s checkpoint weights (LoRA merged, FSDP2 gathered: a collective),
     built from its config on the device and in the dtype of those weights, requiring no gradients."""
     from transformers import AutoModelForCausalLM
-
-    from jackpot.models.forward import unwrap_peft
 
     weights = dict(checkpoint_weights(model))
     first = next(iter(weights.values()))

@@ -73,6 +73,16 @@ def draw(pool: list[Example], n: int, key: str) -> list[Example]:
     return out
 
 
+def draw_split(pools: dict[str, list[Example]], split: str, n: int, seed: int, *, source: str,
+               empty: str) -> list[Example]:
+    """`n` examples of `split` from a task's fixed pools (a seeded shuffle, `draw` keyed by source/split/seed);
+    InputError `empty` when the split has none."""
+    check_split(split, n)
+    if n and not pools[split]:
+        raise InputError(empty)
+    return draw(pools[split], n, f"{source}/{split}/{seed}")
+
+
 def split_of(prompt: str, eval_fraction: float) -> str:
     """"eval" for a stable `eval_fraction` of prompts (by BLAKE2 hash), "train" for the rest."""
     digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 from jackpot.errors import InputError
 from jackpot.tasks.answers import VERIFIERS, is_correct, marked_answer, require_math_verify
-from jackpot.tasks.base import Example, check_split, check_template, draw, split_of
+from jackpot.tasks.base import Example, check_template, draw_split, split_of
 
 MAX_NEW_TOKENS = 1024  # default response budget: worked solutions run to hundreds of tokens
 _TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -117,11 +117,8 @@ class FileTask:
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
         """`n` examples of `split`: a seeded shuffle of the problems, cycled if `n` exceeds them."""
-        check_split(split, n)
-        pool = self._pool[split]
-        if n and not pool:
-            raise InputError(f"{self.path}: no examples in split {split!r} (eval_fraction={self.eval_fraction})")
-        return draw(pool, n, f"jsonl/{split}/{seed}")
+        return draw_split(self._pool, split, n, seed, source="jsonl",
+                          empty=f"{self.path}: no examples in split {split!r} (eval_fraction={self.eval_fraction})")
 
     def reward(self, example: Example, completion: str) -> float:
         """1.0 if the completion's final answer is the reference's (see module docstring), plus format_reward."""

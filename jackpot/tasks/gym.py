@@ -22,7 +22,7 @@ import re
 from typing import Any, ClassVar
 
 from jackpot.errors import InputError
-from jackpot.tasks.base import Example, check_split, check_template, draw, split_of
+from jackpot.tasks.base import Example, check_template, draw_split, split_of
 
 MAX_NEW_TOKENS = 1024
 OWN_OPTIONS = {"eval_fraction": 0.1, "template": "{question}"}
@@ -92,11 +92,8 @@ class ReasoningGymTask:
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
         """`n` examples of `split`: a seeded shuffle of the generated problems, cycled if `n` exceeds them."""
-        check_split(split, n)
-        pool = self._pool[split]
-        if n and not pool:
-            raise InputError(f"reasoning-gym {self.dataset_name!r}: no examples in split {split!r}; raise size")
-        return draw(pool, n, f"reasoning-gym/{split}/{seed}")
+        return draw_split(self._pool, split, n, seed, source="reasoning-gym",
+                          empty=f"reasoning-gym {self.dataset_name!r}: no examples in split {split!r}; raise size")
 
     def reward(self, example: Example, completion: str) -> float:
         """The dataset's score of the completion's answer (see module docstring), in [0, 1]."""

@@ -144,7 +144,7 @@ def _add_reference(summary: dict, run_dir: Path, reference: str | None, cfg) -> 
 
 def _matching_on_policy_run(run_dir: Path, cfg) -> Path | None:
     """The newest sibling run directory trained on-policy on the same task from the same policy."""
-    if cfg.train.mode == "on-policy" or not run_dir.parent.is_dir():
+    if not cfg.decoupled or not run_dir.parent.is_dir():
         return None
     found = []
     for sibling in run_dir.parent.iterdir():

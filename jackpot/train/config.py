@@ -20,18 +20,19 @@ from typing import Any
 
 from jackpot.core.corrections import correction_params
 from jackpot.train import config_io
+from jackpot.train.config_checks import CHOICES, RECOMPUTE_OLD, ROLLOUT_MODEL_TRAINING, TRAIN_MODES, resolve
 from jackpot.train.config_io import describe_presets, presets, to_dict
 
 # with the schema, the entry points the trainer and the CLI use (the rest of the machinery: config_io)
-__all__ = ["CACHE_ENV", "RUNS_ENV", "Config", "CorrectionConfig", "DistillConfig", "ModelConfig", "ParallelConfig",
-           "RolloutConfig", "SamplingConfig", "TaskConfig", "TrainConfig", "build_config", "default_cache_dir",
-           "default_runs_dir", "describe_fields", "describe_presets", "field_docs", "presets", "to_dict"]
+__all__ = ["CACHE_ENV", "RECOMPUTE_OLD", "ROLLOUT_MODEL_TRAINING", "RUNS_ENV", "TRAIN_MODES", "Config",
+           "CorrectionConfig", "DistillConfig", "ModelConfig", "ParallelConfig", "RolloutConfig", "SamplingConfig",
+           "TaskConfig", "TrainConfig", "build_config", "default_cache_dir", "default_runs_dir", "describe_fields",
+           "describe_presets", "field_docs", "presets", "to_dict"]
 
 CACHE_ENV = "JACKPOT_CACHE_DIR"
 RUNS_ENV = "JACKPOT_RUNS_DIR"
-TRAIN_MODES = ("decoupled", "on-policy")  # train.mode
-RECOMPUTE_OLD = ("auto", "always", "never")  # train.recompute_old (jackpot.train.prepare.recorded_logprobs_serve)
-ROLLOUT_MODEL_TRAINING = ("joint", "frozen")  # distill.rollout_model
+# TRAIN_MODES (train.mode), RECOMPUTE_OLD (train.recompute_old) and ROLLOUT_MODEL_TRAINING (distill.rollout_model)
+# are the checks' (config_checks.py), re-exported here
 
 
 def default_cache_dir() -> Path:
@@ -312,13 +313,27 @@ class Config:
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (needs `wandb` installed)."""
 
+    # ---- derived: what the mode and the rollout model's training mean, named once
+    @property
+    def decoupled(self) -> bool:
+        """A rollout model samples every trajectory (train.mode=decoupled); else the policy samples its own."""
+        return self.train.mode == "decoupled"
+
+    @property
+    def trains_rollout_model(self) -> bool:
+        """The rollout model exists and is updated (decoupled, distill.rollout_model=joint)."""
+        return self.decoupled and self.distill.rollout_model == "joint"
+
+    @property
+    def actor_role(self) -> str:
+        """The role of the model that samples the rollouts: 'rollout_model' (decoupled) or 'policy'."""
+        return "rollout_model" if self.decoupled else "policy"
+
 
 # ----------------------------------------------------------------------------- entry points
 def build_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file or preset (and the preset it names) <- command-line overrides, with the task's
     defaults filled in, checked (InputError naming the field)."""
-    from jackpot.train.config_checks import resolve  # imports this schema, and the registries it checks against
-
     return resolve(config_io.build(Config, config_file, overrides))
 
 
@@ -330,6 +345,4 @@ def field_docs() -> dict[str, tuple[Any, str]]:
 def describe_fields(cfg: Config | None = None, width: int = 100) -> str:
     """Every field as `section.field = value`, its docstring and its choices, wrapped; the values of `cfg` if
     given, else the defaults."""
-    from jackpot.train.config_checks import CHOICES
-
     return config_io.describe_fields(cfg or Config(), CHOICES, width)

@@ -15,19 +15,23 @@ from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, corr
 from jackpot.core.dtypes import DTYPES
 from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
 from jackpot.errors import InputError
-from jackpot.rollout import ENGINE_OPTIONS, ENGINES
+from jackpot.rollout import ENGINE_SPECS, engine_spec
+from jackpot.rollout import engine_options as _engine_options
 from jackpot.tasks import TASKS, default_max_new_tokens, task_options
-from jackpot.train.config import RECOMPUTE_OLD, ROLLOUT_MODEL_TRAINING, TRAIN_MODES
 from jackpot.train.distributed import PARALLEL_MODES
 from jackpot.train.precision import MIXED_PRECISIONS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the schema imports these checks; they read it through the config object alone
     from jackpot.train.config import Config
+
+TRAIN_MODES = ("decoupled", "on-policy")  # train.mode
+RECOMPUTE_OLD = ("auto", "always", "never")  # train.recompute_old (jackpot.train.prepare.recorded_logprobs_serve)
+ROLLOUT_MODEL_TRAINING = ("joint", "frozen")  # distill.rollout_model
 
 # field -> its valid values, from the owner of each list (`jackpot config` shows them beside the docstrings)
 CHOICES: dict[str, tuple] = {
     "task.name": tuple(TASKS),
-    "rollout.engine": tuple(ENGINES),
+    "rollout.engine": tuple(ENGINE_SPECS),
     "train.mode": TRAIN_MODES,
     "policy.dtype": tuple(DTYPES),
     "rollout_model.dtype": tuple(DTYPES),
@@ -148,13 +152,13 @@ def _check_rules(cfg: Config) -> None:
 
 
 def _check_rollout(cfg: Config) -> None:
-    """The rollout.* options: each set away from its default must be one the engine takes (`ENGINE_OPTIONS`);
+    """The rollout.* options: each set away from its default must be one the engine takes (its spec's `options`);
     asynchronous generation; a model whose weights are pushed to an engine's own copy cannot be LoRA + FSDP2."""
     r = cfg.rollout
-    takes, options = ENGINE_OPTIONS[r.engine], {name for names in ENGINE_OPTIONS.values() for name in names}
+    spec, options = engine_spec(r.engine), {name for s in ENGINE_SPECS.values() for name in s.options}
     for f in dataclasses.fields(r):
-        if f.name in options and f.name not in takes and getattr(r, f.name) != f.default:
-            owners = "|".join(name for name, names in ENGINE_OPTIONS.items() if f.name in names)
+        if f.name in options and f.name not in spec.options and getattr(r, f.name) != f.default:
+            owners = "|".join(name for name, s in ENGINE_SPECS.items() if f.name in s.options)
             raise InputError(f"rollout.{f.name}={getattr(r, f.name)!r}: rollout.engine={r.engine} has no such option "
                              f"(an option of rollout.engine={owners})")
     if not isinstance(r.async_steps, int) or isinstance(r.async_steps, bool) or r.async_steps < 0:
@@ -171,26 +175,25 @@ def _check_rollout(cfg: Config) -> None:
         if r.sleep_level and r.async_steps:
             raise InputError(f"rollout.sleep_level={r.sleep_level} with rollout.async_steps={r.async_steps}: the "
                              "engine generates while the trainer updates, so it cannot sleep; use sleep_level=0")
-    # weights pushed as checkpoint tensors (jackpot.rollout.weights): vLLM's engines (sampling and evaluation,
-    # both models) and the asynchronous generator's copy (the sampling model); LoRA is merged on a deep copy,
-    # which an FSDP2 module does not allow
-    actor = "rollout_model" if cfg.train.mode == "decoupled" else "policy"
-    pushed = ["policy", "rollout_model"] if r.engine == "vllm" else [actor] if r.async_steps else []
+    # weights pushed as checkpoint tensors (jackpot.rollout.weights): an engine holding its own copy (sampling and
+    # evaluation, both models) and the asynchronous generator's copy (the sampling model); LoRA is merged on a
+    # deep copy, which an FSDP2 module does not allow
+    pushed = ["policy", "rollout_model"] if spec.holds_weights else [cfg.actor_role] if r.async_steps else []
     for role in pushed:
         if getattr(cfg, role).lora_rank is not None and getattr(cfg.parallel, role) == "fsdp":
             raise InputError(f"{role}.lora_rank with parallel.{role}=fsdp cannot push its weights to "
-                             f"{'rollout.engine=vllm' if r.engine == 'vllm' else 'the asynchronous generator'} "
+                             f"{f'rollout.engine={r.engine}' if spec.holds_weights else 'the asynchronous generator'} "
                              "(LoRA adapters of an FSDP2 model are not merged); use parallel.*=ddp")
 
 
 def engine_options(cfg: Config) -> dict[str, Any]:
-    """The keyword arguments `make_engine` gets from the config: the rollout.* options the engine takes (those
-    left at null are left to the engine), and for an engine with a top-K cap the run's sampling.topk."""
-    r = cfg.rollout
-    options = {name: getattr(r, name) for name in ENGINE_OPTIONS[r.engine] if getattr(r, name) is not None}
-    if r.engine != "vllm":
-        return options
-    return {"sleep_level": default_sleep_level(cfg), **options, "max_topk": cfg.sampling.topk}
+    """The keyword arguments `make_engine` gets from a run's config: `jackpot.rollout.engine_options` of its
+    rollout section and sampling.topk, and for an engine that sleeps rollout.sleep_level's run-dependent default
+    (`default_sleep_level`) when it is null."""
+    options = _engine_options(cfg.rollout, cfg.sampling.topk)
+    if "sleep_level" in engine_spec(cfg.rollout.engine).options:
+        options.setdefault("sleep_level", default_sleep_level(cfg))
+    return options
 
 
 def default_sleep_level(cfg: Config) -> int:
@@ -200,8 +203,7 @@ def default_sleep_level(cfg: Config) -> int:
     default level)."""
     if cfg.train.device == "cpu" or cfg.rollout.async_steps:
         return 0
-    trained = cfg.train.mode == "on-policy" or cfg.distill.rollout_model == "joint"
-    return 2 if trained else 1
+    return 2 if not cfg.decoupled or cfg.trains_rollout_model else 1
 
 
 def _check_mixed_precision(cfg: Config) -> None:
@@ -209,9 +211,7 @@ def _check_mixed_precision(cfg: Config) -> None:
     FSDP2's own mixed precision (parallel.mixed_precision) is the other way of doing it, not both."""
     if cfg.train.mixed_precision is None:
         return
-    trained = ["policy"] + (["rollout_model"] if cfg.train.mode == "decoupled" and cfg.distill.rollout_model == "joint"
-                            else [])
-    for role in trained:
+    for role in ["policy"] + (["rollout_model"] if cfg.trains_rollout_model else []):
         if getattr(cfg, role).dtype != "float32":
             raise InputError(f"train.mixed_precision={cfg.train.mixed_precision} keeps float32 master weights: "
                              f"{role}.dtype must be float32, got {getattr(cfg, role).dtype}")
@@ -223,7 +223,7 @@ def _check_mixed_precision(cfg: Config) -> None:
 def _check_kl_control(cfg: Config) -> None:
     """distill.target_kl adapts the coefficient of a rollout model that is trained, within its bounds."""
     d = cfg.distill
-    if cfg.train.mode != "decoupled" or d.rollout_model != "joint":
+    if not cfg.trains_rollout_model:
         raise InputError(f"distill.target_kl={d.target_kl} needs a rollout model that is trained (train.mode="
                          f"decoupled, distill.rollout_model=joint), got train.mode={cfg.train.mode}, "
                          f"distill.rollout_model={d.rollout_model}")
@@ -233,20 +233,19 @@ def _check_kl_control(cfg: Config) -> None:
 
 
 def check_training_models(cfg: Config) -> None:
-    """What `jackpot train` will build, checked before any model is built or pre-trained: on CPU the vLLM engine
-    cannot serve a tiny model whose head dimension its attention lacks (a checkpoint's is checked when the
-    engine is built). Both models generate (training and evaluation). Then vLLM itself is imported: missing, it
-    is one line now, not after minutes of pre-training."""
-    if cfg.rollout.engine != "vllm":
-        return
-    from jackpot.rollout.vllm import check_head_dim, import_vllm  # that module imports vLLM on use only
-
-    for name in ["policy"] + (["rollout_model"] if cfg.train.mode == "decoupled" else []):
-        m = getattr(cfg, name)
-        if m.path is None:
-            check_head_dim(m.hidden_size // m.num_heads, f"{name} ({name}.hidden_size={m.hidden_size}, "
-                           f"{name}.num_heads={m.num_heads})", on_cpu=cfg.train.device == "cpu")
-    import_vllm()
+    """What `jackpot train` will build, checked before any model is built or pre-trained: a tiny model's shape the
+    engine cannot serve (e.g. a head dimension vLLM's CPU attention lacks; a checkpoint's is checked when the
+    engine is built). Both models generate (training and evaluation). Then the engine's backend is imported:
+    missing, it is one line now, not after minutes of pre-training."""
+    spec = engine_spec(cfg.rollout.engine)
+    if spec.check_head_dim is not None:
+        for name in ["policy"] + (["rollout_model"] if cfg.decoupled else []):
+            m = getattr(cfg, name)
+            if m.path is None:
+                spec.check_head_dim(m.hidden_size // m.num_heads, f"{name} ({name}.hidden_size={m.hidden_size}, "
+                                    f"{name}.num_heads={m.num_heads})", cfg.train.device == "cpu")
+    if spec.check_available is not None:
+        spec.check_available()
 
 
 def get(cfg: Any, dotted: str) -> Any:

@@ -40,7 +40,10 @@ from torch import nn
 
 from jackpot.core.dtypes import DTYPES
 from jackpot.errors import InputError
-from jackpot.models.forward import response_hidden, unwrap_peft
+from jackpot.models.forward import HiddenStates, is_sharded, language_model, unwrap_peft
+
+__all__ = ["PARALLEL_MODES", "Collective", "HiddenStates", "Shard", "gathered_for_generation", "gradient_sync",
+           "is_sharded", "language_model", "wrap"]  # the model wrappers live in jackpot.models.forward
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -168,31 +171,6 @@ class Shard:
 
 
 # ----------------------------------------------------------------------------- wrapping models
-class HiddenStates(nn.Module):
-    """A causal LM's forward as the trainer uses it: the last hidden states at the response positions.
-    What DDP and FSDP2 wrap (their hooks run on a module's forward)."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
-        return response_hidden(self.lm, input_ids, attention_mask, response_len)
-
-
-def language_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a DDP / HiddenStates wrapper (itself when unwrapped)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model.lm if isinstance(model, HiddenStates) else model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def wrap(lm: nn.Module, mode: str, coll: Collective, *, trainable: bool, mixed_precision: str | None) -> nn.Module:
     """`lm` distributed over the ranks of `coll`: 'ddp' (replicated; a frozen model stays a plain
     replica) or 'fsdp' (FSDP2, every decoder layer and the root a unit). One process: `lm` itself."""

@@ -6,6 +6,10 @@ trajectories (PPO + distillation toward the policy, eq. 8) unless frozen. On-pol
 samples its own rollouts (the ideal the decoupled run is compared with). Every random draw of a step
 is seeded from (seed, step), so a resumed run continues exactly as an uninterrupted one would.
 
+Where a step's batch comes from — its prompts, the engines, the synchronous or asynchronous schedule
+(`rollout.async_steps`), the batches in flight a checkpoint holds — is `rollout_source.RolloutSource`; the
+models are built in `models.py`; a batch's no-gradient quantities in `prepare.py`, the update in `update.py`.
+
 Under a launcher (`torchrun --nproc_per_node N -m jackpot train ...`, `accelerate launch -m jackpot
 train ...`) every process runs this loop on its block of the global batch: prompts are drawn by global
 index from (seed, step) and split by rank in whole groups, each row's sampling and rejection uniforms
@@ -17,7 +21,6 @@ checkpoints are sharded (torch.distributed.checkpoint) and renamed into place by
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import signal
 import threading
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 
 from jackpot.errors import InputError
 from jackpot.eval import sample_and_score
+from jackpot.fileio import write_text_atomic
 from jackpot.metric_names import (
     ACCURACY,
     ACCURACY_SE,
@@ -40,11 +44,9 @@ from jackpot.metric_names import (
     MISMATCH_KL_K3,
     OBRS_ACCEPT_RATE,
     PERF_EVAL_S,
-    PERF_GENERATOR_IDLE_S,
     PERF_PREPARE_S,
     PERF_ROLLOUT_S,
     PERF_ROLLOUT_TOKENS_PER_S,
-    PERF_ROLLOUT_WAIT_S,
     PERF_STEP_S,
     PERF_UPDATE_S,
     RESPONSE_LENGTH,
@@ -54,49 +56,38 @@ from jackpot.metric_names import (
     pass_at,
 )
 from jackpot.metrics import MetricLogger, scalars, standard_error
-from jackpot.models.loading import load_model, load_tokenizer
-from jackpot.models.tokenizer import check_same_tokenizer
-from jackpot.rollout import RolloutEngine, make_engine
+from jackpot.models.forward import language_model
 from jackpot.rollout.base import RolloutBatch, release_all
-from jackpot.rollout.text import decode_responses, encode_prompts
-from jackpot.rollout.weights import checkpoint_weights, push_weights
-from jackpot.seeding import EVAL_STREAM, PROMPT_STREAM, SAMPLING_STREAM, row_uniforms, step_seed
-from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
+from jackpot.rollout.text import decode_responses
+from jackpot.seeding import EVAL_STREAM, row_uniforms
+from jackpot.tasks import Example, Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
-from jackpot.train.config import Config, ModelConfig, to_dict
-from jackpot.train.config_checks import check_training_models, engine_options
-from jackpot.train.distributed import Collective, Shard, gathered_for_generation, language_model, wrap
-from jackpot.train.pipeline import Generator
-from jackpot.train.precision import adamw, autocast
+from jackpot.train.config import Config, to_dict
+from jackpot.train.config_checks import check_training_models
+from jackpot.train.distill_control import DistillCoefficient
+from jackpot.train.distributed import Collective, gathered_for_generation
+from jackpot.train.models import Models, build_models
+from jackpot.train.models import model_dir as model_dir  # moved to jackpot.train.models; kept for one release
+from jackpot.train.models import prepared_model as prepared_model  # the same
+from jackpot.train.precision import autocast
 from jackpot.train.prepare import prepare, recorded_logprobs_serve
-from jackpot.train.pretrain import TinyModelSpec, pretrained_model
+from jackpot.train.rollout_source import RolloutSource
 from jackpot.train.threads import choose_threads
-from jackpot.train.update import distill_coefficient, update
-
-DISTILL_COEF_STATE = "distill_coef"  # checkpoint state.json: the coefficient the last update used (target_kl)
+from jackpot.train.update import update
 
 
-@dataclass
-class Run:
-    """Everything a run holds between steps."""
+@dataclass(kw_only=True)
+class Run(Models):
+    """Everything a run holds between steps: its models (`models.Models`) and what else it needs."""
 
     cfg: Config
     out: Path
     task: Task
-    tokenizer: object
-    policy: torch.nn.Module
-    rollout_model: torch.nn.Module | None      # None in on-policy mode
-    init_policy: torch.nn.Module | None         # frozen copy for the KL penalty (kl_coef > 0)
-    policy_opt: torch.optim.Optimizer
-    rollout_opt: torch.optim.Optimizer | None
+    source: RolloutSource | None = None  # where each step's batch comes from (and the engines that evaluate)
+    distill: DistillCoefficient | None = None  # the distillation coefficient across steps
     logger: MetricLogger | None = None
     start_step: int = 1
     coll: Collective = dataclasses.field(default_factory=Collective)
-    policy_wrapper: torch.nn.Module | None = None   # the policy wrapped by DDP / FSDP2 (several processes)
-    rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
-    engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the model they sample
-    generator: Generator | None = None  # rollout.async_steps > 0: generates the next batches in the background
-    distill_coef: float | None = None  # the last update's distillation coefficient (None: distill.coef)
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -130,54 +121,6 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def model_dir(role: str, mc: ModelConfig, cfg: Config, progress: bool) -> str:
-    """The directory of the model `mc` names: its `path`, else the tiny model pre-trained for the task (cached)."""
-    if mc.path is not None:
-        return mc.path
-    spec = TinyModelSpec(name=role, task=cfg.task.name, task_kwargs=dict(cfg.task.options),
-                         hidden=mc.hidden_size, layers=mc.num_layers, heads=mc.num_heads,
-                         steps=mc.sft_steps, lr=mc.sft_lr, seed=mc.seed)
-    return str(pretrained_model(spec, Path(cfg.cache_dir).expanduser(), progress=progress))
-
-
-def prepared_model(model: torch.nn.Module, mc: ModelConfig) -> torch.nn.Module:
-    """Dropout off for good (as TRL and verl): every dropout probability set to 0, so the train mode that
-    Hugging Face's gradient checkpointing needs changes nothing; eval mode otherwise."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    if mc.lora_rank is not None:
-        model = _with_lora(model, mc)
-    if mc.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.20's name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.eval()
-
-
-def _with_lora(model: torch.nn.Module, mc: ModelConfig) -> torch.nn.Module:
-    """Wrap `model` with LoRA adapters (peft), initialised from `mc.seed`; only the adapters are trained."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError("lora_rank is set but peft is not installed: pip install 'jackpot[lora]'") from None
-    targets = mc.lora_target_modules if mc.lora_target_modules == "all-linear" else \
-        [t.strip() for t in mc.lora_target_modules.split(",") if t.strip()]
-    config = LoraConfig(r=mc.lora_rank, lora_alpha=mc.lora_alpha, lora_dropout=0.0, target_modules=targets,
-                        task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):  # the adapters' initialisation depends on the seed alone
-        torch.manual_seed(mc.seed)
-        return get_peft_model(model, config)
-
-
-def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = False,
           coll: Collective | None = None) -> Run:
     """Load (or pre-train) both models, distribute them over the processes of `coll` (default: the
@@ -197,72 +140,26 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     torch.set_num_threads(choose_threads(cfg)[0])  # train.threads, or a default that fits the models and CPUs
     check_training_models(cfg)  # e.g. a shape the rollout engine cannot serve, before anything is pre-trained
     task = make_task(cfg.task.name, **cfg.task.options)
-    device = coll.device(cfg.train.device)
-    policy_dir = _main_first(coll, lambda: model_dir("policy", cfg.policy, cfg, progress and coll.is_main))
-    tokenizer = load_tokenizer(policy_dir)
-    policy = prepared_model(load_model(policy_dir, dtype=cfg.policy.dtype, device=device), cfg.policy)
-    init_policy = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.train.kl_coef > 0 else None
-    mp = cfg.parallel.mixed_precision
-    if init_policy is not None:  # the KL reference is distributed like the policy (sharded with it)
-        init_policy = wrap(init_policy, cfg.parallel.policy, coll, trainable=False, mixed_precision=mp)
-    policy_train = wrap(policy, cfg.parallel.policy, coll, trainable=True, mixed_precision=mp)
-    rollout_model = rollout_train = rollout_opt = None
-    if cfg.train.mode == "decoupled":
-        rollout_dir = _main_first(coll, lambda: model_dir("rollout", cfg.rollout_model, cfg,
-                                                          progress and coll.is_main))
-        check_same_tokenizer(load_tokenizer(rollout_dir), tokenizer, names=("rollout_model", "policy"))
-        rollout_model = prepared_model(load_model(rollout_dir, dtype=cfg.rollout_model.dtype, device=device),
-                                       cfg.rollout_model)
-        rollout_train = wrap(rollout_model, cfg.parallel.rollout_model, coll,
-                             trainable=cfg.distill.rollout_model == "joint", mixed_precision=mp)
-        rollout_opt = adamw(_trainable(rollout_model), cfg.rollout_model.lr)
-    policy_opt = adamw(_trainable(policy), cfg.policy.lr)  # after wrap: FSDP2 shards in place
+    models = build_models(cfg, coll, progress)
     if coll.is_main:
         out.mkdir(parents=True, exist_ok=True)
     coll.barrier()
-    run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt,
-              coll=coll, policy_wrapper=policy_train if policy_train is not policy else None,
-              rollout_wrapper=rollout_train if rollout_train is not rollout_model else None)
-    local = None
+    run = Run(**{f.name: getattr(models, f.name) for f in dataclasses.fields(models)}, cfg=cfg, out=out, task=task,
+              coll=coll, distill=DistillCoefficient(cfg))
+    run.source = RolloutSource(cfg, task, run.tokenizer, coll, run.actor)
     if resume:
         path = ckpt.latest_checkpoint(out)
         state = ckpt.load_checkpoint(path, run.models, run.optimizers, coll=coll)
         run.start_step = state["step"] + 1
-        if state.get("async_steps", 0) != cfg.rollout.async_steps:  # its batches in flight follow that schedule
-            raise InputError(f"--resume: the checkpoint was written with rollout.async_steps="
-                             f"{state.get('async_steps', 0)}, the run asks for {cfg.rollout.async_steps}; resume "
-                             f"with rollout.async_steps={state.get('async_steps', 0)}")
-        local = ckpt.load_local(path, coll.rank)
-        run.distill_coef = state.get(DISTILL_COEF_STATE)
-    if cfg.rollout.async_steps:
-        run.generator = _generator(run, local)
+        run.source.restore(state, ckpt.load_local(path, coll.rank))
+        run.distill.restore(state)
     if coll.is_main:
-        _write_config(cfg, out)
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         run.logger = MetricLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                   config=to_dict(cfg), resume_step=run.start_step - 1 if resume else None)
     else:
         run.logger = _NoLogger()
     return run
-
-
-def _generator(run: Run, local: dict | None) -> Generator:
-    """The background generator over a copy of the sampling model; resumed, with the checkpoint's batches."""
-    engine = make_engine(run.cfg.rollout.engine, language_model(run.actor), run.tokenizer, own_copy=True,
-                         **engine_options(run.cfg))
-    generator = Generator(engine, run.cfg.rollout.threads or 1)
-    if local is not None:
-        generator.restore({int(step): RolloutBatch(**batch) for step, batch in local["inflight"].items()})
-    return generator
-
-
-def _main_first(coll: Collective, make):
-    """Run `make` on rank 0 first (it may pre-train and cache a model), then on the others (cache hit)."""
-    if not coll.is_main:
-        coll.barrier()
-    value = make()
-    if coll.is_main:
-        coll.barrier()
-    return value
 
 
 class _NoLogger:
@@ -275,89 +172,19 @@ class _NoLogger:
         pass
 
 
-def _write_config(cfg: Config, out: Path) -> None:
-    tmp = out / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(out / "config.yaml")
-
-
 # ----------------------------------------------------------------------------- phases
-@dataclass
-class Prompts:
-    """One step's prompts for this rank: the task examples (each repeated group_size times), their ids and mask
-    (left-padded), the rows' sampling uniforms (from their global index) and the call's seed."""
-
-    examples: list
-    ids: torch.Tensor
-    mask: torch.Tensor
-    uniforms: torch.Tensor
-    seed: int
-
-
-def step_prompts(run: Run, step: int) -> Prompts:
-    """This rank's share of the prompts_per_step prompts of `step` (drawn from (seed, step)), group_size times."""
-    t, s = run.cfg.train, run.cfg.sampling
-    examples = run.task.examples("train", t.prompts_per_step, step_seed(t.seed, step, PROMPT_STREAM))
-    share = run.coll.share(t.prompts_per_step, "train.prompts_per_step")
-    repeated = [ex for ex in examples[share.start:share.stop] for _ in range(t.group_size)]
-    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, [ex.prompt for ex in repeated],
-                                             chat_template=run.cfg.task.chat_template)
-    shard = _shard(run)
-    uniforms = row_uniforms(t.seed, step, SAMPLING_STREAM, shard.total, s.max_new_tokens, shard.rows)
-    return Prompts(repeated, prompt_ids, prompt_mask, uniforms, step_seed(t.seed, step, SAMPLING_STREAM))
-
-
-def sample(engine: RolloutEngine, prompts: Prompts, cfg: Config, synced: bool = False) -> RolloutBatch:
-    """`engine`'s responses to `prompts`, rollout.batch_size rows per generate call (equal shares: every rank
-    runs as many calls)."""
-    s, size = cfg.sampling, cfg.rollout.batch_size or len(prompts.examples)
-    parts = [engine.generate(prompts.ids[i:i + size], prompts.mask[i:i + size], max_new_tokens=s.max_new_tokens,
-                             temperature=s.temperature, top_p=s.top_p, topk=s.topk, seed=prompts.seed,
-                             uniforms=prompts.uniforms[i:i + size], synced=synced)
-             for i in range(0, len(prompts.examples), size)]
-    return parts[0] if len(parts) == 1 else RolloutBatch.cat(parts)
-
-
-def score(run: Run, prompts: Prompts, batch: RolloutBatch) -> torch.Tensor:
+def score(run: Run, examples: list[Example], batch: RolloutBatch) -> torch.Tensor:
     """The task's reward of each response: (prompts of this rank, group_size)."""
     completions = decode_responses(run.tokenizer, batch.response_ids, batch.response_mask)
-    rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(prompts.examples, completions)])
+    rewards = torch.tensor([float(run.task.reward(ex, c)) for ex, c in zip(examples, completions)])
     return rewards.reshape(-1, run.cfg.train.group_size).to(batch.rollout_logp.device)
 
 
 def collect(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor]:
-    """Sample this rank's share of prompts_per_step prompts x group_size responses and score them:
-    (batch, rewards (N / processes, G)). The batch's rows are the global rows `_shard(run).rows`."""
-    prompts = step_prompts(run, step)
-    engine = engine_for(run, run.actor, version=step)  # the actor's weights after the previous step's update
-    with gathered_for_generation(run.actor, engine) as synced:
-        batch = sample(engine, prompts, run.cfg, synced)
-    return batch, score(run, prompts, batch)
-
-
-def collect_ahead(run: Run, step: int) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
-    """`collect` with rollout.async_steps = k > 0 (jackpot.train.pipeline): hand the generator the batches up to
-    step + k, sampled by the weights now (version `step`), then take and score the batch of `step`, generated
-    earlier. Also returns the pipeline's timings."""
-    g, k = run.generator, run.cfg.rollout.async_steps
-    weights = None
-    for n in range(g.last_step + 1, step + k + 1):  # also past train.steps: a resume may extend the run
-        if weights is None:  # a copy: the update that follows changes the trained module in place
-            weights = [(name, t.clone()) for name, t in checkpoint_weights(language_model(run.actor), g.engine.dtype)]
-            version = step
-        prompts = step_prompts(run, n)
-        g.submit(n, version, weights if n == g.last_step + 1 else None,
-                 lambda engine, prompts=prompts: sample(engine, prompts, run.cfg))
-    generated, waited = g.result(step)
-    batch = generated.batch
-    return batch, score(run, step_prompts(run, step), batch), {
-        PERF_ROLLOUT_S: generated.seconds, PERF_ROLLOUT_WAIT_S: waited, PERF_GENERATOR_IDLE_S: generated.idle_s}
-
-
-def _shard(run: Run) -> Shard:
-    """The rows of the global rollout batch this rank holds (whole groups: its share of the prompts)."""
-    t = run.cfg.train
-    return run.coll.shard(t.prompts_per_step * t.group_size)
+    """This rank's share of the step's batch (the global rows `run.source.shard.rows`) and its rewards
+    (N / processes, G)."""
+    batch, examples, _ = run.source.take(step)
+    return batch, score(run, examples, batch)
 
 
 @torch.no_grad()
@@ -370,7 +197,7 @@ def evaluate(run: Run, model: torch.nn.Module, version: int) -> dict[str, float]
     share = run.coll.uneven_share(len(examples))
     rows = range(share.start * t.eval_samples, share.stop * t.eval_samples)
     uniforms = row_uniforms(t.seed, 0, EVAL_STREAM, len(examples) * t.eval_samples, s.max_new_tokens, rows)
-    engine = engine_for(run, model, version)
+    engine = run.source.engine(model, version)
     with gathered_for_generation(model, engine) as synced:
         scored = sample_and_score(engine, run.tokenizer, run.task,
                                   examples[share.start:share.stop], k=t.eval_samples,
@@ -382,19 +209,6 @@ def evaluate(run: Run, model: torch.nn.Module, version: int) -> dict[str, float]
             pass_at(t.eval_samples): pass_at_k(rewards, t.eval_samples)}
 
 
-def engine_for(run: Run, model: torch.nn.Module, version: int) -> RolloutEngine:
-    """The engine that samples from `model` (as the update runs it), holding its weights `version`: one per model
-    for the whole run, sampling and evaluation alike (an engine holding its own weights is built once and
-    pushed to, never rebuilt; in-process vLLM engines must outlive each other)."""
-    if id(model) not in run.engines:
-        run.engines[id(model)] = make_engine(run.cfg.rollout.engine, language_model(model), run.tokenizer,
-                                             **engine_options(run.cfg))
-    engine = run.engines[id(model)]
-    release_all(e for e in run.engines.values() if e is not engine)  # colocated vLLM: one engine awake at a time
-    push_weights(engine, language_model(model), version)
-    return engine
-
-
 def train_step(run: Run, step: int) -> dict[str, float]:
     """One step under train.mixed_precision's autocast (jackpot.train.precision; none by default): `step_body`."""
     with autocast(run.cfg.train.mixed_precision, run.policy):
@@ -402,45 +216,37 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
 
 def step_body(run: Run, step: int) -> dict[str, float]:
-    """One step: collect and score rollouts, prepare, update; returns the step's metrics."""
-    cfg = run.cfg
-    # ---- rollout + score (async: take the batch generated ahead, and queue the next)
+    """One step: take the step's batch and score it, prepare, update; returns the step's metrics."""
+    cfg, coll = run.cfg, run.coll
+    # ---- rollout + score: the batch of this step from the rollout source (sampled now or generated ahead)
     t0 = time.perf_counter()
-    if run.generator is None:
-        batch, rewards = collect(run, step)
-        pipeline = {}
-    else:
-        batch, rewards, pipeline = collect_ahead(run, step)
+    batch, examples, timings = run.source.take(step)
+    rewards = score(run, examples, batch)
     t1 = time.perf_counter()
-    release_all(run.engines.values())  # colocated vLLM sleeps through prepare and update (rollout.sleep_level)
+    release_all(run.source.engines.values())  # colocated vLLM sleeps through prepare and update (rollout.sleep_level)
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
-    recorded = recorded_logprobs_serve(cfg, _sampling_engine(run), language_model(run.actor), batch, step)
+    recorded = recorded_logprobs_serve(cfg, run.source.sampling_engine, language_model(run.actor), batch, step)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
-                   init_policy=run.init_policy, step=step, coll=run.coll, shard=_shard(run), recorded_old=recorded)
+                   init_policy=run.init_policy, step=step, coll=coll, shard=run.source.shard,
+                   recorded_old=recorded)
     # ---- the distillation coefficient: distill.coef, or adapted to the gap just measured (distill.target_kl)
-    run.distill_coef, control = distill_coefficient(cfg, run.distill_coef, prep.metrics)
+    distill_coef, control = run.distill.step(prep.metrics)
     t2 = time.perf_counter()
     # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
     upd = update(cfg, prep, policy=run.policy_train, rollout_model=run.rollout_train, policy_opt=run.policy_opt,
-                 rollout_opt=run.rollout_opt if cfg.distill.rollout_model == "joint" else None, step=step,
-                 coll=run.coll, distill_coef=run.distill_coef)
+                 rollout_opt=run.rollout_opt if cfg.trains_rollout_model else None, step=step, coll=coll,
+                 distill_coef=distill_coef)
     t3 = time.perf_counter()
-    coll = run.coll
     tokens = coll.sum(batch.response_mask.sum())
     values = scalars({REWARD_MEAN: coll.gather_rows(rewards)[0].mean(),
                       RESPONSE_LENGTH: tokens / (cfg.train.prompts_per_step * cfg.train.group_size),
                       **prep.metrics, **upd, **control})
     values.update({ROLLOUT_MODEL_VERSION: float(batch.model_version),
                    ROLLOUT_STALENESS: float(step - batch.model_version)})
-    rollout_s = pipeline.pop(PERF_ROLLOUT_S, t1 - t0)  # async: the generator's time, not the trainer's wait
+    rollout_s = timings.pop(PERF_ROLLOUT_S)  # the sampling's own time (asynchronous: the generator's)
     values.update({PERF_ROLLOUT_S: rollout_s, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2, PERF_STEP_S: t3 - t0,
-                   PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(rollout_s, 1e-9), **pipeline})
+                   PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(rollout_s, 1e-9), **timings})
     return values
-
-
-def _sampling_engine(run: Run) -> RolloutEngine:
-    """The engine that sampled this step's batch: the asynchronous generator's, else the sampling model's."""
-    return run.generator.engine if run.generator is not None else run.engines[id(run.actor)]
 
 
 def evaluate_all(run: Run, step: int) -> dict[str, float]:
@@ -448,8 +254,7 @@ def evaluate_all(run: Run, step: int) -> dict[str, float]:
     updates (their weights are version step + 1, those that sample step + 1), timed."""
     version = step + 1
     t0 = time.perf_counter()
-    if run.generator is not None:  # the generator finishes its queue first: in-process vLLM engines share state
-        run.generator.inflight()
+    run.source.drain()  # the batches in flight first: in-process vLLM engines share state
     out = {EVAL + k: v for k, v in evaluate(run, run.policy_train, version).items()}
     if run.rollout_model is not None:
         out.update({EVAL_ROLLOUT_MODEL + k: v for k, v in evaluate(run, run.rollout_train, version).items()})
@@ -486,21 +291,17 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
         ckpt.export_models(run.out, run.models, {"policy": run.policy_train, "rollout_model": run.rollout_train},
                            run.tokenizer, coll=run.coll)
     finally:
-        if run.generator is not None:
-            run.generator.close()
+        run.source.close()
         run.logger.close()
     return run.out
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    """The checkpoint after `step`: models, optimizers, and with async_steps the batches generated ahead."""
-    g, extra = run.generator, {}
-    if run.cfg.distill.target_kl is not None:  # the controller's state (a fixed coefficient is in the config)
-        extra[DISTILL_COEF_STATE] = run.distill_coef
-    if g is not None:
-        extra["async_steps"] = run.cfg.rollout.async_steps
-    local = None if g is None else {"inflight": {n: dataclasses.asdict(batch) for n, batch in g.inflight().items()}}
-    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, extra=extra, coll=run.coll, local=local)
+    """The checkpoint after `step`: models, optimizers, the rollout source's state (with async_steps the batches
+    generated ahead) and the distillation controller's."""
+    extra, local = run.source.state()
+    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, extra={**run.distill.state(), **extra},
+                         coll=run.coll, local=local)
 
 
 @contextlib.contextmanager

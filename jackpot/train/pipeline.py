@@ -1,23 +1,12 @@
-"""Generation overlapping training: `rollout.async_steps = k > 0`.
+"""The background generator of `rollout.async_steps = k > 0`: one thread sampling batches in the order they are
+submitted, each with the weights sent along.
 
-A background thread generates the batches of the next k steps while the trainer updates on the current one.
-The schedule is fixed, so a run is reproducible and resumes exactly: at step n the trainer hands the
-generator the batch of step n + k (at step 1, those of steps 1 .. 1 + k) together with a copy of the sampling
-model's weights as they are then, version n, and trains on the batch of step n, sampled by version
-max(1, n - k): `rollout/staleness` is min(n - 1, k). The corrections see the recorded p_inf, as in a
-synchronous run; only the distance between p_inf and the policy grows.
-
-The generator samples from an engine of its own that holds a copy of the weights (`hf` with `own_copy`, or
-vLLM), so the trainer's in-place updates never race with sampling, and the copy sent with each job is taken
-before the update that follows. Its thread runs `rollout.threads` torch threads beside the trainer's
-`train.threads`: on a CPU keep their sum at most the cores (oversubscription costs 4-10x). Under torchrun
-every process has its own generator over its rows; the weight copies are gathered (FSDP2) in the trainer's
-thread, in step on every process.
-
-The batches generated but not yet trained on belong to a checkpoint (`inflight`), so a resumed run trains on
-exactly the batches the uninterrupted one would. A failure in the generator reaches the trainer when it asks
-for that batch, as one error naming the step; closing the generator drops what is queued and never waits for
-a generate in progress (its thread is a daemon).
+The schedule (which batch, which weights, when) is the rollout source's (`jackpot.train.rollout_source`); this
+module is the thread. It samples from an engine of its own that holds a copy of the weights (`hf` with
+`own_copy`, or an engine that always holds one), which receives each job's weights before sampling, so the
+trainer's in-place updates never race with sampling. A failure in the generator reaches the trainer when it asks
+for that batch, as one error naming the step; closing the generator drops what is queued and never waits for a
+generate in progress (its thread is a daemon).
 """
 
 from __future__ import annotations

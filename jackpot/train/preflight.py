@@ -73,7 +73,7 @@ def check_writable_dir(path: str | Path, what: str = "--out") -> None:
 def check_run(cfg: Config, out: str | Path) -> None:
     """Everything `jackpot train` can check before it loads or builds a model (see the module docstring)."""
     check_device(cfg.train.device)
-    roles = [("policy", cfg.policy)] + ([("rollout_model", cfg.rollout_model)] if cfg.train.mode == "decoupled" else [])
+    roles = [("policy", cfg.policy)] + ([("rollout_model", cfg.rollout_model)] if cfg.decoupled else [])
     for role, mc in roles:
         if mc.path is not None:
             check_model_source(mc.path, f"{role}.path")

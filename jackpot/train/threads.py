@@ -45,7 +45,7 @@ def _tiny_params(mc: ModelConfig) -> int | None:
 def default_threads(cfg: Config) -> tuple[int, str]:
     """(threads, why) for a run whose `train.threads` is None."""
     cpus = available_cpus()
-    models = [cfg.policy] + ([cfg.rollout_model] if cfg.train.mode == "decoupled" else [])
+    models = [cfg.policy] + ([cfg.rollout_model] if cfg.decoupled else [])
     sizes = [_tiny_params(mc) for mc in models]
     if all(s is not None and s < TINY_MODEL_PARAMS for s in sizes):
         return 1, f"default for tiny models; {cpus} CPU(s) usable"

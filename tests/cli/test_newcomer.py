@@ -122,7 +122,7 @@ def test_cache_location_is_configurable_and_defaults_to_the_user_cache(monkeypat
 
 # ------------------------------------------------------------------------------------ pre-training cache
 def test_pretrain_and_train_share_one_cached_model(tmp_path, monkeypatch):
-    from jackpot.train.loop import model_dir
+    from jackpot.train.models import model_dir
     from jackpot.train.pretrain import add_arguments
     from jackpot.train.pretrain import main as pretrain_main
 

@@ -187,8 +187,9 @@ def test_misconfiguration_fails_with_one_clear_error(tmp_path, kw, args_cls, mat
 
 def _probe_kl(policy, rollout):
     """Mean forward KL(p_policy || p_rollout) over the positions of fixed probe sequences."""
+    from reference import response_logits
+
     from jackpot.core.losses import distill_kl
-    from jackpot.models.forward import response_logits
 
     enc = TOK([p + "12" for p in PROMPTS], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -233,8 +234,9 @@ def test_a_rollout_optimizer_with_nothing_to_train_is_refused(tmp_path):
 
 def _former_rollout_model_loss(policy, rollout, inputs, *, temperature, coef, ppo, eps_low, eps_high):
     """The integration's former rollout-model loss, from full (B, T, V) logits: kept as the slow reference."""
+    from reference import response_logits
+
     from jackpot.core.losses import distill_kl
-    from jackpot.models.forward import response_logits
 
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -274,7 +276,7 @@ def test_rollout_model_update_equals_the_former_full_logits_formula_in_float64(p
               "completion_mask": completion_mask, "rollout_mask": completion_mask.double(),
               "rollout_advantages": torch.randn(B, 1, generator=g, dtype=torch.float64)}
     with torch.no_grad():  # the engine's log-probs: the rollout model's, moved so that the PPO clip binds
-        from jackpot.models.forward import response_logits
+        from reference import response_logits
 
         own = torch.log_softmax(response_logits(rollout, ids, torch.cat([prompt_mask, completion_mask], 1), T,
                                                 temperature), -1).gather(-1, ids[:, P:, None])[..., 0]

@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from reference import response_logits
 from transformers import AutoTokenizer
 
-from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.forward import token_logprobs
 from jackpot.models.loading import build_tiny_qwen, load_model, load_tokenizer, save_model_and_tokenizer
 from jackpot.models.tokenizer import build_byte_tokenizer, build_char_tokenizer, build_tokenizer, check_same_tokenizer
 from jackpot.tasks import AdditionTask, Example

@@ -40,7 +40,7 @@ def test_one_decoupled_jackpot_step_at_qwen3_widths_and_vocabulary():
     prompt = torch.randint(0, V, (B, P), generator=g)
     response = torch.randint(0, V, (B, T), generator=g)
     with torch.no_grad():
-        from jackpot.models.forward import response_logits
+        from reference import response_logits
 
         lp = torch.log_softmax(response_logits(rollout, torch.cat([prompt, response], 1),
                                                torch.ones(B, P + T, dtype=torch.long), T), -1)

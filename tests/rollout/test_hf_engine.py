@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import response_logits
 
-from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.forward import token_logprobs
 from jackpot.models.loading import build_tiny_qwen
 from jackpot.models.tokenizer import build_char_tokenizer
 from jackpot.rollout import (

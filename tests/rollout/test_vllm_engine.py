@@ -20,15 +20,16 @@ import sys
 import pytest
 import torch
 from cli_helpers import jackpot, needs_vllm
+from reference import response_logits
 from transformers.generation import TopPLogitsWarper
 
 from jackpot.errors import InputError
 from jackpot.metric_names import MISMATCH_KL_K3, MISMATCH_ROLLOUT_MODEL_KL_K3, ROLLOUT_STALENESS
 from jackpot.metrics import read_metrics
-from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.forward import token_logprobs
 from jackpot.models.loading import build_tiny_qwen
 from jackpot.models.tokenizer import build_char_tokenizer
-from jackpot.rollout import RolloutEngine, encode_prompts, make_engine
+from jackpot.rollout import RolloutEngine, encode_prompts, engine_spec, make_engine
 from jackpot.rollout.weights import push_weights
 from jackpot.train.config import build_config
 from jackpot.train.config_checks import check_training_models, engine_options
@@ -172,6 +173,7 @@ def test_logprobs_and_topk_match_teacher_forced_forward(engine, model, prompts, 
     batch = rollout(engine, prompts, temperature=temperature, top_p=top_p, seed=3)
     assert isinstance(engine, RolloutEngine) and not engine.per_row_uniforms
     assert batch.response_mask.sum() > 4 and batch.topk_ids.shape[-1] == 5
+    assert engine.dtype == torch.float32 and engine.exact_logprobs == engine_spec("vllm").exact_logprobs
     assert_matches_forward(batch, model, temperature, top_p)
 
 

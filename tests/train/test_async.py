@@ -18,12 +18,13 @@ import signal
 import pytest
 import torch
 from cli_helpers import TINY
+from reference import response_logits
 
 from jackpot.cli import main as cli_main
 from jackpot.errors import InputError
 from jackpot.metric_names import PERF_GENERATOR_IDLE_S, PERF_ROLLOUT_WAIT_S, ROLLOUT_MODEL_VERSION, ROLLOUT_STALENESS
 from jackpot.metrics import read_metrics
-from jackpot.models.forward import response_logits, token_logprobs
+from jackpot.models.forward import token_logprobs
 from jackpot.train import checkpoint as ckpt
 from jackpot.train import loop
 from jackpot.train.config import build_config
@@ -77,7 +78,7 @@ def test_each_batch_is_sampled_by_the_version_its_stamp_names(tmp_path, cache, m
             versions[step + 1] = copy.deepcopy(run.actor)
     finally:
         loop.prepare = real_prepare
-        run.generator.close()
+        run.source.close()
 
 
 def test_a_resumed_async_run_continues_as_the_uninterrupted_one(tmp_path, cache):

@@ -196,7 +196,7 @@ def test_a_directory_holding_a_run_is_refused_before_anything_loads(tmp_path, ca
 def _prepared(cfg, tmp_path, *, rollout_is_policy=False):
     run = setup(cfg, tmp_path)
     if rollout_is_policy:
-        run.rollout_model = copy.deepcopy(run.policy)
+        run.rollout_model = run.source.actor = copy.deepcopy(run.policy)  # the source samples from the actor it holds
     batch, rewards = collect(run, step=1)
     prep = prepare(cfg, batch, rewards, policy=run.policy, rollout_model=run.rollout_model, init_policy=None, step=1)
     return run, prep, rewards

@@ -9,6 +9,7 @@ import contextlib
 
 import pytest
 import torch
+from reference import response_logits
 
 from jackpot.errors import InputError
 from jackpot.models.loading import build_tiny_qwen
@@ -30,8 +31,6 @@ def _batch(rollout: torch.nn.Module) -> RolloutBatch:
     g = torch.Generator().manual_seed(0)
     prompt, response = torch.randint(3, V, (B, P), generator=g), torch.randint(3, V, (B, T), generator=g)
     with torch.no_grad():
-        from jackpot.models.forward import response_logits
-
         lp = torch.log_softmax(response_logits(rollout, torch.cat([prompt, response], 1),
                                                torch.ones(B, P + T, dtype=torch.long), T), -1)
     top = lp.topk(4, -1)

@@ -19,9 +19,9 @@ import copy
 
 import pytest
 import torch
+from reference import response_logits
 
 from jackpot.core.advantages import group_advantages
-from jackpot.models.forward import response_logits
 from jackpot.models.loading import build_tiny_qwen
 from jackpot.rollout.base import RolloutBatch
 from jackpot.seeding import step_seed
