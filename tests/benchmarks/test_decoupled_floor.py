@@ -4,24 +4,14 @@ the step-peak memory probe. No model runs here (tests/benchmarks/test_benchmarks
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_helpers import benchmark_module
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _module("bench_decoupled_speed")
+bench = benchmark_module("bench_decoupled_speed")
 floor = sys.modules["decoupled_floor"]  # imported by bench_decoupled_speed from the same folder
 # each component a distinct power of two: a floor's sum says exactly which components it counts
 COMP = {name: float(2 ** i) for i, name in enumerate(floor.COMPONENTS)}
