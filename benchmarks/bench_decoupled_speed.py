@@ -210,6 +210,9 @@ def run_pair(rollout_spec: str, policy_spec: str, args, variants: dict[str, list
     comps: list[dict[str, float]] = []
     for i in range(1 + args.steps):
         rewards = torch.randint(0, 2, (args.batch // 2, 2), generator=g).float().to(args.device)
+        if not i and args.warmup == "components":  # every model, engine and optimizer once: a cheaper warm-up
+            measure_components(floor, prompts, rewards, i, args.length)
+            continue
         for name, v in setups.items():
             row = step(v, prompts, rewards, i, args)
             if i:
@@ -278,6 +281,10 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
     parser.add_argument("--variants", nargs="+", metavar="NAME", help=f"run only these of {list(VARIANTS)}")
     parser.add_argument("--add-variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
                         help="one more variant: a name and its config overrides (repeatable)")
+    parser.add_argument("--warmup", choices=["round", "components"], default="round",
+                        help="the dropped first round: every variant's step and the components (round), or only "
+                             "the components, which run every model, engine and optimizer once (cheaper at large "
+                             "shapes; the first variant's first measured step may then pay first-call costs)")
     parser.add_argument("--profile", metavar="VARIANT",
                         help="print the top operators of one update of this variant (first pair) instead")
     parser.add_argument("--profile-rows", type=int, default=15, help="operators --profile prints")
@@ -328,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     r_layers, p_layers = (int(x) if x else None for x in args.layers.split(":"))
     print(f"device {args.device}, {args.dtype}, batch {args.batch}, response {args.length} tokens, "
-          f"vocab {args.vocab}, engine {args.engine}, {args.steps} measured steps (median), {args.threads} thread(s)")
+          f"vocab {args.vocab}, engine {args.engine}, {args.steps} measured steps (median), {args.threads} thread(s)"
+          + (", warm-up: the components only" if args.warmup == "components" else ""))
     if args.profile is not None:
         rollout_spec, policy_spec = args.pairs[0].split(":")
         print(f"{args.pairs[0]} {args.profile}: top {args.profile_rows} operators of one update, by self CPU time")

@@ -33,7 +33,7 @@ def test_decoupled_speed_prints_the_floor_of_every_variant(capsys):
     floor, measured / floor for the step and each phase, and its peak memory; structure only, no timings."""
     mod = _module("bench_decoupled_speed")
     code = mod.main(["--pairs", "16x1:32x2", "--batch", "4", "--length", "4", "--vocab", "64", "--steps", "1",
-                     "--variants", "on-policy", "jackpot frozen topk",
+                     "--warmup", "components", "--variants", "on-policy", "jackpot frozen topk",
                      "--add-variant", "frozen tis", "correction.name=tis", "distill.rollout_model=frozen"])
     assert code in (0, 1)
     lines = capsys.readouterr().out.splitlines()
