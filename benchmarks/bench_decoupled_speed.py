@@ -215,6 +215,7 @@ def run_pair(rollout_spec: str, policy_spec: str, args, variants: dict[str, list
             continue
         for name, v in setups.items():
             row = step(v, prompts, rewards, i, args)
+            print(f"round {i} {name}: step {row['step']:.2f} s", file=sys.stderr, flush=True)  # progress
             if i:
                 rows[name].append(row)
         comp = measure_components(floor, prompts, rewards, i, args.length)
