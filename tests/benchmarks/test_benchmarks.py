@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from bench_helpers import benchmark_module as _module
 
 pytestmark = pytest.mark.slow
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize(("name", "argv"), [
@@ -37,3 +26,40 @@ def test_benchmark_runs_on_tiny_sizes(name, argv, capsys):
     code = _module(name).main(argv)
     assert code in (0, 1)  # 1: its speed goal was missed on this (shared, noisy) machine — not a test failure
     assert "verdict" in capsys.readouterr().out.lower()
+
+
+def test_decoupled_speed_prints_the_floor_of_every_variant(capsys):
+    """The floor table: every component's median, then one row per variant (an added one included) with its
+    floor, measured / floor for the step and each phase, and its peak memory; structure only, no timings."""
+    mod = _module("bench_decoupled_speed")
+    code = mod.main(["--pairs", "16x1:32x2", "--batch", "4", "--length", "4", "--vocab", "64", "--steps", "1",
+                     "--warmup", "components", "--variants", "on-policy", "jackpot frozen topk",
+                     "--add-variant", "frozen tis", "correction.name=tis", "distill.rollout_model=frozen"])
+    assert code in (0, 1)
+    lines = capsys.readouterr().out.splitlines()
+    comps = next(line for line in lines if "components (median s)" in line)
+    for name in mod.COMPONENTS:
+        assert f"{name} " in comps
+    header = lines.index(next(line for line in lines if "x floor" in line))
+    for phase in mod.PHASES:
+        assert f"{phase} s/floor" in lines[header]
+    rows = lines[header + 1:header + 4]
+    for row, variant in zip(rows, ["on-policy", "jackpot frozen topk", "frozen tis"]):
+        assert variant in row
+        fields = row.split(variant)[1].split()
+        assert fields[2].endswith("x") and len(fields) == 11  # floor, step, x floor, 3 x (m/f, x), 2 x MiB
+        assert float(fields[-2]) > 0  # the step's peak resident memory (Linux)
+    assert "floor goal" in lines[header + 4]
+    assert lines[-1].startswith("verdict:")
+
+
+def test_decoupled_speed_profiles_one_update(capsys):
+    mod = _module("bench_decoupled_speed")
+    code = mod.main(["--pairs", "16x1:32x2", "--batch", "4", "--length", "4", "--vocab", "64",
+                     "--profile", "jackpot joint", "--profile-rows", "5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "top 5 operators of one update" in out and "Self CPU" in out
+    table = [line for line in out.splitlines() if line.strip().startswith(("aten::", "Optimizer", "_"))
+             or "Backward" in line]
+    assert 1 <= len(table) <= 5
