@@ -73,11 +73,11 @@ VARIANTS = {  # name -> config overrides
     "jackpot frozen": ["correction.name=jackpot", "correction.z=exact", "distill.rollout_model=frozen"],
     "jackpot joint topk": ["correction.name=jackpot", "correction.z=topk", "distill.rollout_model=joint"],
     "jackpot frozen topk": ["correction.name=jackpot", "correction.z=topk", "distill.rollout_model=frozen"],
-    # Issue 25 item 2 (train.recompute_old, not on this branch yet): once it exists, add the recorded and the
-    # recomputed p_omega_old / p_old side by side, e.g.
-    #   "jackpot frozen topk rec": [..."jackpot frozen topk"'s, "train.recompute_old=auto"], and "... always";
-    #   "on-policy rec": [..."on-policy"'s, "train.recompute_old=auto"];
-    # or pass them with --add-variant NAME OVERRIDE... without editing this table.
+    # every variant above runs with train.recompute_old=auto (the default): the engine's recorded log-probs serve
+    # as p_omega_old / p_old where they are the trainer's own; beside them, the same recomputed
+    "on-policy always": ["train.mode=on-policy", "correction.name=none", "train.recompute_old=always"],
+    "jackpot frozen topk always": ["correction.name=jackpot", "correction.z=topk", "distill.rollout_model=frozen",
+                                   "train.recompute_old=always"],
 }
 FLOOR_VARIANT = "jackpot joint"  # the config whose models, engines and optimizers the components use
 PRESETS = {  # name -> step_arguments defaults (module docstring)
@@ -171,7 +171,7 @@ def step(v: dict, prompts: torch.Tensor, rewards: torch.Tensor, i: int, args) ->
     """One trainer step (rollout, prepare, update) of a variant set up by `setup_variant`, timed by phase, and
     its peak resident memory (decoupled_floor.StepPeak; None off Linux)."""
     from jackpot.rollout.weights import push_weights
-    from jackpot.train.prepare import prepare
+    from jackpot.train.prepare import prepare, recorded_logprobs_serve
     from jackpot.train.update import update
 
     cfg, device, engine = v["cfg"], v["device"], v["engine"]
@@ -183,7 +183,10 @@ def step(v: dict, prompts: torch.Tensor, rewards: torch.Tensor, i: int, args) ->
                                 top_p=1.0, topk=cfg.sampling.topk, seed=i)
         sync(device)
         t1 = time.perf_counter()
-        prep = prepare(cfg, batch, rewards, policy=v["policy"], rollout_model=v["rollout"], init_policy=None, step=i)
+        # the trainer's choice (train.recompute_old); the batch's version stands for the step (engines are shared)
+        recorded = recorded_logprobs_serve(cfg, engine, v["actor"], batch, batch.model_version)
+        prep = prepare(cfg, batch, rewards, policy=v["policy"], rollout_model=v["rollout"], init_policy=None, step=i,
+                       recorded_old=recorded)
         sync(device)
         t2 = time.perf_counter()
         update(cfg, prep, policy=v["policy"], rollout_model=v["rollout"], policy_opt=v["policy_opt"],
