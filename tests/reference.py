@@ -437,3 +437,39 @@ def response_logits(model, input_ids, attention_mask, response_len: int, tempera
     logits = out.logits[:, :-1, :]
     logits = logits if logits.dtype == torch.float64 else logits.float()
     return logits / temperature if temperature != 1.0 else logits
+
+
+# --------------------------------------------------------------------------------------------------
+# distillation KL from full (B, T, V) logits, dense (what the chunked head's and distill_kl_at's are checked against)
+# --------------------------------------------------------------------------------------------------
+def distill_kl(student_logits, teacher_logits=None, *, direction: str = "forward", estimator: str = "full",
+               teacher_topk_ids=None, teacher_topk_logp=None, sampled_ids=None, teacher_sampled_logp=None,
+               rollout_sampled_logp=None, is_cap: float = 2.0):
+    """Per-position distillation KL (B, T) of the student toward the (detached) teacher, from dense log-softmaxes,
+    gradient to the student by autograd (METHOD.md §5):
+      full     forward sum p_t (log p_t - log p_s); reverse sum p_s (log p_s - log p_t)
+      topk     the same terms over the teacher's top-k ids only
+      sampled  at the sampled token, importance-weighted from p_inf truncated at is_cap: forward
+               min(p_t / p_inf, cap) (log p_t - log p_s); reverse the value min(p_s / p_inf, cap) k3(p_t / p_s) with
+               the score-function gradient min(p_s / p_inf, cap) (log p_s - log p_t) grad log p_s.
+    Forms B x T x V tensors: for tests only."""
+    import torch
+
+    ls = torch.log_softmax(student_logits if student_logits.dtype == torch.float64 else student_logits.float(), -1)
+    reverse = direction == "reverse"
+    if estimator == "full":
+        lt = torch.log_softmax(teacher_logits.detach().to(ls.dtype), -1)
+        p, d = (ls.exp(), ls - lt) if reverse else (lt.exp(), lt - ls)
+        return torch.where(p > 0, p * d, torch.zeros_like(p)).sum(-1)
+    if estimator == "topk":
+        s, t = ls.gather(-1, teacher_topk_ids), teacher_topk_logp.detach().to(ls.dtype)
+        return (s.exp() * (s - t) if reverse else t.exp() * (t - s)).sum(-1)
+    s = ls.gather(-1, sampled_ids[..., None])[..., 0]
+    t, b = teacher_sampled_logp.detach().to(ls.dtype), rollout_sampled_logp.detach().to(ls.dtype)
+    if not reverse:
+        return (t - b).exp().clamp_max(is_cap) * (t - s)
+    w = (s.detach() - b).exp().clamp_max(is_cap)
+    log_rho = t - s.detach()
+    value = w * (log_rho.exp() - 1.0 - log_rho)
+    surrogate = w * (-log_rho) * s
+    return value + surrogate - surrogate.detach()

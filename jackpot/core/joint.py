@@ -23,6 +23,7 @@ each head's logits once per chunk forward and once backward.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -70,17 +71,9 @@ def rollout_model_loss(
     rollout_logp: torch.Tensor,
     *,
     teacher_logp: torch.Tensor | None = None,
-    ppo: bool = True,
-    distill_coef: float = 1.0,
-    direction: str = "forward",
-    estimator: str = "full",
     topk: int = 20,
-    clip_eps: float | None = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-    is_cap: float = 2.0,
-    denominator: torch.Tensor | float | None = None,
     chunk: int = DEFAULT_ROW_CHUNK,
+    **terms,
 ) -> RolloutModelLoss:
     """The rollout model's loss on one (micro-)batch of B responses of T tokens (module docstring).
 
@@ -89,11 +82,9 @@ def rollout_model_loss(
     response_ids (B, T) the sampled tokens; mask (B, T) the response mask; advantages (B,) or (B, T);
     old_logp (B, T) log p_omega_old, the rollout model before this update; rollout_logp (B, T) log p_inf;
     teacher_logp (B, T) log p_new at the sampled tokens (estimator "sampled"; None: read from the teacher's head).
-    ppo / distill_coef: the terms (distill_coef 0 leaves distillation out); direction, estimator, topk (the
-    policy's top-k for estimator "topk", at most the vocabulary), is_cap (the IS truncation of both the PPO
-    weight and the sampled estimator): as in the module docstring. clip_eps, clip_eps_high, dual_clip: PPO's.
-    denominator: both terms' token-mean denominator (pass the mini-batch's when accumulating micro-batches;
-        None: this batch's response tokens). chunk: positions per chunk of logits.
+    topk: the policy's top-k for estimator "topk" (at most the vocabulary); chunk: positions per chunk of logits.
+    terms: the keyword arguments of `rollout_model_loss_from` — ppo, distill_coef, direction, estimator, is_cap,
+        clip_eps, clip_eps_high, dual_clip, denominator — with its defaults.
 
     The trainer, whose policy forward is at hand with gradient, calls `jackpot.core.head.joint_logprobs` itself
     (one pass over both heads for both models' losses) and `rollout_model_loss_from` on its result.
@@ -103,18 +94,19 @@ def rollout_model_loss(
     if len(student) != response_ids.numel() or len(teacher) != len(student):
         raise ValueError(f"the heads must cover the B x T = {response_ids.numel()} response positions, got "
                          f"{len(student)} (rollout model) and {len(teacher)} (policy)")
+    unknown = set(terms) - set(_TERMS)
+    if unknown:
+        raise TypeError(f"rollout_model_loss got unexpected keyword arguments {sorted(unknown)}")
+    distill = terms.get("distill_coef", 1.0) > 0
+    direction, estimator = terms.get("direction", "forward"), terms.get("estimator", "full")
     ids = response_ids.reshape(-1)
-    if distill_coef > 0:
-        request = distillation_request(True, direction, estimator, min(topk, teacher.vocab_size))
+    request = distillation_request(distill, direction, estimator, min(topk, teacher.vocab_size))
+    if distill:
         logs = vocab.joint_logprobs(vocab.detached(teacher), student, ids, chunk=chunk, **request)
     else:  # PPO alone: the teacher's head is not needed
-        distillation_request(False, direction, estimator, 0)
         logs = JointLogprobs(None, vocab.logprobs_at(student, ids, chunk=chunk))
     return rollout_model_loss_from(logs, response_ids.shape, mask, advantages, old_logp, rollout_logp,
-                                   teacher_logp=teacher_logp, ppo=ppo, distill_coef=distill_coef,
-                                   direction=direction, estimator=estimator, clip_eps=clip_eps,
-                                   clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap,
-                                   denominator=denominator)
+                                   teacher_logp=teacher_logp, **terms)
 
 
 def rollout_model_loss_from(
@@ -170,5 +162,8 @@ def rollout_model_loss_from(
     return RolloutModelLoss(total, None if ppo_loss is None else ppo_loss.detach(),
                             None if distill_kl is None else distill_kl.detach())
 
+
+_TERMS = tuple(name for name, p in inspect.signature(rollout_model_loss_from).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and name != "teacher_logp")  # what rollout_model_loss passes on
 
 __all__ = ["RolloutModelLoss", "distillation_request", "rollout_model_loss", "rollout_model_loss_from"]

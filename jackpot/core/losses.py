@@ -30,11 +30,11 @@ of micro-batch losses equals the mini-batch loss (1 x 8 == 8 x 1).
 
 Distillation of the rollout model toward the policy (paper eq. 7-8), per position:
     forward  KL(SG(p_new) || p_omega)   (eq. 7, default)     reverse  KL(p_omega || SG(p_new))
-estimators: "full" (exact over the vocabulary, streamed in chunks with a custom backward so no
-(B, T, V) probability tensor beyond the logits and their gradient is held), "topk" (the teacher's
-top-k tokens only) and "sampled" (the sampled tokens only, importance-weighted from p_inf: k1 for
-forward; k3 as the value and the score-function gradient for reverse, whose expectation is over the
-student's own distribution).
+estimators: "full" (exact over the vocabulary: computed from hidden states and heads, a chunk of positions
+at a time, by `jackpot.core.head.joint_logprobs` / `kl_from_hidden`), "topk" (the teacher's top-k tokens
+only) and "sampled" (the sampled tokens only, importance-weighted from p_inf: k1 for forward; k3 as the
+value and the score-function gradient for reverse, whose expectation is over the student's own
+distribution); `distill_kl_at` computes the last two from the student's log-probs at those tokens.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ from __future__ import annotations
 import torch
 
 from jackpot.core.checks import SAFETY_BOUND, check_logits, check_same_shape
-from jackpot.core.dtypes import compute_dtype, upcast
-from jackpot.core.obrs import DEFAULT_VOCAB_CHUNK, chunked_logsumexp
+from jackpot.core.dtypes import upcast
 
 AGGREGATIONS = ("token-mean", "token-mean-all", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
                 "seq-sum-norm")
@@ -165,98 +164,6 @@ def aggregate(
     return numerator / denominator
 
 
-class _ChunkedKL(torch.autograd.Function):
-    """Exact per-position KL between softmax(student) and softmax(teacher), gradient to the student only.
-
-    forward direction: KL(p_t || p_s) = sum p_t (log p_t - log p_s);  d/ds = p_s - p_t
-    reverse direction: KL(p_s || p_t) = sum p_s (log p_s - log p_t);  d/ds = p_s * (log p_s - log p_t - KL)
-    Both passes stream over vocabulary chunks; memory beyond the inputs is O(rows * chunk).
-    """
-
-    @staticmethod
-    def forward(ctx, student, teacher, reverse: bool, chunk: int):
-        lse_s = chunked_logsumexp(student, chunk, "student_logits").unsqueeze(-1)
-        lse_t = chunked_logsumexp(teacher, chunk, "teacher_logits").unsqueeze(-1)
-        kl = torch.zeros(student.shape[:-1], dtype=compute_dtype(student), device=student.device)
-        for start in range(0, student.shape[-1], chunk):
-            ls = upcast(student[..., start:start + chunk]) - lse_s
-            lt = upcast(teacher[..., start:start + chunk]) - lse_t
-            p, d = (ls.exp(), ls - lt) if reverse else (lt.exp(), lt - ls)
-            kl += torch.where(p > 0, p * d, torch.zeros_like(p)).sum(-1)
-        ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
-        ctx.reverse, ctx.chunk = reverse, chunk
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        student, teacher, lse_s, lse_t, kl = ctx.saved_tensors
-        grad = torch.empty_like(student)
-        g = grad_out.unsqueeze(-1)
-        for start in range(0, student.shape[-1], ctx.chunk):
-            sl = slice(start, start + ctx.chunk)
-            ls = upcast(student[..., sl]) - lse_s
-            lt = upcast(teacher[..., sl]) - lse_t
-            ps = ls.exp()
-            part = ps * (ls - lt - kl.unsqueeze(-1)) if ctx.reverse else ps - lt.exp()
-            grad[..., sl] = (g * part).to(grad.dtype)
-        return grad, None, None, None
-
-
-def distill_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-    *,
-    direction: str = "forward",
-    estimator: str = "full",
-    chunk_size: int = DEFAULT_VOCAB_CHUNK,
-    teacher_topk_ids: torch.Tensor | None = None,
-    teacher_topk_logp: torch.Tensor | None = None,
-    sampled_ids: torch.Tensor | None = None,
-    teacher_sampled_logp: torch.Tensor | None = None,
-    rollout_sampled_logp: torch.Tensor | None = None,
-    is_cap: float = 2.0,
-) -> torch.Tensor:
-    """Per-position distillation KL (B, T) with gradient to the student (rollout model) only.
-
-    student_logits: (B, T, V) the rollout model's logits (temperature already applied).
-    estimator "full": teacher_logits (B, T, V) required; exact KL in the chosen direction.
-    estimator "topk": teacher_topk_ids/logp (B, T, K) required; the KL terms restricted to the
-        teacher's top-k tokens (forward: sum_k p_t (log p_t - log p_s); reverse: sum_k p_s (log p_s - log p_t)).
-    estimator "sampled": sampled_ids (B, T), teacher_sampled_logp (B, T) and rollout_sampled_logp
-        (B, T) (log p_inf, the distribution that sampled the token) required. Both directions are
-        importance-weighted from p_inf with the weight truncated at is_cap, so the expected gradient is
-        that of the named direction (up to the truncation):
-        forward: min(p_t / p_inf, is_cap) * (log p_t - log p_s);
-        reverse: the value is w * ((rho - 1) - log rho) (k3, rho = p_t / p_s, w = min(p_s / p_inf, is_cap)),
-        and the gradient is the score-function one, w * (log p_s - log p_t) * grad log p_s, since the
-        reverse direction's expectation is over the student's own distribution.
-    """
-    if direction not in KL_DIRECTIONS:
-        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    reverse = direction == "reverse"
-    if estimator == "full":  # NaN / +inf are caught chunk by chunk, without a full-size mask
-        if teacher_logits is None:
-            raise ValueError("estimator='full' needs teacher_logits")
-        check_same_shape(student_logits=student_logits, teacher_logits=teacher_logits)
-        return _ChunkedKL.apply(student_logits, teacher_logits.detach(), reverse, chunk_size)
-    check_logits("student_logits", student_logits)
-    log_ps = torch.log_softmax(upcast(student_logits), dim=-1)
-    if estimator == "topk":
-        if teacher_topk_ids is None or teacher_topk_logp is None:
-            raise ValueError("estimator='topk' needs teacher_topk_ids and teacher_topk_logp")
-        return distill_kl_at(log_ps.gather(-1, teacher_topk_ids), direction=direction, estimator="topk",
-                             teacher_logp=teacher_topk_logp)
-    if sampled_ids is None or teacher_sampled_logp is None or rollout_sampled_logp is None:
-        raise ValueError("estimator='sampled' needs sampled_ids, teacher_sampled_logp and rollout_sampled_logp")
-    return distill_kl_at(log_ps.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1), direction=direction,
-                         estimator="sampled", teacher_logp=teacher_sampled_logp,
-                         rollout_logp=rollout_sampled_logp, is_cap=is_cap)
-
-
 def distill_kl_at(
     student_logp: torch.Tensor,
     *,
@@ -266,7 +173,7 @@ def distill_kl_at(
     rollout_logp: torch.Tensor | None = None,
     is_cap: float = 2.0,
 ) -> torch.Tensor:
-    """The sparse distillation estimators of `distill_kl` from the student's log-probs at chosen tokens.
+    """The sparse distillation estimators (module docstring) from the student's log-probs at chosen tokens.
 
     estimator "topk": student_logp and teacher_logp (..., K) at the teacher's top-k tokens -> (...).
     estimator "sampled": student_logp, teacher_logp, rollout_logp (...) at the sampled tokens -> (...).

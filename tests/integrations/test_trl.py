@@ -189,7 +189,7 @@ def _probe_kl(policy, rollout):
     """Mean forward KL(p_policy || p_rollout) over the positions of fixed probe sequences."""
     from reference import response_logits
 
-    from jackpot.core.losses import distill_kl
+    from reference import distill_kl
 
     enc = TOK([p + "12" for p in PROMPTS], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -236,7 +236,7 @@ def _former_rollout_model_loss(policy, rollout, inputs, *, temperature, coef, pp
     """The integration's former rollout-model loss, from full (B, T, V) logits: kept as the slow reference."""
     from reference import response_logits
 
-    from jackpot.core.losses import distill_kl
+    from reference import distill_kl
 
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)

@@ -311,7 +311,7 @@ def test_grad_clip_scales_the_step_to_the_clip_norm(world):
 
 # ----------------------------------------------------------------------------- the rollout model's loss
 def _expected_rollout_grad(cfg, world, teacher_model, rollout_moved, old_lp):
-    from jackpot.core.losses import distill_kl
+    from reference import distill_kl
 
     _, _, batch, rewards, _ = world
     d, t = cfg.distill, cfg.train
