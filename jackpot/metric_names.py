@@ -86,3 +86,17 @@ PERF_ROLLOUT_WAIT_S = "perf/rollout_wait_s"        # rollout.async_steps > 0: th
 PERF_GENERATOR_IDLE_S = "perf/generator_idle_s"    # rollout.async_steps > 0: the generator waiting for a job
 PERF_ROLLOUT_TOKENS_PER_S = "perf/rollout_tokens_per_s"  # response tokens sampled per second
 PERF_EVAL_S = "perf/eval_s"                        # one evaluation (policy, and rollout model if any)
+# perf/flops*, perf/gpu_model_s*: the step's FLOPs and modelled GPU seconds (a roofline model, not a measurement),
+# by phase (jackpot.train.costs.PHASES) and in total; docs/METHOD.md §11
+PERF_FLOPS = "perf/flops"                          # FLOPs of the step, every phase
+PERF_GPU_MODEL_S = "perf/gpu_model_s"              # modelled H100 seconds of the step, every phase
+
+
+def perf_flops(phase: str) -> str:
+    """The FLOPs of one phase: `perf/flops_generation`."""
+    return f"{PERF_FLOPS}_{phase}"
+
+
+def perf_gpu_model_s(phase: str) -> str:
+    """The modelled GPU seconds of one phase: `perf/gpu_model_s_generation`."""
+    return f"{PERF_GPU_MODEL_S}_{phase}"

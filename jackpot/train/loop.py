@@ -65,6 +65,7 @@ from jackpot.tasks import Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, ModelConfig, to_dict
 from jackpot.train.config_checks import check_training_models, engine_options
+from jackpot.train.costs import CostMeter
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, language_model, wrap
 from jackpot.train.pipeline import Generator
 from jackpot.train.prepare import prepare
@@ -96,6 +97,7 @@ class Run:
     engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the model they sample
     generator: Generator | None = None  # rollout.async_steps > 0: generates the next batches in the background
     distill_coef: float | None = None  # the last update's distillation coefficient (None: distill.coef)
+    costs: CostMeter | None = None  # FLOPs and modelled GPU seconds of a step (jackpot.train.costs)
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -221,7 +223,8 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     coll.barrier()
     run = Run(cfg, out, task, tokenizer, policy, rollout_model, init_policy, policy_opt, rollout_opt,
               coll=coll, policy_wrapper=policy_train if policy_train is not policy else None,
-              rollout_wrapper=rollout_train if rollout_train is not rollout_model else None)
+              rollout_wrapper=rollout_train if rollout_train is not rollout_model else None,
+              costs=CostMeter.of(cfg, policy, rollout_model))
     local = None
     if resume:
         path = ckpt.latest_checkpoint(out)
@@ -425,6 +428,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     rollout_s = pipeline.pop(PERF_ROLLOUT_S, t1 - t0)  # async: the generator's time, not the trainer's wait
     values.update({PERF_ROLLOUT_S: rollout_s, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2, PERF_STEP_S: t3 - t0,
                    PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(rollout_s, 1e-9), **pipeline})
+    lengths = (coll.gather_rows(m.sum(-1))[0] for m in (batch.prompt_mask, batch.response_mask))
+    values.update(run.costs.metrics(*lengths))  # FLOPs and modelled GPU seconds by phase
     return values
 
 
