@@ -18,8 +18,6 @@ from pathlib import Path
 import yaml
 
 from jackpot.metric_names import (
-    PERF_FLOPS,
-    PERF_GPU_MODEL_S,
     EVAL_ACCURACY,
     EVAL_ACCURACY_SE,
     EVAL_ROLLOUT_MODEL_ACCURACY,
@@ -27,6 +25,8 @@ from jackpot.metric_names import (
     MISMATCH_KL_K3,
     MISMATCH_ROLLOUT_MODEL_KL_K3,
     OBRS_ACCEPT_RATE,
+    PERF_FLOPS,
+    PERF_GPU_MODEL_S,
     PERF_ROLLOUT_S,
     PERF_ROLLOUT_WAIT_S,
     PERF_STEP_S,
