@@ -1,5 +1,5 @@
 """`jackpot plot RUN_DIR...`: overlay runs' metrics (reward, eval accuracy, actor-policy KL, acceptance, and the
-rollout model's distillation coefficient when a run logs it).
+rollout model's distillation coefficient and learning-rate multiplier when a run logs them).
 
 Each run is labelled by its directory name; runs named `<label>-seed<N>` are grouped, drawn as
 their mean with a min-max band.
@@ -29,6 +29,7 @@ from jackpot.metric_names import (
     PERF_STEP_S,
     REWARD_MEAN,
     ROLLOUT_MODEL_DISTILL_COEF,
+    ROLLOUT_MODEL_LR_SCALE,
 )
 from jackpot.metrics import read_metrics
 
@@ -38,13 +39,15 @@ PANELS = (  # (metric, title, smoothed)
     (MISMATCH_KL_K3, "actor-policy KL (k3)", True),
     (OBRS_ACCEPT_RATE, "OBRS acceptance rate", True),
     (ROLLOUT_MODEL_DISTILL_COEF, "distillation coefficient", False),
+    (ROLLOUT_MODEL_LR_SCALE, "rollout model lr multiplier", False),
 )
-OPTIONAL = (ROLLOUT_MODEL_DISTILL_COEF,)  # drawn only when a run logs it (a trained rollout model)
+OPTIONAL = (ROLLOUT_MODEL_DISTILL_COEF, ROLLOUT_MODEL_LR_SCALE)  # drawn only when a run logs it
 # Axes show scale honestly: fractions span [0, 1] (a +0.02 change looks like one), non-negative quantities
 # start at 0; a panel whose data leave those ranges keeps matplotlib's limits and says so in its title.
 FRACTIONS = (REWARD_MEAN, EVAL_ACCURACY, OBRS_ACCEPT_RATE)
-NON_NEGATIVE = (MISMATCH_KL_K3, ROLLOUT_MODEL_DISTILL_COEF)
-LOG_SCALE = (ROLLOUT_MODEL_DISTILL_COEF,)  # multiplicative quantities, drawn on a log axis unless one is 0
+NON_NEGATIVE = (MISMATCH_KL_K3, ROLLOUT_MODEL_DISTILL_COEF, ROLLOUT_MODEL_LR_SCALE)
+# multiplicative quantities, drawn on a log axis unless one is 0
+LOG_SCALE = (ROLLOUT_MODEL_DISTILL_COEF, ROLLOUT_MODEL_LR_SCALE)
 X_AXES = {  # --x: (the per-step metric summed into the axis, None: the step itself; the axis label)
     "steps": (None, "step"),
     "flops": (PERF_FLOPS, "FLOPs so far (counted)"),

@@ -67,13 +67,12 @@ from jackpot.train.config import Config, ModelConfig, to_dict
 from jackpot.train.config_checks import check_training_models, engine_options
 from jackpot.train.costs import CostMeter
 from jackpot.train.distributed import Collective, Shard, gathered_for_generation, language_model, wrap
+from jackpot.train.gap_control import GapControl, control_step, restored, saved
 from jackpot.train.pipeline import Generator
 from jackpot.train.prepare import prepare
 from jackpot.train.pretrain import TinyModelSpec, pretrained_model
 from jackpot.train.threads import choose_threads
-from jackpot.train.update import distill_coefficient, update
-
-DISTILL_COEF_STATE = "distill_coef"  # checkpoint state.json: the coefficient the last update used (target_kl)
+from jackpot.train.update import update
 
 
 @dataclass
@@ -96,7 +95,7 @@ class Run:
     rollout_wrapper: torch.nn.Module | None = None  # the same for the rollout model
     engines: dict[int, RolloutEngine] = dataclasses.field(default_factory=dict)  # by id of the model they sample
     generator: Generator | None = None  # rollout.async_steps > 0: generates the next batches in the background
-    distill_coef: float | None = None  # the last update's distillation coefficient (None: distill.coef)
+    gap: GapControl = dataclasses.field(default_factory=GapControl)  # distill.target_kl's state (gap_control)
     costs: CostMeter | None = None  # FLOPs and modelled GPU seconds of a step (jackpot.train.costs)
 
     @property
@@ -235,7 +234,7 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                              f"{state.get('async_steps', 0)}, the run asks for {cfg.rollout.async_steps}; resume "
                              f"with rollout.async_steps={state.get('async_steps', 0)}")
         local = ckpt.load_local(path, coll.rank)
-        run.distill_coef = state.get(DISTILL_COEF_STATE)
+        run.gap = restored(state)
     if cfg.rollout.async_steps:
         run.generator = _generator(run, local)
     if coll.is_main:
@@ -410,13 +409,13 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     # ---- prepare: p_old, p_omega_old, Z, uniforms, diagnostics (no gradients)
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
                    init_policy=run.init_policy, step=step, coll=run.coll, shard=_shard(run))
-    # ---- the distillation coefficient: distill.coef, or adapted to the gap just measured (distill.target_kl)
-    run.distill_coef, control = distill_coefficient(cfg, run.distill_coef, prep.metrics)
+    # ---- the gap controller: coefficient or rollout-model lr, adapted to the gap just measured (distill.target_kl)
+    control = control_step(cfg, run.gap, prep, run.coll, run.rollout_opt)
     t2 = time.perf_counter()
     # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
     upd = update(cfg, prep, policy=run.policy_train, rollout_model=run.rollout_train, policy_opt=run.policy_opt,
                  rollout_opt=run.rollout_opt if cfg.distill.rollout_model == "joint" else None, step=step,
-                 coll=run.coll, distill_coef=run.distill_coef)
+                 coll=run.coll, distill_coef=run.gap.coef)
     t3 = time.perf_counter()
     coll = run.coll
     tokens = coll.sum(batch.response_mask.sum())
@@ -484,9 +483,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
 
 def save_checkpoint(run: Run, step: int) -> None:
     """The checkpoint after `step`: models, optimizers, and with async_steps the batches generated ahead."""
-    g, extra = run.generator, {}
-    if run.cfg.distill.target_kl is not None:  # the controller's state (a fixed coefficient is in the config)
-        extra[DISTILL_COEF_STATE] = run.distill_coef
+    g, extra = run.generator, saved(run.cfg, run.gap)  # the controller's state (a fixed value is in the config)
     if g is not None:
         extra["async_steps"] = run.cfg.rollout.async_steps
     local = None if g is None else {"inflight": {n: dataclasses.asdict(batch) for n, batch in g.inflight().items()}}
