@@ -3,20 +3,26 @@
     python scripts/long_study.py --seeds 0            # one seed of every arm
     python scripts/long_study.py --seeds 0 1 2        # more seeds: finished runs are kept, not re-run
     python scripts/long_study.py --seeds 0 1 2 --report-only   # the page from the runs finished so far
+    python scripts/long_study.py --seeds 0 1 2 --vary-pair --out runs/long-pairs --results docs/RESULTS-long-pairs.md
+                                                      # seed s also shifts the pre-trained pair (the pair spread)
 
 Arms, 1,000 steps each, on the default pair and on the wide-gap pair (its rollout model pre-trained half as
 long): on-policy (the policy samples its own rollouts; the pair's rollout model plays no part, so one run serves
 both pairs), Jackpot with the fixed distillation coefficient (paper eq. 8), Jackpot with the coefficient under
-distill.target_kl (docs/METHOD.md §10), and TIS + reverse-KL distillation (the paper's strongest baseline).
-Seeds vary the RL seed only, every seed on the presets' pre-trained pair (scripts/compare.py --fixed-pair), so
-the study pre-trains one pair per pair. Runs go seed by seed, so an interrupted study holds whole seeds.
+distill.target_kl (docs/METHOD.md §10), Jackpot with the rollout model's learning rate under it
+(distill.control=lr), and TIS + reverse-KL distillation (the paper's strongest baseline). Seeds vary the RL seed
+only, every seed on the presets' pre-trained pair (scripts/compare.py --fixed-pair), so the study pre-trains one
+pair per pair; with --vary-pair seed s also shifts the pair (policy.seed + s, rollout_model.seed + s), so the
+seeds sample the pair-to-pair spread. Runs go seed by seed, so an interrupted study holds whole seeds.
 
 Per arm the table gives the policy's accuracy before and after, its change paired with on-policy on the same seed,
 the actor-policy gap (mismatch/kl_k3) and the acceptance over the first and the last 100 steps, the
 distillation coefficient over the last 100 steps, and the distillation loss it weights (rollout_model/distill_kl,
-in the arm's own direction) over the first and the last 100; the figures draw them over the steps. A second
-table per pair gives each run's largest one-batch gap and, under the controller, when its coefficient reached
-the upper bound and how often the gap was below the target.
+in the arm's own direction) over the first and the last 100; the figures draw them over the steps, the FLOPs
+counted and the modelled H100 seconds (jackpot.train.costs, a roofline model). A second table per pair gives
+each run's largest one-batch gap and, under the controller, when what it moves reached its upper bound, how
+often the gap was below the target and how often within ±25 % of it after the first 100 steps (the goal of
+issue 28). A third gives each arm's compute: FLOPs by phase, modelled H100 seconds and measured seconds.
 """
 
 from __future__ import annotations
@@ -41,17 +47,21 @@ from jackpot.metric_names import (  # noqa: E402
     OBRS_ACCEPT_RATE,
     ROLLOUT_MODEL_DISTILL_COEF,
     ROLLOUT_MODEL_DISTILL_KL,
+    ROLLOUT_MODEL_LR_SCALE,
 )
 from jackpot.metrics import read_metrics  # noqa: E402
 from jackpot.plot import plot_runs  # noqa: E402
+from jackpot.train.costs import PHASES  # noqa: E402
 
 PAIRS = {  # figure name -> presets, the paired reference first
-    "default": ["on-policy", "jackpot", "jackpot-kl-control", "tis-reverse-kl"],
-    "wide-gap": ["on-policy", "wide-gap-jackpot", "wide-gap-jackpot-kl-control", "wide-gap-tis"],
+    "default": ["on-policy", "jackpot", "jackpot-kl-control", "jackpot-lr-control", "tis-reverse-kl"],
+    "wide-gap": ["on-policy", "wide-gap-jackpot", "wide-gap-jackpot-kl-control", "wide-gap-jackpot-lr-control",
+                 "wide-gap-tis"],
 }
 OVERRIDES = ["train.steps=1000", "train.eval_every=50", "train.checkpoint_every=250", "train.threads=1",
              "tensorboard=false"]
 WINDOW = 100  # steps averaged at the start and at the end of a run
+HOLD = 0.25  # the goal's band: the gap within ±25 % of the target
 
 
 def _finished(out: Path, preset: str, seeds: list[int]) -> list[Path]:
@@ -104,18 +114,44 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
 def tails(out: Path, presets: list[str], seeds: list[int]) -> str:
     """Per run: the largest one-batch gap, and under the controller the first step its coefficient reached
     distill.coef_max and the fraction of steps whose gap was below distill.target_kl."""
-    lines = ["| run | largest one-batch KL k3 (step) | coefficient at its upper bound from step "
-             "| steps with KL k3 below the target |", "|---|---|---|---|"]
+    lines = ["| run | largest one-batch KL k3 (step) | what the controller moves: at its upper bound from step "
+             f"| steps with KL k3 below the target | steps after the first {WINDOW} with the signal within "
+             f"±{HOLD:.0%} of the target |", "|---|---|---|---|---|"]
     for d in [d for p in presets for d in _finished(out, p, seeds)]:
         steps = [r for r in read_metrics(d) if r["step"] > 0]
         top = max(steps, key=lambda r: r[MISMATCH_KL_K3])
         distill = yaml.safe_load((d / "config.yaml").read_text())["distill"]
-        at_bound = below = "–"
+        at_bound = below = held = "–"
         if distill.get("target_kl") is not None:
-            at_bound = next((str(r["step"]) for r in steps
-                             if r[ROLLOUT_MODEL_DISTILL_COEF] >= distill["coef_max"]), "never")
-            below = f"{sum(r[MISMATCH_KL_K3] < distill['target_kl'] for r in steps) / len(steps):.1%}"
-        lines.append(f"| {d.name} | {top[MISMATCH_KL_K3]:.2f} ({top['step']}) | {at_bound} | {below} |")
+            target, lr = distill["target_kl"], distill.get("control", "coef") == "lr"
+            key, high = (ROLLOUT_MODEL_LR_SCALE, distill["lr_scale_max"]) if lr else \
+                (ROLLOUT_MODEL_DISTILL_COEF, distill["coef_max"])
+            at_bound = next((f"{r['step']} ({'lr' if lr else 'coef'})" for r in steps if r[key] >= high), "never")
+            below = f"{sum(r[MISMATCH_KL_K3] < target for r in steps) / len(steps):.1%}"
+            signal = MISMATCH_KL_K3 + ("_clipped" if distill.get("signal") == "k3-clipped" else "")
+            late = steps[WINDOW:]
+            held = f"{sum(abs(r[signal] / target - 1) <= HOLD for r in late) / max(len(late), 1):.1%}"
+        lines.append(f"| {d.name} | {top[MISMATCH_KL_K3]:.2f} ({top['step']}) | {at_bound} | {below} | {held} |")
+    return "\n".join(lines) + "\n"
+
+
+def compute(out: Path, presets: list[str], seeds: list[int]) -> str:
+    """Per arm: FLOPs by phase, modelled H100 seconds (a roofline model, docs/METHOD.md §11) and measured seconds
+    of the training steps, mean over its finished seeds; '–' for runs made before the cost accounting."""
+    lines = ["| arm | FLOPs: generation | prepare | update (policy) | update (rollout model) | total "
+             "| H100 s, MODELLED: generation | total | measured s (CPU, evaluation excluded) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for preset in presets:
+        sums = [json.loads((d / "summary.json").read_text()) for d in _finished(out, preset, seeds)]
+        sums = [s for s in sums if s.get("flops") is not None]
+
+        def avg(get, sums=sums) -> str:
+            return f"{statistics.mean(get(s) for s in sums):.3g}" if sums else "–"
+
+        phases = [avg(lambda s, p=p: s["flops_by_phase"][p]) for p in PHASES]
+        lines.append(f"| {preset} | {' | '.join(phases)} | {avg(lambda s: s['flops'])} "
+                     f"| {avg(lambda s: s['gpu_model_s_by_phase']['generation'])} | {avg(lambda s: s['gpu_model_s'])} "
+                     f"| {avg(lambda s: s['train_wall_s'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,10 +167,16 @@ def write_results(out: Path, seeds: list[int], path: Path) -> None:
     for name, presets in PAIRS.items():
         runs = [d for p in presets for d in _finished(out, p, seeds)]
         figure = path.parent / f"{path.stem.lower()}-{name}.png"
-        if runs:
-            plot_runs(runs, figure, title=f"{name} pair, 1,000 steps", smooth=25)
-        parts += [f"\n## {name} pair\n\n", table(out, presets, seeds), f"\n![{name}]({figure.name})\n\n",
-                  tails(out, presets[1:], seeds)]
+        costed = [d for d in runs if json.loads((d / "summary.json").read_text()).get("flops") is not None]
+        figures = [(figure, "steps")] if runs else []
+        if costed and len(costed) == len(runs):  # every run logs its costs: accuracy per FLOP and per modelled second
+            figures += [(figure.with_name(f"{figure.stem}-{x}.png"), x) for x in ("flops", "gpu-model")]
+        for fig, x in figures:
+            plot_runs(runs, fig, title=f"{name} pair, 1,000 steps" + ("" if x == "steps" else f", against {x}"),
+                      smooth=25, x=x)
+        parts += [f"\n## {name} pair\n\n", table(out, presets, seeds),
+                  *(f"\n![{name}, x = {x}]({fig.name})\n" for fig, x in figures), "\n",
+                  tails(out, presets[1:], seeds), "\n", compute(out, presets, seeds)]
     write_page(path, parts)  # with docs/results-long-notes.md, the reading of the numbers
 
 
@@ -144,12 +186,14 @@ def main() -> None:
     ap.add_argument("--out", default="runs/long")
     ap.add_argument("--results", default=str(ROOT / "docs" / "RESULTS-long.md"))
     ap.add_argument("--report-only", action="store_true", help="write the page from the finished runs, train nothing")
+    ap.add_argument("--vary-pair", action="store_true",
+                    help="seed s also shifts the pre-trained pair (policy.seed + s, rollout_model.seed + s)")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.report_only:
         for seed in args.seeds:  # seed by seed: an interrupted study holds whole seeds
             for preset in dict.fromkeys(p for presets in PAIRS.values() for p in presets):
-                train_once(preset, seed, out / f"{preset}-seed{seed}", OVERRIDES, fixed_pair=True)
+                train_once(preset, seed, out / f"{preset}-seed{seed}", OVERRIDES, fixed_pair=not args.vary_pair)
     write_results(out, args.seeds, Path(args.results))
     print(Path(args.results).read_text())
 
