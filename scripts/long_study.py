@@ -62,6 +62,7 @@ OVERRIDES = ["train.steps=1000", "train.eval_every=50", "train.checkpoint_every=
              "tensorboard=false"]
 WINDOW = 100  # steps averaged at the start and at the end of a run
 HOLD = 0.25  # the goal's band: the gap within ±25 % of the target
+SMOOTH = 10  # steps of the moving average the band is also read on: one batch's k3 alone has a spread of ±25 %
 
 
 def _finished(out: Path, preset: str, seeds: list[int]) -> list[Path]:
@@ -83,17 +84,25 @@ def _figures(run_dir: Path) -> dict[str, float | None]:
             "rollout_after": rollout_evals[-1] if rollout_evals else None,
             "kl_first": mean(MISMATCH_KL_K3, first), "kl_last": mean(MISMATCH_KL_K3, last),
             "accept_first": mean(OBRS_ACCEPT_RATE, first), "accept_last": mean(OBRS_ACCEPT_RATE, last),
-            "coef_last": mean(ROLLOUT_MODEL_DISTILL_COEF, last), "distill_first": mean(ROLLOUT_MODEL_DISTILL_KL, first),
+            "coef_last": mean(ROLLOUT_MODEL_DISTILL_COEF, last), "lr_last": mean(ROLLOUT_MODEL_LR_SCALE, last),
+            "distill_first": mean(ROLLOUT_MODEL_DISTILL_KL, first),
             "distill_last": mean(ROLLOUT_MODEL_DISTILL_KL, last)}
+
+
+def mean_se(values: list[float]) -> str:
+    """mean ± its standard error (the goal is read on it), or the value alone, or '–'."""
+    if len(values) < 2:
+        return mean_std(values, "+.3f")
+    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
 
 
 def table(out: Path, presets: list[str], seeds: list[int]) -> str:
     """One row per preset over its finished seeds; 'Δ vs on-policy' pairs each seed with on-policy's."""
     ref = {d.name.rsplit("-seed", 1)[1]: _figures(d)["delta"] for d in _finished(out, presets[0], seeds)}
-    lines = [f"| arm | seeds | eval before | eval after | Δ | Δ vs {presets[0]} (paired) | best eval | rollout model "
-             f"eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} | acceptance, first {WINDOW} | acceptance, "
-             f"last {WINDOW} | distill coef, last {WINDOW} | distill KL, first {WINDOW} | distill KL, last {WINDOW} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| arm | seeds | eval before | eval after | Δ | Δ vs {presets[0]} (paired, ± s.e.) | best eval "
+             f"| rollout model eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} | acceptance, first {WINDOW} | acceptance, "
+             f"last {WINDOW} | distill coef, last {WINDOW} | lr multiplier, last {WINDOW} | distill KL, first {WINDOW} "
+             f"| distill KL, last {WINDOW} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         dirs = _finished(out, preset, seeds)
         rows = [_figures(d) for d in dirs]
@@ -102,12 +111,12 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
         col = {key: mean_std([r[key] for r in rows], spec) for key, spec in (
             ("before", ".3f"), ("after", ".3f"), ("delta", "+.3f"), ("best", ".3f"), ("rollout_after", ".3f"),
             ("kl_first", ".3f"), ("kl_last", ".3f"), ("accept_first", ".3f"), ("accept_last", ".3f"),
-            ("coef_last", ".3g"), ("distill_first", ".3f"), ("distill_last", ".3f"))}
+            ("coef_last", ".3g"), ("lr_last", ".3g"), ("distill_first", ".3f"), ("distill_last", ".3f"))}
         seeds_done = ", ".join(d.name.rsplit("-seed", 1)[1] for d in dirs) or "none"
         lines.append(f"| {preset} | {seeds_done} | {col['before']} | {col['after']} | {col['delta']} "
-                     f"| {mean_std(paired, '+.3f')} | {col['best']} | {col['rollout_after']} | {col['kl_first']} "
+                     f"| {mean_se(paired)} | {col['best']} | {col['rollout_after']} | {col['kl_first']} "
                      f"| {col['kl_last']} | {col['accept_first']} | {col['accept_last']} | {col['coef_last']} "
-                     f"| {col['distill_first']} | {col['distill_last']} |")
+                     f"| {col['lr_last']} | {col['distill_first']} | {col['distill_last']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +125,7 @@ def tails(out: Path, presets: list[str], seeds: list[int]) -> str:
     distill.coef_max and the fraction of steps whose gap was below distill.target_kl."""
     lines = ["| run | largest one-batch KL k3 (step) | what the controller moves: at its upper bound from step "
              f"| steps with KL k3 below the target | steps after the first {WINDOW} with the signal within "
-             f"±{HOLD:.0%} of the target |", "|---|---|---|---|---|"]
+             f"±{HOLD:.0%} of the target: one batch / {SMOOTH}-step mean |", "|---|---|---|---|---|"]
     for d in [d for p in presets for d in _finished(out, p, seeds)]:
         steps = [r for r in read_metrics(d) if r["step"] > 0]
         top = max(steps, key=lambda r: r[MISMATCH_KL_K3])
@@ -129,8 +138,10 @@ def tails(out: Path, presets: list[str], seeds: list[int]) -> str:
             at_bound = next((f"{r['step']} ({'lr' if lr else 'coef'})" for r in steps if r[key] >= high), "never")
             below = f"{sum(r[MISMATCH_KL_K3] < target for r in steps) / len(steps):.1%}"
             signal = MISMATCH_KL_K3 + ("_clipped" if distill.get("signal") == "k3-clipped" else "")
-            late = steps[WINDOW:]
-            held = f"{sum(abs(r[signal] / target - 1) <= HOLD for r in late) / max(len(late), 1):.1%}"
+            values = [r[signal] for r in steps]
+            smooth = [statistics.mean(values[max(i - SMOOTH + 1, 0):i + 1]) for i in range(len(values))]
+            held = " / ".join(f"{sum(abs(v / target - 1) <= HOLD for v in vs[WINDOW:]) / max(len(vs) - WINDOW, 1):.1%}"
+                              for vs in (values, smooth))
         lines.append(f"| {d.name} | {top[MISMATCH_KL_K3]:.2f} ({top['step']}) | {at_bound} | {below} | {held} |")
     return "\n".join(lines) + "\n"
 
@@ -162,7 +173,7 @@ def write_results(out: Path, seeds: list[int], path: Path) -> None:
              f"Produced by `python scripts/long_study.py --seeds {' '.join(map(str, seeds))}` (runs made at commit"
              f"{'s' if len(commits) > 1 else ''} {', '.join(commits) or 'none'}; overrides of every run: "
              f"`{' '.join(OVERRIDES)}`; every seed on the presets' pre-trained pair). Mean ± standard deviation over "
-             "the seeds listed in each row; 'eval' is Mean@4 accuracy on 200 held-out problems; KL k3 is "
+             "the seeds listed in each row (the paired Δ: mean ± standard error); 'eval' is Mean@4 accuracy on 200 held-out problems; KL k3 is "
              "`mismatch/kl_k3`, the actor–policy gap the controller acts on.\n"]
     for name, presets in PAIRS.items():
         runs = [d for p in presets for d in _finished(out, p, seeds)]
