@@ -100,8 +100,8 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
     """One row per preset over its finished seeds; 'Δ vs on-policy' pairs each seed with on-policy's."""
     ref = {d.name.rsplit("-seed", 1)[1]: _figures(d)["delta"] for d in _finished(out, presets[0], seeds)}
     lines = [f"| arm | seeds | eval before | eval after | Δ | Δ vs {presets[0]} (paired, ± s.e.) | best eval "
-             f"| rollout model eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} | acceptance, first {WINDOW} | acceptance, "
-             f"last {WINDOW} | distill coef, last {WINDOW} | lr multiplier, last {WINDOW} | distill KL, first {WINDOW} "
+             f"| rollout model eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} | acceptance, first {WINDOW} "
+             f"| acceptance, last {WINDOW} | distill coef, last {WINDOW} | lr multiplier, last {WINDOW} | distill KL, first {WINDOW} "
              f"| distill KL, last {WINDOW} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         dirs = _finished(out, preset, seeds)
@@ -173,8 +173,8 @@ def write_results(out: Path, seeds: list[int], path: Path) -> None:
              f"Produced by `python scripts/long_study.py --seeds {' '.join(map(str, seeds))}` (runs made at commit"
              f"{'s' if len(commits) > 1 else ''} {', '.join(commits) or 'none'}; overrides of every run: "
              f"`{' '.join(OVERRIDES)}`; every seed on the presets' pre-trained pair). Mean ± standard deviation over "
-             "the seeds listed in each row (the paired Δ: mean ± standard error); 'eval' is Mean@4 accuracy on 200 held-out problems; KL k3 is "
-             "`mismatch/kl_k3`, the actor–policy gap the controller acts on.\n"]
+             "the seeds listed in each row (the paired Δ: mean ± standard error); 'eval' is Mean@4 accuracy on 200 "
+             "held-out problems; KL k3 is `mismatch/kl_k3`, the actor–policy gap the controller acts on.\n"]
     for name, presets in PAIRS.items():
         runs = [d for p in presets for d in _finished(out, p, seeds)]
         figure = path.parent / f"{path.stem.lower()}-{name}.png"
