@@ -101,8 +101,8 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
     ref = {d.name.rsplit("-seed", 1)[1]: _figures(d)["delta"] for d in _finished(out, presets[0], seeds)}
     lines = [f"| arm | seeds | eval before | eval after | Δ | Δ vs {presets[0]} (paired, ± s.e.) | best eval "
              f"| rollout model eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} | acceptance, first {WINDOW} "
-             f"| acceptance, last {WINDOW} | distill coef, last {WINDOW} | lr multiplier, last {WINDOW} | distill KL, first {WINDOW} "
-             f"| distill KL, last {WINDOW} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| acceptance, last {WINDOW} | distill coef, last {WINDOW} | lr multiplier, last {WINDOW} "
+             f"| distill KL, first {WINDOW} | distill KL, last {WINDOW} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in presets:
         dirs = _finished(out, preset, seeds)
         rows = [_figures(d) for d in dirs]
