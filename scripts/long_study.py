@@ -102,7 +102,7 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
     lines = [f"| arm | seeds | eval before | eval after | Δ | Δ vs {presets[0]} (paired, ± s.e.) | best eval "
              f"| rollout model eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} | acceptance, first {WINDOW} "
              f"| acceptance, last {WINDOW} | distill coef, last {WINDOW} | lr multiplier, last {WINDOW} "
-             f"| distill KL, first {WINDOW} | distill KL, last {WINDOW} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| distill KL, first {WINDOW} | distill KL, last {WINDOW} |", "|---" * 16 + "|"]
     for preset in presets:
         dirs = _finished(out, preset, seeds)
         rows = [_figures(d) for d in dirs]
