@@ -10,7 +10,8 @@ Arms, 1,000 steps each, on the default pair and on the wide-gap pair (its rollou
 long): on-policy (the policy samples its own rollouts; the pair's rollout model plays no part, so one run serves
 both pairs), Jackpot with the fixed distillation coefficient (paper eq. 8), Jackpot with the coefficient under
 distill.target_kl (docs/METHOD.md §10), Jackpot with the rollout model's learning rate under it
-(distill.control=lr), and TIS + reverse-KL distillation (the paper's strongest baseline). Seeds vary the RL seed
+(distill.control=lr), Jackpot with reverse-KL distillation (the one change the 200-step pilots saw lower the gap,
+docs/sweeps/gap-control.md), and TIS + reverse-KL distillation (the paper's strongest baseline). Seeds vary the RL seed
 only, every seed on the presets' pre-trained pair (scripts/compare.py --fixed-pair), so the study pre-trains one
 pair per pair; with --vary-pair seed s also shifts the pair (policy.seed + s, rollout_model.seed + s), so the
 seeds sample the pair-to-pair spread. Runs go seed by seed, so an interrupted study holds whole seeds.
@@ -54,9 +55,10 @@ from jackpot.plot import plot_runs  # noqa: E402
 from jackpot.train.costs import PHASES  # noqa: E402
 
 PAIRS = {  # figure name -> presets, the paired reference first
-    "default": ["on-policy", "jackpot", "jackpot-kl-control", "jackpot-lr-control", "tis-reverse-kl"],
+    "default": ["on-policy", "jackpot", "jackpot-kl-control", "jackpot-lr-control", "jackpot-reverse-kl",
+                "tis-reverse-kl"],
     "wide-gap": ["on-policy", "wide-gap-jackpot", "wide-gap-jackpot-kl-control", "wide-gap-jackpot-lr-control",
-                 "wide-gap-tis"],
+                 "wide-gap-jackpot-reverse-kl", "wide-gap-tis"],
 }
 OVERRIDES = ["train.steps=1000", "train.eval_every=50", "train.checkpoint_every=250", "train.threads=1",
              "tensorboard=false"]
