@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None)
     parser.add_argument("--smooth", type=int, default=5,
                         help="moving-average window for per-step curves (1: raw; default: %(default)s)")
-    parser.add_argument("--x", default="steps", choices=tuple(X_AXES),
+    parser.add_argument("--x", default="steps", metavar="{" + ",".join(X_AXES) + "}",
                         help="horizontal axis: steps, FLOPs counted, measured seconds, or modelled H100 seconds "
                              "(a roofline model; docs/METHOD.md §11); default: %(default)s")
 

@@ -217,5 +217,5 @@ def test_plot_x_axes_sum_the_per_step_costs(tmp_path):
     with pytest.raises(InputError, match=r"^--x must be one of steps, flops, seconds, gpu-model, got 'tokens'$"):
         plot_runs([run], tmp_path / "bad.png", x="tokens")
     assert "\n" not in str(err.value)
-    with pytest.raises(SystemExit):  # the command line: argparse's choices
-        cli_main(["plot", str(run), "--x", "tokens"])
+    with pytest.raises(InputError, match=r"^--x must be one of"):  # the command line: `jackpot: error: ...`
+        cli_main(["plot", str(run), "--x", "tokens", "--out", str(tmp_path / "bad.png")])
