@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from compare import mean_std, train_once, write_page  # noqa: E402
+from compare import mean_std, plot_figures, train_once, write_page  # noqa: E402
 
 from jackpot.metric_names import (  # noqa: E402
     EVAL_ACCURACY,
@@ -51,7 +51,6 @@ from jackpot.metric_names import (  # noqa: E402
     ROLLOUT_MODEL_LR_SCALE,
 )
 from jackpot.metrics import read_metrics  # noqa: E402
-from jackpot.plot import plot_runs  # noqa: E402
 from jackpot.train.costs import PHASES  # noqa: E402
 
 PAIRS = {  # figure name -> presets, the paired reference first
@@ -180,13 +179,7 @@ def write_results(out: Path, seeds: list[int], path: Path) -> None:
     for name, presets in PAIRS.items():
         runs = [d for p in presets for d in _finished(out, p, seeds)]
         figure = path.parent / f"{path.stem.lower()}-{name}.png"
-        costed = [d for d in runs if json.loads((d / "summary.json").read_text()).get("flops") is not None]
-        figures = [(figure, "steps")] if runs else []
-        if costed and len(costed) == len(runs):  # every run logs its costs: accuracy per FLOP and per modelled second
-            figures += [(figure.with_name(f"{figure.stem}-{x}.png"), x) for x in ("flops", "gpu-model")]
-        for fig, x in figures:
-            plot_runs(runs, fig, title=f"{name} pair, 1,000 steps" + ("" if x == "steps" else f", against {x}"),
-                      smooth=25, x=x)
+        figures = plot_figures(runs, figure, f"{name} pair, 1,000 steps", smooth=25)
         parts += [f"\n## {name} pair\n\n", table(out, presets, seeds),
                   *(f"\n![{name}, x = {x}]({fig.name})\n" for fig, x in figures), "\n",
                   tails(out, presets[1:], seeds), "\n", compute(out, presets, seeds)]
