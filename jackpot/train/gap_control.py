@@ -69,7 +69,7 @@ def control_step(cfg: Config, state: GapControl, prep: Prepared, coll: Collectiv
     if d.target_kl is None or d.control != "lr":
         state.lr_scale = 1.0
     if d.target_kl is not None:
-        signal = float(metrics.get(SIGNAL_KEYS[d.signal], prep.metrics.get(SIGNAL_KEYS[d.signal], float("nan"))))
+        signal = float({**prep.metrics, **metrics}[SIGNAL_KEYS[d.signal]])  # prepare's k3, or the clipped one
         if d.control == "coef":
             state.coef = kl_controlled_coef(d.coef if state.coef is None else state.coef, signal,
                                             target=d.target_kl, rate=d.coef_rate, low=d.coef_min, high=d.coef_max)
