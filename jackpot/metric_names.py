@@ -28,6 +28,7 @@ FRAC_ABOVE, FRAC_BELOW = "frac_above", "frac_below"  # fractions of tokens with 
 LOG_PPL_DIFF, LOG_PPL_ABS_DIFF, PPL_RATIO = "log_ppl_diff", "log_ppl_abs_diff", "ppl_ratio"  # perplexity gap
 MISMATCH_KL_K3 = MISMATCH + KL_K3
 MISMATCH_ROLLOUT_MODEL_KL_K3 = MISMATCH + "rollout_model_" + KL_K3  # the rollout model at prepare vs p_inf
+MISMATCH_KL_K3_CLIPPED = MISMATCH + KL_K3 + "_clipped"  # kl_k3 with each token's k3 capped (distill.signal_cap)
 
 # tis/, icepop/, obrs/: the correction's statistics (jackpot.core.corrections); obrs/ is Jackpot's
 TIS, ICEPOP, OBRS = "tis/", "icepop/", "obrs/"
@@ -59,7 +60,7 @@ ROLLOUT_MODEL_DISTILL_KL = "rollout_model/distill_kl"
 ROLLOUT_MODEL_GRAD_NORM = "rollout_model/grad_norm"
 ROLLOUT_MODEL_DISTILL_COEF = "rollout_model/distill_coef"  # the distillation coefficient the step's update used
 ROLLOUT_MODEL_DISTILL_KL_ERROR = "rollout_model/distill_kl_error"  # distill.target_kl: clipped log(gap / target)
-DISTILL_CONTROL_SIGNAL = MISMATCH_KL_K3            # the gap distill.target_kl holds (jackpot.core.control)
+ROLLOUT_MODEL_LR_SCALE = "rollout_model/lr_scale"  # distill.control='lr': the multiplier of rollout_model.lr
 
 # eval/, eval_rollout_model/: held-out evaluation of the policy and of the rollout model (bare names from
 # jackpot.train.loop.evaluate)
@@ -87,3 +88,17 @@ PERF_ROLLOUT_WAIT_S = "perf/rollout_wait_s"        # rollout.async_steps > 0: th
 PERF_GENERATOR_IDLE_S = "perf/generator_idle_s"    # rollout.async_steps > 0: the generator waiting for a job
 PERF_ROLLOUT_TOKENS_PER_S = "perf/rollout_tokens_per_s"  # response tokens sampled per second
 PERF_EVAL_S = "perf/eval_s"                        # one evaluation (policy, and rollout model if any)
+# perf/flops*, perf/gpu_model_s*: the step's FLOPs and modelled GPU seconds (a roofline model, not a measurement),
+# by phase (jackpot.train.costs.PHASES) and in total; docs/METHOD.md §11
+PERF_FLOPS = "perf/flops"                          # FLOPs of the step, every phase
+PERF_GPU_MODEL_S = "perf/gpu_model_s"              # modelled H100 seconds of the step, every phase
+
+
+def perf_flops(phase: str) -> str:
+    """The FLOPs of one phase: `perf/flops_generation`."""
+    return f"{PERF_FLOPS}_{phase}"
+
+
+def perf_gpu_model_s(phase: str) -> str:
+    """The modelled GPU seconds of one phase: `perf/gpu_model_s_generation`."""
+    return f"{PERF_GPU_MODEL_S}_{phase}"

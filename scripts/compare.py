@@ -146,9 +146,23 @@ def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: l
              "machine that ran it.\n"]
     for name, runs in groups.items():
         figure = path.parent / f"{path.stem.lower()}-{name}.png"
-        plot_runs([d for dirs in runs.values() for d in dirs], figure, title=name)
-        parts += [f"\n## {name}\n\n", table(runs), f"\n![{name}]({figure.name})\n"]
+        figures = plot_figures([d for dirs in runs.values() for d in dirs], figure, name)
+        parts += [f"\n## {name}\n\n", table(runs), *(f"\n![{name}, x = {x}]({f.name})\n" for f, x in figures)]
     write_page(path, parts)
+
+
+def plot_figures(runs: list[Path], figure: Path, title: str, smooth: int = 5) -> list[tuple[Path, str]]:
+    """The runs against steps into `figure`, and — when every run logs its costs (jackpot.train.costs) — against
+    the FLOPs counted and the modelled H100 seconds into `<figure>-flops.png`, `<figure>-gpu-model.png`:
+    [(file, x axis)]."""
+    if not runs:
+        return []
+    figures = [(figure, "steps")]
+    if all(json.loads((d / "summary.json").read_text()).get("flops") is not None for d in runs):
+        figures += [(figure.with_name(f"{figure.stem}-{x}.png"), x) for x in ("flops", "gpu-model")]
+    for file, x in figures:
+        plot_runs(runs, file, title=title + ("" if x == "steps" else f", against {x}"), smooth=smooth, x=x)
+    return figures
 
 
 def write_page(path: Path, parts: list[str]) -> None:

@@ -13,11 +13,25 @@ rule and not PPO's adaptive KL controller (Ziegler et al. 2019, TRL's `AdaptiveK
 clip(kl / target - 1, -0.2, 0.2) * n / horizon) — both are integral controllers; the log-error makes a gap
 twice the target and half the target move the coefficient by the same factor up and down (a KL spans orders of
 magnitude), and the clip keeps one outlier batch from moving it by more than e^rate. docs/METHOD.md §10.
+
+What the controller moves (ACTUATORS). Under AdamW a loss coefficient sets the mix of the rollout model's
+gradients, not its step size, so with distillation already dominating the mix the coefficient has no authority
+over the gap (docs/RESULTS-long.md). The same rule can move a multiplier m on the rollout model's learning rate
+instead (lr = rollout_model.lr x m, m within bounds), which scales every step it takes: 'coef' or 'lr'.
+Which gap it reads (SIGNALS): 'k3', the batch mean of the per-token k3 = rho - 1 - log rho (rho = p_old / p_inf
+at the sampled token), which one token of rho = e^10 moves by 2e4 / tokens (one batch measured 45.7 against a
+typical 0.5); or 'k3-clipped', the mean of min(k3_t, cap) (jackpot.core.divergences.clipped_kl_k3): biased low,
+but one token moves it by at most cap / tokens.
 """
 
 from __future__ import annotations
 
 import math
+
+ACTUATORS = ("coef", "lr")
+"""What distill.target_kl moves: the distillation coefficient, or a multiplier on the rollout model's lr."""
+SIGNALS = ("k3", "k3-clipped")
+"""The gap distill.target_kl holds: the mean per-token k3, or its mean with each token's k3 capped."""
 
 LOG_ERROR_CLIP = 1.0
 """|log(kl / target)| counted per step at most: one batch moves the coefficient by at most a factor e^rate."""
@@ -36,7 +50,8 @@ def log_kl_error(kl: float, target: float) -> float:
 
 
 def kl_controlled_coef(coef: float, kl: float, *, target: float, rate: float, low: float, high: float) -> float:
-    """The next coefficient: clip(coef * exp(rate * log_kl_error(kl, target)), low, high).
+    """The next coefficient (or learning-rate multiplier): clip(coef * exp(rate * log_kl_error(kl, target)), low,
+    high).
 
     coef: the coefficient of the previous step (> 0); kl: the gap measured on this step's batch; target: the gap
     to hold; rate: the gain (log(coef) moves by at most `rate` a step); low <= high: the bounds."""
@@ -46,4 +61,4 @@ def kl_controlled_coef(coef: float, kl: float, *, target: float, rate: float, lo
     return min(high, max(low, coef * math.exp(rate * log_kl_error(kl, target))))
 
 
-__all__ = ["LOG_ERROR_CLIP", "kl_controlled_coef", "log_kl_error"]
+__all__ = ["ACTUATORS", "LOG_ERROR_CLIP", "SIGNALS", "kl_controlled_coef", "log_kl_error"]

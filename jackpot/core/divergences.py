@@ -56,6 +56,19 @@ def kl_estimators(other_logp: torch.Tensor, sample_logp: torch.Tensor, mask: tor
     }
 
 
+def clipped_kl_k3(other_logp: torch.Tensor, sample_logp: torch.Tensor, mask: torch.Tensor, *, cap: float
+                  ) -> torch.Tensor:
+    """The mean over masked tokens of min(k3_t, cap), k3_t = rho - 1 - log rho, rho = p_other / p_sample: the
+    k3 estimate of KL(p_sample || p_other) with each token's share bounded, so that one token moves it by at most
+    cap / tokens (biased low; jackpot.core.control's robust signal). Inputs (B, T); output 0-dim. cap > 0."""
+    check_positive("cap", cap)
+    check_logp("other_logp", other_logp)
+    check_logp("sample_logp", sample_logp)
+    check_same_shape(other_logp=other_logp, sample_logp=sample_logp, mask=mask)
+    lr = log_ratio(other_logp, sample_logp).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    return masked_mean((lr.exp() - 1.0 - lr).clamp(max=cap), mask)
+
+
 def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Normalised ESS (sum w)^2 / (n sum w^2) over masked entries, in (0, 1]; 1 for uniform weights."""
     check_same_shape(weights=weights, mask=mask)

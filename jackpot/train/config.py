@@ -191,8 +191,24 @@ class DistillConfig:
     coef_max: float = 100.0
     """With target_kl: the largest coefficient the controller sets (distillation then dominates)."""
     coef_rate: float = 0.1
-    """With target_kl: the controller's gain; each step log(coef) moves by coef_rate x log(kl / target_kl),
-    the log-error clipped to [-1, 1]: at most a factor e^0.1 (about 10 %) a step."""
+    """With target_kl: the controller's gain; each step log(coef) (or log of the lr multiplier, control='lr')
+    moves by coef_rate x log(kl / target_kl), the log-error clipped to [-1, 1]: at most a factor e^0.1 (about
+    10 %) a step."""
+    control: str = "coef"
+    """With target_kl: what the controller moves: 'coef' (this coefficient, within coef_min..coef_max) or 'lr'
+    (a multiplier on rollout_model.lr, within lr_scale_min..lr_scale_max, starting at 1; coef stays fixed).
+    Under AdamW the coefficient only sets the mix of the rollout model's losses; the lr sets its step size
+    (METHOD.md §10)."""
+    lr_scale_min: float = 0.1
+    """With target_kl and control='lr': the smallest multiplier of rollout_model.lr the controller sets."""
+    lr_scale_max: float = 10.0
+    """With target_kl and control='lr': the largest multiplier of rollout_model.lr the controller sets."""
+    signal: str = "k3"
+    """With target_kl: the gap it holds: 'k3' (mismatch/kl_k3, the mean per-token k3 of KL(p_inf || p_old)) or
+    'k3-clipped' (mismatch/kl_k3_clipped: each token's k3 capped at signal_cap first, so one token cannot swing
+    it; biased low, so a target for it sits below one for 'k3')."""
+    signal_cap: float = 10.0
+    """The cap of each token's k3 in mismatch/kl_k3_clipped (logged by every decoupled run)."""
     ppo: bool = True
     """Include the rollout model's own PPO loss L_PPO(omega)."""
     direction: str = "forward"

@@ -11,6 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from jackpot.core.advantages import ADVANTAGE_MODES
+from jackpot.core.control import ACTUATORS, SIGNALS
 from jackpot.core.corrections import CORRECTIONS, LEVELS, TARGETS, Z_MODES, correction_needs, correction_params
 from jackpot.core.dtypes import DTYPES
 from jackpot.core.losses import AGGREGATIONS, KL_DIRECTIONS, KL_ESTIMATORS
@@ -45,6 +46,8 @@ CHOICES: dict[str, tuple] = {
     "distill.rollout_model": ROLLOUT_MODEL_TRAINING,
     "distill.direction": KL_DIRECTIONS,
     "distill.estimator": KL_ESTIMATORS,
+    "distill.control": ACTUATORS,
+    "distill.signal": SIGNALS,
     "parallel.policy": PARALLEL_MODES,
     "parallel.rollout_model": PARALLEL_MODES,
     "parallel.mixed_precision": tuple(DTYPES),  # or null
@@ -59,7 +62,7 @@ POSITIVE_INTS_OR_NULL = ("train.micro_batch_size", "rollout.batch_size", "train.
                          "rollout_model.lora_rank", "rollout.max_model_len", "rollout.threads")
 POSITIVE = ("sampling.temperature", "correction.lam", "correction.cap", "correction.low", "correction.high",
             "distill.is_cap", "policy.lr", "rollout_model.lr", "distill.coef_min", "distill.coef_max",
-            "distill.coef_rate")
+            "distill.coef_rate", "distill.lr_scale_min", "distill.lr_scale_max", "distill.signal_cap")
 POSITIVE_OR_NULL = ("train.grad_clip", "correction.c1", "correction.c2", "train.eval_temperature",
                     "train.clip_eps_high", "correction.cap_min", "rollout.kv_cache_gib",
                     "rollout.gpu_memory_utilization", "distill.target_kl")
@@ -221,13 +224,17 @@ def _check_mixed_precision(cfg: Config) -> None:
 
 
 def _check_kl_control(cfg: Config) -> None:
-    """distill.target_kl adapts the coefficient of a rollout model that is trained, within its bounds."""
+    """distill.target_kl adapts the coefficient (or the learning rate) of a rollout model that is trained, within
+    its bounds."""
     d = cfg.distill
     if not cfg.trains_rollout_model:
         raise InputError(f"distill.target_kl={d.target_kl} needs a rollout model that is trained (train.mode="
                          f"decoupled, distill.rollout_model=joint), got train.mode={cfg.train.mode}, "
                          f"distill.rollout_model={d.rollout_model}")
-    if not d.coef_min <= d.coef <= d.coef_max:
+    if d.control == "lr" and not d.lr_scale_min <= 1 <= d.lr_scale_max:
+        raise InputError(f"distill.control='lr' starts the multiplier of rollout_model.lr at 1, which must lie in "
+                         f"[distill.lr_scale_min, distill.lr_scale_max] = [{d.lr_scale_min}, {d.lr_scale_max}]")
+    if d.control == "coef" and not d.coef_min <= d.coef <= d.coef_max:
         raise InputError(f"distill.coef ({d.coef}), the controller's starting value, must lie in [distill.coef_min, "
                          f"distill.coef_max] = [{d.coef_min}, {d.coef_max}] when distill.target_kl is set")
 

@@ -64,8 +64,9 @@ from jackpot.tasks import Example, Task, make_task, mean_at_k, pass_at_k
 from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import Config, to_dict
 from jackpot.train.config_checks import check_training_models
-from jackpot.train.distill_control import DistillCoefficient
+from jackpot.train.costs import CostMeter
 from jackpot.train.distributed import Collective, gathered_for_generation
+from jackpot.train.gap_control import GapControl, control_step, restored, saved
 from jackpot.train.models import Models, build_models
 from jackpot.train.models import model_dir as model_dir  # moved to jackpot.train.models; kept for one release
 from jackpot.train.models import prepared_model as prepared_model  # the same
@@ -84,10 +85,11 @@ class Run(Models):
     out: Path
     task: Task
     source: RolloutSource | None = None  # where each step's batch comes from (and the engines that evaluate)
-    distill: DistillCoefficient | None = None  # the distillation coefficient across steps
     logger: MetricLogger | None = None
     start_step: int = 1
     coll: Collective = dataclasses.field(default_factory=Collective)
+    gap: GapControl = dataclasses.field(default_factory=GapControl)  # distill.target_kl's state (gap_control)
+    costs: CostMeter | None = None  # FLOPs and modelled GPU seconds of a step (jackpot.train.costs)
 
     @property
     def policy_train(self) -> torch.nn.Module:
@@ -145,14 +147,14 @@ def setup(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
         out.mkdir(parents=True, exist_ok=True)
     coll.barrier()
     run = Run(**{f.name: getattr(models, f.name) for f in dataclasses.fields(models)}, cfg=cfg, out=out, task=task,
-              coll=coll, distill=DistillCoefficient(cfg))
+              coll=coll, costs=CostMeter.of(cfg, models.policy, models.rollout_model))
     run.source = RolloutSource(cfg, task, run.tokenizer, coll, run.actor)
     if resume:
         path = ckpt.latest_checkpoint(out)
         state = ckpt.load_checkpoint(path, run.models, run.optimizers, coll=coll)
         run.start_step = state["step"] + 1
         run.source.restore(state, ckpt.load_local(path, coll.rank))
-        run.distill.restore(state)
+        run.gap = restored(state)
     if coll.is_main:
         write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         run.logger = MetricLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
@@ -229,13 +231,13 @@ def step_body(run: Run, step: int) -> dict[str, float]:
     prep = prepare(cfg, batch, rewards, policy=run.policy_train, rollout_model=run.rollout_train,
                    init_policy=run.init_policy, step=step, coll=coll, shard=run.source.shard,
                    recorded_old=recorded)
-    # ---- the distillation coefficient: distill.coef, or adapted to the gap just measured (distill.target_kl)
-    distill_coef, control = run.distill.step(prep.metrics)
+    # ---- the gap controller: coefficient or rollout-model lr, adapted to the gap just measured (distill.target_kl)
+    control = control_step(cfg, run.gap, prep, coll, run.rollout_opt)
     t2 = time.perf_counter()
     # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
     upd = update(cfg, prep, policy=run.policy_train, rollout_model=run.rollout_train, policy_opt=run.policy_opt,
                  rollout_opt=run.rollout_opt if cfg.trains_rollout_model else None, step=step, coll=coll,
-                 distill_coef=distill_coef)
+                 distill_coef=run.gap.coef)
     t3 = time.perf_counter()
     tokens = coll.sum(batch.response_mask.sum())
     values = scalars({REWARD_MEAN: coll.gather_rows(rewards)[0].mean(),
@@ -246,6 +248,8 @@ def step_body(run: Run, step: int) -> dict[str, float]:
     rollout_s = timings.pop(PERF_ROLLOUT_S)  # the sampling's own time (asynchronous: the generator's)
     values.update({PERF_ROLLOUT_S: rollout_s, PERF_PREPARE_S: t2 - t1, PERF_UPDATE_S: t3 - t2, PERF_STEP_S: t3 - t0,
                    PERF_ROLLOUT_TOKENS_PER_S: float(tokens) / max(rollout_s, 1e-9), **timings})
+    lengths = (coll.gather_rows(m.sum(-1))[0] for m in (batch.prompt_mask, batch.response_mask))
+    values.update(run.costs.metrics(*lengths))  # FLOPs and modelled GPU seconds by phase
     return values
 
 
@@ -298,9 +302,9 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
 
 def save_checkpoint(run: Run, step: int) -> None:
     """The checkpoint after `step`: models, optimizers, the rollout source's state (with async_steps the batches
-    generated ahead) and the distillation controller's."""
+    generated ahead) and the gap controller's (a fixed value is in the config)."""
     extra, local = run.source.state()
-    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, extra={**run.distill.state(), **extra},
+    ckpt.save_checkpoint(run.out, step, run.models, run.optimizers, extra={**saved(run.cfg, run.gap), **extra},
                          coll=run.coll, local=local)
 
 

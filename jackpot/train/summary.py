@@ -25,14 +25,22 @@ from jackpot.metric_names import (
     MISMATCH_KL_K3,
     MISMATCH_ROLLOUT_MODEL_KL_K3,
     OBRS_ACCEPT_RATE,
+    PERF_FLOPS,
+    PERF_GPU_MODEL_S,
     PERF_ROLLOUT_S,
     PERF_ROLLOUT_WAIT_S,
     PERF_STEP_S,
     PERF_UPDATE_S,
     REWARD_MEAN,
     ROLLOUT_STALENESS,
+    perf_flops,
+    perf_gpu_model_s,
 )
 from jackpot.metrics import read_metrics
+from jackpot.train.costs import PHASES, ROOFLINE
+
+GPU_MODEL_NOTE = (f"modelled, not measured: a roofline of an H100 ({ROOFLINE.bandwidth / 1e12:g} TB/s, "
+                  f"{ROOFLINE.peak_flops / 1e12:g} TFLOP/s bf16 x {ROOFLINE.efficiency:g}), docs/METHOD.md §11")
 
 
 def summarize(run_dir: str | Path) -> dict:
@@ -49,6 +57,10 @@ def summarize(run_dir: str | Path) -> dict:
     def mean(key: str) -> float | None:
         vals = [r[key] for r in train_steps if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
+
+    def total(key: str) -> float | None:
+        vals = [r[key] for r in train_steps if r.get(key) is not None]
+        return sum(vals) if vals else None
 
     def at(i: int, key: str):
         return evals[i].get(key) if evals else None
@@ -81,6 +93,12 @@ def summarize(run_dir: str | Path) -> dict:
         "staleness_mean": mean(ROLLOUT_STALENESS),
         "sampler_drift_kl_k3_mean": mean(MISMATCH_ROLLOUT_MODEL_KL_K3),  # the sampling weights then vs now
         "rollout_wait_s_mean": mean(PERF_ROLLOUT_WAIT_S),  # async only: the trainer waiting for its batch
+        "train_wall_s": total(PERF_STEP_S),  # measured, evaluation excluded
+        "flops": total(PERF_FLOPS),  # jackpot.train.costs: counted from the models' sizes and the tokens
+        "flops_by_phase": {p: total(perf_flops(p)) for p in PHASES},
+        "gpu_model_s": total(PERF_GPU_MODEL_S),
+        "gpu_model_s_by_phase": {p: total(perf_gpu_model_s(p)) for p in PHASES},
+        "gpu_model": GPU_MODEL_NOTE,
     }
 
 
@@ -140,6 +158,13 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("mean train reward (policy's own samples)", _fmt(s["reward_mean"])))
     rows.append(("seconds per step: rollout / update",
                  f"{_fmt(s['rollout_s_mean'], '.2f')} / {_fmt(s['update_s_mean'], '.2f')}"))
+    if s.get("flops") is not None:
+        phases = s["flops_by_phase"]
+        rows.append(("FLOPs: generation / prepare / update (policy, rollout model)",
+                     " / ".join(_fmt(phases[p], ".3g") for p in PHASES[:2]) + " / ("
+                     + ", ".join(_fmt(phases[p], ".3g") for p in PHASES[2:]) + ")"))
+        rows.append(("modelled H100 seconds, generation / all (a model)",
+                     f"{_fmt(s['gpu_model_s_by_phase']['generation'], '.3g')} / {_fmt(s['gpu_model_s'], '.3g')}"))
     if "threads" in s:
         rows.append(("torch CPU threads", f"{s['threads']} ({s['threads_why']})"))
     return rows

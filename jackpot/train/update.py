@@ -13,7 +13,7 @@
                                 + coef * KL(SG(p_new) || p_omega)         (paper eq. 8)
                -> one optimizer step per model. The correction (weights w, mask keep) comes from the
                CORRECTIONS table; coef is distill.coef, or with distill.target_kl the step's value from
-               `distill_coefficient` (adapted to the gap prepare measured on this batch).
+               jackpot.train.gap_control (adapted to the gap prepare measured on this batch).
 
 A correction that needs the current policy (Jackpot with target='new') is recomputed here at every
 mini-batch over the whole mini-batch, so lambda, kappa, Z and every loss denominator are mini-batch
@@ -46,7 +46,6 @@ import torch
 
 from jackpot import metric_names as names
 from jackpot.core.checks import SAFETY_BOUND
-from jackpot.core.control import kl_controlled_coef, log_kl_error
 from jackpot.core.corrections import CorrectionResult
 from jackpot.core.head import JointLogprobs, joint_logprobs
 from jackpot.core.joint import distillation_request, rollout_model_loss_from
@@ -121,23 +120,6 @@ def _rollout_model_loss(cfg: Config, mb: Prepared, logs: JointLogprobs, denomina
     return out.loss, {k: (v, None) for k, v in out.metrics().items()}
 
 
-def distill_coefficient(cfg: Config, previous: float | None, metrics: dict) -> tuple[float, dict[str, float]]:
-    """The distillation coefficient of this step's update and its metrics: distill.coef, or with
-    distill.target_kl the previous step's coefficient (None: distill.coef, the starting value) adapted to the
-    gap `metrics` (prepare's, on the batch just sampled) measured (jackpot.core.control, METHOD.md §10).
-    No metrics when no rollout model is trained."""
-    d = cfg.distill
-    if cfg.train.mode != "decoupled" or d.rollout_model != "joint":
-        return d.coef, {}
-    if d.target_kl is None:
-        return d.coef, {names.ROLLOUT_MODEL_DISTILL_COEF: d.coef}
-    kl = float(metrics[names.DISTILL_CONTROL_SIGNAL])
-    coef = kl_controlled_coef(d.coef if previous is None else previous, kl, target=d.target_kl,
-                              rate=d.coef_rate, low=d.coef_min, high=d.coef_max)
-    return coef, {names.ROLLOUT_MODEL_DISTILL_COEF: coef,
-                  names.ROLLOUT_MODEL_DISTILL_KL_ERROR: log_kl_error(kl, d.target_kl)}
-
-
 # ----------------------------------------------------------------------------- update
 def _checkpointed(model: torch.nn.Module) -> bool:
     model = unwrap_peft(model)
@@ -165,7 +147,7 @@ def update(cfg: Config, prep: Prepared, *, policy, rollout_model, policy_opt, ro
     """ppo_epochs x minibatches optimizer steps over the prepared batch; returns averaged metrics.
     policy / rollout_model: Hugging Face models, or wrapped by jackpot.train.distributed (several processes);
     the rollout model is trained when `rollout_opt` is given, with the distillation coefficient `distill_coef`
-    (None: distill.coef; the loop passes `distill_coefficient`'s)."""
+    (None: distill.coef; the loop passes jackpot.train.gap_control's)."""
     trained = rollout_model if rollout_opt is not None else None
     coef = cfg.distill.coef if distill_coef is None else distill_coef
     with _checkpointing(language_model(policy), None if trained is None else language_model(trained)):

@@ -191,3 +191,31 @@ def test_real_pair_presets_build_with_the_papers_batch_shape(preset, policy, rol
     assert "{prompt}" in cfg.task.options["template"] and "\\boxed{{}}" in cfg.task.options["template"]
     two_paths = build_config(preset, ["policy.path=/ckpt/p", "rollout_model.path=/ckpt/r"])
     assert (two_paths.policy.path, two_paths.rollout_model.path) == ("/ckpt/p", "/ckpt/r")
+
+
+def test_plot_x_axes_sum_the_per_step_costs(tmp_path):
+    """--x flops / seconds / gpu-model: a point at step s stands at the sum of the axis' metric over steps 1..s;
+    a run without it, or an unknown axis, is refused in one line."""
+    from jackpot.errors import InputError
+    from jackpot.plot import x_positions
+
+    run = _fake_run(tmp_path / "costed", 0.0)
+    rows = [{**json.loads(line), **({"perf/flops": 10.0 * s, "perf/step_s": 0.5, "perf/gpu_model_s": 1e-6}
+                                    if s > 0 else {})}
+            for s, line in enumerate((run / "metrics.jsonl").read_text().splitlines())]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_metrics(run)
+    assert x_positions(records, "flops") == {0: 0.0, 1: 10.0, 2: 30.0, 3: 60.0, 4: 100.0}
+    assert x_positions(records, "seconds") == {0: 0.0, 1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0}
+    assert x_positions(records, "steps") == {s: float(s) for s in range(5)}
+    for x in ("steps", "flops", "seconds", "gpu-model"):
+        out = tmp_path / f"{x}.png"
+        assert cli_main(["plot", str(run), "--out", str(out), "--x", x]) == 0 and out.is_file()
+    old = _fake_run(tmp_path / "old", 0.0)
+    with pytest.raises(InputError, match=r"^--x flops: the run logs no perf/flops .*--x steps$") as err:
+        plot_runs([old], tmp_path / "old.png", x="flops")
+    with pytest.raises(InputError, match=r"^--x must be one of steps, flops, seconds, gpu-model, got 'tokens'$"):
+        plot_runs([run], tmp_path / "bad.png", x="tokens")
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match=r"^--x must be one of"):  # the command line: `jackpot: error: ...`
+        cli_main(["plot", str(run), "--x", "tokens", "--out", str(tmp_path / "bad.png")])

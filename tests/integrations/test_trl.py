@@ -187,9 +187,7 @@ def test_misconfiguration_fails_with_one_clear_error(tmp_path, kw, args_cls, mat
 
 def _probe_kl(policy, rollout):
     """Mean forward KL(p_policy || p_rollout) over the positions of fixed probe sequences."""
-    from reference import response_logits
-
-    from reference import distill_kl
+    from reference import distill_kl, response_logits
 
     enc = TOK([p + "12" for p in PROMPTS], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -234,9 +232,7 @@ def test_a_rollout_optimizer_with_nothing_to_train_is_refused(tmp_path):
 
 def _former_rollout_model_loss(policy, rollout, inputs, *, temperature, coef, ppo, eps_low, eps_high):
     """The integration's former rollout-model loss, from full (B, T, V) logits: kept as the slow reference."""
-    from reference import response_logits
-
-    from reference import distill_kl
+    from reference import distill_kl, response_logits
 
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)

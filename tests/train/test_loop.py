@@ -20,7 +20,7 @@ from jackpot.train import checkpoint as ckpt
 from jackpot.train.config import build_config
 from jackpot.train.loop import collect, setup, train_step
 from jackpot.train.prepare import model_head, prepare, sampled_logp
-from jackpot.train.update import distill_coefficient, policy_loss, update
+from jackpot.train.update import policy_loss, update
 
 TINY = [
     *TINY_MODELS, "train.prompts_per_step=4", "train.group_size=4", "train.eval_prompts=8",
@@ -103,17 +103,20 @@ def _parameters(run_dir) -> dict[str, torch.Tensor]:
             for k, v in load_file(str(latest / f"{name}.safetensors")).items()}
 
 
-def test_resume_continues_the_distillation_controller_exactly(tmp_path, cache):
-    """distill.target_kl far below the gap: the coefficient climbs by e^0.1 a step (the log-error clipped at 1),
-    so a resume that started again from distill.coef would use e^0.1 instead of e^0.3 at step 3. The checkpoint
-    keeps the coefficient: metrics and both models' parameters equal the uninterrupted run's."""
-    args = ["train", "--no-progress", *TINY, f"cache_dir={cache}", "distill.target_kl=1e-4"]
+@pytest.mark.parametrize("control, moved", [("coef", "rollout_model/distill_coef"),
+                                             ("lr", "rollout_model/lr_scale")])
+def test_resume_continues_the_distillation_controller_exactly(tmp_path, cache, control, moved):
+    """distill.target_kl far below the gap: the coefficient (control='coef') or the multiplier of the rollout
+    model's lr (control='lr') climbs by e^0.1 a step (the log-error clipped at 1), so a resume that started again
+    from its starting value would use e^0.1 instead of e^0.3 at step 3. The checkpoint keeps it: metrics and both
+    models' parameters equal the uninterrupted run's."""
+    args = ["train", "--no-progress", *TINY, f"cache_dir={cache}", "distill.target_kl=1e-4",
+            f"distill.control={control}"]
     cli_main([*args, "--out", str(tmp_path / "full"), "train.steps=3"])
     cli_main([*args, "--out", str(tmp_path / "cut"), "train.steps=2"])
     cli_main([*args, "--out", str(tmp_path / "cut"), "train.steps=3", "--resume"])
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
-    assert [r["rollout_model/distill_coef"] for r in full[1:]] == pytest.approx([math.exp(0.1 * s) for s in (1, 2, 3)],
-                                                                               rel=1e-12)
+    assert [r[moved] for r in full[1:]] == pytest.approx([math.exp(0.1 * s) for s in (1, 2, 3)], rel=1e-12)
     a, b = _no_perf(full[3]), _no_perf(cut[3])
     assert a.keys() == b.keys()
     for k in a:
@@ -142,19 +145,6 @@ def test_the_adapted_coefficient_is_the_one_the_rollout_model_trains_with(tmp_pa
     _, start = rollout_model_after_one_step()
     assert all(torch.equal(a, b) for a, b in zip(controlled, fixed, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(controlled, start, strict=True))
-
-
-def test_without_a_target_the_coefficient_is_distill_coef_whatever_came_before():
-    """target_kl None: distill.coef every step (a resumed run's saved coefficient is ignored), logged when the
-    rollout model is trained; nothing is logged without one. With a target: the previous coefficient moves."""
-    metrics = {"mismatch/kl_k3": torch.tensor(0.4)}
-    assert distill_coefficient(build_config(None, ["distill.coef=0.3"]), 7.0, metrics) == \
-        (0.3, {"rollout_model/distill_coef": 0.3})
-    for frozen in (["train.mode=on-policy"], ["distill.rollout_model=frozen"]):
-        assert distill_coefficient(build_config(None, frozen), None, metrics) == (1.0, {})
-    coef, logged = distill_coefficient(build_config(None, ["distill.target_kl=0.2"]), 0.5, metrics)
-    assert coef == pytest.approx(0.5 * 2 ** 0.1, rel=1e-7) and logged == {
-        "rollout_model/distill_coef": coef, "rollout_model/distill_kl_error": pytest.approx(math.log(2), rel=1e-7)}
 
 
 @pytest.mark.parametrize("overrides, message", [
