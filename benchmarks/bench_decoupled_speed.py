@@ -312,7 +312,9 @@ def _ratio(measured: float, floor: float) -> float:
 
 def print_floor(label: str, rows: dict[str, list[dict]], comps: list[dict[str, float]], cfgs: dict) -> bool:
     """The components' medians, then per variant its floor, measured / floor for the step and each phase, and
-    its peak memory; True when every variant is within the floor goals."""
+    its peak memory; True when every variant is within the floor goals. A variant that recomputes what the engine
+    recorded (train.recompute_old=always) is a reference row, shown beside, outside the goal: its prepare exceeds
+    the floor by exactly the forward the default saves."""
     comp = {k: statistics.median(c[k] for c in comps) for k in COMPONENTS}
     print(f"{label}: components (median s): " + ", ".join(f"{k} {comp[k]:.3f}" for k in COMPONENTS))
     print(f"{'pair (rollout : policy)':32s} {'variant':20s} {'floor s':>8s} {'step s':>8s} {'x floor':>7s} "
@@ -322,15 +324,16 @@ def print_floor(label: str, rows: dict[str, list[dict]], comps: list[dict[str, f
         floor = floor_of(cfgs[variant], comp)
         med = {k: statistics.median(r[k] for r in vrows) for k in (*PHASES, "step")}
         x = {k: _ratio(med[k], floor[k]) for k in (*PHASES, "step")}
-        met &= x["step"] <= GOAL_FLOOR_STEP and all(x[p] <= GOAL_FLOOR_PHASE for p in PHASES)
+        if cfgs[variant].train.recompute_old != "always":
+            met &= x["step"] <= GOAL_FLOOR_STEP and all(x[p] <= GOAL_FLOOR_PHASE for p in PHASES)
         mem = [statistics.median(r[k] for r in vrows) if vrows[0][k] is not None else None
                for k in ("peak_mib", "extra_mib")]
         mem_s = " ".join(f"{m:9.0f}" if m is not None else f"{'n/a':>9s}" for m in mem)
         print(f"{label:32s} {variant:20s} {floor['step']:8.3f} {med['step']:8.3f} {x['step']:6.2f}x "
               + " ".join(f"{f'{med[p]:.3f}/{floor[p]:.3f} {x[p]:.2f}x':>21s}" for p in PHASES) + f" {mem_s}",
               flush=True)
-    print(f"{label:32s} floor goal (step <= {GOAL_FLOOR_STEP}x its floor, each phase <= {GOAL_FLOOR_PHASE}x): "
-          f"{'met' if met else 'missed'}")
+    print(f"{label:32s} floor goal (step <= {GOAL_FLOOR_STEP}x its floor, each phase <= {GOAL_FLOOR_PHASE}x; "
+          f"recompute_old=always rows aside): {'met' if met else 'missed'}")
     return met
 
 
