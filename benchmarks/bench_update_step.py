@@ -157,14 +157,13 @@ def _topk_bias(cfg, policy, rollout, batch, args) -> dict:
 
     from jackpot.core import head as vocab
     from jackpot.core import obrs
-    from jackpot.train.prepare import model_head, needs_of, topk_z
+    from jackpot.train.prepare import model_head, needs_of, target_logps
 
     with torch.no_grad():
         tgt, roll = model_head(policy, batch, 1.0), model_head(rollout, batch, 1.0)
         needs = needs_of(cfg)
-        raw = topk_z(cfg, needs, tgt, batch)
+        tgt_lp, raw = target_logps(cfg, needs, tgt, batch)  # the sampled tokens' and the top-K's in one pass
         exact = vocab.normalizer(tgt, roll, needs.z_lam, chunk=args.chunk).reshape(raw.shape)
-        tgt_lp = vocab.logprobs_at(tgt, batch.response_ids.reshape(-1), chunk=args.chunk).reshape(raw.shape)
         k = obrs.kappa(obrs.acceptance_prob(tgt_lp, batch.rollout_logp, needs.z_lam), raw, batch.response_mask)
     rel = (k * raw - exact) / exact
     return {"topk_kappa": float(k), "topk_z_rel_bias_mean": float(rel.mean()), "topk_z_rel_err_abs_mean":

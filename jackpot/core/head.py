@@ -215,10 +215,9 @@ class _JointPass(torch.autograd.Function):
         zero = torch.zeros((), dtype=lse_p.dtype, device=h.device)
         # the per-row coefficient of p_s beside the KL's own term: -g_s - sum_k g_k
         coef = -(g_s if g_s is not None else zero) - (g_top.sum(-1) if g_top is not None else zero)
-        c = ctx.chunk
+        c, teacher = ctx.chunk, need_s and g_kl is not None  # teacher: the KL's gradient needs the policy's logits
         for s in range(0, h.shape[0], c):
             e, idx = s + c, ids[s:s + c, None]
-            teacher = need_s and g_kl is not None
             if need_p or teacher:
                 lt = _logits(h[s:e], w, b, ctx.temperature).sub_(lse_p[s:e, None])
                 pt = lt.exp() if need_p or ctx.kl_mode == "forward" else None

@@ -97,8 +97,8 @@ def rollout_model_loss(
     unknown = set(terms) - set(_TERMS)
     if unknown:
         raise TypeError(f"rollout_model_loss got unexpected keyword arguments {sorted(unknown)}")
-    distill = terms.get("distill_coef", 1.0) > 0
-    direction, estimator = terms.get("direction", "forward"), terms.get("estimator", "full")
+    given = {**_TERMS, **terms}
+    distill, direction, estimator = given["distill_coef"] > 0, given["direction"], given["estimator"]
     ids = response_ids.reshape(-1)
     request = distillation_request(distill, direction, estimator, min(topk, teacher.vocab_size))
     if distill:
@@ -163,7 +163,7 @@ def rollout_model_loss_from(
                             None if distill_kl is None else distill_kl.detach())
 
 
-_TERMS = tuple(name for name, p in inspect.signature(rollout_model_loss_from).parameters.items()
-               if p.kind is p.KEYWORD_ONLY and name != "teacher_logp")  # what rollout_model_loss passes on
+_TERMS = {name: p.default for name, p in inspect.signature(rollout_model_loss_from).parameters.items()
+          if p.kind is p.KEYWORD_ONLY and name != "teacher_logp"}  # what rollout_model_loss passes on, defaults
 
 __all__ = ["RolloutModelLoss", "distillation_request", "rollout_model_loss", "rollout_model_loss_from"]

@@ -20,8 +20,6 @@ import torch
 
 from jackpot import metric_names as names
 from jackpot.core.control import kl_controlled_coef, log_kl_error
-from jackpot.core.divergences import clipped_kl_k3
-from jackpot.train.distributed import Collective
 
 if TYPE_CHECKING:
     from jackpot.train.config import Config
@@ -41,27 +39,13 @@ class GapControl:
     """The multiplier of rollout_model.lr the last update used (control='lr')."""
 
 
-def _trained(cfg: Config) -> bool:
-    return cfg.train.mode == "decoupled" and cfg.distill.rollout_model == "joint"
-
-
-def gap_signals(cfg: Config, prep: Prepared, coll: Collective) -> dict[str, torch.Tensor]:
-    """mismatch/kl_k3_clipped over every rank's rows (decoupled runs; on-policy the gap is 0 by construction)."""
-    if cfg.train.mode != "decoupled":
-        return {}
-    old, rollout, mask = (coll.gather_rows(t)[0] for t in (prep.old_logp, prep.batch.rollout_logp,
-                                                            prep.batch.response_mask))
-    return {names.MISMATCH_KL_K3_CLIPPED: clipped_kl_k3(old, rollout, mask, cap=cfg.distill.signal_cap)}
-
-
-def control_step(cfg: Config, state: GapControl, prep: Prepared, coll: Collective,
+def control_step(cfg: Config, state: GapControl, prep: Prepared,
                  rollout_opt: torch.optim.Optimizer | None) -> dict[str, float]:
     """Move `state` (in place) by the gap of the batch `prep` holds and set the rollout model's optimizer's
-    learning rate from it; returns the step's metrics (the robust signal, the coefficient, the multiplier and
-    the log-error, as they apply). Call before the update."""
-    d = cfg.distill
-    metrics = {k: float(v) for k, v in gap_signals(cfg, prep, coll).items()}
-    if not _trained(cfg):
+    learning rate from it; returns the step's metrics (the coefficient, the multiplier and the log-error, as they
+    apply). The signal is prepare's (mismatch/kl_k3 or mismatch/kl_k3_clipped). Call before the update."""
+    d, metrics = cfg.distill, {}
+    if not cfg.trains_rollout_model:
         state.coef = d.coef
         return metrics
     if d.target_kl is None or d.control != "coef":
@@ -69,7 +53,7 @@ def control_step(cfg: Config, state: GapControl, prep: Prepared, coll: Collectiv
     if d.target_kl is None or d.control != "lr":
         state.lr_scale = 1.0
     if d.target_kl is not None:
-        signal = float({**prep.metrics, **metrics}[SIGNAL_KEYS[d.signal]])  # prepare's k3, or the clipped one
+        signal = float(prep.metrics[SIGNAL_KEYS[d.signal]])  # prepare's k3, or its clipped one
         if d.control == "coef":
             state.coef = kl_controlled_coef(d.coef if state.coef is None else state.coef, signal,
                                             target=d.target_kl, rate=d.coef_rate, low=d.coef_min, high=d.coef_max)
@@ -99,4 +83,4 @@ def restored(state_json: dict) -> GapControl:
     return GapControl(coef=state_json.get(COEF_STATE), lr_scale=state_json.get(LR_SCALE_STATE, 1.0))
 
 
-__all__ = ["GapControl", "control_step", "gap_signals", "restored", "saved"]
+__all__ = ["GapControl", "control_step", "restored", "saved"]

@@ -232,7 +232,7 @@ def step_body(run: Run, step: int) -> dict[str, float]:
                    init_policy=run.init_policy, step=step, coll=coll, shard=run.source.shard,
                    recorded_old=recorded)
     # ---- the gap controller: coefficient or rollout-model lr, adapted to the gap just measured (distill.target_kl)
-    control = control_step(cfg, run.gap, prep, coll, run.rollout_opt)
+    control = control_step(cfg, run.gap, prep, run.rollout_opt)
     t2 = time.perf_counter()
     # ---- update: policy (and rollout model) optimizer steps (eval mode throughout: no dropout)
     upd = update(cfg, prep, policy=run.policy_train, rollout_model=run.rollout_train, policy_opt=run.policy_opt,

@@ -24,7 +24,7 @@ from jackpot.core import head as vocab
 from jackpot.core import obrs
 from jackpot.core.advantages import group_advantages
 from jackpot.core.corrections import CorrectionInputs, CorrectionResult, Needs, apply_correction, correction_needs
-from jackpot.core.divergences import kl_estimators, mismatch_metrics
+from jackpot.core.divergences import clipped_kl_k3, kl_estimators, mismatch_metrics
 from jackpot.core.head import Head
 from jackpot.errors import InputError
 from jackpot.models.forward import output_head, response_head
@@ -95,18 +95,12 @@ def micro_size(cfg: Config, response_len: int) -> int:
 
 # ----------------------------------------------------------------------------- serving a correction's needs
 @torch.no_grad()
-def topk_z(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> torch.Tensor | None:
-    """Per-state top-k Z_t before the batch correction kappa (applied in `batch_correction`); None when the
-    correction needs no top-k Z. Exact Z comes from the fused pass in `prepare` (with target='new' it is
-    refused by the config: the pre-update rollout model is not at hand)."""
-    return target_logps(cfg, needs, tgt, mb)[1]
-
-
-@torch.no_grad()
 def target_logps(cfg: Config, needs: Needs, tgt: Head, mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The target's (policy's) log-probs at the sampled tokens (B, T) and, when the correction needs top-k Z, its
     per-state top-k Z_t (B, T) from its log-probs at the engine's recorded top-K ids — both from one pass over the
-    target's head (the sampled id and the K ids gathered from the same chunk of logits)."""
+    target's head (the sampled id and the K ids gathered from the same chunk of logits). Z_t is before the batch
+    correction kappa (applied in `batch_correction`); exact Z comes from the fused pass in `prepare` (with
+    target='new' it is refused by the config: the pre-update rollout model is not at hand)."""
     ids = mb.response_ids
     if needs.z != "topk":
         return sampled_logp(cfg, tgt, ids), None
@@ -207,6 +201,8 @@ def prepare(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor, *, policy, 
     measured = not recorded_old or (needs.z == "exact" and not needs.current_policy)  # a forward ran
     if rollout_model is not None or measured:  # on-policy with p_old = p_inf there is no mismatch to report
         prep.metrics = {names.MISMATCH + k: v for k, v in mismatch_metrics(old, rollout_logp, mask).items()}
+    if rollout_model is not None:  # the gap controller's robust signal (distill.signal, jackpot.train.gap_control)
+        prep.metrics[names.MISMATCH_KL_K3_CLIPPED] = clipped_kl_k3(old, rollout_logp, mask, cap=cfg.distill.signal_cap)
     prep.metrics.update(prep.correction.stats if prep.correction is not None else {})
     prep.metrics[names.PERF_RECORDED_OLD] = torch.tensor(float(not measured))
     if measured:
@@ -237,7 +233,7 @@ def _score(cfg: Config, needs: Needs, batch: RolloutBatch, coll: Collective, *, 
             for key, value in (("old", old), ("rollout_old", rollout_old), ("z", z)):
                 parts[key].append(value.reshape(mb.response_ids.shape))
         else:
-            old, z = (mb.rollout_logp, None) if old_head is None else target_logps(cfg, needs, old_head, mb)
+            old, z = (None, None) if old_head is None else target_logps(cfg, needs, old_head, mb)
             parts["old"].append(mb.rollout_logp if on_policy_recorded else old)
             if rollout_model is None or recorded_old:
                 parts["rollout_old"].append(parts["old"][-1] if rollout_model is None else mb.rollout_logp)

@@ -53,8 +53,21 @@ def test_the_coef_actuator_leaves_the_learning_rate_alone(tmp_path, cache):
     assert [g["lr"] for g in run.rollout_opt.param_groups] == [1e-3]
 
 
-def test_every_decoupled_run_logs_the_robust_signal(tmp_path, cache):
+def test_every_decoupled_run_logs_the_robust_signal(tmp_path, cache, monkeypatch):
+    """prepare computes it from p_old against p_inf at the response tokens (the same tensors as mismatch/kl_k3)."""
+    from jackpot.train import loop
+
+    seen, real = {}, loop.prepare
+
+    def spy(*args, **kwargs):
+        seen["prep"] = real(*args, **kwargs)
+        return seen["prep"]
+
+    monkeypatch.setattr(loop, "prepare", spy)
     values, _, _ = _after_one_step(tmp_path, cache)
+    prep = seen["prep"]
+    expected = clipped_kl_k3(prep.old_logp, prep.batch.rollout_logp, prep.batch.response_mask, cap=10.0)
+    assert values["mismatch/kl_k3_clipped"] == pytest.approx(float(expected), rel=1e-6)
     assert 0 <= values["mismatch/kl_k3_clipped"] <= values["mismatch/kl_k3"] + 1e-7
     on_policy, _, _ = _after_one_step(tmp_path, cache, "train.mode=on-policy")
     assert "mismatch/kl_k3_clipped" not in on_policy and "rollout_model/distill_coef" not in on_policy
@@ -79,38 +92,34 @@ def _prep(kl_k3: float, log_ratio_of_one_token: float):
     rollout = torch.full((1, 4), -20.0)
     old = rollout.clone()
     old[0, 0] += log_ratio_of_one_token
-    return SimpleNamespace(old_logp=old, batch=SimpleNamespace(rollout_logp=rollout, response_mask=torch.ones(1, 4)),
-                           metrics={"mismatch/kl_k3": torch.tensor(kl_k3)})
+    mask = torch.ones(1, 4)
+    return SimpleNamespace(metrics={"mismatch/kl_k3": torch.tensor(kl_k3),  # as prepare logs them
+                                    "mismatch/kl_k3_clipped": clipped_kl_k3(old, rollout, mask, cap=10.0)})
 
 
 @pytest.mark.parametrize("signal, error", [("k3", 1.0), ("k3-clipped", math.log(2.5 / 5.0))])
 def test_the_controller_reads_the_signal_it_is_given(signal, error):
     """One token of log-ratio 10 in a batch of 4: prepare's k3 says 5,504 (far above a target of 5), the clipped
     signal (cap 10) says 2.5 (half the target): the controller moves the coefficient up or down accordingly."""
-    from jackpot.train.distributed import Collective
-
     cfg = build_config(None, ["distill.target_kl=5", f"distill.signal={signal}"])
     state = GapControl()
-    metrics = control_step(cfg, state, _prep(5504.0, 10.0), Collective(), None)
+    metrics = control_step(cfg, state, _prep(5504.0, 10.0), None)
     assert metrics["rollout_model/distill_kl_error"] == pytest.approx(error, rel=1e-6)
     assert state.coef == pytest.approx(math.exp(0.1 * error), rel=1e-6)
-    assert metrics["mismatch/kl_k3_clipped"] == pytest.approx(2.5, rel=1e-6)
 
 
 def test_without_a_target_nothing_moves_whatever_came_before():
     """target_kl None: distill.coef and rollout_model.lr every step (a stale state is ignored); the coefficient is
     logged when the rollout model is trained, not otherwise. Nothing joins a checkpoint."""
-    from jackpot.train.distributed import Collective
-
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
     cfg = build_config(None, ["distill.coef=0.3"])
     state = GapControl(coef=7.0, lr_scale=4.0)
-    metrics = control_step(cfg, state, _prep(0.4, 0.1), Collective(), opt)
+    metrics = control_step(cfg, state, _prep(0.4, 0.1), opt)
     assert state == GapControl(coef=0.3, lr_scale=1.0) and metrics["rollout_model/distill_coef"] == 0.3
     assert opt.param_groups[0]["lr"] == 3e-5
     assert saved(cfg, state) == {}
     for frozen in (["train.mode=on-policy"], ["distill.rollout_model=frozen"]):
-        metrics = control_step(build_config(None, frozen), GapControl(), _prep(0.4, 0.1), Collective(), None)
+        metrics = control_step(build_config(None, frozen), GapControl(), _prep(0.4, 0.1), None)
         assert "rollout_model/distill_coef" not in metrics
 
 
