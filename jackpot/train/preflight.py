@@ -49,17 +49,28 @@ def check_device(name: str) -> torch.device:
 def check_writable_dir(path: str | Path, what: str = "--out") -> None:
     """Create `path` (and parents) if needed and write a probe file in it; WriteError naming `what`.
 
-    Directories this check created are removed again, so a run that fails later leaves nothing behind."""
+    Directories this check created are removed again, so a run that fails later leaves nothing behind. Under
+    torchrun every rank runs it on the same path at the same moment: a directory another rank created first is
+    not an error, and one it removed while this rank probed is created again (a few tries)."""
     path = Path(path)
     created = []
     probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
     try:
-        for parent in (*reversed(path.parents), path):
-            if not parent.exists():
-                parent.mkdir()
-                created.append(parent)
-        probe.write_text("")
-        probe.unlink()
+        for attempt in range(5):
+            try:
+                for parent in (*reversed(path.parents), path):
+                    if not parent.exists():
+                        try:
+                            parent.mkdir()
+                        except FileExistsError:  # another rank made it between the test and the mkdir
+                            continue
+                        created.append(parent)
+                probe.write_text("")
+                probe.unlink()
+                return
+            except FileNotFoundError:  # another rank removed the directory it had created
+                if attempt == 4:
+                    raise
     except OSError as e:
         raise WriteError(path, e, f"{what} must be a directory you can write to") from None
     finally:
