@@ -5,6 +5,7 @@
     python scripts/compare.py --fixed-pair --results docs/RESULTS-fixed-pair.md
     python scripts/compare.py --presets jackpot wide-gap-jackpot --results docs/RESULTS-subset.md
     python scripts/compare.py --groups async async-2 --results docs/RESULTS-async.md
+    python scripts/compare.py --jobs 2 train.threads=1   # two runs at once, one per core
 
 Groups (each a figure and a table):
   decoupled  on-policy vs decoupled (rollout model samples): no correction, only reverse KL,
@@ -31,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,9 +47,10 @@ sys.path.insert(0, str(ROOT))
 from jackpot.fileio import write_text_atomic  # noqa: E402
 from jackpot.plot import plot_runs  # noqa: E402
 from jackpot.train.cli import summarize  # noqa: E402
-from jackpot.train.config import build_config  # noqa: E402
+from jackpot.train.config import Config, build_config  # noqa: E402
 from jackpot.train.config_io import preset_path  # noqa: E402
 from jackpot.train.loop import train  # noqa: E402
+from jackpot.train.models import model_dir  # noqa: E402
 
 GROUPS = {
     "decoupled": ["on-policy", "decoupled-none", "reverse-kl-only", "tis-reverse-kl", "jackpot",
@@ -61,18 +65,24 @@ GROUPS = {
 DEFAULT_GROUPS = ["decoupled", "staleness", "wide-gap"]  # docs/RESULTS.md; the async study is docs/RESULTS-async.md
 
 
+def run_config(preset: str, seed: int, overrides: list[str], fixed_pair: bool = False) -> Config:
+    """The config `train_once` trains: `preset` with `overrides` and RL seed `seed`; unless fixed_pair, seed s
+    also shifts the pre-trained pair: policy.seed + s, rollout_model.seed + s."""
+    path = str(preset_path(preset))
+    seeds_of_run = [f"train.seed={seed}"]
+    if not fixed_pair:
+        base = build_config(path, overrides)
+        seeds_of_run += [f"policy.seed={base.policy.seed + seed}",
+                         f"rollout_model.seed={base.rollout_model.seed + seed}"]
+    return build_config(path, [*overrides, *seeds_of_run])
+
+
 def train_once(preset: str, seed: int, run_dir: Path, overrides: list[str], fixed_pair: bool = False) -> Path:
-    """Train `preset` with RL seed `seed` into `run_dir` unless it already holds a finished run (summary.json).
-    Unless fixed_pair, seed s also shifts the pre-trained pair: policy.seed + s, rollout_model.seed + s."""
+    """Train `run_config(preset, seed, overrides, fixed_pair)` into `run_dir` unless it already holds a finished
+    run (summary.json)."""
     if not (run_dir / "summary.json").is_file():
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run from an interrupted comparison
-        path = str(preset_path(preset))
-        seeds_of_run = [f"train.seed={seed}"]
-        if not fixed_pair:
-            base = build_config(path, overrides)
-            seeds_of_run += [f"policy.seed={base.policy.seed + seed}",
-                             f"rollout_model.seed={base.rollout_model.seed + seed}"]
-        cfg = build_config(path, [*overrides, *seeds_of_run])
+        cfg = run_config(preset, seed, overrides, fixed_pair)
         t0 = time.perf_counter()
         train(cfg, run_dir, progress=False)
         summary = {**summarize(run_dir), "commit": _commit()}  # the code that made the run
@@ -81,11 +91,36 @@ def train_once(preset: str, seed: int, run_dir: Path, overrides: list[str], fixe
     return run_dir
 
 
-def run_all(presets: list[str], seeds: list[int], out: Path, overrides: list[str],
-            fixed_pair: bool = False) -> dict[str, list[Path]]:
-    return {preset: [train_once(preset, seed, out / f"{preset}-seed{seed}{'-fixedpair' if fixed_pair else ''}",
-                                overrides, fixed_pair) for seed in seeds]
-            for preset in presets}
+def _pretrain(job: tuple[str, int, list[str], bool, str]) -> None:
+    preset, seed, overrides, fixed_pair, role = job
+    cfg = run_config(preset, seed, overrides, fixed_pair)
+    model_dir(role, getattr(cfg, role), cfg, progress=False)
+
+
+def _train(job: tuple[str, int, Path, list[str], bool]) -> None:
+    train_once(*job)
+
+
+def train_many(runs: list[tuple[str, int, Path]], overrides: list[str], fixed_pair: bool = False,
+               jobs: int = 1) -> None:
+    """`train_once` for each (preset, seed, run_dir) in order, or `jobs` at a time in processes of their own: every
+    distinct pre-trained model is made first (one process each), so that no two runs pre-train the same one."""
+    if jobs == 1:
+        for preset, seed, run_dir in runs:
+            train_once(preset, seed, run_dir, overrides, fixed_pair)
+        return
+    models = {}
+    for preset, seed, _ in runs:
+        cfg = run_config(preset, seed, overrides, fixed_pair)
+        for role in ["policy"] + (["rollout_model"] if cfg.decoupled else []):
+            models.setdefault((role, repr(getattr(cfg, role))), (preset, seed, overrides, fixed_pair, role))
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_pretrain, models.values()))
+        list(pool.map(_train, [(preset, seed, run_dir, overrides, fixed_pair) for preset, seed, run_dir in runs]))
+
+
+def run_dir(out: Path, preset: str, seed: int, fixed_pair: bool) -> Path:
+    return out / f"{preset}-seed{seed}{'-fixedpair' if fixed_pair else ''}"
 
 
 def mean_std(values: list[float | None], spec: str = ".3f") -> str:
@@ -152,12 +187,12 @@ def write_results(groups: dict[str, dict[str, list[Path]]], path: Path, seeds: l
 
 
 def plot_figures(runs: list[Path], figure: Path, title: str, smooth: int = 5) -> list[tuple[Path, str]]:
-    """The runs against steps into `figure`, and — when every run logs its costs (jackpot.train.costs) — against
-    the FLOPs counted and the modelled H100 seconds into `<figure>-flops.png`, `<figure>-gpu-model.png`:
-    [(file, x axis)]."""
+    """The runs against steps into `figure`, against the measured seconds of their training steps into
+    `<figure>-seconds.png`, and — when every run logs its costs (jackpot.train.costs) — against the FLOPs counted and
+    the modelled H100 seconds into `<figure>-flops.png`, `<figure>-gpu-model.png`: [(file, x axis)]."""
     if not runs:
         return []
-    figures = [(figure, "steps")]
+    figures = [(figure, "steps"), (figure.with_name(f"{figure.stem}-seconds.png"), "seconds")]
     if all(json.loads((d / "summary.json").read_text()).get("flops") is not None for d in runs):
         figures += [(figure.with_name(f"{figure.stem}-{x}.png"), x) for x in ("flops", "gpu-model")]
     for file, x in figures:
@@ -184,12 +219,18 @@ def main() -> None:
                     help="one pre-trained pair (the presets' model seeds) for every seed; only the RL seed varies")
     ap.add_argument("--presets", nargs="+", default=None,
                     help="only these presets of each group (its first preset, the paired reference, is always run)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, one process each (with train.threads=1, give each its own core)")
     ap.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = ap.parse_args()
     chosen = {g: [p for i, p in enumerate(GROUPS[g]) if i == 0 or args.presets is None or p in args.presets]
               for g in args.groups}
-    groups = {g: run_all(chosen[g], args.seeds, Path(args.out), args.overrides, args.fixed_pair)
-              for g in args.groups if len(chosen[g]) > 1 or args.presets is None}
+    chosen = {g: presets for g, presets in chosen.items() if len(presets) > 1 or args.presets is None}
+    out = Path(args.out)
+    runs = {(p, s): run_dir(out, p, s, args.fixed_pair) for presets in chosen.values() for p in presets
+            for s in args.seeds}
+    train_many([(p, s, d) for (p, s), d in runs.items()], args.overrides, args.fixed_pair, args.jobs)
+    groups = {g: {p: [runs[p, s] for s in args.seeds] for p in presets} for g, presets in chosen.items()}
     flags = (f" --groups {' '.join(args.groups)}" if args.groups != DEFAULT_GROUPS else "") + \
         (f" --presets {' '.join(args.presets)}" if args.presets else "") + \
         (f" --results {args.results}" if args.results != ap.get_default("results") else "")

@@ -5,6 +5,7 @@
     python scripts/long_study.py --seeds 0 1 2 --report-only   # the page from the runs finished so far
     python scripts/long_study.py --seeds 0 1 2 --vary-pair --out runs/long-pairs --results docs/RESULTS-long-pairs.md
                                                       # seed s also shifts the pre-trained pair (the pair spread)
+    python scripts/long_study.py --jobs 2 --arms on-policy jackpot ...   # some arms, two runs at once (one per core)
 
 Arms, 1,000 steps each, on the default pair and on the wide-gap pair (its rollout model pre-trained half as
 long): on-policy (the policy samples its own rollouts; the pair's rollout model plays no part, so one run serves
@@ -39,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from compare import mean_std, plot_figures, train_once, write_page  # noqa: E402
+from compare import mean_std, plot_figures, train_many, write_page  # noqa: E402
 
 from jackpot.metric_names import (  # noqa: E402
     EVAL_ACCURACY,
@@ -59,6 +60,7 @@ PAIRS = {  # figure name -> presets, the paired reference first
     "wide-gap": ["on-policy", "wide-gap-jackpot", "wide-gap-jackpot-kl-control", "wide-gap-jackpot-lr-control",
                  "wide-gap-jackpot-reverse-kl", "wide-gap-tis"],
 }
+ALL_ARMS = list(dict.fromkeys(p for presets in PAIRS.values() for p in presets))
 OVERRIDES = ["train.steps=1000", "train.eval_every=50", "train.checkpoint_every=250", "train.threads=1",
              "tensorboard=false"]
 WINDOW = 100  # steps averaged at the start and at the end of a run
@@ -167,23 +169,30 @@ def compute(out: Path, presets: list[str], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, seeds: list[int], path: Path) -> None:
-    dirs = [d for presets in PAIRS.values() for p in presets for d in _finished(out, p, seeds)]
+def write_results(out: Path, seeds: list[int], path: Path, command: str, vary_pair: bool) -> None:
+    """The page: per pair the arms with finished runs (on-policy, the paired reference, first)."""
+    pairs = {name: [p for p in presets if _finished(out, p, seeds)] for name, presets in PAIRS.items()}
+    dirs = [d for presets in pairs.values() for p in presets for d in _finished(out, p, seeds)]
     commits = sorted({json.loads((d / "summary.json").read_text()).get("commit", "unrecorded") for d in dirs})
+    scheme = ("seed s trains the pair pre-trained with policy.seed + s and rollout_model.seed + s (seed 0: the "
+              "presets' pair), so the seeds sample the pair-to-pair spread as well as the RL seed"
+              if vary_pair else "every seed on the presets' pre-trained pair")
     parts = ["# Results: 1,000 steps, with and without the distillation controller\n\n",
-             f"Produced by `python scripts/long_study.py --seeds {' '.join(map(str, seeds))}` (runs made at commit"
+             f"Produced by `{command}` (runs made at commit"
              f"{'s' if len(commits) > 1 else ''} {', '.join(commits) or 'none'}; overrides of every run: "
-             f"`{' '.join(OVERRIDES)}`; every seed on the presets' pre-trained pair). Mean ± standard deviation over "
+             f"`{' '.join(OVERRIDES)}`; {scheme}). Mean ± standard deviation over "
              "the seeds listed in each row (the paired Δ: mean ± standard error); 'eval' is Mean@4 accuracy on 200 "
              "held-out problems; KL k3 is `mismatch/kl_k3`, the actor–policy gap the controller acts on.\n"]
-    for name, presets in PAIRS.items():
+    for name, presets in pairs.items():
         runs = [d for p in presets for d in _finished(out, p, seeds)]
+        if not runs:
+            continue
         figure = path.parent / f"{path.stem.lower()}-{name}.png"
         figures = plot_figures(runs, figure, f"{name} pair, 1,000 steps", smooth=25)
         parts += [f"\n## {name} pair\n\n", table(out, presets, seeds),
                   *(f"\n![{name}, x = {x}]({fig.name})\n" for fig, x in figures), "\n",
                   tails(out, presets[1:], seeds), "\n", compute(out, presets, seeds)]
-    write_page(path, parts)  # with docs/results-long-notes.md, the reading of the numbers
+    write_page(path, parts)  # with its notes file (<stem>-notes.md), the reading of the numbers
 
 
 def main() -> None:
@@ -194,13 +203,19 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="write the page from the finished runs, train nothing")
     ap.add_argument("--vary-pair", action="store_true",
                     help="seed s also shifts the pre-trained pair (policy.seed + s, rollout_model.seed + s)")
+    ap.add_argument("--arms", nargs="+", metavar="PRESET", choices=ALL_ARMS, default=ALL_ARMS,
+                    help="train only these arms (default: all); the page reports the arms with finished runs")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, one process each (train.threads=1: give each its own core)")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.report_only:
-        for seed in args.seeds:  # seed by seed: an interrupted study holds whole seeds
-            for preset in dict.fromkeys(p for presets in PAIRS.values() for p in presets):
-                train_once(preset, seed, out / f"{preset}-seed{seed}", OVERRIDES, fixed_pair=not args.vary_pair)
-    write_results(out, args.seeds, Path(args.results))
+        fixed = not args.vary_pair
+        arms = [a for a in ALL_ARMS if a in args.arms]
+        train_many([(preset, seed, out / f"{preset}-seed{seed}")  # seed by seed: an interrupted study
+                    for seed in args.seeds for preset in arms], OVERRIDES, fixed, args.jobs)  # holds whole seeds
+    command = " ".join(["python scripts/long_study.py", *(a for a in sys.argv[1:] if a != "--report-only")])
+    write_results(out, args.seeds, Path(args.results), command, args.vary_pair)
     print(Path(args.results).read_text())
 
 
