@@ -100,24 +100,30 @@ def mean_se(values: list[float]) -> str:
 
 
 def table(out: Path, presets: list[str], seeds: list[int]) -> str:
-    """One row per preset over its finished seeds; 'Δ vs on-policy' pairs each seed with on-policy's."""
-    ref = {d.name.rsplit("-seed", 1)[1]: _figures(d)["delta"] for d in _finished(out, presets[0], seeds)}
-    lines = [f"| arm | seeds | eval before | eval after | Δ | Δ vs {presets[0]} (paired, ± s.e.) | best eval "
-             f"| rollout model eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} | acceptance, first {WINDOW} "
-             f"| acceptance, last {WINDOW} | distill coef, last {WINDOW} | lr multiplier, last {WINDOW} "
-             f"| distill KL, first {WINDOW} | distill KL, last {WINDOW} |", "|---" * 16 + "|"]
+    """One row per preset over its finished seeds; 'Δ vs on-policy' pairs each seed with on-policy's, 'Δ vs' the
+    second arm (Jackpot with the fixed coefficient) with that arm's on the same seed."""
+    def deltas(preset: str) -> dict[str, float]:
+        return {d.name.rsplit("-seed", 1)[1]: _figures(d)["delta"] for d in _finished(out, preset, seeds)}
+
+    refs = [(p, deltas(p)) for p in presets[:2]]
+    lines = ["| arm | seeds | eval before | eval after | Δ | "
+             + " | ".join(f"Δ vs {p} (paired, ± s.e.)" for p, _ in refs)
+             + f" | best eval | rollout model eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} "
+             f"| acceptance, first {WINDOW} | acceptance, last {WINDOW} | distill coef, last {WINDOW} "
+             f"| lr multiplier, last {WINDOW} | distill KL, first {WINDOW} | distill KL, last {WINDOW} |",
+             "|---" * (15 + len(refs)) + "|"]
     for preset in presets:
         dirs = _finished(out, preset, seeds)
         rows = [_figures(d) for d in dirs]
-        paired = [r["delta"] - ref[d.name.rsplit("-seed", 1)[1]] for r, d in zip(rows, dirs, strict=True)
-                  if preset != presets[0] and d.name.rsplit("-seed", 1)[1] in ref]
+        paired = [mean_se([r["delta"] - ref[d.name.rsplit("-seed", 1)[1]] for r, d in zip(rows, dirs, strict=True)
+                           if d.name.rsplit("-seed", 1)[1] in ref]) if preset != p else "–" for p, ref in refs]
         col = {key: mean_std([r[key] for r in rows], spec) for key, spec in (
             ("before", ".3f"), ("after", ".3f"), ("delta", "+.3f"), ("best", ".3f"), ("rollout_after", ".3f"),
             ("kl_first", ".3f"), ("kl_last", ".3f"), ("accept_first", ".3f"), ("accept_last", ".3f"),
             ("coef_last", ".3g"), ("lr_last", ".3g"), ("distill_first", ".3f"), ("distill_last", ".3f"))}
         seeds_done = ", ".join(d.name.rsplit("-seed", 1)[1] for d in dirs) or "none"
         lines.append(f"| {preset} | {seeds_done} | {col['before']} | {col['after']} | {col['delta']} "
-                     f"| {mean_se(paired)} | {col['best']} | {col['rollout_after']} | {col['kl_first']} "
+                     f"| {' | '.join(paired)} | {col['best']} | {col['rollout_after']} | {col['kl_first']} "
                      f"| {col['kl_last']} | {col['accept_first']} | {col['accept_last']} | {col['coef_last']} "
                      f"| {col['lr_last']} | {col['distill_first']} | {col['distill_last']} |")
     return "\n".join(lines) + "\n"
