@@ -65,6 +65,7 @@ OVERRIDES = ["train.steps=1000", "train.eval_every=50", "train.checkpoint_every=
              "tensorboard=false"]
 WINDOW = 100  # steps averaged at the start and at the end of a run
 HOLD = 0.25  # the goal's band: the gap within ±25 % of the target
+LATE = 5  # evaluations averaged at the end of a run (steps 800-1000): one evaluation's standard error is ≈ 0.02
 SMOOTH = 10  # steps of the moving average the band is also read on: one batch's k3 alone has a spread of ±25 %
 
 
@@ -84,6 +85,7 @@ def _figures(run_dir: Path) -> dict[str, float | None]:
 
     first, last = steps[:WINDOW], steps[-WINDOW:]
     return {"before": evals[0], "after": evals[-1], "delta": evals[-1] - evals[0], "best": max(evals),
+            "late_delta": statistics.mean(evals[-LATE:]) - evals[0],
             "rollout_after": rollout_evals[-1] if rollout_evals else None,
             "kl_first": mean(MISMATCH_KL_K3, first), "kl_last": mean(MISMATCH_KL_K3, last),
             "accept_first": mean(OBRS_ACCEPT_RATE, first), "accept_last": mean(OBRS_ACCEPT_RATE, last),
@@ -102,12 +104,14 @@ def mean_se(values: list[float]) -> str:
 def table(out: Path, presets: list[str], seeds: list[int]) -> str:
     """One row per preset over its finished seeds; 'Δ vs on-policy' pairs each seed with on-policy's, 'Δ vs' the
     second arm (Jackpot with the fixed coefficient) with that arm's on the same seed."""
-    def deltas(preset: str) -> dict[str, float]:
-        return {d.name.rsplit("-seed", 1)[1]: _figures(d)["delta"] for d in _finished(out, preset, seeds)}
+    def deltas(preset: str, key: str = "delta") -> dict[str, float]:
+        return {d.name.rsplit("-seed", 1)[1]: _figures(d)[key] for d in _finished(out, preset, seeds)}
 
-    refs = [(p, deltas(p)) for p in presets[:2]]
+    refs = [(p, "delta", deltas(p)) for p in presets[:2]]
+    refs.append((presets[0], "late_delta", deltas(presets[0], "late_delta")))
     lines = ["| arm | seeds | eval before | eval after | Δ | "
-             + " | ".join(f"Δ vs {p} (paired, ± s.e.)" for p, _ in refs)
+             + " | ".join(f"Δ vs {p} (paired, ± s.e.)" for p, _, _ in refs[:2])
+             + f" | Δ vs {presets[0]}, mean of the last {LATE} evaluations (paired, ± s.e.)"
              + f" | best eval | rollout model eval after | KL k3, first {WINDOW} | KL k3, last {WINDOW} "
              f"| acceptance, first {WINDOW} | acceptance, last {WINDOW} | distill coef, last {WINDOW} "
              f"| lr multiplier, last {WINDOW} | distill KL, first {WINDOW} | distill KL, last {WINDOW} |",
@@ -115,8 +119,8 @@ def table(out: Path, presets: list[str], seeds: list[int]) -> str:
     for preset in presets:
         dirs = _finished(out, preset, seeds)
         rows = [_figures(d) for d in dirs]
-        paired = [mean_se([r["delta"] - ref[d.name.rsplit("-seed", 1)[1]] for r, d in zip(rows, dirs, strict=True)
-                           if d.name.rsplit("-seed", 1)[1] in ref]) if preset != p else "–" for p, ref in refs]
+        paired = [mean_se([r[key] - ref[d.name.rsplit("-seed", 1)[1]] for r, d in zip(rows, dirs, strict=True)
+                           if d.name.rsplit("-seed", 1)[1] in ref]) if preset != p else "–" for p, key, ref in refs]
         col = {key: mean_std([r[key] for r in rows], spec) for key, spec in (
             ("before", ".3f"), ("after", ".3f"), ("delta", "+.3f"), ("best", ".3f"), ("rollout_after", ".3f"),
             ("kl_first", ".3f"), ("kl_last", ".3f"), ("accept_first", ".3f"), ("accept_last", ".3f"),
