@@ -119,7 +119,7 @@ def train_many(runs: list[tuple[str, int, Path]], overrides: list[str], fixed_pa
         list(pool.map(_train, [(preset, seed, run_dir, overrides, fixed_pair) for preset, seed, run_dir in runs]))
 
 
-def run_dir(out: Path, preset: str, seed: int, fixed_pair: bool) -> Path:
+def run_path(out: Path, preset: str, seed: int, fixed_pair: bool) -> Path:
     return out / f"{preset}-seed{seed}{'-fixedpair' if fixed_pair else ''}"
 
 
@@ -227,7 +227,7 @@ def main() -> None:
               for g in args.groups}
     chosen = {g: presets for g, presets in chosen.items() if len(presets) > 1 or args.presets is None}
     out = Path(args.out)
-    runs = {(p, s): run_dir(out, p, s, args.fixed_pair) for presets in chosen.values() for p in presets
+    runs = {(p, s): run_path(out, p, s, args.fixed_pair) for presets in chosen.values() for p in presets
             for s in args.seeds}
     train_many([(p, s, d) for (p, s), d in runs.items()], args.overrides, args.fixed_pair, args.jobs)
     groups = {g: {p: [runs[p, s] for s in args.seeds] for p in presets} for g, presets in chosen.items()}
